@@ -1,0 +1,54 @@
+# Copyright 2026 The adaprelora_jax Authors.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""AdaPreLoRA: an adaptive preconditioned optimizer for LoRA factors (optax).
+
+Main entry points:
+
+* :func:`adaprelora` -- the full optimizer (learning rate, weight decay).
+* :func:`scale_by_adaprelora` -- the chainable core transform.
+* :func:`factor_update` -- the pure closed-form factor step.
+* :mod:`adaprelora_jax.nn` -- flax nnx LoRA layers with exact statistics.
+"""
+
+from adaprelora_jax import kernels
+from adaprelora_jax import nn
+from adaprelora_jax import pairing
+from adaprelora_jax.kernels import factor_update
+from adaprelora_jax.pairing import LoRARole
+from adaprelora_jax.pairing import nnx_pairing
+from adaprelora_jax.pairing import peft_pairing
+from adaprelora_jax.pairing import plan_pairs
+from adaprelora_jax.transform import adaprelora
+from adaprelora_jax.transform import decay_rate_pow
+from adaprelora_jax.transform import nonfinite_report
+from adaprelora_jax.transform import scale_by_adaprelora
+from adaprelora_jax.transform import ScaleByAdaPreLoRAState
+
+__version__ = "0.1.0"
+
+__all__ = (
+    "LoRARole",
+    "ScaleByAdaPreLoRAState",
+    "adaprelora",
+    "decay_rate_pow",
+    "factor_update",
+    "kernels",
+    "nn",
+    "nnx_pairing",
+    "nonfinite_report",
+    "pairing",
+    "peft_pairing",
+    "plan_pairs",
+    "scale_by_adaprelora",
+)

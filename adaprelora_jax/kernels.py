@@ -1,0 +1,437 @@
+# Copyright 2026 The adaprelora_jax Authors.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Closed-form AdaPreLoRA math for one LoRA pair.
+
+Every function here works on a single pair in the flax layout
+``lora_a: (d_in, r)``, ``lora_b: (r, d_out)`` with ``ΔW = lora_a @ lora_b``;
+the transform maps them over stacked pairs with ``jax.vmap``. The public
+:func:`factor_update` also accepts leading (layer) axes.
+
+Notation (DESIGN.md §1-§4): ``G = ∂L/∂W`` (d_in, d_out) is never formed; the
+factor gradients are ``g_a = G bᵀ`` and ``g_b = aᵀ G``. The Adafactor
+preconditioner is the two-sided diagonal map ``H[X] = diag(p) X diag(q)``.
+
+All algebra runs in float32 or wider, whatever the parameter dtype, and uses
+only ops that lower on TPU (``cholesky``, ``triangular_solve``, ``eigh``).
+"""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+TieBreaker = Literal["imbalance", "half", "factor_norm"]
+TIE_BREAKERS: tuple[str, ...] = ("imbalance", "half", "factor_norm")
+
+# r×r algebra and the tall-skinny products are cheap next to the model; ask
+# for full float32 accuracy (TPUs would otherwise use bf16 passes for f32).
+_PRECISION = jax.lax.Precision.HIGHEST
+
+
+def _mm(x: jax.Array, y: jax.Array) -> jax.Array:
+  return jnp.matmul(x, y, precision=_PRECISION)
+
+
+def compute_dtype(*arrays: jax.Array) -> jnp.dtype:
+  """float32, or wider if an input is wider (e.g. float64 under x64)."""
+  return jnp.result_type(jnp.float32, *(x.dtype for x in arrays))
+
+
+class FactorStep(NamedTuple):
+  """Result of the closed-form step for one pair.
+
+  Attributes:
+    delta_a: preconditioned direction for ``lora_a`` (d_in, r).
+    delta_b: preconditioned direction for ``lora_b`` (r, d_out).
+    theta: the gauge parameter that was used (scalar in [0, 1]).
+    descent: ``⟨G, δW⟩ = ⟨g_a, δa⟩ + ⟨g_b, δb⟩``; without damping this is
+      ``‖δW‖²_H``, the squared H-norm of the projected step (non-negative even
+      with damping).
+  """
+
+  delta_a: jax.Array
+  delta_b: jax.Array
+  theta: jax.Array
+  descent: jax.Array
+
+
+def psd_inverse(
+    gram: jax.Array,
+    *,
+    damping: jax.typing.ArrayLike = 0.0,
+    damping_floor: jax.typing.ArrayLike = 0.0,
+    pseudo_inverse: bool = False,
+) -> jax.Array:
+  """Inverse of a symmetric PSD r×r matrix, damped or pseudo-inverted.
+
+  Args:
+    gram: symmetric positive semi-definite matrix (r, r).
+    damping: relative Tikhonov damping; ``damping * trace(gram) / r`` is added
+      to the diagonal (scale-free, DESIGN.md §3).
+    damping_floor: absolute value added to the diagonal on top of the
+      relative damping; keeps the inverse bounded when ``gram`` vanishes
+      (e.g. ``lora_b = 0`` at LoRA init).
+    pseudo_inverse: if True, ignore the damping and return the Moore-Penrose
+      pseudo-inverse via ``eigh`` (eigenvalues below ``r·eps·λ_max`` are
+      treated as zero). Exact on rank-deficient Gram matrices.
+
+  Returns:
+    The (r, r) inverse.
+  """
+  r = gram.shape[-1]
+  eye = jnp.eye(r, dtype=gram.dtype)
+  # Symmetrize: the Gram products are symmetric only up to rounding.
+  gram = 0.5 * (gram + gram.T)
+  if pseudo_inverse:
+    eigenvalues, eigenvectors = jnp.linalg.eigh(gram)
+    cutoff = r * jnp.finfo(gram.dtype).eps * jnp.max(jnp.abs(eigenvalues))
+    keep = eigenvalues > cutoff
+    inverse_eigenvalues = jnp.where(keep, 1.0 / jnp.where(keep, eigenvalues, 1.0), 0.0)
+    return _mm(eigenvectors * inverse_eigenvalues, eigenvectors.T)
+  shift = damping * jnp.trace(gram) / r + damping_floor
+  cholesky = jnp.linalg.cholesky(gram + shift * eye)
+  # Two triangular solves give L⁻ᵀL⁻¹ = (LLᵀ)⁻¹ without forming a general inverse.
+  inverse_cholesky = jax.scipy.linalg.solve_triangular(cholesky, eye, lower=True)
+  return _mm(inverse_cholesky.T, inverse_cholesky)
+
+
+def _select_theta(
+    tie_breaker: str,
+    imbalance_u: jax.Array,
+    imbalance_v: jax.Array,
+    shared_w: jax.Array,
+    x_a: jax.Array,
+    a_n: jax.Array,
+    x_b: jax.Array,
+    n_b: jax.Array,
+    row_scale: jax.Array,
+    col_scale: jax.Array,
+) -> jax.Array:
+  """Gauge parameter θ for ``δa = X_a − θ·aN``, ``δb = X_b − (1−θ)·Nb``."""
+  half = jnp.asarray(0.5, shared_w.dtype)
+  if tie_breaker == "half":
+    return half
+  if tie_breaker == "imbalance":
+    # DESIGN.md §4: ‖δa b‖²_H − ‖a δb‖²_H = u − v + w − 2θw is linear in θ and
+    # vanishes at θ* = ½ + (u − v)/(2w); clipped to [0, 1] because outside it
+    # the factor updates grow in opposite null-space directions.
+    positive = shared_w > 0
+    safe_w = jnp.where(positive, shared_w, 1.0)
+    theta = 0.5 + (imbalance_u - imbalance_v) / (2.0 * safe_w)
+    return jnp.where(positive, jnp.clip(theta, 0.0, 1.0), half)
+  if tie_breaker == "factor_norm":
+    # Balance ‖δa‖²_p = Σ p_i δa_ik² against ‖δb‖²_q = Σ q_j δb_kj²; with
+    # φ = 1 − θ both are quadratics in θ:
+    #   f(θ) = ‖X_a‖²_p − 2θ⟨X_a, aN⟩_p + θ²‖aN‖²_p
+    #          − (‖X_b‖²_q − 2(1−θ)⟨X_b, Nb⟩_q + (1−θ)²‖Nb‖²_q).
+    weighted_a = row_scale[:, None]
+    weighted_b = col_scale[None, :]
+    xa_xa = jnp.sum(weighted_a * x_a * x_a)
+    xa_an = jnp.sum(weighted_a * x_a * a_n)
+    an_an = jnp.sum(weighted_a * a_n * a_n)
+    xb_xb = jnp.sum(weighted_b * x_b * x_b)
+    xb_nb = jnp.sum(weighted_b * x_b * n_b)
+    nb_nb = jnp.sum(weighted_b * n_b * n_b)
+    # f(θ) = c2 θ² + c1 θ + c0.
+    c2 = an_an - nb_nb
+    c1 = -2.0 * xa_an - 2.0 * xb_nb + 2.0 * nb_nb
+    c0 = xa_xa - xb_xb + 2.0 * xb_nb - nb_nb
+    return _min_abs_quadratic_on_unit_interval(c2, c1, c0)
+  raise ValueError(
+      f"tie_breaker must be one of {TIE_BREAKERS}, got {tie_breaker!r}."
+  )
+
+
+def _min_abs_quadratic_on_unit_interval(
+    c2: jax.Array, c1: jax.Array, c0: jax.Array
+) -> jax.Array:
+  """argmin over θ ∈ [0, 1] of |c2 θ² + c1 θ + c0|, preferring θ near ½."""
+  scale = jnp.abs(c2) + jnp.abs(c1) + jnp.abs(c0)
+  tiny = jnp.finfo(c0.dtype).tiny
+  quadratic = jnp.abs(c2) > 1e-6 * scale + tiny
+  discriminant = jnp.maximum(c1 * c1 - 4.0 * c2 * c0, 0.0)
+  sqrt_disc = jnp.sqrt(discriminant)
+  safe_c2 = jnp.where(quadratic, c2, 1.0)
+  safe_c1 = jnp.where(jnp.abs(c1) > tiny, c1, 1.0)
+  roots_quadratic = jnp.stack(
+      [(-c1 - sqrt_disc) / (2.0 * safe_c2), (-c1 + sqrt_disc) / (2.0 * safe_c2)]
+  )
+  root_linear = -c0 / safe_c1
+  roots = jnp.where(quadratic, roots_quadratic, jnp.stack([root_linear, root_linear]))
+  candidates = jnp.concatenate(
+      [jnp.clip(roots, 0.0, 1.0), jnp.asarray([0.0, 1.0, 0.5], c0.dtype)]
+  )
+  values = jnp.abs(c2 * candidates**2 + c1 * candidates + c0)
+  # Among (near-)equal minima prefer the candidate closest to θ = ½.
+  tolerance = 1e-6 * scale + tiny
+  best = jnp.min(values)
+  distance = jnp.where(values <= best + tolerance, jnp.abs(candidates - 0.5), jnp.inf)
+  return candidates[jnp.argmin(distance)]
+
+
+def factor_step(
+    lora_a: jax.Array,
+    lora_b: jax.Array,
+    grad_a: jax.Array,
+    grad_b: jax.Array,
+    row_scale: jax.Array,
+    col_scale: jax.Array,
+    *,
+    damping: jax.typing.ArrayLike = 0.0,
+    damping_floor: jax.typing.ArrayLike = 0.0,
+    tie_breaker: TieBreaker = "imbalance",
+    pseudo_inverse: bool = False,
+) -> FactorStep:
+  """Closed-form AdaPreLoRA step of one pair, with diagnostics.
+
+  See :func:`factor_update` for the maths. ``damping_floor`` is given in units
+  of a squared factor norm per rank component: the floor added to ``S_a`` is
+  ``damping_floor · mean(p)`` and to ``S_b`` is ``damping_floor · mean(q)``, so
+  it does not depend on how the Kronecker scale is split between ``p`` and
+  ``q`` (``H`` is unchanged by ``(αp, q/α)``).
+
+  All inputs must be 2-D (a single pair) and of a floating dtype; the result is
+  in :func:`compute_dtype` of the inputs.
+  """
+  dtype = compute_dtype(lora_a, lora_b, grad_a, grad_b, row_scale, col_scale)
+  a, b, g_a, g_b, p, q = (
+      x.astype(dtype) for x in (lora_a, lora_b, grad_a, grad_b, row_scale, col_scale)
+  )
+  # S_a = aᵀ diag(p) a, S_b = b diag(q) bᵀ, K = aᵀ g_a (= g_b bᵀ): DESIGN.md §3.
+  gram_a = _mm(a.T, p[:, None] * a)
+  gram_b = _mm(b * q[None, :], b.T)
+  shared = _mm(a.T, g_a)
+  inverse_a = psd_inverse(
+      gram_a,
+      damping=damping,
+      damping_floor=damping_floor * jnp.mean(p),
+      pseudo_inverse=pseudo_inverse,
+  )
+  inverse_b = psd_inverse(
+      gram_b,
+      damping=damping,
+      damping_floor=damping_floor * jnp.mean(q),
+      pseudo_inverse=pseudo_inverse,
+  )
+  # δa = (g_a/p − θ a S_a⁻¹ K) S_b⁻¹,  δb = S_a⁻¹ (g_b/q − (1−θ) K S_b⁻¹ b)
+  #    = X_a − θ·aN,                   = X_b − (1−θ)·Nb,   N = S_a⁻¹ K S_b⁻¹.
+  x_a = _mm(g_a / p[:, None], inverse_b)
+  x_b = _mm(inverse_a, g_b / q[None, :])
+  core = _mm(_mm(inverse_a, shared), inverse_b)
+  a_n = _mm(a, core)
+  n_b = _mm(core, b)
+  # DESIGN.md §4: u = tr(g_aᵀ diag(1/p) g_a S_b⁻¹) = ⟨g_a, X_a⟩,
+  # v = tr(S_a⁻¹ g_b diag(1/q) g_bᵀ) = ⟨g_b, X_b⟩, w = tr(S_a⁻¹ K S_b⁻¹ Kᵀ).
+  imbalance_u = jnp.sum(g_a * x_a)
+  imbalance_v = jnp.sum(g_b * x_b)
+  shared_w = jnp.sum(core * shared)
+  theta = _select_theta(
+      tie_breaker, imbalance_u, imbalance_v, shared_w, x_a, a_n, x_b, n_b, p, q
+  )
+  delta_a = x_a - theta * a_n
+  delta_b = x_b - (1.0 - theta) * n_b
+  # ⟨G, δW⟩ = ⟨g_a, δa⟩ + ⟨g_b, δb⟩ = u + v − w for every θ.
+  descent = imbalance_u + imbalance_v - shared_w
+  return FactorStep(delta_a, delta_b, theta, descent)
+
+
+def _check_pair_shapes(
+    lora_a: jax.Array,
+    lora_b: jax.Array,
+    grad_a: jax.Array,
+    grad_b: jax.Array,
+    row_scale: jax.Array,
+    col_scale: jax.Array,
+) -> None:
+  if lora_a.ndim < 2 or lora_b.ndim < 2:
+    raise ValueError(
+        "lora_a and lora_b must have at least 2 dimensions ((..., d_in, r) and "
+        f"(..., r, d_out)); got {lora_a.shape} and {lora_b.shape}."
+    )
+  lead = lora_a.shape[:-2]
+  d_in, rank = lora_a.shape[-2:]
+  if lora_b.shape[:-2] != lead or lora_b.shape[-2] != rank:
+    raise ValueError(
+        f"lora_b of shape {lora_b.shape} does not match lora_a of shape "
+        f"{lora_a.shape}: expected (..., {rank}, d_out) with leading axes {lead}."
+    )
+  d_out = lora_b.shape[-1]
+  for name, array, expected in (
+      ("grad_a", grad_a, lora_a.shape),
+      ("grad_b", grad_b, lora_b.shape),
+      ("row_scale", row_scale, (*lead, d_in)),
+      ("col_scale", col_scale, (*lead, d_out)),
+  ):
+    if array.shape != expected:
+      raise ValueError(f"{name} has shape {array.shape}, expected {expected}.")
+  for name, array in (
+      ("lora_a", lora_a), ("lora_b", lora_b), ("grad_a", grad_a),
+      ("grad_b", grad_b), ("row_scale", row_scale), ("col_scale", col_scale),
+  ):
+    if not jnp.issubdtype(array.dtype, jnp.floating):
+      raise ValueError(f"{name} must have a floating dtype, got {array.dtype}.")
+
+
+def factor_update(
+    lora_a: jax.Array,
+    lora_b: jax.Array,
+    grad_a: jax.Array,
+    grad_b: jax.Array,
+    row_scale: jax.Array,
+    col_scale: jax.Array,
+    *,
+    damping: jax.typing.ArrayLike = 0.0,
+    damping_floor: jax.typing.ArrayLike = 0.0,
+    tie_breaker: TieBreaker = "imbalance",
+) -> tuple[jax.Array, jax.Array]:
+  r"""The AdaPreLoRA closed-form factor update (DESIGN.md §3).
+
+  Returns the factor directions ``(δa, δb)`` whose induced weight change
+  ``δW = δa @ b + a @ δb`` is the H-orthogonal projection of the
+  Adafactor-preconditioned full-weight step ``H⁻¹G`` onto the tangent space
+  ``{X b + a Y}`` of the rank-r factorization, with
+  ``H[X] = diag(p) X diag(q)``. With ``S_a = aᵀ diag(p) a``,
+  ``S_b = b diag(q) bᵀ`` and ``K = aᵀ g_a``::
+
+    δa = (g_a / p − θ · a S_a⁻¹ K) S_b⁻¹
+    δb = S_a⁻¹ (g_b / q − (1 − θ) · K S_b⁻¹ b)
+
+  Every θ gives the same ``δW``; θ (the gauge) is chosen by ``tie_breaker``.
+  Like optax ``scale_by_*`` transforms the result has the sign of the gradient
+  (a descent step is ``a − η δa``).
+
+  With ``damping == damping_floor == 0`` the inverses are eigh-based
+  pseudo-inverses and the result is exact, including rank-deficient factors
+  and ``lora_b = 0`` (then ``δa = 0`` and ``δb = S_a⁻¹ g_b / q``). With
+  damping, ``S + (damping · tr(S)/r + floor) I`` is inverted by Cholesky.
+
+  Example::
+
+    >>> import jax.numpy as jnp
+    >>> from adaprelora_jax import factor_update
+    >>> a, b = jnp.ones((4, 2)).at[0, 1].set(2.0), jnp.zeros((2, 3))
+    >>> grad_w = jnp.arange(12.0).reshape(4, 3)
+    >>> da, db = factor_update(a, b, grad_w @ b.T, a.T @ grad_w,
+    ...                        jnp.ones(4), jnp.ones(3))
+    >>> da.shape, db.shape
+    ((4, 2), (2, 3))
+    >>> bool(jnp.all(da == 0))  # b = 0: only b moves
+    True
+
+  Args:
+    lora_a: ``a`` of shape (..., d_in, r).
+    lora_b: ``b`` of shape (..., r, d_out).
+    grad_a: ``∂L/∂a = G bᵀ``, same shape as ``lora_a``.
+    grad_b: ``∂L/∂b = aᵀ G``, same shape as ``lora_b``.
+    row_scale: ``p`` (..., d_in), positive row scales of ``H``.
+    col_scale: ``q`` (..., d_out), positive column scales of ``H``.
+    damping: relative damping of the two r×r solves (0 = exact).
+    damping_floor: absolute damping floor, in units of a squared factor norm
+      per rank component (see :func:`factor_step`).
+    tie_breaker: ``"imbalance"`` (default; the paper's rule as read in
+      DESIGN.md §4: balance the H-norms of ``δa @ b`` and ``a @ δb``, θ clipped
+      to [0, 1]), ``"half"`` (θ = ½) or ``"factor_norm"`` (balance
+      ``Σ p_i δa_ik²`` against ``Σ q_j δb_kj²``).
+
+  Returns:
+    ``(delta_a, delta_b)`` with the shapes and dtypes of ``lora_a``, ``lora_b``.
+
+  References:
+    Bian, Cai, Liu, `AdaPreLoRA: adaptive preconditioned low-rank adaptation
+    <https://arxiv.org/abs/2605.08734>`_, 2026.
+  """
+  _check_pair_shapes(lora_a, lora_b, grad_a, grad_b, row_scale, col_scale)
+  if tie_breaker not in TIE_BREAKERS:
+    raise ValueError(
+        f"tie_breaker must be one of {TIE_BREAKERS}, got {tie_breaker!r}."
+    )
+  exact = _is_concrete_zero(damping) and _is_concrete_zero(damping_floor)
+
+  def single(a, b, g_a, g_b, p, q):
+    step = factor_step(
+        a, b, g_a, g_b, p, q,
+        damping=damping, damping_floor=damping_floor,
+        tie_breaker=tie_breaker, pseudo_inverse=exact,
+    )
+    return step.delta_a, step.delta_b
+
+  for _ in range(lora_a.ndim - 2):
+    single = jax.vmap(single)
+  delta_a, delta_b = single(lora_a, lora_b, grad_a, grad_b, row_scale, col_scale)
+  return delta_a.astype(lora_a.dtype), delta_b.astype(lora_b.dtype)
+
+
+def _is_concrete_zero(value: jax.typing.ArrayLike) -> bool:
+  try:
+    return float(value) == 0.0
+  except (TypeError, jax.errors.ConcretizationTypeError):
+    return False
+
+
+def tangent_gradient_statistics(
+    lora_a: jax.Array,
+    lora_b: jax.Array,
+    grad_a: jax.Array,
+    grad_b: jax.Array,
+    *,
+    damping: jax.typing.ArrayLike,
+    damping_floor: jax.typing.ArrayLike,
+) -> tuple[jax.Array, jax.Array]:
+  r"""Row and column means of ``Ĝ²`` for the tangent estimate of ``G``.
+
+  ``Ĝ = P_a G + G P_b − P_a G P_b`` is the Euclidean projection of ``G`` onto
+  the tangent space (DESIGN.md §5, ``"tangent"`` mode), with
+  ``P_a = a (aᵀa)⁻¹ aᵀ`` and ``P_b = bᵀ (b bᵀ)⁻¹ b``. Writing
+  ``Ĝ = P_a G + (G P_b − P_a G P_b)``, the two terms have orthogonal columns
+  spaces for rows and orthogonal row spaces for columns, which gives (with
+  ``Ψ_a = (aᵀa)⁻¹``, ``Ψ_b = (bbᵀ)⁻¹``, ``K = aᵀ g_a``)::
+
+    Σ_j Ĝ_ij² = a_i Φ a_iᵀ + g_a,i Ψ_b g_a,iᵀ,   Φ = Ψ_a (g_b g_bᵀ − K Ψ_b Kᵀ) Ψ_a
+    Σ_i Ĝ_ij² = g_b,j ᵀ Ψ_a g_b,j + b_jᵀ Ω b_j,   Ω = Ψ_b (g_aᵀ g_a − Kᵀ Ψ_a K) Ψ_b
+
+  in O((d_in + d_out) r²), never forming ``Ĝ``. Inverses are damped as in
+  :func:`psd_inverse` (the floor is in units of a squared factor norm).
+
+  Returns:
+    ``(row_mean_sq (d_in,), col_mean_sq (d_out,))``, in float32 or wider.
+  """
+  dtype = compute_dtype(lora_a, lora_b, grad_a, grad_b)
+  a, b, g_a, g_b = (x.astype(dtype) for x in (lora_a, lora_b, grad_a, grad_b))
+  d_in, d_out = a.shape[0], b.shape[1]
+  inverse_a = psd_inverse(_mm(a.T, a), damping=damping, damping_floor=damping_floor)
+  inverse_b = psd_inverse(_mm(b, b.T), damping=damping, damping_floor=damping_floor)
+  shared = _mm(a.T, g_a)
+  # Φ and Ω are PSD in exact arithmetic (Schur complements); rounding can make
+  # the quadratic forms slightly negative, hence the clamp below.
+  phi = _mm(_mm(inverse_a, _mm(g_b, g_b.T) - _mm(_mm(shared, inverse_b), shared.T)), inverse_a)
+  omega = _mm(_mm(inverse_b, _mm(g_a.T, g_a) - _mm(_mm(shared.T, inverse_a), shared)), inverse_b)
+  row_sums = jnp.sum(_mm(a, phi) * a, axis=1) + jnp.sum(_mm(g_a, inverse_b) * g_a, axis=1)
+  col_sums = jnp.sum(_mm(omega, b) * b, axis=0) + jnp.sum(_mm(inverse_a, g_b) * g_b, axis=0)
+  return jnp.maximum(row_sums, 0.0) / d_out, jnp.maximum(col_sums, 0.0) / d_in
+
+
+def factored_scales(
+    row_second_moment: jax.Array, col_second_moment: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+  """Row and column scales ``(p, q)`` of ``H`` from Adafactor statistics.
+
+  Adafactor's factored estimate is ``V̂ = v_row v_colᵀ / mean(v_row)``
+  (optax ``scale_by_factored_rms``); ``sqrt(V̂) = p qᵀ`` with
+  ``p = sqrt(v_row / mean(v_row))`` and ``q = sqrt(v_col)``.
+  """
+  p = jnp.sqrt(row_second_moment / jnp.mean(row_second_moment, axis=-1, keepdims=True))
+  q = jnp.sqrt(col_second_moment)
+  return p, q

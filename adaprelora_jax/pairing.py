@@ -1,0 +1,543 @@
+# Copyright 2026 The adaprelora_jax Authors.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Finding LoRA factor pairs in a parameter pytree.
+
+A pairing function looks at one leaf (its path as a tuple of strings and the
+array) and says whether it is a LoRA factor, which pair it belongs to and
+whether it is ``a`` or ``b``; :func:`plan_pairs` applies it to a whole tree,
+validates the pairs (every error names the parameter path) and groups pairs of
+equal shape so that optimizers can stack them and process each group with one
+``jax.vmap`` (the traced program then does not grow with the number of layers).
+
+Layouts: the canonical layout is flax's, ``a: (..., d_in, r)``,
+``b: (..., r, d_out)``, ``ΔW = a @ b``. PyTorch/peft stores
+``lora_A: (r, d_in)``, ``lora_B: (d_out, r)``; such leaves are marked
+``transposed`` and their last two axes are swapped when gathered.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, NamedTuple, Union
+
+import jax
+import jax.numpy as jnp
+import optax
+
+Role = Literal["a", "b", "row_stats", "col_stats"]
+ROLES: tuple[str, ...] = ("a", "b", "row_stats", "col_stats")
+
+# Names of the exact-statistics probe leaves written by
+# :class:`adaprelora_jax.nn.LoRA` next to ``lora_a``/``lora_b``.
+ROW_STATS_NAME = "grad_sq_rows"
+COL_STATS_NAME = "grad_sq_cols"
+
+
+class LoRARole(NamedTuple):
+  """What a pairing function says about one leaf.
+
+  Attributes:
+    pair: identifier shared by all leaves of one LoRA pair.
+    role: ``"a"`` (``lora_a``), ``"b"`` (``lora_b``), or ``"row_stats"`` /
+      ``"col_stats"`` for exact gradient-statistics leaves.
+    transposed: the factor is stored in PyTorch layout (``lora_A: (r, d_in)``,
+      ``lora_B: (d_out, r)``).
+  """
+
+  pair: str
+  role: Role
+  transposed: bool = False
+
+
+PairingFn = Callable[[tuple[str, ...], Any], Union[LoRARole, None]]
+Pairing = Union[Literal["nnx", "peft"], PairingFn]
+
+
+def _key_name(key: Any) -> str:
+  for attribute in ("key", "name", "idx"):
+    if hasattr(key, attribute):
+      return str(getattr(key, attribute))
+  return str(key)
+
+
+def path_names(path: Sequence[Any]) -> tuple[str, ...]:
+  """A jax key path as a tuple of strings.
+
+  The trailing ``value`` attribute that flax nnx ``Variable`` nodes add is
+  dropped, so ``nnx.State`` and plain dicts give the same names.
+  """
+  names = tuple(_key_name(key) for key in path)
+  if path and type(path[-1]).__name__ == "GetAttrKey" and names[-1] == "value":
+    names = names[:-1]
+  return names
+
+
+def format_path(names: Sequence[str]) -> str:
+  return "/".join(names) if names else "<root>"
+
+
+def nnx_pairing(path: tuple[str, ...], leaf: Any) -> LoRARole | None:
+  """Pairs flax ``nnx.LoRA`` leaves: siblings named ``lora_a`` and ``lora_b``.
+
+  Also recognizes the exact-statistics leaves ``grad_sq_rows`` and
+  ``grad_sq_cols`` of :class:`adaprelora_jax.nn.LoRA`.
+  """
+  del leaf
+  if not path:
+    return None
+  roles = {"lora_a": "a", "lora_b": "b", ROW_STATS_NAME: "row_stats",
+           COL_STATS_NAME: "col_stats"}
+  role = roles.get(path[-1])
+  if role is None:
+    return None
+  return LoRARole(format_path(path[:-1]), role)
+
+
+def peft_pairing(path: tuple[str, ...], leaf: Any) -> LoRARole | None:
+  """Pairs peft-style ``lora_A``/``lora_B`` leaves stored in PyTorch layout.
+
+  Works on nested trees and on flat state dicts with dotted keys, e.g.
+  ``"model.layers.0.q_proj.lora_A.default.weight"`` pairs with the same key
+  with ``lora_B``. ``lora_A`` is (r, d_in) and ``lora_B`` is (d_out, r).
+  """
+  del leaf
+  tokens = [token for name in path for token in name.split(".")]
+  for marker, role in (("lora_A", "a"), ("lora_B", "b")):
+    if marker in tokens:
+      index = tokens.index(marker)
+      pair = ".".join(tokens[:index] + ["lora_*"] + tokens[index + 1:])
+      return LoRARole(pair, role, transposed=True)
+  return None
+
+
+_PRESETS: dict[str, PairingFn] = {"nnx": nnx_pairing, "peft": peft_pairing}
+
+
+def resolve_pairing(pairing: Pairing) -> PairingFn:
+  """Turns a preset name or a callable into a pairing function."""
+  if isinstance(pairing, str):
+    if pairing not in _PRESETS:
+      raise ValueError(
+          f"Unknown pairing preset {pairing!r}; use one of {sorted(_PRESETS)} "
+          "or a callable (path, leaf) -> LoRARole | None."
+      )
+    return _PRESETS[pairing]
+  if not callable(pairing):
+    raise TypeError(f"pairing must be a preset name or a callable, got {pairing!r}.")
+  return pairing
+
+
+@dataclasses.dataclass(frozen=True)
+class PairInfo:
+  """One validated LoRA pair (positions refer to the flattened params)."""
+
+  name: str
+  a_index: int
+  b_index: int
+  a_path: str
+  b_path: str
+  transposed: bool
+  lead_shape: tuple[int, ...]
+  d_in: int
+  rank: int
+  d_out: int
+  dtype: Any
+  row_stats_index: int | None = None
+  col_stats_index: int | None = None
+
+  @property
+  def has_statistics(self) -> bool:
+    return self.row_stats_index is not None
+
+
+@dataclasses.dataclass(frozen=True)
+class PairGroup:
+  """Pairs with identical canonical shapes, dtype and statistics source."""
+
+  members: tuple[PairInfo, ...]
+  exact_statistics: bool
+
+  @property
+  def lead_shape(self) -> tuple[int, ...]:
+    return self.members[0].lead_shape
+
+  @property
+  def size(self) -> int:
+    """Number of single pairs in the stacked group (members × lead axes)."""
+    return len(self.members) * math.prod(self.lead_shape)
+
+
+def _canonical(array: jax.Array, transposed: bool) -> jax.Array:
+  return jnp.swapaxes(array, -1, -2) if transposed else array
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAPlan:
+  """The LoRA structure of a parameter tree, with gather/scatter helpers.
+
+  ``gather`` stacks the leaves of a group into one array whose leading axis
+  enumerates single pairs (members × leading layer axes); ``scatter`` writes
+  such stacked results back to leaf positions.
+  """
+
+  treedef: Any
+  paths: tuple[str, ...]
+  pairs: tuple[PairInfo, ...]
+  groups: tuple[PairGroup, ...]
+  other_indices: tuple[int, ...]
+  statistics_indices: tuple[int, ...]
+
+  @property
+  def num_leaves(self) -> int:
+    return len(self.paths)
+
+  def leaves(self, tree: Any) -> list[Any]:
+    """Leaves of ``tree`` at the positions of the params' leaves.
+
+    ``tree`` may hold ``optax.MaskedNode`` (or any subtree) where params hold
+    a leaf, as optimizer state trees that mirror the params do.
+    """
+    return self.treedef.flatten_up_to(tree)
+
+  def unflatten(self, leaves: Sequence[Any]) -> Any:
+    return jax.tree.unflatten(self.treedef, leaves)
+
+  def gather(
+      self,
+      leaves: Sequence[Any],
+      group: PairGroup,
+      role: Role,
+      *,
+      factor_layout: bool = True,
+  ) -> jax.Array:
+    """Stacks one role's leaves of a group into (group.size, ...).
+
+    Args:
+      leaves: flattened tree (see :meth:`leaves`).
+      group: the group.
+      role: which leaf of each pair.
+      factor_layout: the leaves are shaped like the factor itself (so torch
+        layout leaves are transposed to the canonical one); False for vectors
+        such as row/column statistics.
+    """
+    arrays = []
+    for pair in group.members:
+      array = leaves[_role_index(pair, role)]
+      if factor_layout:
+        array = _canonical(array, pair.transposed)
+      arrays.append(array)
+    stacked = arrays[0][None] if len(arrays) == 1 else jnp.stack(arrays)
+    tail = stacked.shape[1 + len(group.lead_shape):]
+    return stacked.reshape((group.size, *tail))
+
+  def scatter(
+      self,
+      leaves: list[Any],
+      group: PairGroup,
+      role: Role,
+      stacked: jax.Array,
+      *,
+      factor_layout: bool = True,
+  ) -> None:
+    """Writes ``stacked`` (group.size, ...) back into ``leaves`` in place."""
+    tail = stacked.shape[1:]
+    per_member = stacked.reshape((len(group.members), *group.lead_shape, *tail))
+    for position, pair in enumerate(group.members):
+      array = per_member[position]
+      if factor_layout:
+        array = _canonical(array, pair.transposed)
+      leaves[_role_index(pair, role)] = array
+
+  def mirror(
+      self,
+      by_role: Callable[[PairInfo, Role], Any],
+      roles: Sequence[Role] = ("a", "b"),
+      fill: Any = None,
+  ) -> Any:
+    """A tree shaped like the params with ``by_role(pair, role)`` at each
+    factor position of ``roles`` and ``fill`` (default ``MaskedNode``)
+    everywhere else."""
+    fill = optax.MaskedNode() if fill is None else fill
+    leaves: list[Any] = [fill] * self.num_leaves
+    for pair in self.pairs:
+      for role in roles:
+        leaves[_role_index(pair, role)] = by_role(pair, role)
+    return self.unflatten(leaves)
+
+  def other_mask(self) -> Any:
+    """Boolean tree: True at leaves that are not part of any LoRA pair."""
+    other = set(self.other_indices)
+    return self.unflatten([index in other for index in range(self.num_leaves)])
+
+
+def _role_index(pair: PairInfo, role: Role) -> int:
+  index = {
+      "a": pair.a_index,
+      "b": pair.b_index,
+      "row_stats": pair.row_stats_index,
+      "col_stats": pair.col_stats_index,
+  }[role]
+  if index is None:
+    raise ValueError(f"LoRA pair {pair.name!r} has no {role!r} leaf.")
+  return index
+
+
+def plan_pairs(
+    params: Any,
+    pairing: Pairing = "nnx",
+    *,
+    strict: bool = False,
+    statistics: Literal["auto", "exact", "tangent"] = "auto",
+) -> LoRAPlan:
+  """Finds and validates the LoRA pairs of a parameter tree.
+
+  Args:
+    params: parameter pytree (dicts, ``nnx.State``, nested modules; leaves
+      may carry leading stacked/scanned-layer axes).
+    pairing: ``"nnx"`` (``lora_a``/``lora_b`` siblings, flax layout),
+      ``"peft"`` (``lora_A``/``lora_B``, PyTorch layout) or a callable
+      ``(path: tuple[str, ...], leaf) -> LoRARole | None``.
+    strict: raise if a leaf is not part of a LoRA pair.
+    statistics: ``"exact"`` requires exact-statistics leaves for every pair,
+      ``"tangent"`` ignores them, ``"auto"`` uses them where present.
+
+  Returns:
+    The :class:`LoRAPlan`.
+
+  Raises:
+    ValueError: naming the parameter path, for unpaired, duplicated,
+      mis-shaped or rank-mismatched factors, non-floating factors, malformed
+      statistics leaves, non-LoRA leaves under ``strict=True``, or no pairs.
+  """
+  if statistics not in ("auto", "exact", "tangent"):
+    raise ValueError(
+        f"statistics must be 'auto', 'exact' or 'tangent', got {statistics!r}."
+    )
+  pairing_fn = resolve_pairing(pairing)
+  flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+  names = [path_names(path) for path, _ in flat]
+  paths = tuple(format_path(name) for name in names)
+  members: dict[str, dict[str, tuple[int, bool]]] = {}
+  others: list[int] = []
+  for index, ((_, leaf), name) in enumerate(zip(flat, names)):
+    found = pairing_fn(name, leaf)
+    if found is None:
+      others.append(index)
+      continue
+    found = LoRARole(*found)
+    if found.role not in ROLES:
+      raise ValueError(
+          f"Pairing returned role {found.role!r} for '{paths[index]}'; "
+          f"expected one of {ROLES}."
+      )
+    slots = members.setdefault(found.pair, {})
+    if found.role in slots:
+      raise ValueError(
+          f"LoRA pair {found.pair!r} has two {found.role!r} leaves: "
+          f"'{paths[slots[found.role][0]]}' and '{paths[index]}'."
+      )
+    slots[found.role] = (index, found.transposed)
+
+  if strict and others:
+    listed = ", ".join(f"'{paths[i]}'" for i in others[:10])
+    raise ValueError(
+        f"strict=True but {len(others)} leaves are not LoRA factors: {listed}"
+        + (" ..." if len(others) > 10 else "")
+        + ". Train them with another optimizer (e.g. optax.partition) or pass "
+        "strict=False to use the fallback transform."
+    )
+
+  pairs: list[PairInfo] = []
+  statistics_indices: list[int] = []
+  for pair_name, slots in members.items():
+    pair = _validate_pair(pair_name, slots, flat, paths)
+    if pair.has_statistics:
+      statistics_indices += [pair.row_stats_index, pair.col_stats_index]
+      if statistics == "tangent":
+        pair = dataclasses.replace(pair, row_stats_index=None, col_stats_index=None)
+    elif statistics == "exact":
+      raise ValueError(
+          f"statistics='exact' but LoRA pair {pair_name!r} ('{pair.a_path}', "
+          f"'{pair.b_path}') carries no exact gradient statistics "
+          f"('{ROW_STATS_NAME}'/'{COL_STATS_NAME}' leaves, written by "
+          "adaprelora_jax.nn.LoRA). Use statistics='auto' or 'tangent'."
+      )
+    pairs.append(pair)
+  if not pairs:
+    raise ValueError(
+        "No LoRA pairs found in the parameters "
+        f"(pairing={pairing!r}; {len(paths)} leaves, e.g. "
+        f"{', '.join(repr(p) for p in paths[:5])})."
+    )
+
+  grouped: dict[tuple[Any, ...], list[PairInfo]] = {}
+  for pair in pairs:
+    key = (pair.lead_shape, pair.d_in, pair.rank, pair.d_out,
+           jnp.dtype(pair.dtype).name, pair.has_statistics)
+    grouped.setdefault(key, []).append(pair)
+  groups = tuple(
+      PairGroup(tuple(group), exact_statistics=group[0].has_statistics)
+      for group in grouped.values()
+  )
+  return LoRAPlan(
+      treedef=treedef,
+      paths=paths,
+      pairs=tuple(pairs),
+      groups=groups,
+      other_indices=tuple(others),
+      statistics_indices=tuple(statistics_indices),
+  )
+
+
+def _validate_pair(
+    pair_name: str,
+    slots: dict[str, tuple[int, bool]],
+    flat: Sequence[tuple[Any, Any]],
+    paths: Sequence[str],
+) -> PairInfo:
+  for needed, other in (("a", "b"), ("b", "a")):
+    if needed not in slots:
+      present = slots.get(other) or next(iter(slots.values()))
+      raise ValueError(
+          f"Unpaired LoRA factor '{paths[present[0]]}': pair {pair_name!r} has "
+          f"no '{needed}' factor (lora_{needed}). Masked out, misnamed, or "
+          "missing from the tree?"
+      )
+  a_index, a_transposed = slots["a"]
+  b_index, b_transposed = slots["b"]
+  a_leaf, b_leaf = flat[a_index][1], flat[b_index][1]
+  a_path, b_path = paths[a_index], paths[b_index]
+  for path, leaf in ((a_path, a_leaf), (b_path, b_leaf)):
+    shape = getattr(leaf, "shape", None)
+    dtype = getattr(leaf, "dtype", None)
+    if shape is None or dtype is None:
+      raise ValueError(f"LoRA factor '{path}' is not an array: {type(leaf).__name__}.")
+    if len(shape) < 2:
+      raise ValueError(
+          f"LoRA factor '{path}' has shape {tuple(shape)}; factors need at "
+          "least 2 dimensions."
+      )
+    if not jnp.issubdtype(dtype, jnp.floating):
+      raise ValueError(
+          f"LoRA factor '{path}' has dtype {jnp.dtype(dtype).name}; LoRA "
+          "factors must be floating point."
+      )
+  if jnp.dtype(a_leaf.dtype) != jnp.dtype(b_leaf.dtype):
+    raise ValueError(
+        f"LoRA pair {pair_name!r}: '{a_path}' is {jnp.dtype(a_leaf.dtype).name} "
+        f"but '{b_path}' is {jnp.dtype(b_leaf.dtype).name}; both factors of a "
+        "pair must have the same dtype."
+    )
+  if a_transposed != b_transposed:
+    raise ValueError(
+        f"LoRA pair {pair_name!r}: '{a_path}' and '{b_path}' use different "
+        "layouts (one transposed, one not)."
+    )
+  a_shape = tuple(a_leaf.shape)
+  b_shape = tuple(b_leaf.shape)
+  if a_transposed:
+    a_shape = (*a_shape[:-2], a_shape[-1], a_shape[-2])
+    b_shape = (*b_shape[:-2], b_shape[-1], b_shape[-2])
+  lead, (d_in, rank) = a_shape[:-2], a_shape[-2:]
+  if len(b_shape) != len(a_shape) or b_shape[:-2] != lead:
+    raise ValueError(
+        f"LoRA pair {pair_name!r}: leading (layer) axes differ between "
+        f"'{a_path}' {tuple(a_leaf.shape)} and '{b_path}' {tuple(b_leaf.shape)}."
+    )
+  if b_shape[-2] != rank:
+    layout = (
+        "lora_A (r, d_in), lora_B (d_out, r)" if a_transposed
+        else "lora_a (d_in, r), lora_b (r, d_out)"
+    )
+    raise ValueError(
+        f"LoRA pair {pair_name!r}: rank mismatch between '{a_path}' "
+        f"{tuple(a_leaf.shape)} and '{b_path}' {tuple(b_leaf.shape)} "
+        f"(expected {layout})."
+    )
+  d_out = b_shape[-1]
+  info = PairInfo(
+      name=pair_name, a_index=a_index, b_index=b_index, a_path=a_path,
+      b_path=b_path, transposed=a_transposed, lead_shape=lead, d_in=d_in,
+      rank=rank, d_out=d_out, dtype=jnp.dtype(a_leaf.dtype),
+  )
+  has_rows, has_cols = "row_stats" in slots, "col_stats" in slots
+  if has_rows != has_cols:
+    present = slots["row_stats" if has_rows else "col_stats"][0]
+    raise ValueError(
+        f"LoRA pair {pair_name!r}: statistics leaf '{paths[present]}' has no "
+        "partner (both row and column statistics are required)."
+    )
+  if has_rows:
+    for role, size in (("row_stats", d_in), ("col_stats", d_out)):
+      index = slots[role][0]
+      leaf = flat[index][1]
+      expected = (*lead, size)
+      if tuple(getattr(leaf, "shape", ())) != expected:
+        raise ValueError(
+            f"LoRA statistics leaf '{paths[index]}' has shape "
+            f"{tuple(getattr(leaf, 'shape', ()))}, expected {expected} for pair "
+            f"{pair_name!r}."
+        )
+      if not jnp.issubdtype(leaf.dtype, jnp.floating):
+        raise ValueError(
+            f"LoRA statistics leaf '{paths[index]}' must be floating point, "
+            f"got {jnp.dtype(leaf.dtype).name}."
+        )
+    info = dataclasses.replace(
+        info, row_stats_index=slots["row_stats"][0],
+        col_stats_index=slots["col_stats"][0],
+    )
+  return info
+
+
+def check_matching_tree(plan: LoRAPlan, tree: Any, what: str) -> list[Any]:
+  """Flattens ``tree`` against the plan and checks factor shapes and dtypes.
+
+  Used to validate gradients against the params the plan was built from.
+  """
+  try:
+    leaves = plan.leaves(tree)
+  except (ValueError, TypeError) as error:
+    raise ValueError(
+        f"The {what} tree does not match the parameter tree structure: {error}"
+    ) from error
+  for pair in plan.pairs:
+    for role in ("a", "b"):
+      index = _role_index(pair, role)
+      leaf = leaves[index]
+      shape = getattr(leaf, "shape", None)
+      expected_leaf_shape = leaf_shape(pair, role)
+      if shape is None or tuple(shape) != expected_leaf_shape:
+        raise ValueError(
+            f"{what} for '{plan.paths[index]}' has shape {shape}, expected "
+            f"{expected_leaf_shape}."
+        )
+      if not jnp.issubdtype(leaf.dtype, jnp.floating):
+        raise ValueError(
+            f"{what} for '{plan.paths[index]}' has dtype "
+            f"{jnp.dtype(leaf.dtype).name}; expected a floating dtype."
+        )
+  return leaves
+
+
+def leaf_shape(pair: PairInfo, role: Role) -> tuple[int, ...]:
+  if role == "a":
+    shape = (pair.d_in, pair.rank)
+  else:
+    shape = (pair.rank, pair.d_out)
+  if pair.transposed:
+    shape = shape[::-1]
+  return (*pair.lead_shape, *shape)
