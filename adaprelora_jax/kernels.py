@@ -28,6 +28,7 @@ only ops that lower on TPU (``cholesky``, ``triangular_solve``, ``eigh``).
 
 from __future__ import annotations
 
+import functools
 from typing import Literal, NamedTuple
 
 import jax
@@ -359,19 +360,26 @@ def factor_update(
         f"tie_breaker must be one of {TIE_BREAKERS}, got {tie_breaker!r}."
     )
   exact = _is_concrete_zero(damping) and _is_concrete_zero(damping_floor)
+  delta_a, delta_b = _mapped_factor_update(
+      lora_a, lora_b, grad_a, grad_b, row_scale, col_scale, damping,
+      damping_floor, tie_breaker=tie_breaker, pseudo_inverse=exact)
+  return delta_a.astype(lora_a.dtype), delta_b.astype(lora_b.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("tie_breaker", "pseudo_inverse"))
+def _mapped_factor_update(lora_a, lora_b, grad_a, grad_b, row_scale, col_scale,
+                          damping, damping_floor, *, tie_breaker, pseudo_inverse):
+  """:func:`factor_step` mapped over the leading (layer) axes."""
 
   def single(a, b, g_a, g_b, p, q):
     step = factor_step(
-        a, b, g_a, g_b, p, q,
-        damping=damping, damping_floor=damping_floor,
-        tie_breaker=tie_breaker, pseudo_inverse=exact,
-    )
+        a, b, g_a, g_b, p, q, damping=damping, damping_floor=damping_floor,
+        tie_breaker=tie_breaker, pseudo_inverse=pseudo_inverse)
     return step.delta_a, step.delta_b
 
   for _ in range(lora_a.ndim - 2):
     single = jax.vmap(single)
-  delta_a, delta_b = single(lora_a, lora_b, grad_a, grad_b, row_scale, col_scale)
-  return delta_a.astype(lora_a.dtype), delta_b.astype(lora_b.dtype)
+  return single(lora_a, lora_b, grad_a, grad_b, row_scale, col_scale)
 
 
 def _is_concrete_zero(value: jax.typing.ArrayLike) -> bool:
@@ -432,6 +440,10 @@ def factored_scales(
   (optax ``scale_by_factored_rms``); ``sqrt(V̂) = p qᵀ`` with
   ``p = sqrt(v_row / mean(v_row))`` and ``q = sqrt(v_col)``.
   """
-  p = jnp.sqrt(row_second_moment / jnp.mean(row_second_moment, axis=-1, keepdims=True))
-  q = jnp.sqrt(col_second_moment)
+  # A dead feature gives a zero row of G; with large gradients eps/mean(v_row)
+  # underflows and p would be 0 (0/0 in g_a / p). Floor at the smallest normal.
+  tiny = jnp.finfo(row_second_moment.dtype).tiny
+  ratio = row_second_moment / jnp.mean(row_second_moment, axis=-1, keepdims=True)
+  p = jnp.sqrt(jnp.maximum(ratio, tiny))
+  q = jnp.sqrt(jnp.maximum(col_second_moment, tiny))
   return p, q

@@ -132,7 +132,8 @@ def _statistics_metadata(
 ) -> dict[str, tp.Any]:
   """Sharding metadata of a statistics vector, taken from one factor axis."""
   metadata = {}
-  for key in ("sharding", "sharding_names"):
+  # flax renamed the partitioning annotation over time; accept each spelling.
+  for key in ("out_sharding", "sharding_names", "sharding"):
     if key in factor_metadata and factor_metadata[key] is not None:
       metadata[key] = (tuple(factor_metadata[key])[axis],)
   return metadata

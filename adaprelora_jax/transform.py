@@ -38,7 +38,8 @@ def decay_rate_pow(
   Zero at the first step (t = 0), so the first statistics are the first
   gradient's, exactly as optax ``scale_by_factored_rms``.
   """
-  t = jnp.asarray(step, jnp.float32) + 1.0
+  # The default float dtype (float64 under x64) rather than a fixed float32.
+  t = jnp.asarray(step, jnp.result_type(float)) + 1.0
   return 1.0 - t ** (-exponent)
 
 
@@ -95,7 +96,7 @@ def scale_by_adaprelora(
     tie_breaker: kernels.TieBreaker = "imbalance",
     statistics: Statistics = "auto",
     step_offset: int = 0,
-    decay_rate_fn: Callable[[jax.Array, Any], jax.Array] = decay_rate_pow,
+    decay_rate_fn: Optional[Callable[[jax.Array, Any], jax.Array]] = None,
     pairing: pairing_lib.Pairing = "nnx",
     non_lora: Optional[optax.GradientTransformation] = None,
     strict: bool = False,
@@ -154,7 +155,9 @@ def scale_by_adaprelora(
     statistics: ``"auto"``, ``"exact"`` or ``"tangent"`` (above).
     step_offset: subtracted from the step count in the decay schedule
       (e.g. when starting from a pretrained optimizer).
-    decay_rate_fn: ``(step, decay_rate) -> β2``.
+    decay_rate_fn: ``(step, decay_rate) -> β2``; None means
+      :func:`decay_rate_pow` (a default callable would be taken for a schedule
+      by ``optax.inject_hyperparams``).
     pairing: ``"nnx"`` (``lora_a``/``lora_b`` siblings), ``"peft"``
       (``lora_A``/``lora_B`` in PyTorch layout) or a callable
       ``(path, leaf) -> LoRARole | None`` (see :mod:`adaprelora_jax.pairing`;
@@ -188,6 +191,7 @@ def scale_by_adaprelora(
   _check_positive_if_concrete("damping", damping, allow_zero=True)
   pairing_lib.resolve_pairing(pairing)  # Fail early on a bad preset name.
   non_lora = optax.scale_by_adam() if non_lora is None else non_lora
+  decay_rate_fn = decay_rate_pow if decay_rate_fn is None else decay_rate_fn
 
   def make_plan(params) -> pairing_lib.LoRAPlan:
     if params is None:
@@ -360,7 +364,7 @@ def adaprelora(
     tie_breaker: kernels.TieBreaker = "imbalance",
     statistics: Statistics = "auto",
     step_offset: int = 0,
-    decay_rate_fn: Callable[[jax.Array, Any], jax.Array] = decay_rate_pow,
+    decay_rate_fn: Optional[Callable[[jax.Array, Any], jax.Array]] = None,
     pairing: pairing_lib.Pairing = "nnx",
     non_lora: Optional[optax.GradientTransformation] = None,
     strict: bool = False,

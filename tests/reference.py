@@ -1,0 +1,148 @@
+"""Slow, independent numpy float64 references for the AdaPreLoRA maths.
+
+Nothing here imports the package: the oracles are built from the definitions
+(dense Jacobians, explicit projection matrices, brute-force searches), so a
+shared mistake cannot make implementation and reference agree.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def lora_jacobian(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+  """Dense Jacobian of (a, b) ↦ vec(a @ b), columns for vec(δa) then vec(δb)."""
+  d_in, rank = a.shape
+  d_out = b.shape[1]
+  columns = []
+  for k in range(d_in * rank):
+    unit = np.zeros(d_in * rank)
+    unit[k] = 1.0
+    columns.append((unit.reshape(d_in, rank) @ b).ravel())
+  for k in range(rank * d_out):
+    unit = np.zeros(rank * d_out)
+    unit[k] = 1.0
+    columns.append((a @ unit.reshape(rank, d_out)).ravel())
+  return np.stack(columns, axis=1)
+
+
+def h_projection(a, b, grad_w, row_scale, col_scale) -> np.ndarray:
+  """δW of min ‖J d − H⁻¹G‖_H by dense weighted least squares.
+
+  ``H[X] = diag(p) X diag(q)``, so ``‖X‖²_H = Σ p_i q_j X_ij²``.
+  """
+  jacobian = lora_jacobian(a, b)
+  weights = np.outer(row_scale, col_scale)
+  sqrt_h = np.sqrt(weights).ravel()
+  target = (grad_w / weights).ravel()
+  solution, *_ = np.linalg.lstsq(sqrt_h[:, None] * jacobian, sqrt_h * target, rcond=None)
+  return (jacobian @ solution).reshape(grad_w.shape)
+
+
+def h_norm_sq(x, row_scale, col_scale) -> float:
+  return float(np.sum(np.outer(row_scale, col_scale) * x * x))
+
+
+def solution_family(a, b, grad_a, grad_b, row_scale, col_scale, theta):
+  """The θ-family of DESIGN.md §3 with numpy pseudo-inverses."""
+  gram_a = a.T @ np.diag(row_scale) @ a
+  gram_b = b @ np.diag(col_scale) @ b.T
+  inv_a, inv_b = np.linalg.pinv(gram_a), np.linalg.pinv(gram_b)
+  shared = a.T @ grad_a
+  delta_a = (np.diag(1.0 / row_scale) @ grad_a - theta * a @ inv_a @ shared) @ inv_b
+  delta_b = inv_a @ (grad_b @ np.diag(1.0 / col_scale) - (1.0 - theta) * shared @ inv_b @ b)
+  return delta_a, delta_b
+
+
+def brute_force_theta(a, b, grad_a, grad_b, row_scale, col_scale, criterion,
+                      grid: int = 20001) -> float:
+  """θ ∈ [0, 1] minimizing |criterion| evaluated on a dense grid.
+
+  ``criterion(delta_a, delta_b) -> float`` is the signed imbalance.
+  """
+  thetas = np.linspace(0.0, 1.0, grid)
+  # The family is affine in θ: evaluate it from its members at θ = 0 and 1.
+  a0, b0 = solution_family(a, b, grad_a, grad_b, row_scale, col_scale, 0.0)
+  a1, b1 = solution_family(a, b, grad_a, grad_b, row_scale, col_scale, 1.0)
+  values = []
+  for theta in thetas:
+    delta_a, delta_b = (1 - theta) * a0 + theta * a1, (1 - theta) * b0 + theta * b1
+    values.append(abs(criterion(delta_a, delta_b)))
+  values = np.asarray(values)
+  best = values.min()
+  # Ties (e.g. a flat criterion): prefer the θ closest to ½, like the rule.
+  candidates = thetas[values <= best + 1e-12 * max(1.0, values.max())]
+  return float(candidates[np.argmin(np.abs(candidates - 0.5))])
+
+
+def contribution_imbalance(a, b, row_scale, col_scale):
+  """‖δa b‖²_H − ‖a δb‖²_H (the paper's imbalance, DESIGN.md §4)."""
+  def criterion(delta_a, delta_b):
+    return (h_norm_sq(delta_a @ b, row_scale, col_scale)
+            - h_norm_sq(a @ delta_b, row_scale, col_scale))
+  return criterion
+
+
+def factor_norm_imbalance(row_scale, col_scale):
+  """Σ p_i δa_ik² − Σ q_j δb_kj² (the factor-norm variant)."""
+  def criterion(delta_a, delta_b):
+    return (float(np.sum(row_scale[:, None] * delta_a**2))
+            - float(np.sum(col_scale[None, :] * delta_b**2)))
+  return criterion
+
+
+def tangent_projection(a, b, grad_w) -> np.ndarray:
+  """Ĝ = P_a G + G P_b − P_a G P_b with explicit (pseudo-inverse) projectors."""
+  proj_a = a @ np.linalg.pinv(a)
+  proj_b = np.linalg.pinv(b) @ b
+  return proj_a @ grad_w + grad_w @ proj_b - proj_a @ grad_w @ proj_b
+
+
+def adafactor_scales(row_moment, col_moment):
+  """p, q with p_i q_j = sqrt(v_row_i v_col_j / mean(v_row)) (Adafactor V̂)."""
+  return np.sqrt(row_moment / row_moment.mean()), np.sqrt(col_moment)
+
+
+def adafactor_beta2(step: int, decay_rate: float = 0.8) -> float:
+  return 1.0 - (step + 1.0) ** (-decay_rate)
+
+
+def random_pair(rng, d_in, d_out, rank, *, factor_condition=1.0):
+  """Random a, b with singular values spread over ``factor_condition``."""
+  def factor(rows, cols):
+    u, _ = np.linalg.qr(rng.normal(size=(rows, rows)))
+    v, _ = np.linalg.qr(rng.normal(size=(cols, cols)))
+    k = min(rows, cols)
+    singular = np.geomspace(1.0, 1.0 / factor_condition, k)
+    return u[:, :k] @ np.diag(singular) @ v[:k, :]
+  return factor(d_in, rank), factor(rank, d_out)
+
+
+def random_scales(rng, size, condition):
+  """Positive scales with max/min = condition (log-uniform in between)."""
+  log_values = rng.uniform(0.0, np.log(condition), size)
+  log_values[0], log_values[-1] = 0.0, np.log(condition)
+  return np.exp(rng.permutation(log_values))
+
+
+def adaprelora_step(a, b, grad_w, row_moment, col_moment, step, *,
+                    statistics="exact", clipping_threshold=1.0,
+                    decay_rate=0.8, eps=1e-30):
+  """One undamped AdaPreLoRA step from the definitions (DESIGN.md §2-§5).
+
+  Returns ``(delta_a, delta_b, new_row_moment, new_col_moment)``.
+  """
+  observed = grad_w if statistics == "exact" else tangent_projection(a, b, grad_w)
+  beta2 = adafactor_beta2(step, decay_rate)
+  new_row = beta2 * row_moment + (1 - beta2) * np.mean(observed**2 + eps, axis=1)
+  new_col = beta2 * col_moment + (1 - beta2) * np.mean(observed**2 + eps, axis=0)
+  p, q = adafactor_scales(new_row, new_col)
+  grad_a, grad_b = grad_w @ b.T, a.T @ grad_w
+  theta = brute_force_theta(a, b, grad_a, grad_b, p, q, contribution_imbalance(a, b, p, q))
+  delta_a, delta_b = solution_family(a, b, grad_a, grad_b, p, q, theta)
+  if clipping_threshold is not None:
+    delta_w = h_projection(a, b, grad_w, p, q)
+    rms = np.sqrt(h_norm_sq(delta_w, p, q) / (p.sum() * q.sum()))
+    scale = 1.0 / max(1.0, rms / clipping_threshold)
+    delta_a, delta_b = delta_a * scale, delta_b * scale
+  return delta_a, delta_b, new_row, new_col

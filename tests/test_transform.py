@@ -1,0 +1,486 @@
+"""scale_by_adaprelora / adaprelora: maths vs reference, optax integration."""
+
+import hypothesis
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import adaprelora_jax as ap
+from adaprelora_jax import pairing as pairing_lib
+from tests import reference
+
+NEAR_EXACT = dict(damping=1e-13, damping_floor=1e-15)
+
+
+def _pair(seed, d_in, d_out, rank, *, b_scale=1.0):
+  rng = np.random.default_rng(seed)
+  a = rng.normal(size=(d_in, rank))
+  b = rng.normal(size=(rank, d_out)) * b_scale
+  return a, b
+
+
+def _grads_from_weight_gradient(params, weight_grads, stats=False):
+  """Factor gradients (and optionally exact statistics) from dense G's."""
+  grads = {}
+  for name, pair in params.items():
+    a, b = np.asarray(pair["lora_a"]), np.asarray(pair["lora_b"])
+    grad_w = weight_grads[name]
+    grads[name] = {"lora_a": grad_w @ b.T, "lora_b": a.T @ grad_w}
+    if stats:
+      grads[name]["grad_sq_rows"] = np.mean(grad_w**2, axis=1)
+      grads[name]["grad_sq_cols"] = np.mean(grad_w**2, axis=0)
+  return jax.tree.map(jnp.asarray, grads)
+
+
+def _add_stat_leaves(params):
+  return {name: {**pair,
+                 "grad_sq_rows": jnp.zeros(pair["lora_a"].shape[0]),
+                 "grad_sq_cols": jnp.zeros(pair["lora_b"].shape[1])}
+          for name, pair in params.items()}
+
+
+@pytest.mark.parametrize("statistics", ["exact", "tangent"])
+def test_three_steps_match_the_reference(statistics):
+  """Multi-pair, mixed shapes (several groups), statistics EMA and clipping."""
+  shapes = {"q": (7, 6, 2), "k": (7, 6, 2), "ffn": (5, 9, 3)}
+  rng = np.random.default_rng(0)
+  with jax.enable_x64(True):
+    params = {name: dict(zip(("lora_a", "lora_b"), map(jnp.asarray, _pair(i, *shape))))
+              for i, (name, shape) in enumerate(shapes.items())}
+    if statistics == "exact":
+      params = _add_stat_leaves(params)
+    tx = ap.scale_by_adaprelora(statistics=statistics, **NEAR_EXACT)
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    moments = {name: (np.zeros(s[0]), np.zeros(s[1])) for name, s in shapes.items()}
+    for step in range(3):
+      weight_grads = {name: rng.normal(size=shape[:2]) * (1 + 5 * step)
+                      for name, shape in shapes.items()}
+      grads = _grads_from_weight_gradient(params, weight_grads, stats=statistics == "exact")
+      updates, state = update(grads, state, params)
+      for name in shapes:
+        a, b = (np.asarray(params[name][k]) for k in ("lora_a", "lora_b"))
+        delta_a, delta_b, row, col = reference.adaprelora_step(
+            a, b, weight_grads[name], *moments[name], step, statistics=statistics)
+        moments[name] = (row, col)
+        np.testing.assert_allclose(
+            np.asarray(state.row_second_moment[name]["lora_a"]), row, rtol=1e-6)
+        np.testing.assert_allclose(
+            np.asarray(state.col_second_moment[name]["lora_b"]), col, rtol=1e-6)
+        got_a, got_b = np.asarray(updates[name]["lora_a"]), np.asarray(updates[name]["lora_b"])
+        expected_w = delta_a @ b + a @ delta_b
+        error_w = np.linalg.norm(got_a @ b + a @ got_b - expected_w)
+        assert error_w < 1e-7 * np.linalg.norm(expected_w)
+        scale = np.linalg.norm(delta_a) + np.linalg.norm(delta_b)
+        assert np.linalg.norm(got_a - delta_a) + np.linalg.norm(got_b - delta_b) < 1e-3 * scale
+        if statistics == "exact":
+          assert np.all(np.asarray(updates[name]["grad_sq_rows"]) == 0.0)
+      # Move the params so the next step sees new factors.
+      params = jax.tree.map(lambda p, u: p - 0.01 * u, params, updates)
+
+
+def test_first_step_statistics_and_decay_schedule():
+  with jax.enable_x64(True):
+    params = _add_stat_leaves({"w": dict(zip(("lora_a", "lora_b"),
+                                             map(jnp.asarray, _pair(1, 4, 3, 2))))})
+    tx = ap.scale_by_adaprelora(eps=1e-3)
+    state = tx.init(params)
+    first = np.arange(1.0, 13.0).reshape(4, 3)
+    second = np.ones((4, 3)) * 2.0
+    _, state = tx.update(_grads_from_weight_gradient(params, {"w": first}, True), state, params)
+    # β2 = 0 on the first step: the statistics are the first gradient's.
+    np.testing.assert_allclose(np.asarray(state.row_second_moment["w"]["lora_a"]),
+                               np.mean(first**2, axis=1) + 1e-3)
+    _, state = tx.update(_grads_from_weight_gradient(params, {"w": second}, True), state, params)
+    beta2 = 1.0 - 2.0**-0.8
+    np.testing.assert_allclose(
+        np.asarray(state.col_second_moment["w"]["lora_b"]),
+        beta2 * (np.mean(first**2, axis=0) + 1e-3) + (1 - beta2) * (4.0 + 1e-3))
+    assert int(state.count) == 2
+
+
+def test_clipping_bounds_the_h_rms_of_the_weight_update():
+  with jax.enable_x64(True):
+    params = {"w": dict(zip(("lora_a", "lora_b"), map(jnp.asarray, _pair(2, 12, 10, 4))))}
+    rng = np.random.default_rng(2)
+    g_small = rng.normal(size=(12, 10)) * 1e-3
+    g_large = rng.normal(size=(12, 10)) * 1e3  # stale statistics: huge step
+    for threshold in (None, 1.0, 0.1):
+      tx = ap.scale_by_adaprelora(clipping_threshold=threshold, **NEAR_EXACT)
+      state = tx.init(params)
+      small_grads = _grads_from_weight_gradient(params, {"w": g_small})
+      update = jax.jit(tx.update)
+      # After 200 steps β2 ≈ 0.986: the statistics lag the sudden large gradient.
+      for _ in range(200):
+        _, state = update(small_grads, state, params)
+      updates, state = tx.update(_grads_from_weight_gradient(params, {"w": g_large}), state, params)
+      a, b = np.asarray(params["w"]["lora_a"]), np.asarray(params["w"]["lora_b"])
+      delta_w = np.asarray(updates["w"]["lora_a"]) @ b + a @ np.asarray(updates["w"]["lora_b"])
+      p, q = reference.adafactor_scales(np.asarray(state.row_second_moment["w"]["lora_a"]),
+                                        np.asarray(state.col_second_moment["w"]["lora_b"]))
+      rms = np.sqrt(reference.h_norm_sq(delta_w, p, q) / (p.sum() * q.sum()))
+      if threshold is None:
+        assert rms > 3.0
+      else:
+        np.testing.assert_allclose(rms, threshold, rtol=1e-6)
+
+
+def test_momentum_is_a_bias_corrected_ema_of_clipped_updates():
+  params = {"w": dict(zip(("lora_a", "lora_b"), map(jnp.asarray, _pair(3, 6, 5, 2))))}
+  params = jax.tree.map(lambda x: x.astype(jnp.float32), params)
+  rng = np.random.default_rng(3)
+  plain, with_momentum = ap.scale_by_adaprelora(), ap.scale_by_adaprelora(b1=0.8)
+  state_plain, state_m = plain.init(params), with_momentum.init(params)
+  ema = jax.tree.map(jnp.zeros_like, params)
+  for step in range(4):
+    grads = _grads_from_weight_gradient(params, {"w": rng.normal(size=(6, 5))})
+    grads = jax.tree.map(lambda x: x.astype(jnp.float32), grads)
+    raw, state_plain = plain.update(grads, state_plain, params)
+    got, state_m = with_momentum.update(grads, state_m, params)
+    ema = jax.tree.map(lambda m, u: 0.8 * m + 0.2 * u, ema, raw)
+    expected = jax.tree.map(lambda m: m / (1 - 0.8 ** (step + 1)), ema)
+    chex_close(got, expected, rtol=1e-5)
+  assert state_m.momentum["w"]["lora_a"].shape == (6, 2)
+  assert state_plain.momentum is None
+
+
+def chex_close(x, y, rtol):
+  for u, v in zip(jax.tree.leaves(x), jax.tree.leaves(y)):
+    np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=rtol, atol=1e-7)
+
+
+def test_stacked_layers_equal_per_layer_pairs():
+  rng = np.random.default_rng(4)
+  layers = 3
+  a = rng.normal(size=(layers, 8, 2)).astype(np.float32)
+  b = rng.normal(size=(layers, 2, 5)).astype(np.float32)
+  g = rng.normal(size=(layers, 8, 5)).astype(np.float32)
+  stacked = {"lora_a": jnp.asarray(a), "lora_b": jnp.asarray(b)}
+  stacked_grads = {"lora_a": jnp.einsum("lij,lkj->lik", g, b),
+                   "lora_b": jnp.einsum("lia,lij->laj", a, g)}
+  split = {f"layer{i}": {"lora_a": stacked["lora_a"][i], "lora_b": stacked["lora_b"][i]}
+           for i in range(layers)}
+  split_grads = {f"layer{i}": {"lora_a": stacked_grads["lora_a"][i],
+                               "lora_b": stacked_grads["lora_b"][i]} for i in range(layers)}
+  tx = ap.scale_by_adaprelora()
+  u_stacked, s_stacked = tx.update(stacked_grads, tx.init(stacked), stacked)
+  u_split, s_split = tx.update(split_grads, tx.init(split), split)
+  for i in range(layers):
+    for role in ("lora_a", "lora_b"):
+      np.testing.assert_allclose(np.asarray(u_stacked[role][i]),
+                                 np.asarray(u_split[f"layer{i}"][role]), rtol=2e-5, atol=1e-7)
+  assert s_stacked.row_second_moment["lora_a"].shape == (layers, 8)
+  assert s_stacked.nonfinite_count["lora_a"].shape == (layers,)
+
+
+def test_peft_layout_equals_flax_layout():
+  a, b = _pair(5, 7, 4, 3)
+  rng = np.random.default_rng(5)
+  g = rng.normal(size=(7, 4))
+  flax_params = {"layer": {"lora_a": jnp.asarray(a, jnp.float32), "lora_b": jnp.asarray(b, jnp.float32)}}
+  flax_grads = {"layer": {"lora_a": jnp.asarray(g @ b.T, jnp.float32),
+                          "lora_b": jnp.asarray(a.T @ g, jnp.float32)}}
+  peft_params = {"base.layer.lora_A.default.weight": flax_params["layer"]["lora_a"].T,
+                 "base.layer.lora_B.default.weight": flax_params["layer"]["lora_b"].T}
+  peft_grads = {"base.layer.lora_A.default.weight": flax_grads["layer"]["lora_a"].T,
+                "base.layer.lora_B.default.weight": flax_grads["layer"]["lora_b"].T}
+  flax_tx, peft_tx = ap.adaprelora(0.1, b1=0.9), ap.adaprelora(0.1, b1=0.9, pairing="peft")
+  u_flax, s_flax = flax_tx.update(flax_grads, flax_tx.init(flax_params), flax_params)
+  u_peft, s_peft = peft_tx.update(peft_grads, peft_tx.init(peft_params), peft_params)
+  np.testing.assert_allclose(np.asarray(u_peft["base.layer.lora_A.default.weight"]),
+                             np.asarray(u_flax["layer"]["lora_a"]).T, rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(u_peft["base.layer.lora_B.default.weight"]),
+                             np.asarray(u_flax["layer"]["lora_b"]).T, rtol=1e-6)
+  # Momentum is stored in each leaf's own layout.
+  assert s_peft[0].momentum["base.layer.lora_A.default.weight"].shape == (3, 7)
+
+
+def test_non_lora_leaves_use_the_fallback_and_strict_raises():
+  params = {"adapter": {"lora_a": jnp.ones((4, 2)), "lora_b": jnp.zeros((2, 3))},
+            "head": {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)}}
+  grads = jax.tree.map(lambda x: jnp.full_like(x, 0.3), params)
+  tx = ap.scale_by_adaprelora()
+  updates, state = tx.update(grads, tx.init(params), params)
+  adam = optax.scale_by_adam()
+  expected, _ = adam.update(grads["head"], adam.init(params["head"]))
+  chex_close(updates["head"], expected, rtol=1e-6)
+  custom = ap.scale_by_adaprelora(non_lora=optax.scale(-2.0))
+  updates, _ = custom.update(grads, custom.init(params), params)
+  np.testing.assert_allclose(np.asarray(updates["head"]["bias"]), -0.6, rtol=1e-6)
+  with pytest.raises(ValueError, match="'head/bias'.*not LoRA factors|not LoRA factors.*'head/bias'"):
+    ap.scale_by_adaprelora(strict=True).init(params)
+
+
+def test_nonfinite_gradients_skip_only_that_pair():
+  params = {"good": {"lora_a": jnp.ones((4, 2)) * 0.5, "lora_b": jnp.ones((2, 3)) * 0.1},
+            "bad": {"lora_a": jnp.ones((4, 2)) * 0.5, "lora_b": jnp.ones((2, 3)) * 0.1}}
+  rng = np.random.default_rng(6)
+  g = jnp.asarray(rng.normal(size=(4, 3)), jnp.float32)
+  grads = {name: {"lora_a": g @ p["lora_b"].T, "lora_b": p["lora_a"].T @ g}
+           for name, p in params.items()}
+  tx = ap.adaprelora(0.1)
+  state = tx.init(params)
+  _, state = tx.update(grads, state, params)
+  before = state[0]
+  # New gradients (an EMA of a repeated gradient would not change).
+  grads = jax.tree.map(lambda g: 2.0 * g, grads)
+  grads["bad"]["lora_b"] = grads["bad"]["lora_b"].at[0, 1].set(jnp.inf)
+  updates, state = jax.jit(tx.update)(grads, state, params)
+  after = state[0]
+  assert np.all(np.asarray(updates["bad"]["lora_a"]) == 0.0)
+  assert np.all(np.asarray(updates["bad"]["lora_b"]) == 0.0)
+  assert np.all(np.isfinite(np.asarray(updates["good"]["lora_a"])))
+  assert np.any(np.asarray(updates["good"]["lora_a"]) != 0.0)
+  np.testing.assert_array_equal(np.asarray(after.row_second_moment["bad"]["lora_a"]),
+                                np.asarray(before.row_second_moment["bad"]["lora_a"]))
+  assert not np.array_equal(np.asarray(after.row_second_moment["good"]["lora_a"]),
+                            np.asarray(before.row_second_moment["good"]["lora_a"]))
+  assert ap.nonfinite_report(state, params) == {"bad/lora_a": 1}
+  grads["bad"]["lora_a"] = grads["bad"]["lora_a"] * jnp.nan
+  _, state = tx.update(grads, state, params)
+  assert ap.nonfinite_report(state, params) == {"bad/lora_a": 2}
+
+
+def test_nonfinite_propagate_policy_lets_nans_through():
+  params = {"p": {"lora_a": jnp.ones((4, 2)), "lora_b": jnp.ones((2, 3))}}
+  grads = {"p": {"lora_a": jnp.full((4, 2), jnp.nan), "lora_b": jnp.ones((2, 3))}}
+  tx = ap.scale_by_adaprelora(nonfinite="propagate")
+  updates, _ = tx.update(grads, tx.init(params), params)
+  assert np.isnan(np.asarray(updates["p"]["lora_a"])).any()
+
+
+def test_bfloat16_params_keep_float32_state():
+  params = {"p": {"lora_a": jnp.ones((8, 4), jnp.bfloat16) * 0.3,
+                  "lora_b": jnp.zeros((4, 6), jnp.bfloat16)}}
+  rng = np.random.default_rng(7)
+  tx = ap.adaprelora(1e-2, b1=0.9)
+  state = tx.init(params)
+  for _ in range(5):
+    g = jnp.asarray(rng.normal(size=(8, 6)), jnp.bfloat16)
+    grads = {"p": {"lora_a": g @ params["p"]["lora_b"].T, "lora_b": params["p"]["lora_a"].T @ g}}
+    updates, state = tx.update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+  assert params["p"]["lora_a"].dtype == jnp.bfloat16
+  assert updates["p"]["lora_b"].dtype == jnp.bfloat16
+  assert state[0].row_second_moment["p"]["lora_a"].dtype == jnp.float32
+  assert state[0].momentum["p"]["lora_b"].dtype == jnp.float32
+  assert np.all(np.isfinite(np.asarray(params["p"]["lora_b"], np.float32)))
+  assert np.any(np.asarray(params["p"]["lora_a"], np.float32) != 0.3)
+
+
+def _quadratic_problem(seed=0, d_in=10, d_out=8, rank=2):
+  rng = np.random.default_rng(seed)
+  target = jnp.asarray(rng.normal(size=(d_in, rank)) @ rng.normal(size=(rank, d_out)), jnp.float32)
+  params = {"layer": {"lora_a": jnp.asarray(rng.normal(size=(d_in, rank)), jnp.float32) * 0.3,
+                      "lora_b": jnp.zeros((rank, d_out), jnp.float32)}}
+  loss = lambda p: jnp.mean((p["layer"]["lora_a"] @ p["layer"]["lora_b"] - target) ** 2)
+  return params, loss
+
+
+def _train(tx, steps=40, seed=0):
+  params, loss = _quadratic_problem(seed)
+  state = tx.init(params)
+
+  @jax.jit
+  def step(params, state):
+    grads = jax.grad(loss)(params)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  losses = [float(loss(params))]
+  for _ in range(steps):
+    params, state = step(params, state)
+    losses.append(float(loss(params)))
+  return losses, params, state
+
+
+def test_inject_hyperparams_changes_the_learning_rate_mid_run():
+  tx = optax.inject_hyperparams(ap.adaprelora)(learning_rate=0.05)
+  params, loss = _quadratic_problem()
+  state = tx.init(params)
+  grads = jax.grad(loss)(params)
+  full, state = tx.update(grads, state, params)
+  state.hyperparams["learning_rate"] = jnp.asarray(0.005)
+  reduced, _ = tx.update(grads, state, params)
+  reference_tx = ap.adaprelora(0.05)
+  s = reference_tx.init(params)
+  first, s = reference_tx.update(grads, s, params)
+  second, _ = reference_tx.update(grads, s, params)
+  chex_close(full, first, rtol=1e-6)
+  chex_close(reduced, jax.tree.map(lambda u: u * 0.1, second), rtol=1e-5)
+
+
+def test_inject_hyperparams_accepts_every_numeric_hyperparameter():
+  tx = optax.inject_hyperparams(ap.adaprelora)(
+      learning_rate=0.05, decay_rate=0.8, damping=1e-4, damping_floor=1e-8,
+      clipping_threshold=1.0, b1=0.9, weight_decay=1e-3)
+  losses, _, _ = _train(tx, steps=10)
+  assert losses[-1] < losses[0]
+
+
+def test_schedules_set_the_step_size():
+  schedule = optax.linear_schedule(0.1, 0.0, 4)
+  tx = ap.adaprelora(schedule)
+  constant = ap.scale_by_adaprelora()
+  params, loss = _quadratic_problem()
+  grads = jax.grad(loss)(params)
+  s, c = tx.init(params), constant.init(params)
+  for step in range(4):
+    updates, s = tx.update(grads, s, params)
+    raw, c = constant.update(grads, c, params)
+    chex_close(updates, jax.tree.map(lambda u: -schedule(step) * u, raw), rtol=1e-6)
+
+
+def test_weight_decay_is_decoupled_and_masked():
+  params, loss = _quadratic_problem()
+  grads = jax.tree.map(jnp.zeros_like, params)
+  tx = ap.adaprelora(0.1, weight_decay=0.5)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  chex_close(updates, jax.tree.map(lambda p: -0.1 * 0.5 * p, params), rtol=1e-6)
+  mask = {"layer": {"lora_a": False, "lora_b": True}}
+  tx = ap.adaprelora(0.1, weight_decay=0.5, mask=mask)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  assert np.all(np.asarray(updates["layer"]["lora_a"]) == 0.0)
+
+
+def test_chain_and_masked_compose():
+  params, loss = _quadratic_problem()
+  params["frozen"] = {"lora_a": jnp.ones((3, 1)), "lora_b": jnp.ones((1, 2))}
+  full_loss = lambda p: loss(p) + jnp.sum(p["frozen"]["lora_a"] @ p["frozen"]["lora_b"])
+  mask = {"layer": {"lora_a": True, "lora_b": True}, "frozen": {"lora_a": False, "lora_b": False}}
+  tx = optax.chain(optax.clip_by_global_norm(1.0),
+                   optax.masked(ap.adaprelora(0.05), mask),
+                   optax.masked(optax.set_to_zero(), {"layer": {"lora_a": False, "lora_b": False},
+                                                       "frozen": {"lora_a": True, "lora_b": True}}))
+  state = tx.init(params)
+  for _ in range(20):
+    updates, state = tx.update(jax.grad(full_loss)(params), state, params)
+    params = optax.apply_updates(params, updates)
+  assert np.all(np.asarray(params["frozen"]["lora_a"]) == 1.0)
+  assert float(loss(params)) < 0.5 * float(_quadratic_problem()[1](_quadratic_problem()[0]))
+
+
+def test_masking_half_a_pair_is_a_clear_error():
+  params, _ = _quadratic_problem()
+  mask = {"layer": {"lora_a": True, "lora_b": False}}
+  tx = optax.masked(ap.adaprelora(0.1), mask)
+  with pytest.raises(ValueError, match="Unpaired LoRA factor 'layer/lora_a'"):
+    tx.init(params)
+
+
+def test_optimizer_reduces_loss_and_beats_its_first_steps():
+  losses, _, _ = _train(ap.adaprelora(0.05), steps=60)
+  assert losses[-1] < 0.1 * losses[0]
+
+
+def test_update_without_params_is_an_error():
+  params, loss = _quadratic_problem()
+  tx = ap.adaprelora(0.1)
+  with pytest.raises(ValueError, match="needs the params"):
+    tx.update(jax.grad(loss)(params), tx.init(params))
+
+
+def test_gradient_shape_mismatch_names_the_path():
+  params, loss = _quadratic_problem()
+  tx = ap.scale_by_adaprelora()
+  grads = jax.grad(loss)(params)
+  grads["layer"]["lora_b"] = jnp.zeros((3, 8))
+  with pytest.raises(ValueError, match="'layer/lora_b' has shape"):
+    tx.update(grads, tx.init(params), params)
+  grads["layer"]["lora_b"] = jnp.zeros((2, 8), jnp.int32)
+  with pytest.raises(ValueError, match="'layer/lora_b'.*floating"):
+    tx.update(grads, tx.init(params), params)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(tie_breaker="middle"), "tie_breaker"),
+    (dict(nonfinite="raise"), "nonfinite"),
+    (dict(statistics="full"), "statistics"),
+    (dict(damping_floor=0.0), "damping_floor"),
+    (dict(damping=-1.0), "damping"),
+    (dict(pairing="torch"), "pairing preset"),
+])
+def test_bad_hyperparameters_raise(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    ap.scale_by_adaprelora(**kwargs)
+
+
+def test_statistics_exact_requires_statistics_leaves():
+  params, _ = _quadratic_problem()
+  with pytest.raises(ValueError, match="statistics='exact'.*'layer'"):
+    ap.scale_by_adaprelora(statistics="exact").init(params)
+
+
+def test_same_shaped_pairs_share_one_group():
+  params = {f"layer{i}": {"lora_a": jnp.ones((16, 4)), "lora_b": jnp.ones((4, 8))}
+            for i in range(12)}
+  plan = pairing_lib.plan_pairs(params)
+  assert len(plan.groups) == 1 and plan.groups[0].size == 12
+  tx = ap.scale_by_adaprelora()
+  grads = jax.tree.map(jnp.ones_like, params)
+  jaxpr = jax.make_jaxpr(lambda g, s, p: tx.update(g, s, p))(grads, tx.init(params), params)
+  # One vmapped Cholesky pair per group (S_a, S_b and the two tangent Grams),
+  # not one per layer.
+  count = sum(eq.primitive.name == "cholesky" for eq in _all_equations(jaxpr.jaxpr))
+  assert count == 4
+
+
+def _all_equations(jaxpr):
+  for equation in jaxpr.eqns:
+    yield equation
+    for value in equation.params.values():
+      inner = getattr(value, "jaxpr", None)
+      if inner is not None:
+        yield from _all_equations(getattr(inner, "jaxpr", inner))
+
+
+@hypothesis.settings(max_examples=30, deadline=None,
+                     suppress_health_check=[hypothesis.HealthCheck.too_slow])
+@hypothesis.given(
+    d_in=st.sampled_from([1, 6, 31]), d_out=st.sampled_from([2, 9]),
+    rank=st.sampled_from([1, 4, 16]),
+    b_scale=st.sampled_from([0.0, 1e-12, 1e-4, 1.0]),
+    grad_scale=st.sampled_from([0.0, 1e-30, 1.0, 1e8]),
+    dtype=st.sampled_from(["float32", "bfloat16"]),
+    statistics=st.sampled_from(["tangent", "exact"]),
+    seed=st.integers(0, 1000),
+)
+def test_fuzz_transform_outputs_are_finite(d_in, d_out, rank, b_scale, grad_scale, dtype,
+                                           statistics, seed):
+  rng = np.random.default_rng(seed)
+  a, b = _pair(seed, d_in, d_out, rank, b_scale=b_scale)
+  g = rng.normal(size=(d_in, d_out)) * grad_scale
+  params = {"p": {"lora_a": jnp.asarray(a, dtype), "lora_b": jnp.asarray(b, dtype)}}
+  grads = {"p": {"lora_a": jnp.asarray(g @ b.T, dtype), "lora_b": jnp.asarray(a.T @ g, dtype)}}
+  if statistics == "exact":
+    params = _add_stat_leaves(params)
+    grads["p"]["grad_sq_rows"] = jnp.asarray(np.mean(g**2, axis=1), jnp.float32)
+    grads["p"]["grad_sq_cols"] = jnp.asarray(np.mean(g**2, axis=0), jnp.float32)
+  tx = ap.adaprelora(1e-2, b1=0.9)
+  state = tx.init(params)
+  for _ in range(2):
+    updates, state = tx.update(grads, state, params)
+    for leaf in jax.tree.leaves(updates):
+      assert np.all(np.isfinite(np.asarray(leaf, np.float32)))
+  assert ap.nonfinite_report(state, params) == {}
+
+
+def test_dead_input_feature_with_large_gradients_stays_finite():
+  """A zero row of G makes eps/mean(v_row) underflow float32 when |G| is large;
+  the row scale must not become 0 (0/0 in g_a / p)."""
+  rng = np.random.default_rng(8)
+  a, b = _pair(8, 6, 4, 2)
+  g = rng.normal(size=(6, 4)) * 1e8
+  g[2] = 0.0
+  params = _add_stat_leaves({"p": {"lora_a": jnp.asarray(a, jnp.float32),
+                                   "lora_b": jnp.asarray(b, jnp.float32)}})
+  grads = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32),
+                       _grads_from_weight_gradient(params, {"p": g}, stats=True))
+  tx = ap.scale_by_adaprelora()
+  updates, state = tx.update(grads, tx.init(params), params)
+  assert np.all(np.isfinite(np.asarray(updates["p"]["lora_a"])))
+  assert np.any(np.asarray(updates["p"]["lora_b"]) != 0.0)
+  assert ap.nonfinite_report(state, params) == {}
