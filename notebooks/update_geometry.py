@@ -1,0 +1,277 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # The geometry of an AdaPreLoRA step
+#
+# A LoRA pair adapts a frozen weight $W_0 \in \mathbb{R}^{d_{in}\times d_{out}}$ by
+# $\Delta W = a b$ with $a \in \mathbb{R}^{d_{in}\times r}$ (`lora_a`) and
+# $b \in \mathbb{R}^{r\times d_{out}}$ (`lora_b`). AdaPreLoRA
+# (Bian, Cai, Liu, 2026) asks: *which factor step $(\delta a, \delta b)$ moves $W$ as
+# close as possible to the step Adafactor would take on the full weight?* This notebook
+# takes one small pair apart, using only the public API of `adaprelora_jax`:
+#
+# 1. the tangent space of the rank-$r$ factorization,
+# 2. the Adafactor-preconditioned full-weight step $H^{-1}G$ and its $H$-orthogonal projection,
+# 3. the one-parameter family of factor updates with the same weight change, and where the
+#    paper's imbalance tie-breaker lands on it,
+# 4. transformation invariance, live,
+# 5. how the factored statistics evolve on a real training run.
+
+# %%
+import jax
+import jax.numpy as jnp
+import matplotlib.pyplot as plt
+import numpy as np
+import optax
+from flax import nnx
+
+import adaprelora_jax as ap
+from adaprelora_jax import kernels
+
+jax.config.update("jax_enable_x64", True)  # exact algebra for the worked example
+rng = np.random.default_rng(0)
+
+# %% [markdown]
+# ## 1. A pair and its tangent space
+#
+# The map $(a, b) \mapsto ab$ has Jacobian $J(\delta a, \delta b) = \delta a\, b + a\, \delta b$.
+# Its image, the tangent space $T = \{X b + a Y\}$, has dimension
+# $r(d_{in} + d_{out}) - r^2$: the $r^2$ missing directions are the gauge
+# $(\delta a, \delta b) = (aM, -Mb)$, which leaves $W$ unchanged to first order.
+
+# %%
+d_in, d_out, rank = 6, 5, 2
+a = rng.normal(size=(d_in, rank))
+b = rng.normal(size=(rank, d_out)) * 0.5
+grad_w = rng.normal(size=(d_in, d_out)) * np.exp(rng.normal(size=(d_in, 1)))  # rows of varied scale
+
+
+def jacobian(a, b):
+  columns = []
+  for k in range(a.size):
+    unit = np.zeros(a.size); unit[k] = 1.0
+    columns.append((unit.reshape(a.shape) @ b).ravel())
+  for k in range(b.size):
+    unit = np.zeros(b.size); unit[k] = 1.0
+    columns.append((a @ unit.reshape(b.shape)).ravel())
+  return np.stack(columns, axis=1)
+
+
+J = jacobian(a, b)
+print(f"parameters: {a.size + b.size}, rank of J: {np.linalg.matrix_rank(J)}, "
+      f"r(d_in+d_out) - r^2 = {rank * (d_in + d_out) - rank**2}, weight entries: {d_in * d_out}")
+
+# %% [markdown]
+# ## 2. The preconditioned step and its $H$-orthogonal projection
+#
+# Adafactor keeps a row statistic and a column statistic of $G^2$ and preconditions with
+# $H^{-1}G = \operatorname{diag}(p)^{-1} G \operatorname{diag}(q)^{-1}$. AdaPreLoRA picks the
+# factor step whose weight change is the projection of $H^{-1}G$ onto $T$ in the metric
+# $\langle X, Y\rangle_H = \operatorname{tr}(X^\top \operatorname{diag}(p) Y \operatorname{diag}(q))$,
+# from the factor gradients alone ($g_a = G b^\top$, $g_b = a^\top G$).
+
+# %%
+row_scale, col_scale = (np.asarray(x) for x in kernels.factored_scales(
+    jnp.asarray(np.mean(grad_w**2, axis=1)), jnp.asarray(np.mean(grad_w**2, axis=0))))
+preconditioned = grad_w / np.outer(row_scale, col_scale)          # H⁻¹G
+grad_a, grad_b = grad_w @ b.T, a.T @ grad_w
+delta_a, delta_b = (np.asarray(x) for x in ap.factor_update(
+    *(jnp.asarray(x) for x in (a, b, grad_a, grad_b, row_scale, col_scale))))
+delta_w = delta_a @ b + a @ delta_b
+
+
+def h_inner(x, y):
+  return float(np.sum(np.outer(row_scale, col_scale) * x * y))
+
+
+residual = preconditioned - delta_w
+orthogonality = max(abs(h_inner(residual, J[:, k].reshape(d_in, d_out))) for k in range(J.shape[1]))
+print(f"max |<H⁻¹G − δW, tangent direction>_H| = {orthogonality:.1e}  (H-orthogonal projection)")
+print(f"share of ‖H⁻¹G‖²_H captured: {h_inner(delta_w, delta_w) / h_inner(preconditioned, preconditioned):.3f}")
+print(f"<G, δW> = {np.sum(grad_w * delta_w):.4f} = ‖δW‖²_H = {h_inner(delta_w, delta_w):.4f}  (a descent direction)")
+
+# %% [markdown]
+# ## 3. One weight change, a line of factor updates
+#
+# The normal equations leave the gauge free: every member of
+# $\delta a(\theta) = (g_a/p - \theta\, a S_a^{-1}K)S_b^{-1}$,
+# $\delta b(\theta) = S_a^{-1}(g_b/q - (1-\theta)KS_b^{-1}b)$ gives the same $\delta W$.
+# $\theta$ moves the shared component $aS_a^{-1}KS_b^{-1}b$ between the factors.
+# The paper's **imbalance** rule takes the $\theta$ at which the two contributions
+# $\delta a\, b$ and $a\,\delta b$ have equal $H$-norm, clipped to $[0, 1]$. Two members of
+# the family (from `kernels.factor_step` with two tie-breakers) give the whole line.
+
+# %%
+def factor_members(tie_breaker):
+  step = kernels.factor_step(*(jnp.asarray(x) for x in (a, b, grad_a, grad_b, row_scale, col_scale)),
+                             tie_breaker=tie_breaker, pseudo_inverse=True)
+  return float(step.theta), np.asarray(step.delta_a), np.asarray(step.delta_b)
+
+
+theta_half, half_a, half_b = factor_members("half")
+theta_star, star_a, star_b = factor_members("imbalance")
+theta_norm, _, _ = factor_members("factor_norm")
+if abs(theta_star - theta_half) < 1e-9:  # the rule chose ½ itself: use the factor-norm member
+  theta_star, star_a, star_b = factor_members("factor_norm")
+slope_a = (star_a - half_a) / (theta_star - theta_half)
+slope_b = (star_b - half_b) / (theta_star - theta_half)
+
+
+def member(theta):
+  return half_a + (theta - 0.5) * slope_a, half_b + (theta - 0.5) * slope_b
+
+
+thetas = np.linspace(-0.5, 1.5, 201)
+contribution_a, contribution_b, weight_error, second_order = [], [], [], []
+for theta in thetas:
+  da, db = member(theta)
+  contribution_a.append(h_inner(da @ b, da @ b))
+  contribution_b.append(h_inner(a @ db, a @ db))
+  weight_error.append(np.abs(da @ b + a @ db - delta_w).max())
+  second_order.append(np.sqrt(h_inner(da @ db, da @ db)))
+print(f"max deviation of δW along the family: {max(weight_error):.1e}")
+print(f"θ: imbalance rule {factor_members('imbalance')[0]:.3f}, half 0.5, factor-norm rule {theta_norm:.3f}")
+
+fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+axes[0].plot(thetas, contribution_a, label=r"$\|\delta a\, b\|_H^2$")
+axes[0].plot(thetas, contribution_b, label=r"$\|a\, \delta b\|_H^2$")
+axes[0].axvspan(0, 1, color="0.92", label="allowed θ ∈ [0, 1]")
+for value, style, name in ((factor_members("imbalance")[0], "-", "imbalance rule"),
+                           (0.5, ":", "θ = ½"), (theta_norm, "--", "factor-norm rule")):
+  axes[0].axvline(value, color="k", linestyle=style, label=name)
+axes[0].set_xlabel("θ"); axes[0].set_ylabel("squared H-norm")
+axes[0].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+axes[0].set_title("the two contributions to the same δW")
+axes[1].plot(thetas, second_order)
+axes[1].axvspan(0, 1, color="0.92")
+axes[1].set_xlabel("θ"); axes[1].set_ylabel(r"$\|\delta a\,\delta b\|_H$")
+axes[1].set_title("second-order term η²δaδb of a finite step")
+plt.tight_layout(); plt.show()
+
+# %% [markdown]
+# The contributions are quadratics in $\theta$ whose difference is linear, so the balance
+# point is unique. Outside $[0, 1]$ the two factor updates grow in opposite gauge directions
+# that cancel only to first order: the second-order term $\eta^2\delta a\,\delta b$ of a
+# finite step grows (right panel). That is why $\theta^*$ is clipped.
+
+# %% [markdown]
+# ## 4. Transformation invariance, live
+#
+# Reparameterize the pair as $(aS, S^{-1}b)$: same $W$, different factors. AdaPreLoRA's
+# factor step transforms with the gauge ($\delta a \to \delta a S$,
+# $\delta b \to S^{-1}\delta b$), so the whole update $(a - \eta\delta a)(b - \eta\delta b)$
+# is unchanged. Factor-wise AdamW is not.
+
+# %%
+gauge = rng.normal(size=(rank, rank)) + 2 * np.eye(rank)
+pairs = {"original": (a, b), "reparameterized": (a @ gauge, np.linalg.solve(gauge, b))}
+
+
+def weight_after_one_step(tx, a_, b_):
+  params = {"lora_a": jnp.asarray(a_), "lora_b": jnp.asarray(b_)}
+  grads = {"lora_a": jnp.asarray(grad_w @ b_.T), "lora_b": jnp.asarray(a_.T @ grad_w)}
+  updates, _ = tx.update(grads, tx.init(params), params)
+  new = optax.apply_updates(params, updates)
+  return np.asarray(new["lora_a"] @ new["lora_b"])
+
+
+for name, tx in (("adaprelora", ap.adaprelora(0.05, damping=1e-12, damping_floor=1e-14)),
+                 ("adamw", optax.adamw(0.05))):
+  w_original = weight_after_one_step(tx, *pairs["original"])
+  w_reparameterized = weight_after_one_step(tx, *pairs["reparameterized"])
+  change = np.linalg.norm(w_original - a @ b)
+  print(f"{name:11s} relative difference of the two weight updates: "
+        f"{np.linalg.norm(w_original - w_reparameterized) / change:.1e}")
+
+# %% [markdown]
+# ## 5. The factored statistics on a real training run
+#
+# A small MLP is pretrained on scikit-learn's handwritten digits 0–4, then LoRA-adapted to
+# digits 5–9 with `adaprelora`. The first hidden layer uses `adaprelora_jax.nn.LoRALinear`,
+# which hands the optimizer the exact row/column statistics of the full-weight gradient; the
+# second uses plain `nnx.LoRALinear`, for which the optimizer estimates them from the factor
+# gradients (the tangent projection of $G$). The heatmaps show $\sqrt{v_{row}}$ (input
+# pixels) and $\sqrt{v_{col}}$ (hidden units) over training.
+
+# %%
+from sklearn.datasets import load_digits
+
+jax.config.update("jax_enable_x64", False)
+digits = load_digits()
+images, labels = (digits.data / 16.0).astype(np.float32), digits.target
+
+
+class MLP(nnx.Module):
+
+  def __init__(self, classes, rngs):
+    self.hidden1 = ap.nn.LoRALinear(64, 128, lora_rank=4, rngs=rngs)   # exact statistics
+    self.hidden2 = nnx.LoRALinear(128, 128, lora_rank=4, rngs=rngs)    # tangent estimate
+    self.head = nnx.Linear(128, classes, rngs=rngs)
+
+  def __call__(self, x):
+    return self.head(jax.nn.gelu(self.hidden2(jax.nn.gelu(self.hidden1(x)))))
+
+
+def loss_fn(model, x, y):
+  return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
+
+
+source, target = labels < 5, labels >= 5
+model = MLP(5, nnx.Rngs(0))
+pretrain = nnx.Optimizer(model, optax.adamw(3e-3), wrt=nnx.Param)
+x_source, y_source = jnp.asarray(images[source]), jnp.asarray(labels[source])
+for _ in range(150):
+  pretrain.update(model, nnx.grad(loss_fn)(model, x_source, y_source))
+
+model.head = nnx.Linear(128, 5, rngs=nnx.Rngs(1))
+trainable = nnx.Any(nnx.LoRAParam, nnx.PathContains("head"))
+optimizer = nnx.Optimizer(model, ap.adaprelora(1e-2), wrt=trainable)
+x_target, y_target = jnp.asarray(images[target]), jnp.asarray(labels[target] - 5)
+
+
+@nnx.jit
+def train_step(model, optimizer):
+  loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, trainable))(model, x_target, y_target)
+  optimizer.update(model, grads)
+  return loss
+
+
+history = {"loss": [], "rows1": [], "cols1": [], "rows2": [], "cols2": []}
+for _ in range(100):
+  history["loss"].append(float(train_step(model, optimizer)))
+  state = nnx.as_pure(optimizer.opt_state)[0]
+  history["rows1"].append(np.sqrt(state.row_second_moment["hidden1"]["lora"]["lora_a"]))
+  history["cols1"].append(np.sqrt(state.col_second_moment["hidden1"]["lora"]["lora_b"]))
+  history["rows2"].append(np.sqrt(state.row_second_moment["hidden2"]["lora"]["lora_a"]))
+  history["cols2"].append(np.sqrt(state.col_second_moment["hidden2"]["lora"]["lora_b"]))
+accuracy = float(jnp.mean(jnp.argmax(model(x_target), -1) == y_target))
+print(f"loss {history['loss'][0]:.3f} → {history['loss'][-1]:.4f}; training accuracy {accuracy:.3f}")
+
+fig, axes = plt.subplots(1, 5, figsize=(16, 3.4), gridspec_kw={"width_ratios": [1.2, 1, 1, 1, 1]})
+axes[0].semilogy(history["loss"]); axes[0].set_xlabel("step"); axes[0].set_title("training loss")
+for axis, key, title in zip(axes[1:], ("rows1", "cols1", "rows2", "cols2"),
+                            ("hidden1 rows (pixels), exact", "hidden1 columns, exact",
+                             "hidden2 rows, tangent", "hidden2 columns, tangent")):
+  image = axis.imshow(np.log10(np.asarray(history[key]).T + 1e-12), aspect="auto", cmap="viridis")
+  axis.set_xlabel("step"); axis.set_title(title, fontsize=9)
+  fig.colorbar(image, ax=axis, label="log10 scale")
+plt.tight_layout(); plt.show()
+
+# %% [markdown]
+# The pixel statistics of the first layer are dominated by a handful of informative pixels
+# (border pixels of the 8×8 images are nearly always blank, so their gradient rows vanish):
+# exactly the kind of row scale that a diagonal-Kronecker preconditioner exploits and that
+# factor-wise AdamW cannot see, since it never looks at the full-weight gradient.
