@@ -483,19 +483,8 @@ def _validate_pair(
   if has_rows:
     for role, size in (("row_stats", d_in), ("col_stats", d_out)):
       index = slots[role][0]
-      leaf = flat[index][1]
-      expected = (*lead, size)
-      if tuple(getattr(leaf, "shape", ())) != expected:
-        raise ValueError(
-            f"LoRA statistics leaf '{paths[index]}' has shape "
-            f"{tuple(getattr(leaf, 'shape', ()))}, expected {expected} for pair "
-            f"{pair_name!r}."
-        )
-      if not jnp.issubdtype(leaf.dtype, jnp.floating):
-        raise ValueError(
-            f"LoRA statistics leaf '{paths[index]}' must be floating point, "
-            f"got {jnp.dtype(leaf.dtype).name}."
-        )
+      _check_floating_array(flat[index][1], (*lead, size),
+                            f"LoRA statistics leaf '{paths[index]}' of pair {pair_name!r}")
     info = dataclasses.replace(
         info, row_stats_index=slots["row_stats"][0],
         col_stats_index=slots["col_stats"][0],
@@ -517,20 +506,19 @@ def check_matching_tree(plan: LoRAPlan, tree: Any, what: str) -> list[Any]:
   for pair in plan.pairs:
     for role in ("a", "b"):
       index = _role_index(pair, role)
-      leaf = leaves[index]
-      shape = getattr(leaf, "shape", None)
-      expected_leaf_shape = leaf_shape(pair, role)
-      if shape is None or tuple(shape) != expected_leaf_shape:
-        raise ValueError(
-            f"{what} for '{plan.paths[index]}' has shape {shape}, expected "
-            f"{expected_leaf_shape}."
-        )
-      if not jnp.issubdtype(leaf.dtype, jnp.floating):
-        raise ValueError(
-            f"{what} for '{plan.paths[index]}' has dtype "
-            f"{jnp.dtype(leaf.dtype).name}; expected a floating dtype."
-        )
+      _check_floating_array(leaves[index], leaf_shape(pair, role),
+                            f"{what} for '{plan.paths[index]}'")
   return leaves
+
+
+def _check_floating_array(leaf: Any, expected_shape: tuple[int, ...], description: str) -> None:
+  shape = getattr(leaf, "shape", None)
+  if shape is None or tuple(shape) != expected_shape:
+    raise ValueError(f"{description} has shape {shape}, expected {expected_shape}.")
+  if not jnp.issubdtype(leaf.dtype, jnp.floating):
+    raise ValueError(
+        f"{description} has dtype {jnp.dtype(leaf.dtype).name}; expected a floating dtype."
+    )
 
 
 def leaf_shape(pair: PairInfo, role: Role) -> tuple[int, ...]:

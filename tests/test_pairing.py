@@ -114,7 +114,7 @@ def test_custom_pairing_function():
      r"statistics leaf 'layer/grad_sq_rows' has no partner"),
     ({"layer": {"lora_a": jnp.zeros((4, 2)), "lora_b": jnp.zeros((2, 5)),
                 "grad_sq_rows": jnp.zeros(5), "grad_sq_cols": jnp.zeros(5)}},
-     r"'layer/grad_sq_rows' has shape \(5,\), expected \(4,\)"),
+     r"'layer/grad_sq_rows' of pair 'layer' has shape \(5,\), expected \(4,\)"),
     ({"layer": {"lora_a": [1.0, 2.0], "lora_b": jnp.zeros((2, 5))}},
      r"Unpaired LoRA factor 'layer/lora_b'"),
     ({"kernel": jnp.zeros((4, 4))}, r"No LoRA pairs found.*'kernel'"),
