@@ -1,7 +1,5 @@
 """End to end: LoRA transfer on real data (scikit-learn digits) with nnx."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,73 +7,15 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
-from sklearn.datasets import load_digits
 
 import adaprelora_jax as ap
 from adaprelora_jax import nn
-
-
-class MLP(nnx.Module):
-  """64 → 128 → 128 → classes, LoRA on both hidden layers, plain head."""
-
-  def __init__(self, classes, *, lora_layer=nnx.LoRALinear, rank=4, rngs):
-    self.hidden1 = lora_layer(64, 128, lora_rank=rank, rngs=rngs)
-    self.hidden2 = lora_layer(128, 128, lora_rank=rank, rngs=rngs)
-    self.head = nnx.Linear(128, classes, rngs=rngs)
-
-  def __call__(self, x):
-    return self.head(jax.nn.gelu(self.hidden2(jax.nn.gelu(self.hidden1(x)))))
-
-
-@functools.lru_cache(maxsize=None)
-def _digits():
-  data = load_digits()
-  x = (data.data / 16.0).astype(np.float32)
-  return x, data.target
-
-
-def _task(labels):
-  x, y = _digits()
-  keep = np.isin(y, labels)
-  x, y = x[keep], np.searchsorted(labels, y[keep])
-  order = np.random.default_rng(0).permutation(len(y))
-  x, y = x[order], y[order]
-  split = int(0.8 * len(y))
-  return (x[:split], y[:split]), (x[split:], y[split:])
-
-
-def _loss(model, x, y):
-  logits = model(x)
-  return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-
-@functools.lru_cache(maxsize=None)
-def _pretrained_base():
-  """Base MLP trained on digits 0-4 with AdamW (all params)."""
-  (x, y), _ = _task(np.arange(5))
-  model = MLP(5, rngs=nnx.Rngs(0))
-  optimizer = nnx.Optimizer(model, optax.adamw(3e-3), wrt=nnx.Param)
-
-  @nnx.jit
-  def step(model, optimizer):
-    grads = nnx.grad(_loss)(model, x, y)
-    optimizer.update(model, grads)
-
-  for _ in range(150):
-    step(model, optimizer)
-  return nnx.state(model, nnx.Param)
+from experiments.tasks.digits import (TARGET, TRAINABLE, build_model, classification_loss,
+                                      digits_split, pretrained_base)
 
 
 def _transfer_model(lora_layer):
-  model = MLP(5, lora_layer=lora_layer, rngs=nnx.Rngs(1))
-  base = _pretrained_base()
-  for name in ("hidden1", "hidden2"):
-    getattr(model, name).kernel[...] = base[name]["kernel"][...]
-    getattr(model, name).bias[...] = base[name]["bias"][...]
-  return model
-
-
-TRAINABLE = nnx.Any(nnx.LoRAParam, nnx.PathContains("head"))
+  return build_model(1, exact_statistics=lora_layer is nn.LoRALinear)[0]
 
 
 def _train(model, tx, x, y, steps):
@@ -83,7 +23,8 @@ def _train(model, tx, x, y, steps):
 
   @nnx.jit
   def step(model, optimizer):
-    loss, grads = nnx.value_and_grad(_loss, argnums=nnx.DiffState(0, TRAINABLE))(model, x, y)
+    loss, grads = nnx.value_and_grad(classification_loss, argnums=nnx.DiffState(0, TRAINABLE))(
+        model, (x, y))
     optimizer.update(model, grads)
     return loss
 
@@ -93,7 +34,7 @@ def _train(model, tx, x, y, steps):
 @pytest.mark.parametrize("lora_layer", [nnx.LoRALinear, nn.LoRALinear],
                          ids=["tangent-statistics", "exact-statistics"])
 def test_lora_transfer_on_digits(lora_layer):
-  (x, y), (x_test, y_test) = _task(np.arange(5, 10))
+  (x, y), (x_test, y_test) = digits_split(TARGET)
   model = _transfer_model(lora_layer)
   # Without momentum (b1=None, as Adafactor) steps much above 1e-2 spike on
   # this task, as RMSprop (AdamW with b1=0) does.
@@ -103,7 +44,7 @@ def test_lora_transfer_on_digits(lora_layer):
   assert accuracy > 0.9
   # Base weights are frozen; the statistics probes stay zero.
   np.testing.assert_array_equal(np.asarray(model.hidden1.kernel[...]),
-                                np.asarray(_pretrained_base()["hidden1"]["kernel"][...]))
+                                pretrained_base()["hidden1/kernel"])
   if lora_layer is nn.LoRALinear:
     assert np.all(np.asarray(model.hidden1.lora.grad_sq_rows[...]) == 0.0)
   assert ap.nonfinite_report(nnx.as_pure(optimizer.opt_state),
@@ -111,7 +52,7 @@ def test_lora_transfer_on_digits(lora_layer):
 
 
 def test_orbax_checkpoint_resumes_bit_for_bit(tmp_path):
-  (x, y), _ = _task(np.arange(5, 10))
+  (x, y), _ = digits_split(TARGET)
   x, y = jnp.asarray(x[:256]), jnp.asarray(y[:256])
   tx = ap.adaprelora(3e-2, b1=0.9, weight_decay=1e-3)
 
@@ -121,7 +62,7 @@ def test_orbax_checkpoint_resumes_bit_for_bit(tmp_path):
 
   @nnx.jit
   def step(model, optimizer):
-    grads = nnx.grad(_loss, argnums=nnx.DiffState(0, TRAINABLE))(model, x, y)
+    grads = nnx.grad(classification_loss, argnums=nnx.DiffState(0, TRAINABLE))(model, (x, y))
     optimizer.update(model, grads)
 
   model, optimizer = fresh()

@@ -1,0 +1,143 @@
+"""Run the optimizer comparison on one task (DESIGN.md §8).
+
+Every optimizer gets its own learning-rate grid (same number of points), the
+same seeds, step budget, data order and LoRA initialization. Completed runs
+are stored one file each, so an interrupted sweep is resumed by running the
+same command again; ``--resume`` also continues a run that was interrupted
+mid-way from its last checkpoint.
+
+Examples::
+
+  python -m experiments.run --task bbc --optimizer all --preset full
+  python -m experiments.run --task digits --optimizer adaprelora adamw --preset smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import shutil
+import subprocess
+from pathlib import Path
+
+import jax
+import optax
+from tqdm.auto import tqdm
+
+import adaprelora_jax
+from experiments import report
+from experiments.optimizers import CORE, OPTIMIZERS
+from experiments.tasks import TASKS
+from experiments.training import RunConfig, train
+
+ROOT = Path(__file__).parent
+CACHE = ROOT / ".cache" / "runs"
+CHECKPOINTS = ROOT / "checkpoints"
+
+
+def environment() -> dict:
+  try:
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True, check=False).stdout.strip()
+  except OSError:
+    commit = ""
+  return {"jax": jax.__version__, "optax": optax.__version__,
+          "adaprelora_jax": adaprelora_jax.__version__, "backend": jax.default_backend(),
+          "device_count": jax.device_count(), "machine": platform.machine(),
+          "python": platform.python_version(), "commit": commit,
+          "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def grid(optimizer: str, preset: str) -> tuple[float, ...]:
+  """The full grid, or its centre point for the smoke preset."""
+  learning_rates = OPTIMIZERS[optimizer].learning_rates
+  return learning_rates if preset == "full" else (learning_rates[len(learning_rates) // 2],)
+
+
+def run_file(cache: Path, config: RunConfig) -> Path:
+  return (cache / config.task / config.preset / config.optimizer /
+          f"lr={config.learning_rate:g}" / f"seed={config.seed}.json")
+
+
+def sweep(task_name: str, optimizers: list[str], preset: str, *, results_dir: Path,
+          cache: Path = CACHE, checkpoints: Path = CHECKPOINTS, resume: bool = False,
+          progress: bool = True) -> dict:
+  """Runs (or reuses) every run of the sweep and writes ``<task>.json``."""
+  task = TASKS[task_name]
+  budget = task.presets[preset]
+  configs = [RunConfig(task_name, name, lr, seed, preset, budget.steps)
+             for name in optimizers for lr in grid(name, preset) for seed in range(budget.seeds)]
+  for config in tqdm(configs, desc=f"{task_name} ({preset})", disable=not progress):
+    path = run_file(cache, config)
+    if path.exists() and json.loads(path.read_text())["config"] == config.identity():
+      continue
+    directory = (checkpoints / task_name / preset / config.optimizer /
+                 f"lr={config.learning_rate:g}_seed={config.seed}")
+    can_resume = resume and directory.exists() and any(directory.iterdir())
+    if directory.exists() and not can_resume:
+      shutil.rmtree(directory)
+    result = train(task, OPTIMIZERS[config.optimizer], config, budget,
+                   checkpoint_dir=directory, resume=can_resume, progress=progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({
+        "config": config.identity(), "final": result.final,
+        "final_metric": result.final[task.metric], "curves": result.curves,
+        "seconds": result.seconds}) + "\n")
+    shutil.rmtree(directory, ignore_errors=True)
+  return write_task_results(task_name, preset, results_dir, cache)
+
+
+def write_task_results(task_name: str, preset: str, results_dir: Path, cache: Path) -> dict:
+  """Aggregates every stored run of the task and preset into ``<task>.json``."""
+  task = TASKS[task_name]
+  runs: dict[str, dict[str, list[dict]]] = {}
+  for path in sorted((cache / task_name / preset).glob("*/*/seed=*.json")):
+    record = json.loads(path.read_text())
+    optimizer, lr = record["config"]["optimizer"], str(record["config"]["learning_rate"])
+    runs.setdefault(optimizer, {}).setdefault(lr, []).append(record)
+  results = {
+      "task": task.name, "model": task.model, "dataset": task.dataset, "metric": task.metric,
+      "higher_is_better": task.higher_is_better, "preset": preset,
+      "optimizers": {name: report.summarize_optimizer(
+          by_lr, task.higher_is_better, OPTIMIZERS[name].description)
+          for name, by_lr in runs.items()},
+      "environment": environment(),
+  }
+  results_dir.mkdir(parents=True, exist_ok=True)
+  suffix = "" if preset == "full" else f"_{preset}"
+  (results_dir / f"{task_name}{suffix}.json").write_text(json.dumps(results, indent=1) + "\n")
+  return results
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--task", required=True, choices=sorted(TASKS))
+  parser.add_argument("--optimizer", nargs="+", default=["all"],
+                      help=f"names among {sorted(OPTIMIZERS)}, 'all' (every registered one) "
+                           f"or 'core' ({', '.join(CORE)})")
+  parser.add_argument("--preset", default="smoke", choices=("smoke", "full"))
+  parser.add_argument("--resume", action="store_true",
+                      help="continue interrupted runs from their last checkpoint")
+  parser.add_argument("--results-dir", type=Path, default=ROOT / "results")
+  parser.add_argument("--no-progress", action="store_true")
+  args = parser.parse_args()
+  if args.optimizer == ["all"]:
+    names = list(OPTIMIZERS)
+  elif args.optimizer == ["core"]:
+    names = list(CORE)
+  else:
+    names = args.optimizer
+  unknown = sorted(set(names) - set(OPTIMIZERS))
+  if unknown:
+    parser.error(f"unknown optimizers {unknown}; registered: {sorted(OPTIMIZERS)}")
+  results = sweep(args.task, names, args.preset, results_dir=args.results_dir,
+                  resume=args.resume, progress=not args.no_progress)
+  print(report.results_table(results))
+  if args.preset == "full":
+    print(f"wrote {report.write_report(args.results_dir)}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,8 @@
+"""Registered experiment tasks (name → :class:`experiments.tasks.base.Task`)."""
+
+from experiments.tasks import digits
+from experiments.tasks.base import Budget, Task
+
+TASKS: dict[str, Task] = {task.name: task for task in (digits.TASK,)}
+
+__all__ = ["Budget", "TASKS", "Task"]
