@@ -1,11 +1,18 @@
-"""The optimizers compared in the experiments, with their learning-rate grids.
+"""The optimizers compared in the experiments, and how their lr grids are placed.
 
 DESIGN.md §8: every optimizer gets its own learning-rate sweep with the same
-number of points, centred where that method is normally run (LoRA AdamW
-around 1e-3; AdaPreLoRA steps are Adafactor-normalized in weight space, so
-its grid sits higher). Weight decay is 0 for all; non-LoRA leaves (the
-classification heads) are trained by each method's Adam-style path at the
-same learning rate.
+number of points. The methods' step sizes are not in the same units
+(AdaPreLoRA's steps are Adafactor-normalized in weight space, AdamW's in
+factor space), so a grid centred by hand would favour someone. Instead every
+optimizer goes through the same two stages on every task:
+
+1. pilot: seed 0, the full step budget, the decade grid :data:`PILOT_GRID`;
+2. sweep: :data:`GRID_POINTS` learning rates at half-decade spacing centred on
+   the pilot's best, every seed. The pilot runs at the centre and one decade
+   either side are runs of the sweep (same identity) and are reused.
+
+Weight decay is 0 for all; non-LoRA leaves (the classification heads) are
+trained by each method's Adam-style path at the same learning rate.
 """
 
 from __future__ import annotations
@@ -19,12 +26,18 @@ import optax
 import adaprelora_jax as ap
 
 GRID_POINTS = 5
+PILOT_GRID = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 
 
-def log_grid(center: float, points: int = GRID_POINTS, ratio: float = np.sqrt(10.0)) -> tuple[float, ...]:
-  """``points`` learning rates spaced by ``ratio`` (half a decade) around ``center``."""
+def canonical_lr(value: float) -> float:
+  """Three significant digits, so equal grid points compare (and hash) equal."""
+  return float(f"{value:.3g}")
+
+
+def sweep_grid(center: float, points: int = GRID_POINTS) -> tuple[float, ...]:
+  """``points`` learning rates at half-decade spacing centred on ``center``."""
   offsets = np.arange(points) - (points - 1) / 2
-  return tuple(float(f"{center * ratio**k:.3g}") for k in offsets)
+  return tuple(canonical_lr(center * 10.0 ** (k / 2)) for k in offsets)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,30 +46,30 @@ class OptimizerSpec:
 
   Attributes:
     factory: ``learning_rate -> optax transform``.
-    learning_rates: the sweep grid (``GRID_POINTS`` values).
+    default_learning_rate: used by the smoke preset (no sweep).
     exact_statistics: build the model with ``adaprelora_jax.nn`` LoRA layers
       (exact gradient statistics in the gradient tree).
     description: one line for reports.
   """
 
   factory: Callable[[float], optax.GradientTransformation]
-  learning_rates: tuple[float, ...]
+  default_learning_rate: float
   exact_statistics: bool = False
   description: str = ""
 
 
 OPTIMIZERS: dict[str, OptimizerSpec] = {
     "adaprelora": OptimizerSpec(
-        lambda lr: ap.adaprelora(lr), log_grid(1e-2), exact_statistics=True,
+        lambda lr: ap.adaprelora(lr), 1e-2, exact_statistics=True,
         description="AdaPreLoRA, exact statistics from the LoRA layers, no momentum"),
     "adaprelora_tangent": OptimizerSpec(
-        lambda lr: ap.adaprelora(lr), log_grid(1e-2),
+        lambda lr: ap.adaprelora(lr), 1e-2,
         description="AdaPreLoRA, statistics estimated from the factor gradients"),
     "adaprelora_momentum": OptimizerSpec(
-        lambda lr: ap.adaprelora(lr, b1=0.9), log_grid(1e-2), exact_statistics=True,
+        lambda lr: ap.adaprelora(lr, b1=0.9), 1e-2, exact_statistics=True,
         description="AdaPreLoRA, exact statistics, momentum b1=0.9"),
     "adamw": OptimizerSpec(
-        lambda lr: optax.adamw(lr, weight_decay=0.0), log_grid(1e-3),
+        lambda lr: optax.adamw(lr, weight_decay=0.0), 1e-3,
         description="AdamW on the factors (optax)"),
 }
 

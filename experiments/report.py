@@ -22,7 +22,7 @@ import numpy as np
 WINDOW = 0.05  # the good-lr window: mean within 5 % of the best mean
 
 
-def _score(mean: float, higher_is_better: bool) -> float:
+def score(mean: float, higher_is_better: bool) -> float:
   """Larger is better; NaN (diverged) ranks last."""
   if not math.isfinite(mean):
     return -math.inf
@@ -68,7 +68,7 @@ def summarize_optimizer(runs: dict[str, list[dict]], higher_is_better: bool,
           curves.setdefault(name, []).append(values)
     lrs[lr] = {"seeds": finals, "mean": float(np.mean(finals)),
                "std": float(np.std(finals)), "curves": curves}
-  best_lr = max(lrs, key=lambda lr: _score(lrs[lr]["mean"], higher_is_better))
+  best_lr = max(lrs, key=lambda lr: score(lrs[lr]["mean"], higher_is_better))
   return {"description": description, "best_lr": float(best_lr),
           "best_mean": lrs[best_lr]["mean"], "best_std": lrs[best_lr]["std"],
           "lr_window": lr_window(lrs, best_lr, higher_is_better), "lrs": lrs}
@@ -82,7 +82,7 @@ def results_table(results: dict[str, Any]) -> str:
            f"lr window within {int(100 * WINDOW)} % (points, decades) |",
            "|---|---:|---:|---:|---:|"]
   ranked = sorted(results["optimizers"].items(),
-                  key=lambda item: -_score(item[1]["best_mean"], results["higher_is_better"]))
+                  key=lambda item: -score(item[1]["best_mean"], results["higher_is_better"]))
   for name, entry in ranked:
     seeds = len(entry["lrs"][_lr_key(entry)]["seeds"])
     window = entry["lr_window"]

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 import adaprelora_jax
 from experiments import report
-from experiments.optimizers import CORE, OPTIMIZERS
+from experiments.optimizers import CORE, OPTIMIZERS, PILOT_GRID, canonical_lr, sweep_grid
 from experiments.tasks import TASKS
 from experiments.training import RunConfig, train
 
@@ -50,59 +50,102 @@ def environment() -> dict:
           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
-def grid(optimizer: str, preset: str) -> tuple[float, ...]:
-  """The full grid, or its centre point for the smoke preset."""
-  learning_rates = OPTIMIZERS[optimizer].learning_rates
-  return learning_rates if preset == "full" else (learning_rates[len(learning_rates) // 2],)
-
-
 def run_file(cache: Path, config: RunConfig) -> Path:
   return (cache / config.task / config.preset / config.optimizer /
           f"lr={config.learning_rate:g}" / f"seed={config.seed}.json")
 
 
-def sweep(task_name: str, optimizers: list[str], preset: str, *, results_dir: Path,
-          cache: Path = CACHE, checkpoints: Path = CHECKPOINTS, resume: bool = False,
-          progress: bool = True) -> dict:
-  """Runs (or reuses) every run of the sweep and writes ``<task>.json``."""
-  task = TASKS[task_name]
-  budget = task.presets[preset]
-  configs = [RunConfig(task_name, name, lr, seed, preset, budget.steps)
-             for name in optimizers for lr in grid(name, preset) for seed in range(budget.seeds)]
-  for config in tqdm(configs, desc=f"{task_name} ({preset})", disable=not progress):
+def run_all(configs: list[RunConfig], *, cache: Path, checkpoints: Path, resume: bool,
+            progress: bool, description: str) -> list[dict]:
+  """Runs every config not already stored; returns all their records."""
+  records = []
+  for config in tqdm(configs, desc=description, disable=not progress):
     path = run_file(cache, config)
     if path.exists() and json.loads(path.read_text())["config"] == config.identity():
+      records.append(json.loads(path.read_text()))
       continue
-    directory = (checkpoints / task_name / preset / config.optimizer /
+    task = TASKS[config.task]
+    directory = (checkpoints / config.task / config.preset / config.optimizer /
                  f"lr={config.learning_rate:g}_seed={config.seed}")
     can_resume = resume and directory.exists() and any(directory.iterdir())
     if directory.exists() and not can_resume:
       shutil.rmtree(directory)
-    result = train(task, OPTIMIZERS[config.optimizer], config, budget,
+    result = train(task, OPTIMIZERS[config.optimizer], config, task.presets[config.preset],
                    checkpoint_dir=directory, resume=can_resume, progress=progress)
+    record = {"config": config.identity(), "final": result.final,
+              "final_metric": result.final[task.metric], "curves": result.curves,
+              "seconds": result.seconds}
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({
-        "config": config.identity(), "final": result.final,
-        "final_metric": result.final[task.metric], "curves": result.curves,
-        "seconds": result.seconds}) + "\n")
+    path.write_text(json.dumps(record) + "\n")
     shutil.rmtree(directory, ignore_errors=True)
-  return write_task_results(task_name, preset, results_dir, cache)
+    records.append(record)
+  return records
 
 
-def write_task_results(task_name: str, preset: str, results_dir: Path, cache: Path) -> dict:
-  """Aggregates every stored run of the task and preset into ``<task>.json``."""
+def sweep(task_name: str, optimizers: list[str], preset: str, *, results_dir: Path,
+          cache: Path = CACHE, checkpoints: Path = CHECKPOINTS, resume: bool = False,
+          progress: bool = True) -> dict:
+  """Runs (or reuses) every run of the sweep and writes ``<task>.json``.
+
+  ``full``: pilot over the decade grid (seed 0), then the half-decade grid
+  around each optimizer's pilot best, every seed (see experiments.optimizers).
+  ``smoke``: each optimizer's default learning rate.
+  """
+  task = TASKS[task_name]
+  budget = task.presets[preset]
+  kwargs = dict(cache=cache, checkpoints=checkpoints, resume=resume, progress=progress)
+
+  def configs(name, learning_rates, seeds):
+    return [RunConfig(task_name, name, canonical_lr(lr), seed, preset, budget.steps)
+            for lr in learning_rates for seed in seeds]
+
+  if preset != "full":
+    run_all([config for name in optimizers
+             for config in configs(name, [OPTIMIZERS[name].default_learning_rate],
+                                   range(budget.seeds))],
+            description=f"{task_name} ({preset})", **kwargs)
+    return write_task_results(task_name, preset, results_dir, cache)
+  pilots = run_all([config for name in optimizers for config in configs(name, PILOT_GRID, [0])],
+                   description=f"{task_name} pilot", **kwargs)
+  centers = {}
+  for name in optimizers:
+    finals = {record["config"]["learning_rate"]: record["final_metric"]
+              for record in pilots if record["config"]["optimizer"] == name}
+    centers[name] = max(finals, key=lambda lr: report.score(finals[lr], task.higher_is_better))
+  run_all([config for name in optimizers
+           for config in configs(name, sweep_grid(centers[name]), range(budget.seeds))],
+          description=f"{task_name} sweep", **kwargs)
+  return write_task_results(task_name, preset, results_dir, cache, pilot_centers=centers)
+
+
+def write_task_results(task_name: str, preset: str, results_dir: Path, cache: Path,
+                       pilot_centers: dict[str, float] | None = None) -> dict:
+  """Aggregates the task's stored runs into ``<task>.json``.
+
+  For ``full``, an optimizer's entry covers its sweep grid (every seed); its
+  pilot-only learning rates are listed under ``pilot``.
+  """
   task = TASKS[task_name]
   runs: dict[str, dict[str, list[dict]]] = {}
+  pilot: dict[str, dict[str, float]] = {}
   for path in sorted((cache / task_name / preset).glob("*/*/seed=*.json")):
     record = json.loads(path.read_text())
-    optimizer, lr = record["config"]["optimizer"], str(record["config"]["learning_rate"])
-    runs.setdefault(optimizer, {}).setdefault(lr, []).append(record)
+    optimizer, lr = record["config"]["optimizer"], record["config"]["learning_rate"]
+    if record["config"]["seed"] == 0 and lr in PILOT_GRID:
+      pilot.setdefault(optimizer, {})[str(lr)] = record["final_metric"]
+    if pilot_centers is not None and lr not in sweep_grid(pilot_centers.get(optimizer, lr)):
+      continue
+    runs.setdefault(optimizer, {}).setdefault(str(lr), []).append(record)
   results = {
       "task": task.name, "model": task.model, "dataset": task.dataset, "metric": task.metric,
       "higher_is_better": task.higher_is_better, "preset": preset,
       "optimizers": {name: report.summarize_optimizer(
           by_lr, task.higher_is_better, OPTIMIZERS[name].description)
           for name, by_lr in runs.items()},
+      "lr_selection": ({"procedure": "pilot (seed 0, decade grid) then half-decade grid "
+                                     "around the pilot's best, every seed",
+                        "pilot_grid": list(PILOT_GRID), "pilot": pilot,
+                        "centers": pilot_centers} if pilot_centers is not None else None),
       "environment": environment(),
   }
   results_dir.mkdir(parents=True, exist_ok=True)

@@ -146,13 +146,13 @@ def train(
   bar = tqdm(range(start, end), desc=f"{config.optimizer} lr={config.learning_rate:g} "
              f"seed={config.seed}", leave=False, disable=not progress)
   for step in bar:
-    loss = float(train_step(model, optimizer, task.train_batch(config.seed, step)))
+    loss = float(train_step(model, optimizer, task.train_batch(config.seed, step, budget)))
     curves["train_loss"].append(loss)
     bar.set_postfix(loss=f"{loss:.4f}")
     done = step + 1
     if done % budget.eval_every == 0 or done == config.steps:
       curves["eval_step"].append(done)
-      for name, value in task.evaluate(model).items():
+      for name, value in task.evaluate(model, budget).items():
         curves.setdefault(f"eval_{name}", []).append(value)
     if manager is not None and (
         (budget.checkpoint_every and done % budget.checkpoint_every == 0) or done == end):

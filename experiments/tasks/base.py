@@ -6,9 +6,29 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 from flax import nnx
 
 Batch = Any
+
+
+def example_order(num_examples: int, seed: int, step: int, batch_size: int) -> np.ndarray:
+  """Indices of batch ``step``: a fresh seeded permutation every epoch.
+
+  A pure function of its arguments, so every optimizer, learning rate and
+  resumed run sees the same batches. The last partial batch of an epoch is
+  dropped (one compiled shape).
+  """
+  per_epoch = num_examples // batch_size
+  if per_epoch == 0:
+    raise ValueError(f"batch_size {batch_size} > {num_examples} examples")
+  epoch, position = divmod(step, per_epoch)
+  order = np.random.default_rng([seed, epoch]).permutation(num_examples)
+  return order[position * batch_size:(position + 1) * batch_size]
+
+
+def limit(count: int, maximum: int | None) -> int:
+  return count if maximum is None else min(count, maximum)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,12 +40,17 @@ class Budget:
     eval_every: evaluate the held-out metric every this many steps (and at the end).
     seeds: seeds per learning rate (LoRA init and data order).
     checkpoint_every: save a resumable checkpoint every this many steps.
+    max_train_examples: use at most this many training examples (None: all).
+    max_eval_examples: evaluate on at most this many held-out examples
+      (None: all); a fixed subset, the same for every run.
   """
 
   steps: int
   eval_every: int
   seeds: int
   checkpoint_every: int = 0
+  max_train_examples: int | None = None
+  max_eval_examples: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,7 +59,7 @@ class Task:
 
   The runner guarantees identical LoRA initialization and data order across
   optimizers and learning rates: ``build_model(seed, ...)`` and
-  ``train_batch(seed, step)`` depend only on their arguments.
+  ``train_batch(seed, step, budget)`` depend only on their arguments.
 
   Attributes:
     name: task name used on the command line and in result files.
@@ -46,9 +71,9 @@ class Task:
     build_model: ``(seed, exact_statistics) -> (model, trainable filter)``;
       ``exact_statistics`` selects ``adaprelora_jax.nn.LoRALinear`` over
       ``nnx.LoRALinear`` (same parameters and initial values).
-    train_batch: ``(seed, step) -> batch``.
+    train_batch: ``(seed, step, budget) -> batch``.
     loss_fn: ``(model, batch) -> scalar``, differentiable.
-    evaluate: ``model -> {metric: value, ...}`` on held-out data.
+    evaluate: ``(model, budget) -> {metric: value, ...}`` on held-out data.
   """
 
   name: str
@@ -58,6 +83,6 @@ class Task:
   higher_is_better: bool
   presets: dict[str, Budget]
   build_model: Callable[[int, bool], tuple[nnx.Module, Any]]
-  train_batch: Callable[[int, int], Batch]
+  train_batch: Callable[[int, int, Budget], Batch]
   loss_fn: Callable[[nnx.Module, Batch], Any]
-  evaluate: Callable[[nnx.Module], dict[str, float]]
+  evaluate: Callable[[nnx.Module, Budget], dict[str, float]]

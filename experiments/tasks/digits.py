@@ -16,7 +16,7 @@ import optax
 from flax import nnx
 
 from adaprelora_jax import nn as lora_nn
-from experiments.tasks.base import Budget, Task
+from experiments.tasks.base import Budget, Task, example_order, limit
 
 HIDDEN = 128
 RANK = 4
@@ -96,17 +96,16 @@ def build_model(seed: int, exact_statistics: bool):
   return model, TRAINABLE
 
 
-def train_batch(seed: int, step: int):
+def train_batch(seed: int, step: int, budget: Budget):
   (x, y), _ = digits_split(TARGET)
-  per_epoch = len(y) // BATCH
-  epoch, position = divmod(step, per_epoch)
-  order = np.random.default_rng([seed, epoch]).permutation(len(y))
-  index = order[position * BATCH:(position + 1) * BATCH]
+  index = example_order(limit(len(y), budget.max_train_examples), seed, step, BATCH)
   return jnp.asarray(x[index]), jnp.asarray(y[index])
 
 
-def evaluate(model: nnx.Module) -> dict[str, float]:
+def evaluate(model: nnx.Module, budget: Budget) -> dict[str, float]:
   _, (x, y) = digits_split(TARGET)
+  count = limit(len(y), budget.max_eval_examples)
+  x, y = x[:count], y[:count]
   logits = model(jnp.asarray(x))
   loss = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.asarray(y)).mean()
   return {"accuracy": float(jnp.mean(jnp.argmax(logits, -1) == y)), "loss": float(loss)}
