@@ -26,6 +26,8 @@ from experiments.tasks.base import Budget, Task, limit
 RANK = 8
 SEQ_LEN = 128
 BATCH = 16
+# Forgetting is measured on a fixed prefix of the Shakespeare validation text.
+SHAKESPEARE_EVAL_WINDOWS = 512
 
 
 @functools.lru_cache(maxsize=1)
@@ -35,11 +37,13 @@ def corpora() -> tuple[data.CharCorpus, data.CharCorpus]:
 
 @functools.lru_cache(maxsize=4)
 def eval_windows(max_windows: int | None) -> tuple[np.ndarray, np.ndarray]:
-  """Held-out Milton and Shakespeare windows (a fixed prefix when capped)."""
+  """Held-out Milton windows (all, or a fixed prefix when capped) and the
+  Shakespeare validation windows used for forgetting."""
   milton, shakespeare = corpora()
-  return tuple(windows[:limit(len(windows), max_windows)] for windows in (
-      data.lm_eval_windows(milton.test, SEQ_LEN),
-      data.lm_eval_windows(shakespeare.test, SEQ_LEN)))
+  milton_windows = data.lm_eval_windows(milton.test, SEQ_LEN)
+  shakespeare_windows = data.lm_eval_windows(shakespeare.test, SEQ_LEN)
+  return (milton_windows[:limit(len(milton_windows), max_windows)],
+          shakespeare_windows[:limit(SHAKESPEARE_EVAL_WINDOWS, max_windows)])
 
 
 def build_model(seed: int, exact_statistics: bool):
@@ -81,7 +85,7 @@ TASK = Task(
         # Caps: examples = characters of training text, eval = windows.
         "smoke": Budget(steps=6, eval_every=3, seeds=1, max_train_examples=20_000,
                         max_eval_examples=16),
-        "full": Budget(steps=250, eval_every=25, seeds=3),
+        "full": Budget(steps=200, eval_every=40, seeds=3),
     },
     build_model=build_model,
     train_batch=train_batch,
