@@ -82,3 +82,35 @@ def damped_pseudo_inverse(
   keep = numerical_rank_mask(eigenvalues)
   inverse = jnp.where(keep, 1.0 / jnp.where(keep, eigenvalues + damping, 1.0), 0.0)
   return spectral_matrix(inverse, eigenvectors)
+
+
+def psd_sylvester(
+    left: tuple[jax.Array, jax.Array],
+    right: tuple[jax.Array, jax.Array],
+    rhs: jax.Array,
+) -> jax.Array:
+  """Solves ``S_l X + X S_r = C`` for symmetric PSD ``S_l``, ``S_r``.
+
+  With ``S_l = U diag(α) Uᵀ`` and ``S_r = V diag(β) Vᵀ`` the equation
+  decouples in the eigenbases: ``X = U [(Uᵀ C V)_ij / (α_i + β_j)] Vᵀ``
+  (Bartels-Stewart with both Schur forms diagonal), so two ``eigh`` replace the
+  complex ``eig`` of the general algorithm. Entries with ``α_i + β_j``
+  numerically zero (both matrices singular along those directions) are set
+  to 0, the minimum-norm solution.
+
+  Args:
+    left: ``(eigenvalues, eigenvectors)`` of ``S_l`` (r_l × r_l).
+    right: ``(eigenvalues, eigenvectors)`` of ``S_r`` (r_r × r_r).
+    rhs: ``C`` (r_l × r_r).
+
+  Returns:
+    ``X`` (r_l × r_r).
+  """
+  (alpha, u), (beta, v) = left, right
+  denominator = alpha[:, None] + beta[None, :]
+  size = max(alpha.shape[-1], beta.shape[-1])
+  cutoff = size * jnp.finfo(denominator.dtype).eps * jnp.max(denominator)
+  solvable = denominator > cutoff
+  transformed = matmul(matmul(u.T, rhs), v)
+  solution = jnp.where(solvable, transformed / jnp.where(solvable, denominator, 1.0), 0.0)
+  return matmul(matmul(u, solution), v.T)

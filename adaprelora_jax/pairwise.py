@@ -19,27 +19,34 @@ plumbing around it: find and validate the pairs (:mod:`adaprelora_jax.pairing`),
 check the gradients against them, keep per-pair state in trees that mirror the
 params, hand the leaves that are not LoRA factors to a fallback transform,
 give the exact-statistics probe leaves of :class:`adaprelora_jax.nn.LoRA` zero
-updates, and cast the result back to the parameter dtype.
-:func:`pairwise_transform` does all of that around a per-pair kernel.
-Same-shaped pairs are stacked and processed by one ``jax.vmap`` (the traced
-program does not grow with the number of layers). Kernels that need a
-reduction over *all* pairs before updating any (LoRA-RITE's global gradient
-clipping) supply a ``prepare_pair`` first pass.
+updates, and cast the result back to the parameter dtype. Two entry points
+share that plumbing:
 
-Per-pair state is described by :class:`Slot`\\ s. A slot's entries sit in a
-tree shaped like the params at the position of one factor (so they can be
+* :func:`pairwise_transform` runs a per-pair kernel. Same-shaped pairs are
+  stacked and processed by one ``jax.vmap`` (the traced program does not grow
+  with the number of layers). Kernels that need a reduction over *all* pairs
+  before updating any (LoRA-RITE's global gradient clipping) supply a
+  ``prepare_pair`` first pass.
+* :func:`factorwise_transform` applies an ordinary optax transform (e.g.
+  ``optax.scale_by_adam``) to the LoRA factors only, leaf by leaf, with float32
+  state whatever the parameter dtype. For element-wise rules this avoids the
+  copies that stacking would cost.
+
+Per-pair state is declared as slots (:class:`Slot`). A slot's entries sit in
+a tree shaped like the params at the position of one factor (so they can be
 sharded like it), with ``optax.MaskedNode()`` everywhere else.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from adaprelora_jax import linalg
 from adaprelora_jax import pairing as pairing_lib
 
 Dim = Literal["d_in", "rank", "d_out"]
@@ -96,6 +103,12 @@ class PairInputs(NamedTuple):
   row_stats: Optional[jax.Array] = None
   col_stats: Optional[jax.Array] = None
 
+  def promoted(self) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """``(a, b, g_a, g_b)`` in :func:`adaprelora_jax.linalg.compute_dtype`."""
+    factors = (self.lora_a, self.lora_b, self.grad_a, self.grad_b)
+    dtype = linalg.compute_dtype(*factors)
+    return tuple(x.astype(dtype) for x in factors)
+
 
 # update_pair(inputs, state, count, total) -> (delta_a, delta_b, new_state):
 # ``inputs`` is a PairInputs (or what ``prepare_pair`` returned), ``state`` a
@@ -130,13 +143,14 @@ def check_positive(name: str, value: Any, *, allow_zero: bool = False) -> None:
 
 
 class _Router(NamedTuple):
-  """Finding the pairs and finishing the updates around a LoRA rule."""
+  """What both entry points share: finding pairs and finishing updates."""
 
   owner: str
   pairing: pairing_lib.Pairing
   non_lora: optax.GradientTransformation
   strict: bool
   statistics: Literal["auto", "exact", "tangent"]
+  check_pair: Optional[Callable[[pairing_lib.PairInfo], None]] = None
 
   def plan(self, params: Any) -> pairing_lib.LoRAPlan:
     if params is None:
@@ -144,9 +158,13 @@ class _Router(NamedTuple):
           f"{self.owner} needs the params to find the LoRA pairs: call "
           "update(grads, state, params)."
       )
-    return pairing_lib.plan_pairs(
+    plan = pairing_lib.plan_pairs(
         params, self.pairing, strict=self.strict, statistics=self.statistics
     )
+    if self.check_pair is not None:
+      for pair in plan.pairs:
+        self.check_pair(pair)
+    return plan
 
   def non_lora_transform(self, plan: pairing_lib.LoRAPlan):
     return optax.masked(self.non_lora, plan.other_mask())
@@ -245,6 +263,7 @@ def pairwise_transform(
     strict: bool,
     statistics: Literal["auto", "exact", "tangent"] = "tangent",
     prepare_pair: Optional[PreparePair] = None,
+    check_pair: Optional[Callable[[pairing_lib.PairInfo], None]] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """An optax transform from a rule for one LoRA pair.
 
@@ -276,12 +295,14 @@ def pairwise_transform(
       (see :func:`adaprelora_jax.pairing.plan_pairs`); ``"tangent"`` (no pair
       does) for rules that do not use them.
     prepare_pair: optional first pass (above).
+    check_pair: called with every pair's :class:`PairInfo` when the pairs are
+      found; raises (naming ``pair.a_path``) for pairs the rule cannot handle.
 
   Returns:
     The :class:`optax.GradientTransformationExtraArgs`.
   """
   _check_fields(fields)
-  router = _Router(owner, pairing, non_lora, strict, statistics)
+  router = _Router(owner, pairing, non_lora, strict, statistics, check_pair)
   active = {name: field for name, field in fields.items() if field is not None}
 
   def init_fn(params):
@@ -333,5 +354,83 @@ def pairwise_transform(
         **{name: None for name in fields if name not in active},
     )
     return new_updates, new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+class FactorwiseState(NamedTuple):
+  """State of :func:`factorwise_transform`.
+
+  Attributes:
+    factors: state of the inner transform, over a tree shaped like the params
+      with float32 (or wider) arrays at the LoRA factors and
+      ``optax.MaskedNode()`` elsewhere.
+    non_lora: state of the transform applied to the other leaves.
+  """
+
+  factors: optax.OptState
+  non_lora: optax.OptState
+
+
+def factorwise_transform(
+    inner: optax.GradientTransformation,
+    *,
+    owner: str,
+    pairing: pairing_lib.Pairing,
+    non_lora: optax.GradientTransformation,
+    strict: bool,
+) -> optax.GradientTransformationExtraArgs:
+  """Applies ``inner`` to the LoRA factors and ``non_lora`` to other leaves.
+
+  ``inner`` sees a tree shaped like the params that holds float32 (or wider)
+  copies of the ``lora_a``/``lora_b`` leaves, in their own layout, and
+  ``optax.MaskedNode()`` elsewhere, so its state is float32 whatever the
+  parameter dtype; its updates are cast back to the parameter dtype.
+  Pairs are validated as in :func:`pairwise_transform`; statistics probes
+  get zero updates.
+
+  Args:
+    inner: transform for the factor leaves (element-wise or per leaf).
+    owner: the public name used in error messages.
+    pairing: see :func:`adaprelora_jax.pairing.plan_pairs`.
+    non_lora: transform for leaves that are not LoRA factors.
+    strict: raise if the params contain leaves that are not LoRA factors.
+
+  Returns:
+    The :class:`optax.GradientTransformationExtraArgs`.
+  """
+  router = _Router(owner, pairing, non_lora, strict, "tangent")
+  inner = optax.with_extra_args_support(inner)
+
+  def factor_tree(plan: pairing_lib.LoRAPlan, leaves: Sequence[Any]) -> Any:
+    tree: list[Any] = [optax.MaskedNode()] * plan.num_leaves
+    for pair in plan.pairs:
+      for index in (pair.a_index, pair.b_index):
+        leaf = leaves[index]
+        tree[index] = leaf.astype(jnp.promote_types(leaf.dtype, jnp.float32))
+    return plan.unflatten(tree)
+
+  def init_fn(params):
+    plan = router.plan(params)
+    return FactorwiseState(
+        factors=inner.init(factor_tree(plan, plan.leaves(params))),
+        non_lora=router.non_lora_transform(plan).init(params),
+    )
+
+  def update_fn(updates, state, params=None, **extra_args):
+    plan = router.plan(params)
+    grads = pairing_lib.check_matching_tree(plan, updates, "gradient")
+    param_leaves = plan.leaves(params)
+    factor_updates, factors_state = inner.update(
+        factor_tree(plan, grads), state.factors, factor_tree(plan, param_leaves),
+        **extra_args,
+    )
+    factor_leaves = plan.leaves(factor_updates)
+    out = list(grads)
+    for pair in plan.pairs:
+      for index in (pair.a_index, pair.b_index):
+        out[index] = factor_leaves[index].astype(param_leaves[index].dtype)
+    new_updates, non_lora_state = router.finish(plan, out, updates, state.non_lora, params)
+    return new_updates, FactorwiseState(factors_state, non_lora_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
