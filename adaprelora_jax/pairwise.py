@@ -226,7 +226,10 @@ def _init_field(plan: pairing_lib.LoRAPlan, field: Field) -> Any:
                      roles=tuple(by_role))
 
 
-def _gather_field(plan, leaves, group, field: Field):
+def _gather_field(
+    plan: pairing_lib.LoRAPlan, leaves: list[Any], group: pairing_lib.PairGroup,
+    field: Field,
+) -> Any:
   arrays = tuple(
       plan.gather(leaves, group, slot.role, factor_layout=slot.factor_layout)
       for slot in _field_slots(field)
@@ -234,13 +237,19 @@ def _gather_field(plan, leaves, group, field: Field):
   return arrays[0] if isinstance(field, Slot) else arrays
 
 
-def _scatter_field(plan, leaves, group, field: Field, value) -> None:
+def _scatter_field(
+    plan: pairing_lib.LoRAPlan, leaves: list[Any], group: pairing_lib.PairGroup,
+    field: Field, value: Any,
+) -> None:
   values = (value,) if isinstance(field, Slot) else value
   for slot, array in zip(_field_slots(field), values):
     plan.scatter(leaves, group, slot.role, array, factor_layout=slot.factor_layout)
 
 
-def _gather_inputs(plan, group, param_leaves, grads) -> PairInputs:
+def _gather_inputs(
+    plan: pairing_lib.LoRAPlan, group: pairing_lib.PairGroup,
+    param_leaves: list[Any], grads: list[Any],
+) -> PairInputs:
   gather = lambda leaves, role, **kw: plan.gather(leaves, group, role, **kw)
   row_stats = col_stats = None
   if group.exact_statistics:
@@ -304,6 +313,7 @@ def pairwise_transform(
   _check_fields(fields)
   router = _Router(owner, pairing, non_lora, strict, statistics, check_pair)
   active = {name: field for name, field in fields.items() if field is not None}
+  absent = {name: None for name in fields if name not in active}
 
   def init_fn(params):
     plan = router.plan(params)
@@ -312,7 +322,7 @@ def pairwise_transform(
         count=jnp.zeros([], jnp.int32),
         non_lora=router.non_lora_transform(plan).init(params),
         **trees,
-        **{name: None for name in fields if name not in active},
+        **absent,
     )
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -336,7 +346,7 @@ def pairwise_transform(
           name: _gather_field(plan, old_leaves[name], group, field)
           for name, field in active.items()
       }
-      pair_state.update({name: None for name in fields if name not in active})
+      pair_state.update(absent)
       delta_a, delta_b, new_pair_state = kernel(
           group_inputs, pair_state, state.count, total
       )
@@ -351,7 +361,7 @@ def pairwise_transform(
         count=optax.safe_increment(state.count),
         non_lora=non_lora_state,
         **{name: plan.unflatten(leaves) for name, leaves in new_leaves.items()},
-        **{name: None for name in fields if name not in active},
+        **absent,
     )
     return new_updates, new_state
 

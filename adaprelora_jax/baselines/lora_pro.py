@@ -138,9 +138,9 @@ def scale_by_lora_pro(
   not depend on the gauge), run Adam on ``g̃`` with full-size moments
   ``M, V`` (d_in × d_out each, float32), and project the Adam direction ``U``
   back: ``(u_a, u_b) = (s U bᵀ, s aᵀ U)``, Sylvester gauge. State
-  ``2 d_in d_out`` per pair, the memory of full fine-tuning, and two
-  ``O(d_in d_out r)`` products per step: this mode trades LoRA's memory
-  savings for a W-space Adam step.
+  ``2 d_in d_out`` per pair, the memory of full fine-tuning, and four
+  ``O(d_in d_out r)`` matrix products per step: this mode trades LoRA's
+  memory savings for a W-space Adam step.
 
   The two r×r Gram matrices ``S_a = aᵀa``, ``S_b = b bᵀ`` are decomposed once
   by ``eigh`` (float32 or wider); that gives the damped inverses
@@ -159,8 +159,9 @@ def scale_by_lora_pro(
   * The Sylvester equation is solved with ``eigh`` of the two symmetric
     Grams instead of the complex ``torch.linalg.eig`` recipe (TPU-safe;
     same solution), with the same undamped coefficient matrices.
-  * The reference uses ``pinv(S + δI)``; for singular directions of ``S``
-    that is ``1/δ`` (1e8), here 0 (above). Elsewhere they agree.
+  * The reference inverts ``pinv(S + δI)``, which for ``S = 0`` (``b`` at
+    LoRA init) is ``I/δ = 1e8·I``; here directions where ``S`` is
+    numerically zero get 0 (above). Elsewhere they agree.
   * The DeepSpeed release has a first-step branch (``ĝ_A = g_A``,
     ``ĝ_B = g_B (AAᵀ)⁻¹ / s²``) that never runs, because ``global_step`` is
     incremented before it is tested (issue #13). We follow the paper's
