@@ -19,11 +19,25 @@ Main entry points:
 * :func:`scale_by_adaprelora` -- the chainable core transform.
 * :func:`factor_update` -- the pure closed-form factor step.
 * :mod:`adaprelora_jax.nn` -- flax nnx LoRA layers with exact statistics.
+* :mod:`adaprelora_jax.baselines` -- the LoRA optimizers it is compared with:
+  :func:`lora_plus`, :func:`scaled_gd`, :func:`scaled_adamw`,
+  :func:`lora_pro`, :func:`lora_rite` (and their ``scale_by_*`` cores).
 """
 
+from adaprelora_jax import baselines
 from adaprelora_jax import kernels
 from adaprelora_jax import nn
 from adaprelora_jax import pairing
+from adaprelora_jax import pairwise
+from adaprelora_jax.baselines import lora_plus
+from adaprelora_jax.baselines import lora_pro
+from adaprelora_jax.baselines import lora_rite
+from adaprelora_jax.baselines import scale_by_lora_plus
+from adaprelora_jax.baselines import scale_by_lora_pro
+from adaprelora_jax.baselines import scale_by_lora_rite
+from adaprelora_jax.baselines import scale_by_riemannian_preconditioner
+from adaprelora_jax.baselines import scaled_adamw
+from adaprelora_jax.baselines import scaled_gd
 from adaprelora_jax.kernels import factor_update
 from adaprelora_jax.pairing import LoRARole
 from adaprelora_jax.pairing import nnx_pairing
@@ -41,14 +55,25 @@ __all__ = (
     "LoRARole",
     "ScaleByAdaPreLoRAState",
     "adaprelora",
+    "baselines",
     "decay_rate_pow",
     "factor_update",
     "kernels",
+    "lora_plus",
+    "lora_pro",
+    "lora_rite",
     "nn",
     "nnx_pairing",
     "nonfinite_report",
     "pairing",
+    "pairwise",
     "peft_pairing",
     "plan_pairs",
     "scale_by_adaprelora",
+    "scale_by_lora_plus",
+    "scale_by_lora_pro",
+    "scale_by_lora_rite",
+    "scale_by_riemannian_preconditioner",
+    "scaled_adamw",
+    "scaled_gd",
 )

@@ -34,21 +34,12 @@ from typing import Literal, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from adaprelora_jax import linalg
+from adaprelora_jax.linalg import compute_dtype
+from adaprelora_jax.linalg import matmul
+
 TieBreaker = Literal["imbalance", "half", "factor_norm"]
 TIE_BREAKERS: tuple[str, ...] = ("imbalance", "half", "factor_norm")
-
-# r×r algebra and the tall-skinny products are cheap next to the model; ask
-# for full float32 accuracy (TPUs would otherwise use bf16 passes for f32).
-_PRECISION = jax.lax.Precision.HIGHEST
-
-
-def _mm(x: jax.Array, y: jax.Array) -> jax.Array:
-  return jnp.matmul(x, y, precision=_PRECISION)
-
-
-def compute_dtype(*arrays: jax.Array) -> jnp.dtype:
-  """float32, or wider if an input is wider (e.g. float64 under x64)."""
-  return jnp.result_type(jnp.float32, *(x.dtype for x in arrays))
 
 
 class FactorStep(NamedTuple):
@@ -92,21 +83,17 @@ def psd_inverse(
   Returns:
     The (r, r) inverse.
   """
+  if pseudo_inverse:
+    return linalg.damped_pseudo_inverse(*linalg.psd_eigh(gram), damping=0.0)
   r = gram.shape[-1]
   eye = jnp.eye(r, dtype=gram.dtype)
   # Symmetrize: the Gram products are symmetric only up to rounding.
   gram = 0.5 * (gram + gram.T)
-  if pseudo_inverse:
-    eigenvalues, eigenvectors = jnp.linalg.eigh(gram)
-    cutoff = r * jnp.finfo(gram.dtype).eps * jnp.max(jnp.abs(eigenvalues))
-    keep = eigenvalues > cutoff
-    inverse_eigenvalues = jnp.where(keep, 1.0 / jnp.where(keep, eigenvalues, 1.0), 0.0)
-    return _mm(eigenvectors * inverse_eigenvalues, eigenvectors.T)
   shift = damping * jnp.trace(gram) / r + damping_floor
   cholesky = jnp.linalg.cholesky(gram + shift * eye)
   # Two triangular solves give L⁻ᵀL⁻¹ = (LLᵀ)⁻¹ without forming a general inverse.
   inverse_cholesky = jax.scipy.linalg.solve_triangular(cholesky, eye, lower=True)
-  return _mm(inverse_cholesky.T, inverse_cholesky)
+  return matmul(inverse_cholesky.T, inverse_cholesky)
 
 
 def _select_theta(
@@ -212,9 +199,9 @@ def factor_step(
       x.astype(dtype) for x in (lora_a, lora_b, grad_a, grad_b, row_scale, col_scale)
   )
   # S_a = aᵀ diag(p) a, S_b = b diag(q) bᵀ, K = aᵀ g_a (= g_b bᵀ): DESIGN.md §3.
-  gram_a = _mm(a.T, p[:, None] * a)
-  gram_b = _mm(b * q[None, :], b.T)
-  shared = _mm(a.T, g_a)
+  gram_a = matmul(a.T, p[:, None] * a)
+  gram_b = matmul(b * q[None, :], b.T)
+  shared = matmul(a.T, g_a)
   inverse_a = psd_inverse(
       gram_a,
       damping=damping,
@@ -229,11 +216,11 @@ def factor_step(
   )
   # δa = (g_a/p − θ a S_a⁻¹ K) S_b⁻¹,  δb = S_a⁻¹ (g_b/q − (1−θ) K S_b⁻¹ b)
   #    = X_a − θ·aN,                   = X_b − (1−θ)·Nb,   N = S_a⁻¹ K S_b⁻¹.
-  x_a = _mm(g_a / p[:, None], inverse_b)
-  x_b = _mm(inverse_a, g_b / q[None, :])
-  core = _mm(_mm(inverse_a, shared), inverse_b)
-  a_n = _mm(a, core)
-  n_b = _mm(core, b)
+  x_a = matmul(g_a / p[:, None], inverse_b)
+  x_b = matmul(inverse_a, g_b / q[None, :])
+  core = matmul(matmul(inverse_a, shared), inverse_b)
+  a_n = matmul(a, core)
+  n_b = matmul(core, b)
   # DESIGN.md §4: u = tr(g_aᵀ diag(1/p) g_a S_b⁻¹) = ⟨g_a, X_a⟩,
   # v = tr(S_a⁻¹ g_b diag(1/q) g_bᵀ) = ⟨g_b, X_b⟩, w = tr(S_a⁻¹ K S_b⁻¹ Kᵀ).
   imbalance_u = jnp.sum(g_a * x_a)
@@ -419,15 +406,15 @@ def tangent_gradient_statistics(
   dtype = compute_dtype(lora_a, lora_b, grad_a, grad_b)
   a, b, g_a, g_b = (x.astype(dtype) for x in (lora_a, lora_b, grad_a, grad_b))
   d_in, d_out = a.shape[0], b.shape[1]
-  inverse_a = psd_inverse(_mm(a.T, a), damping=damping, damping_floor=damping_floor)
-  inverse_b = psd_inverse(_mm(b, b.T), damping=damping, damping_floor=damping_floor)
-  shared = _mm(a.T, g_a)
+  inverse_a = psd_inverse(matmul(a.T, a), damping=damping, damping_floor=damping_floor)
+  inverse_b = psd_inverse(matmul(b, b.T), damping=damping, damping_floor=damping_floor)
+  shared = matmul(a.T, g_a)
   # Φ and Ω are PSD in exact arithmetic (Schur complements); rounding can make
   # the quadratic forms slightly negative, hence the clamp below.
-  phi = _mm(_mm(inverse_a, _mm(g_b, g_b.T) - _mm(_mm(shared, inverse_b), shared.T)), inverse_a)
-  omega = _mm(_mm(inverse_b, _mm(g_a.T, g_a) - _mm(_mm(shared.T, inverse_a), shared)), inverse_b)
-  row_sums = jnp.sum(_mm(a, phi) * a, axis=1) + jnp.sum(_mm(g_a, inverse_b) * g_a, axis=1)
-  col_sums = jnp.sum(_mm(omega, b) * b, axis=0) + jnp.sum(_mm(inverse_a, g_b) * g_b, axis=0)
+  phi = matmul(matmul(inverse_a, matmul(g_b, g_b.T) - matmul(matmul(shared, inverse_b), shared.T)), inverse_a)
+  omega = matmul(matmul(inverse_b, matmul(g_a.T, g_a) - matmul(matmul(shared.T, inverse_a), shared)), inverse_b)
+  row_sums = jnp.sum(matmul(a, phi) * a, axis=1) + jnp.sum(matmul(g_a, inverse_b) * g_a, axis=1)
+  col_sums = jnp.sum(matmul(omega, b) * b, axis=0) + jnp.sum(matmul(inverse_a, g_b) * g_b, axis=0)
   return jnp.maximum(row_sums, 0.0) / d_out, jnp.maximum(col_sums, 0.0) / d_in
 
 

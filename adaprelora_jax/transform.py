@@ -25,6 +25,7 @@ import optax
 
 from adaprelora_jax import kernels
 from adaprelora_jax import pairing as pairing_lib
+from adaprelora_jax import pairwise
 
 Statistics = Literal["auto", "exact", "tangent"]
 NonFinitePolicy = Literal["skip", "propagate"]
@@ -69,16 +70,6 @@ class ScaleByAdaPreLoRAState(NamedTuple):
   momentum: Optional[optax.Updates]
   nonfinite_count: optax.Updates
   non_lora: optax.OptState
-
-
-class _PairOutput(NamedTuple):
-  delta_a: jax.Array
-  delta_b: jax.Array
-  row_second_moment: jax.Array
-  col_second_moment: jax.Array
-  momentum_a: Optional[jax.Array]
-  momentum_b: Optional[jax.Array]
-  skipped: jax.Array
 
 
 def _all_finite(*arrays: jax.Array) -> jax.Array:
@@ -187,54 +178,23 @@ def scale_by_adaprelora(
     raise ValueError(
         f"statistics must be 'auto', 'exact' or 'tangent', got {statistics!r}."
     )
-  _check_positive_if_concrete("damping_floor", damping_floor)
-  _check_positive_if_concrete("damping", damping, allow_zero=True)
+  pairwise.check_positive("damping_floor", damping_floor)
+  pairwise.check_positive("damping", damping, allow_zero=True)
   pairing_lib.resolve_pairing(pairing)  # Fail early on a bad preset name.
-  non_lora = optax.scale_by_adam() if non_lora is None else non_lora
   decay_rate_fn = decay_rate_pow if decay_rate_fn is None else decay_rate_fn
 
-  def make_plan(params) -> pairing_lib.LoRAPlan:
-    if params is None:
-      raise ValueError(
-          "scale_by_adaprelora needs the params to find the LoRA pairs: call "
-          "update(grads, state, params)."
-      )
-    return pairing_lib.plan_pairs(
-        params, pairing, strict=strict, statistics=statistics
-    )
-
-  def non_lora_transform(plan: pairing_lib.LoRAPlan):
-    return optax.masked(non_lora, plan.other_mask())
-
-  def init_fn(params):
-    plan = make_plan(params)
-
-    def moment(pair, role):
-      size = pair.d_in if role == "a" else pair.d_out
-      return jnp.zeros((*pair.lead_shape, size), jnp.float32)
-
-    def factor_zeros(pair, role):
-      shape = pairing_lib.leaf_shape(pair, role)
-      return jnp.zeros(shape, jnp.float32)
-
-    return ScaleByAdaPreLoRAState(
-        count=jnp.zeros([], jnp.int32),
-        row_second_moment=plan.mirror(moment, roles=("a",)),
-        col_second_moment=plan.mirror(moment, roles=("b",)),
-        momentum=None if b1 is None else plan.mirror(factor_zeros),
-        nonfinite_count=plan.mirror(
-            lambda pair, role: jnp.zeros(pair.lead_shape, jnp.int32), roles=("a",)
-        ),
-        non_lora=non_lora_transform(plan).init(params),
-    )
-
-  def pair_update(a, b, g_a, g_b, row_stats, col_stats, row_moment, col_moment,
-                  momentum_a, momentum_b, beta2, count):
-    """One pair, canonical layout; vmapped over a stacked group."""
-    if row_stats is None:
+  def update_pair(pair, state, count, total):
+    del total
+    a, b, g_a, g_b = pair.lora_a, pair.lora_b, pair.grad_a, pair.grad_b
+    if pair.row_stats is None:
       row_stats, col_stats = kernels.tangent_gradient_statistics(
           a, b, g_a, g_b, damping=damping, damping_floor=damping_floor
       )
+    else:
+      row_stats = pair.row_stats.astype(jnp.float32)
+      col_stats = pair.col_stats.astype(jnp.float32)
+    beta2 = decay_rate_fn(count - step_offset, decay_rate)
+    row_moment, col_moment = state["row_second_moment"], state["col_second_moment"]
     new_row_moment = beta2 * row_moment + (1.0 - beta2) * (row_stats + eps)
     new_col_moment = beta2 * col_moment + (1.0 - beta2) * (col_stats + eps)
     row_scale, col_scale = kernels.factored_scales(new_row_moment, new_col_moment)
@@ -250,104 +210,48 @@ def scale_by_adaprelora(
       rms = jnp.sqrt(jnp.maximum(step.descent, 0.0) / weight_total)
       scale = 1.0 / jnp.maximum(1.0, rms / clipping_threshold)
       delta_a, delta_b = delta_a * scale, delta_b * scale
-    new_momentum_a = new_momentum_b = None
+    new_momentum = None
     if b1 is not None:
-      new_momentum_a = b1 * momentum_a + (1.0 - b1) * delta_a
-      new_momentum_b = b1 * momentum_b + (1.0 - b1) * delta_b
+      momentum_a, momentum_b = state["momentum"]
+      new_momentum = (b1 * momentum_a + (1.0 - b1) * delta_a,
+                      b1 * momentum_b + (1.0 - b1) * delta_b)
       bias_correction = 1.0 - b1 ** (count + 1).astype(delta_a.dtype)
-      delta_a = new_momentum_a / bias_correction
-      delta_b = new_momentum_b / bias_correction
-    new_state = (new_row_moment, new_col_moment, new_momentum_a, new_momentum_b)
-    if nonfinite == "propagate":
-      return _PairOutput(delta_a, delta_b, *new_state, skipped=jnp.array(False))
-    inputs = [g_a, g_b] + ([] if row_stats is None else [row_stats, col_stats])
-    ok = _all_finite(*inputs) & _all_finite(delta_a, delta_b)
-    old_state = (row_moment, col_moment, momentum_a, momentum_b)
-    kept = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state, old_state)
-    return _PairOutput(
-        jnp.where(ok, delta_a, 0.0), jnp.where(ok, delta_b, 0.0), *kept,
-        skipped=~ok,
-    )
+      delta_a = new_momentum[0] / bias_correction
+      delta_b = new_momentum[1] / bias_correction
+    moments = {
+        "row_second_moment": new_row_moment,
+        "col_second_moment": new_col_moment,
+        "momentum": new_momentum,
+    }
+    skipped = jnp.array(False)
+    if nonfinite == "skip":
+      inputs = [g_a, g_b] + ([] if pair.row_stats is None else [row_stats, col_stats])
+      ok = _all_finite(*inputs) & _all_finite(delta_a, delta_b)
+      previous = {name: state[name] for name in moments}
+      moments = jax.tree.map(lambda new, old: jnp.where(ok, new, old), moments, previous)
+      delta_a, delta_b = jnp.where(ok, delta_a, 0.0), jnp.where(ok, delta_b, 0.0)
+      skipped = ~ok
+    skips = state["nonfinite_count"] + skipped.astype(jnp.int32)
+    return delta_a, delta_b, {**moments, "nonfinite_count": skips}
 
-  def update_fn(updates, state, params=None, **extra_args):
-    del extra_args
-    plan = make_plan(params)
-    grads = pairing_lib.check_matching_tree(plan, updates, "gradient")
-    param_leaves = plan.leaves(params)
-    row_leaves = plan.leaves(state.row_second_moment)
-    col_leaves = plan.leaves(state.col_second_moment)
-    skip_leaves = plan.leaves(state.nonfinite_count)
-    momentum_leaves = None if b1 is None else plan.leaves(state.momentum)
-    beta2 = decay_rate_fn(state.count - step_offset, decay_rate)
-
-    out_updates = list(grads)
-    new_rows, new_cols, new_skips = list(row_leaves), list(col_leaves), list(skip_leaves)
-    new_momentum = None if b1 is None else list(momentum_leaves)
-    for group in plan.groups:
-      gather = lambda leaves, role, **kw: plan.gather(leaves, group, role, **kw)
-      a, b = gather(param_leaves, "a"), gather(param_leaves, "b")
-      g_a, g_b = gather(grads, "a"), gather(grads, "b")
-      row_stats = col_stats = None
-      if group.exact_statistics:
-        row_stats = gather(grads, "row_stats", factor_layout=False).astype(jnp.float32)
-        col_stats = gather(grads, "col_stats", factor_layout=False).astype(jnp.float32)
-      row_moment = gather(row_leaves, "a", factor_layout=False)
-      col_moment = gather(col_leaves, "b", factor_layout=False)
-      momentum_a = momentum_b = None
-      if b1 is not None:
-        momentum_a, momentum_b = gather(momentum_leaves, "a"), gather(momentum_leaves, "b")
-      output = jax.vmap(pair_update, in_axes=(0,) * 10 + (None, None))(
-          a, b, g_a, g_b, row_stats, col_stats, row_moment, col_moment,
-          momentum_a, momentum_b, beta2, state.count,
-      )
-      scatter = lambda leaves, role, value, **kw: plan.scatter(
-          leaves, group, role, value, **kw)
-      dtype_a = group.members[0].dtype
-      scatter(out_updates, "a", output.delta_a.astype(dtype_a))
-      scatter(out_updates, "b", output.delta_b.astype(dtype_a))
-      scatter(new_rows, "a", output.row_second_moment, factor_layout=False)
-      scatter(new_cols, "b", output.col_second_moment, factor_layout=False)
-      previous_skips = gather(skip_leaves, "a", factor_layout=False)
-      scatter(new_skips, "a", previous_skips + output.skipped.astype(jnp.int32),
-              factor_layout=False)
-      if b1 is not None:
-        scatter(new_momentum, "a", output.momentum_a)
-        scatter(new_momentum, "b", output.momentum_b)
-
-    for index in plan.statistics_indices:
-      # Statistics probes are not parameters to move.
-      out_updates[index] = jnp.zeros_like(grads[index])
-    if plan.other_indices:
-      other_updates, non_lora_state = non_lora_transform(plan).update(
-          updates, state.non_lora, params
-      )
-      other_leaves = plan.leaves(other_updates)
-      for index in plan.other_indices:
-        out_updates[index] = other_leaves[index]
-    else:
-      non_lora_state = state.non_lora
-
-    new_state = ScaleByAdaPreLoRAState(
-        count=optax.safe_increment(state.count),
-        row_second_moment=plan.unflatten(new_rows),
-        col_second_moment=plan.unflatten(new_cols),
-        momentum=None if b1 is None else plan.unflatten(new_momentum),
-        nonfinite_count=plan.unflatten(new_skips),
-        non_lora=non_lora_state,
-    )
-    return plan.unflatten(out_updates), new_state
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def _check_positive_if_concrete(name: str, value: Any, allow_zero: bool = False) -> None:
-  try:
-    number = float(value)
-  except (TypeError, jax.errors.ConcretizationTypeError):
-    return
-  if not (number >= 0.0 if allow_zero else number > 0.0):
-    bound = ">= 0" if allow_zero else "> 0"
-    raise ValueError(f"{name} must be {bound}, got {value!r}.")
+  return pairwise.pairwise_transform(
+      update_pair,
+      fields={
+          "row_second_moment": pairwise.Slot("a", ("d_in",)),
+          "col_second_moment": pairwise.Slot("b", ("d_out",)),
+          "momentum": None if b1 is None else (
+              pairwise.Slot("a", ("d_in", "rank")),
+              pairwise.Slot("b", ("rank", "d_out")),
+          ),
+          "nonfinite_count": pairwise.Slot("a", (), jnp.int32),
+      },
+      state_type=ScaleByAdaPreLoRAState,
+      owner="scale_by_adaprelora",
+      pairing=pairing,
+      non_lora=pairwise.default_non_lora(non_lora),
+      strict=strict,
+      statistics=statistics,
+  )
 
 
 def adaprelora(

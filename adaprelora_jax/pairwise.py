@@ -1,0 +1,446 @@
+# Copyright 2026 The adaprelora_jax Authors.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Turning a rule for one LoRA pair into an optax transform.
+
+Every LoRA optimizer in this package is a rule for a single pair ``(a, b)``
+(canonical flax layout ``a: (d_in, r)``, ``b: (r, d_out)``) plus the same
+plumbing around it: find and validate the pairs (:mod:`adaprelora_jax.pairing`),
+check the gradients against them, keep per-pair state in trees that mirror the
+params, hand the leaves that are not LoRA factors to a fallback transform,
+give the exact-statistics probe leaves of :class:`adaprelora_jax.nn.LoRA` zero
+updates, and cast the result back to the parameter dtype. Two entry points
+share that plumbing:
+
+* :func:`pairwise_transform` runs a per-pair kernel. Same-shaped pairs are
+  stacked and processed by one ``jax.vmap`` (the traced program does not grow
+  with the number of layers). Kernels that need a reduction over *all* pairs
+  before updating any (LoRA-RITE's global gradient clipping) supply a
+  ``prepare_pair`` first pass.
+* :func:`factorwise_transform` applies an ordinary optax transform (e.g.
+  ``optax.scale_by_adam``) to the LoRA factors only, leaf by leaf, with float32
+  state whatever the parameter dtype. For element-wise rules this avoids the
+  copies that stacking would cost.
+
+Per-pair state is declared as slots (:class:`Slot`). A slot's entries sit in
+a tree shaped like the params at the position of one factor (so they can be
+sharded like it), with ``optax.MaskedNode()`` everywhere else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal, NamedTuple, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from adaprelora_jax import linalg
+from adaprelora_jax import pairing as pairing_lib
+
+Dim = Literal["d_in", "rank", "d_out"]
+
+
+class Slot(NamedTuple):
+  """One per-pair state array, stored at the position of one factor.
+
+  Attributes:
+    role: ``"a"`` or ``"b"``: the factor whose position holds the entry.
+    dims: the per-pair shape as names of the pair's sizes, e.g.
+      ``("d_in", "rank")``, ``("rank", "rank")`` or ``()`` for a scalar.
+      Arrays shaped like their own factor (``("d_in", "rank")`` at ``"a"``,
+      ``("rank", "d_out")`` at ``"b"``) are stored in that leaf's layout
+      (transposed for peft-style pairs); all others in the canonical one.
+      Leading (stacked-layer) axes of the factor are prepended.
+    dtype: the array dtype (float32 unless stated).
+  """
+
+  role: Literal["a", "b"]
+  dims: tuple[Dim, ...]
+  dtype: Any = jnp.float32
+
+  @property
+  def factor_layout(self) -> bool:
+    return self.dims == _FACTOR_DIMS[self.role]
+
+
+_FACTOR_DIMS = {"a": ("d_in", "rank"), "b": ("rank", "d_out")}
+
+# A state field: one tree holding one slot, or several slots at distinct
+# factors (e.g. a momentum with an entry at ``lora_a`` and one at ``lora_b``,
+# which the kernel sees as a tuple in the order given).
+Field = Union[Slot, tuple[Slot, ...]]
+
+
+class PairInputs(NamedTuple):
+  """One LoRA pair as a kernel sees it (canonical layout, parameter dtype).
+
+  Attributes:
+    lora_a: ``a`` (d_in, r).
+    lora_b: ``b`` (r, d_out).
+    grad_a: ``∂L/∂a`` (d_in, r).
+    grad_b: ``∂L/∂b`` (r, d_out).
+    row_stats: exact row means of ``G²`` (d_in,) when the pair carries
+      statistics probes and the transform asked for them, else None.
+    col_stats: likewise, column means (d_out,).
+  """
+
+  lora_a: jax.Array
+  lora_b: jax.Array
+  grad_a: jax.Array
+  grad_b: jax.Array
+  row_stats: Optional[jax.Array] = None
+  col_stats: Optional[jax.Array] = None
+
+  def promoted(self) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """``(a, b, g_a, g_b)`` in :func:`adaprelora_jax.linalg.compute_dtype`."""
+    factors = (self.lora_a, self.lora_b, self.grad_a, self.grad_b)
+    dtype = linalg.compute_dtype(*factors)
+    return tuple(x.astype(dtype) for x in factors)
+
+
+# update_pair(inputs, state, count, total) -> (delta_a, delta_b, new_state):
+# ``inputs`` is a PairInputs (or what ``prepare_pair`` returned), ``state`` a
+# dict of the pair's fields, ``count`` the number of previous updates and
+# ``total`` the sum over all pairs of prepare_pair's scalar (None without it).
+PairKernel = Callable[
+    [Any, dict[str, Any], jax.Array, Optional[jax.Array]],
+    tuple[jax.Array, jax.Array, dict[str, Any]],
+]
+PreparePair = Callable[[PairInputs], tuple[Any, jax.Array]]
+
+
+def default_non_lora(
+    non_lora: Optional[optax.GradientTransformation],
+) -> optax.GradientTransformation:
+  """The fallback for leaves that are not LoRA factors: Adam unless given."""
+  return optax.scale_by_adam() if non_lora is None else non_lora
+
+
+def check_positive(name: str, value: Any, *, allow_zero: bool = False) -> None:
+  """Raises for a negative (or zero) hyperparameter known at construction.
+
+  Traced values (``optax.inject_hyperparams``) are not checked.
+  """
+  try:
+    number = float(value)
+  except (TypeError, jax.errors.ConcretizationTypeError):
+    return
+  if not (number >= 0.0 if allow_zero else number > 0.0):
+    bound = ">= 0" if allow_zero else "> 0"
+    raise ValueError(f"{name} must be {bound}, got {value!r}.")
+
+
+class _Router(NamedTuple):
+  """What both entry points share: finding pairs and finishing updates."""
+
+  owner: str
+  pairing: pairing_lib.Pairing
+  non_lora: optax.GradientTransformation
+  strict: bool
+  statistics: Literal["auto", "exact", "tangent"]
+  check_pair: Optional[Callable[[pairing_lib.PairInfo], None]] = None
+
+  def plan(self, params: Any) -> pairing_lib.LoRAPlan:
+    if params is None:
+      raise ValueError(
+          f"{self.owner} needs the params to find the LoRA pairs: call "
+          "update(grads, state, params)."
+      )
+    plan = pairing_lib.plan_pairs(
+        params, self.pairing, strict=self.strict, statistics=self.statistics
+    )
+    if self.check_pair is not None:
+      for pair in plan.pairs:
+        self.check_pair(pair)
+    return plan
+
+  def non_lora_transform(self, plan: pairing_lib.LoRAPlan):
+    return optax.masked(self.non_lora, plan.other_mask())
+
+  def finish(
+      self,
+      plan: pairing_lib.LoRAPlan,
+      out: list[Any],
+      updates: Any,
+      non_lora_state: optax.OptState,
+      params: Any,
+  ) -> tuple[Any, optax.OptState]:
+    """Zero updates for statistics probes and the fallback for other leaves.
+
+    ``out`` holds the flattened updates with the LoRA factors already set.
+    """
+    for index in plan.statistics_indices:
+      # Statistics probes are not parameters to move.
+      out[index] = jnp.zeros_like(out[index])
+    if plan.other_indices:
+      other_updates, non_lora_state = self.non_lora_transform(plan).update(
+          updates, non_lora_state, params
+      )
+      other_leaves = plan.leaves(other_updates)
+      for index in plan.other_indices:
+        out[index] = other_leaves[index]
+    return plan.unflatten(out), non_lora_state
+
+
+def _field_slots(field: Field) -> tuple[Slot, ...]:
+  # A Slot is itself a tuple: test for it first.
+  return (field,) if isinstance(field, Slot) else field
+
+
+def _check_fields(fields: Mapping[str, Optional[Field]]) -> None:
+  for name, field in fields.items():
+    if field is None:
+      continue
+    roles = [slot.role for slot in _field_slots(field)]
+    if len(set(roles)) != len(roles) or not set(roles) <= {"a", "b"}:
+      raise ValueError(
+          f"State field {name!r} needs at most one slot per factor role, got "
+          f"roles {roles}."
+      )
+
+
+def _slot_zeros(pair: pairing_lib.PairInfo, slot: Slot) -> jax.Array:
+  if slot.factor_layout:
+    shape = pairing_lib.leaf_shape(pair, slot.role)
+  else:
+    sizes = {"d_in": pair.d_in, "rank": pair.rank, "d_out": pair.d_out}
+    shape = (*pair.lead_shape, *(sizes[dim] for dim in slot.dims))
+  return jnp.zeros(shape, slot.dtype)
+
+
+def _init_field(plan: pairing_lib.LoRAPlan, field: Field) -> Any:
+  by_role = {slot.role: slot for slot in _field_slots(field)}
+  return plan.mirror(lambda pair, role: _slot_zeros(pair, by_role[role]),
+                     roles=tuple(by_role))
+
+
+def _gather_field(
+    plan: pairing_lib.LoRAPlan, leaves: list[Any], group: pairing_lib.PairGroup,
+    field: Field,
+) -> Any:
+  arrays = tuple(
+      plan.gather(leaves, group, slot.role, factor_layout=slot.factor_layout)
+      for slot in _field_slots(field)
+  )
+  return arrays[0] if isinstance(field, Slot) else arrays
+
+
+def _scatter_field(
+    plan: pairing_lib.LoRAPlan, leaves: list[Any], group: pairing_lib.PairGroup,
+    field: Field, value: Any,
+) -> None:
+  values = (value,) if isinstance(field, Slot) else value
+  for slot, array in zip(_field_slots(field), values):
+    plan.scatter(leaves, group, slot.role, array, factor_layout=slot.factor_layout)
+
+
+def _gather_inputs(
+    plan: pairing_lib.LoRAPlan, group: pairing_lib.PairGroup,
+    param_leaves: list[Any], grads: list[Any],
+) -> PairInputs:
+  gather = lambda leaves, role, **kw: plan.gather(leaves, group, role, **kw)
+  row_stats = col_stats = None
+  if group.exact_statistics:
+    row_stats = gather(grads, "row_stats", factor_layout=False)
+    col_stats = gather(grads, "col_stats", factor_layout=False)
+  return PairInputs(
+      gather(param_leaves, "a"), gather(param_leaves, "b"),
+      gather(grads, "a"), gather(grads, "b"), row_stats, col_stats,
+  )
+
+
+def pairwise_transform(
+    update_pair: PairKernel,
+    *,
+    fields: Mapping[str, Optional[Field]],
+    state_type: Callable[..., Any],
+    owner: str,
+    pairing: pairing_lib.Pairing,
+    non_lora: optax.GradientTransformation,
+    strict: bool,
+    statistics: Literal["auto", "exact", "tangent"] = "tangent",
+    prepare_pair: Optional[PreparePair] = None,
+    check_pair: Optional[Callable[[pairing_lib.PairInfo], None]] = None,
+) -> optax.GradientTransformationExtraArgs:
+  """An optax transform from a rule for one LoRA pair.
+
+  For each group of same-shaped pairs the kernel is ``jax.vmap``-ed over the
+  stacked pairs::
+
+    delta_a, delta_b, new_state = update_pair(inputs, state, count, total)
+
+  ``delta_*`` are the factor updates (any floating dtype; cast to the
+  parameter dtype), ``state`` / ``new_state`` map each name of ``fields`` to
+  the pair's arrays (a tuple for multi-slot fields, None for a None field),
+  ``count`` is the number of previous updates. If ``prepare_pair`` is given,
+  a first pass computes ``(carry, contribution) = prepare_pair(inputs)`` for
+  every pair, ``total`` is the sum of all contributions (over every pair of
+  the tree) and the kernel receives ``carry`` instead of ``inputs``;
+  otherwise ``total`` is None.
+
+  Args:
+    update_pair: the per-pair kernel (above).
+    fields: per-pair state: field name -> :class:`Slot`, tuple of slots (at
+      distinct factors) or None (field absent; its state entry is None).
+    state_type: called as ``state_type(count=..., non_lora=..., **trees)``
+      with one tree per field; normally the transform's state NamedTuple.
+    owner: the public name used in error messages.
+    pairing: see :func:`adaprelora_jax.pairing.plan_pairs`.
+    non_lora: transform for leaves that are not LoRA factors.
+    strict: raise if the params contain leaves that are not LoRA factors.
+    statistics: which pairs receive exact statistics in ``PairInputs``
+      (see :func:`adaprelora_jax.pairing.plan_pairs`); ``"tangent"`` (no pair
+      does) for rules that do not use them.
+    prepare_pair: optional first pass (above).
+    check_pair: called with every pair's :class:`PairInfo` when the pairs are
+      found; raises (naming ``pair.a_path``) for pairs the rule cannot handle.
+
+  Returns:
+    The :class:`optax.GradientTransformationExtraArgs`.
+  """
+  _check_fields(fields)
+  router = _Router(owner, pairing, non_lora, strict, statistics, check_pair)
+  active = {name: field for name, field in fields.items() if field is not None}
+  absent = {name: None for name in fields if name not in active}
+
+  def init_fn(params):
+    plan = router.plan(params)
+    trees = {name: _init_field(plan, field) for name, field in active.items()}
+    return state_type(
+        count=jnp.zeros([], jnp.int32),
+        non_lora=router.non_lora_transform(plan).init(params),
+        **trees,
+        **absent,
+    )
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del extra_args
+    plan = router.plan(params)
+    grads = pairing_lib.check_matching_tree(plan, updates, "gradient")
+    param_leaves = plan.leaves(params)
+    old_leaves = {name: plan.leaves(getattr(state, name)) for name in active}
+    new_leaves = {name: list(leaves) for name, leaves in old_leaves.items()}
+    inputs = [_gather_inputs(plan, group, param_leaves, grads) for group in plan.groups]
+    total = None
+    if prepare_pair is not None:
+      prepared = [jax.vmap(prepare_pair)(group_inputs) for group_inputs in inputs]
+      inputs = [carry for carry, _ in prepared]
+      total = sum(jnp.sum(contribution) for _, contribution in prepared)
+
+    out = list(grads)
+    kernel = jax.vmap(update_pair, in_axes=(0, 0, None, None))
+    for group, group_inputs in zip(plan.groups, inputs):
+      pair_state = {
+          name: _gather_field(plan, old_leaves[name], group, field)
+          for name, field in active.items()
+      }
+      pair_state.update(absent)
+      delta_a, delta_b, new_pair_state = kernel(
+          group_inputs, pair_state, state.count, total
+      )
+      dtype = group.members[0].dtype
+      plan.scatter(out, group, "a", delta_a.astype(dtype))
+      plan.scatter(out, group, "b", delta_b.astype(dtype))
+      for name, field in active.items():
+        _scatter_field(plan, new_leaves[name], group, field, new_pair_state[name])
+
+    new_updates, non_lora_state = router.finish(plan, out, updates, state.non_lora, params)
+    new_state = state_type(
+        count=optax.safe_increment(state.count),
+        non_lora=non_lora_state,
+        **{name: plan.unflatten(leaves) for name, leaves in new_leaves.items()},
+        **absent,
+    )
+    return new_updates, new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+class FactorwiseState(NamedTuple):
+  """State of :func:`factorwise_transform`.
+
+  Attributes:
+    factors: state of the inner transform, over a tree shaped like the params
+      with float32 (or wider) arrays at the LoRA factors and
+      ``optax.MaskedNode()`` elsewhere.
+    non_lora: state of the transform applied to the other leaves.
+  """
+
+  factors: optax.OptState
+  non_lora: optax.OptState
+
+
+def factorwise_transform(
+    inner: optax.GradientTransformation,
+    *,
+    owner: str,
+    pairing: pairing_lib.Pairing,
+    non_lora: optax.GradientTransformation,
+    strict: bool,
+) -> optax.GradientTransformationExtraArgs:
+  """Applies ``inner`` to the LoRA factors and ``non_lora`` to other leaves.
+
+  ``inner`` sees a tree shaped like the params that holds float32 (or wider)
+  copies of the ``lora_a``/``lora_b`` leaves, in their own layout, and
+  ``optax.MaskedNode()`` elsewhere, so its state is float32 whatever the
+  parameter dtype; its updates are cast back to the parameter dtype.
+  Pairs are validated as in :func:`pairwise_transform`; statistics probes
+  get zero updates.
+
+  Args:
+    inner: transform for the factor leaves (element-wise or per leaf).
+    owner: the public name used in error messages.
+    pairing: see :func:`adaprelora_jax.pairing.plan_pairs`.
+    non_lora: transform for leaves that are not LoRA factors.
+    strict: raise if the params contain leaves that are not LoRA factors.
+
+  Returns:
+    The :class:`optax.GradientTransformationExtraArgs`.
+  """
+  router = _Router(owner, pairing, non_lora, strict, "tangent")
+  inner = optax.with_extra_args_support(inner)
+
+  def factor_tree(plan: pairing_lib.LoRAPlan, leaves: Sequence[Any]) -> Any:
+    tree: list[Any] = [optax.MaskedNode()] * plan.num_leaves
+    for pair in plan.pairs:
+      for index in (pair.a_index, pair.b_index):
+        leaf = leaves[index]
+        tree[index] = leaf.astype(jnp.promote_types(leaf.dtype, jnp.float32))
+    return plan.unflatten(tree)
+
+  def init_fn(params):
+    plan = router.plan(params)
+    return FactorwiseState(
+        factors=inner.init(factor_tree(plan, plan.leaves(params))),
+        non_lora=router.non_lora_transform(plan).init(params),
+    )
+
+  def update_fn(updates, state, params=None, **extra_args):
+    plan = router.plan(params)
+    grads = pairing_lib.check_matching_tree(plan, updates, "gradient")
+    param_leaves = plan.leaves(params)
+    factor_updates, factors_state = inner.update(
+        factor_tree(plan, grads), state.factors, factor_tree(plan, param_leaves),
+        **extra_args,
+    )
+    factor_leaves = plan.leaves(factor_updates)
+    out = list(grads)
+    for pair in plan.pairs:
+      for index in (pair.a_index, pair.b_index):
+        out[index] = factor_leaves[index].astype(param_leaves[index].dtype)
+    new_updates, non_lora_state = router.finish(plan, out, updates, state.non_lora, params)
+    return new_updates, FactorwiseState(factors_state, non_lora_state)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
