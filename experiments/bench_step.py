@@ -102,6 +102,13 @@ OPTIMIZERS: dict[str, tuple[Callable[[], optax.GradientTransformation], bool]] =
     "adaprelora (tangent)": (lambda: ap.adaprelora(1e-4), False),
     "adaprelora (exact)": (lambda: ap.adaprelora(1e-4), True),
     "adaprelora (tangent, b1=0.9)": (lambda: ap.adaprelora(1e-4, b1=0.9), False),
+    "lora_plus": (lambda: ap.lora_plus(1e-4), False),
+    "scaled_gd": (lambda: ap.scaled_gd(1e-4), False),
+    "scaled_adamw": (lambda: ap.scaled_adamw(1e-4), False),
+    "lora_pro (efficient)": (lambda: ap.lora_pro(1e-4), False),
+    "lora_pro (full)": (lambda: ap.lora_pro(1e-4, mode="full"), False),
+    "lora_rite": (lambda: ap.lora_rite(1e-4), False),
+    "adafactor": (lambda: optax.adafactor(1e-4), False),
 }
 
 

@@ -71,6 +71,18 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
     "adamw": OptimizerSpec(
         lambda lr: optax.adamw(lr, weight_decay=0.0), 1e-3,
         description="AdamW on the factors (optax)"),
+    "lora_plus": OptimizerSpec(
+        lambda lr: ap.lora_plus(lr, lr_ratio=16.0), 1e-3,
+        description="LoRA+: AdamW with the B learning rate x16"),
+    "scaled_adamw": OptimizerSpec(
+        lambda lr: ap.scaled_adamw(lr), 1e-3,
+        description="Riemannian preconditioned LoRA (scaled AdamW)"),
+    "lora_pro": OptimizerSpec(
+        lambda lr: ap.lora_pro(lr, mode="efficient"), 1e-3,
+        description="LoRA-Pro, efficient mode (Sylvester gauge, factor-space AdamW)"),
+    "lora_rite": OptimizerSpec(
+        lambda lr: ap.lora_rite(lr), 1e-3,
+        description="LoRA-RITE: transformation-invariant adaptive update"),
 }
 
 # The six optimizers of the protocol; the others above are additional variants.

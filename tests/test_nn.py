@@ -117,5 +117,5 @@ def test_statistics_follow_the_factor_sharding_annotations():
                     a_metadata={"out_sharding": ("data", None)},
                     b_metadata={"out_sharding": (None, "model")})
     specs = nnx.get_partition_spec(nnx.state(layer))
-  assert tuple(specs["grad_sq_rows"].value) == ("data",)
-  assert tuple(specs["grad_sq_cols"].value) == ("model",)
+  assert tuple(specs["grad_sq_rows"].get_value()) == ("data",)
+  assert tuple(specs["grad_sq_cols"].get_value()) == ("model",)
