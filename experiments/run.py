@@ -30,11 +30,13 @@ import adaprelora_jax
 from experiments import report
 from experiments.optimizers import CORE, OPTIMIZERS, PILOT_GRID, canonical_lr, sweep_grid
 from experiments.tasks import TASKS
-from experiments.training import RunConfig, train
+from experiments.training import RunConfig, enable_compilation_cache, train
 
 ROOT = Path(__file__).parent
 CACHE = ROOT / ".cache" / "runs"
+RESULTS = ROOT / "results"
 CHECKPOINTS = ROOT / "checkpoints"
+COMPILATION_CACHE = ROOT / ".cache" / "jax"
 
 
 def environment() -> dict:
@@ -163,9 +165,10 @@ def main() -> None:
   parser.add_argument("--preset", default="smoke", choices=("smoke", "full"))
   parser.add_argument("--resume", action="store_true",
                       help="continue interrupted runs from their last checkpoint")
-  parser.add_argument("--results-dir", type=Path, default=ROOT / "results")
+  parser.add_argument("--results-dir", type=Path, default=RESULTS)
   parser.add_argument("--no-progress", action="store_true")
   args = parser.parse_args()
+  enable_compilation_cache(COMPILATION_CACHE)
   if args.optimizer == ["all"]:
     names = list(OPTIMIZERS)
   elif args.optimizer == ["core"]:

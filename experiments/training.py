@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import optax
 import orbax.checkpoint as ocp
 from flax import nnx
 from tqdm.auto import tqdm
@@ -53,6 +54,23 @@ class RunResult:
   completed: bool
   model: nnx.Module
   optimizer: nnx.Optimizer
+
+
+def enable_compilation_cache(directory: Path | str) -> None:
+  """Keeps compiled XLA programs on disk, shared by every run and process.
+
+  With the learning rate injected as optimizer state (see :func:`make_optimizer`)
+  all runs of one (task, optimizer) pair lower to the same program, so a sweep
+  compiles it once instead of once per learning rate and seed.
+  """
+  jax.config.update("jax_compilation_cache_dir", str(Path(directory).resolve()))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def make_optimizer(spec: OptimizerSpec, learning_rate: float) -> optax.GradientTransformation:
+  """``spec``'s transform with the learning rate held in its state, not baked in."""
+  return optax.inject_hyperparams(spec.factory)(learning_rate)
 
 
 def _checkpoint_manager(directory: Path) -> ocp.CheckpointManager:
@@ -125,7 +143,7 @@ def train(
   """
   start_time = time.perf_counter()
   model, trainable = task.build_model(config.seed, spec.exact_statistics)
-  optimizer = nnx.Optimizer(model, spec.factory(config.learning_rate), wrt=trainable)
+  optimizer = nnx.Optimizer(model, make_optimizer(spec, config.learning_rate), wrt=trainable)
   checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
   manager = _checkpoint_manager(checkpoint_dir) if checkpoint_dir is not None else None
   curves: dict[str, list[float]] = {"train_loss": [], "eval_step": []}

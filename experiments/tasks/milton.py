@@ -25,7 +25,7 @@ from experiments.tasks.base import Budget, Task, limit
 
 RANK = 8
 SEQ_LEN = 128
-BATCH = 16
+BATCH = 8
 # Forgetting is measured on a fixed prefix of the Shakespeare validation text.
 SHAKESPEARE_EVAL_WINDOWS = 512
 
@@ -85,7 +85,7 @@ TASK = Task(
         # Caps: examples = characters of training text, eval = windows.
         "smoke": Budget(steps=6, eval_every=3, seeds=1, max_train_examples=20_000,
                         max_eval_examples=16),
-        "full": Budget(steps=200, eval_every=40, seeds=3),
+        "full": Budget(steps=100, eval_every=50, seeds=3, max_eval_examples=192),
     },
     build_model=build_model,
     train_batch=train_batch,

