@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -122,6 +123,8 @@ def run(hidden: int, ffn: int, layers: int, rank: int, repeats: int,
       continue
     params, grads = trees[exact]
     results[name] = time_step(factory(), params, grads, repeats)
+    print(f"  {name}: step {1e3 * results[name]['step_seconds']:.2f} ms, compile "
+          f"{results[name]['compile_seconds']:.1f} s", file=sys.stderr, flush=True)
     results[name]["param_bytes"] = tree_bytes({k: {r: v[r] for r in ("lora_a", "lora_b")}
                                                for k, v in params.items()})
   base = results["adamw"]
