@@ -108,18 +108,20 @@ def plot(results: dict[str, Any], directory: Path) -> list[Path]:
     curves = entry["lrs"][_lr_key(entry)]["curves"]
     loss = np.asarray(curves["train_loss"], dtype=float)
     steps = np.arange(1, loss.shape[1] + 1)
-    window = max(1, loss.shape[1] // 50)
+    # Batch losses are noisy: smooth over ~1/15 of the run, and shade the
+    # range over seeds (a ± std band leaves a log axis when std > mean).
+    window = max(1, loss.shape[1] // 15)
     kernel = np.ones(window) / window
     smooth = np.stack([np.convolve(row, kernel, mode="valid") for row in loss])
-    mean, std = smooth.mean(0), smooth.std(0)
     x = steps[window - 1:]
-    line, = curve_axis.plot(x, mean, label=f"{name} (lr {entry['best_lr']:g})")
-    curve_axis.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+    line, = curve_axis.plot(x, smooth.mean(0), label=f"{name} (lr {entry['best_lr']:g})")
+    curve_axis.fill_between(x, smooth.min(0), smooth.max(0), color=line.get_color(),
+                            alpha=0.15)
     evaluated = np.asarray(curves[f"eval_{metric}"], dtype=float)
     eval_axis.errorbar(curves["eval_step"], evaluated.mean(0), yerr=evaluated.std(0),
                        label=name, capsize=2)
   curve_axis.set_yscale("log"); curve_axis.set_xlabel("step")
-  curve_axis.set_ylabel("training loss (smoothed, mean ± std over seeds)")
+  curve_axis.set_ylabel("training loss (moving avg., seed range)")
   curve_axis.set_title(f"{task}: training loss at each optimizer's best lr")
   curve_axis.legend(fontsize=7)
   eval_axis.set_xlabel("step"); eval_axis.set_ylabel(f"held-out {metric}")
