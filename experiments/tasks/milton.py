@@ -85,7 +85,7 @@ TASK = Task(
         # Caps: examples = characters of training text, eval = windows.
         "smoke": Budget(steps=6, eval_every=3, seeds=1, max_train_examples=20_000,
                         max_eval_examples=16),
-        "full": Budget(steps=100, eval_every=50, seeds=3, max_eval_examples=192),
+        "full": Budget(steps=60, eval_every=30, seeds=3, max_eval_examples=128),
     },
     build_model=build_model,
     train_batch=train_batch,
