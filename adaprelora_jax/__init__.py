@@ -19,6 +19,8 @@ Main entry points:
 * :func:`scale_by_adaprelora` -- the chainable core transform.
 * :func:`factor_update` -- the pure closed-form factor step.
 * :mod:`adaprelora_jax.nn` -- flax nnx LoRA layers with exact statistics.
+* :mod:`adaprelora_jax.sharding` -- optimizer-state shardings from the
+  parameters' shardings (pjit / NamedSharding, flax nnx partitioning).
 * :mod:`adaprelora_jax.baselines` -- the LoRA optimizers it is compared with:
   :func:`lora_plus`, :func:`scaled_gd`, :func:`scaled_adamw`,
   :func:`lora_pro`, :func:`lora_rite` (and their ``scale_by_*`` cores).
@@ -29,6 +31,7 @@ from adaprelora_jax import kernels
 from adaprelora_jax import nn
 from adaprelora_jax import pairing
 from adaprelora_jax import pairwise
+from adaprelora_jax import sharding
 from adaprelora_jax.baselines import lora_plus
 from adaprelora_jax.baselines import lora_pro
 from adaprelora_jax.baselines import lora_rite

@@ -45,6 +45,7 @@ from typing import Any, Literal, NamedTuple, Optional, Union
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
 
 from adaprelora_jax import linalg
 from adaprelora_jax import pairing as pairing_lib
@@ -226,6 +227,62 @@ def _init_field(plan: pairing_lib.LoRAPlan, field: Field) -> Any:
                      roles=tuple(by_role))
 
 
+def _is_variable(x: Any) -> bool:
+  return isinstance(x, nnx.Variable)
+
+
+def _slot_sharding(
+    pair: pairing_lib.PairInfo, slot: Slot, a_names: Sequence[Any], b_names: Sequence[Any],
+) -> tuple[Any, ...]:
+  """Per-axis sharding names of a slot from those of the pair's factors.
+
+  A ``d_in`` axis is laid out like ``lora_a``'s input axis, a ``d_out`` axis
+  like ``lora_b``'s output axis, rank axes are replicated.
+  """
+  lead = tuple(a_names[:len(pair.lead_shape)])
+  a_tail, b_tail = tuple(a_names[len(lead):]), tuple(b_names[len(lead):])
+  if pair.transposed:
+    a_tail, b_tail = a_tail[::-1], b_tail[::-1]
+  by_dim = {"d_in": a_tail[0], "rank": None, "d_out": b_tail[1]}
+  return (*lead, *(by_dim[dim] for dim in slot.dims))
+
+
+def _label_field(plan: pairing_lib.LoRAPlan, params: Any, tree: Any, field: Field) -> Any:
+  """Gives the flax ``Variable`` nodes of a state tree their own sharding.
+
+  With an ``nnx.State`` as params, every state entry is wrapped in a copy of
+  its factor's ``Variable``, metadata included; ``nnx.Optimizer`` then shards
+  the entry by the factor's ``out_sharding``, which does not fit a row vector
+  or an r×r matrix. Entries not shaped like their factor get the names of
+  :func:`_slot_sharding` instead, so ``nnx.get_partition_spec`` of the
+  optimizer state lays them out like the parameter axes they run along.
+  """
+  param_nodes, treedef = jax.tree.flatten(params, is_leaf=_is_variable)
+  if len(param_nodes) != plan.num_leaves or not any(map(_is_variable, param_nodes)):
+    return tree
+  nodes = treedef.flatten_up_to(tree)
+
+  def names(index: int) -> Optional[tuple[Any, ...]]:
+    node = param_nodes[index]
+    found = node.get_metadata().get("out_sharding") if _is_variable(node) else None
+    return None if found is None else (*found, *(None,) * (node.ndim - len(found)))
+
+  for pair in plan.pairs:
+    a_names, b_names = names(pair.a_index), names(pair.b_index)
+    if a_names is None and b_names is None:
+      continue
+    a_names = a_names or (None,) * (len(pair.lead_shape) + 2)
+    b_names = b_names or (None,) * (len(pair.lead_shape) + 2)
+    for slot in _field_slots(field):
+      index = pair.a_index if slot.role == "a" else pair.b_index
+      if _is_variable(nodes[index]) and not slot.factor_layout:
+        metadata = {**nodes[index].get_metadata(),
+                    "out_sharding": _slot_sharding(pair, slot, a_names, b_names)}
+        metadata.pop("optimizer_sharding", None)
+        nodes[index] = type(nodes[index])(nodes[index].get_value(), **metadata)
+  return treedef.unflatten(nodes)
+
+
 def _gather_field(
     plan: pairing_lib.LoRAPlan, leaves: list[Any], group: pairing_lib.PairGroup,
     field: Field,
@@ -317,7 +374,8 @@ def pairwise_transform(
 
   def init_fn(params):
     plan = router.plan(params)
-    trees = {name: _init_field(plan, field) for name, field in active.items()}
+    trees = {name: _label_field(plan, params, _init_field(plan, field), field)
+             for name, field in active.items()}
     return state_type(
         count=jnp.zeros([], jnp.int32),
         non_lora=router.non_lora_transform(plan).init(params),
@@ -360,7 +418,8 @@ def pairwise_transform(
     new_state = state_type(
         count=optax.safe_increment(state.count),
         non_lora=non_lora_state,
-        **{name: plan.unflatten(leaves) for name, leaves in new_leaves.items()},
+        **{name: _label_field(plan, params, plan.unflatten(leaves), active[name])
+           for name, leaves in new_leaves.items()},
         **absent,
     )
     return new_updates, new_state

@@ -1,0 +1,183 @@
+# Copyright 2026 The adaprelora_jax Authors.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Optimizer-state shardings derived from the parameters' shardings.
+
+The per-pair state of every transform in this package sits at the position of
+a LoRA factor but is not shaped like it: ``adaprelora`` keeps a row vector
+(..., d_in) at ``lora_a`` and a column vector (..., d_out) at ``lora_b``,
+LoRA-RITE keeps r×r matrices, LoRA-Pro's full mode a (d_in, d_out) moment.
+:func:`state_shardings` lays each such array out like the parameter axis it
+runs along: a ``d_in`` axis like ``lora_a``'s input axis, a ``d_out`` axis
+like ``lora_b``'s output axis, stacked-layer axes like the factor's leading
+axes, and rank axes (r ≤ a few hundred) replicated. Everything else in the
+state (Adam moments of non-LoRA leaves, ``inject_hyperparams`` scalars, step
+counts) follows the same rule, axis by axis.
+
+How the axes are identified: the optimizer's ``init`` is traced abstractly
+(``jax.eval_shape``, nothing is allocated) on a stand-in parameter tree in
+which every distinct dimension of the real one (each pair's ``d_in``, rank
+and ``d_out``, each stacked-layer axis, each axis of every other leaf) has a
+size of its own. Every axis of the resulting state then names the parameter
+axis it came from. This works for any transform built from the parameters'
+shapes, including ``optax.chain``, ``optax.masked`` and
+``optax.inject_hyperparams`` around this package's optimizers.
+
+Example::
+
+  mesh = jax.make_mesh((8,), ("model",))
+  param_shardings = jax.tree.map(lambda x: x.sharding, params)
+  tx = adaprelora_jax.adaprelora(1e-3)
+  opt_shardings = adaprelora_jax.sharding.state_shardings(
+      tx, params, param_shardings)
+  opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from typing import Any, Optional, Union
+
+import jax
+import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec
+
+from adaprelora_jax import pairing as pairing_lib
+
+# The spec entry of one array axis: a mesh axis name, a tuple of them, or None.
+AxisSpec = Union[None, str, tuple[str, ...]]
+ShardingLike = Union[NamedSharding, PartitionSpec]
+
+# Stand-in sizes: ranks from a low range, all other axes from a high one, so a
+# stand-in rank never exceeds a stand-in d_in or d_out (rules may check r ≤ d).
+_FIRST_RANK = 2
+_FIRST_OTHER = 1_000_003
+
+
+def _axis_specs(sharding: Optional[ShardingLike], ndim: int, path: str) -> tuple[AxisSpec, ...]:
+  """The spec entry of each of ``ndim`` axes (None: replicated)."""
+  if sharding is None:
+    return (None,) * ndim
+  spec = sharding.spec if isinstance(sharding, NamedSharding) else sharding
+  if len(spec) > ndim:
+    raise ValueError(
+        f"The sharding of parameter '{path}' has {len(spec)} axes but the "
+        f"parameter has {ndim}: {spec}."
+    )
+  return (*spec, *(None,) * (ndim - len(spec)))
+
+
+def _common_mesh(shardings: list[Optional[ShardingLike]]) -> Any:
+  meshes = {s.mesh for s in shardings if isinstance(s, NamedSharding)}
+  if len(meshes) > 1:
+    raise ValueError(
+        "The parameter shardings use more than one mesh; state_shardings needs "
+        "them all on the same mesh."
+    )
+  return meshes.pop() if meshes else None
+
+
+class _StandIn:
+  """Builds the stand-in parameter tree and remembers each size's axis spec."""
+
+  def __init__(self) -> None:
+    self._ranks: Iterator[int] = itertools.count(_FIRST_RANK)
+    self._others: Iterator[int] = itertools.count(_FIRST_OTHER)
+    self.spec_of_size: dict[int, AxisSpec] = {}
+
+  def size(self, spec: AxisSpec, *, rank: bool = False) -> int:
+    size = next(self._ranks if rank else self._others)
+    self.spec_of_size[size] = spec
+    return size
+
+
+def state_shardings(
+    optimizer: optax.GradientTransformation,
+    params: Any,
+    param_shardings: Any,
+    *,
+    pairing: pairing_lib.Pairing = "nnx",
+) -> Any:
+  """Shardings for ``optimizer``'s state, laid out like the parameters.
+
+  Each state axis is sharded like the parameter axis it runs along: per-pair
+  row statistics like ``lora_a``'s ``d_in`` axis, column statistics like
+  ``lora_b``'s ``d_out`` axis, factor-shaped state (momentum) like the
+  factor, stacked-layer axes like the factors' leading axes; rank axes and
+  r×r quantities are replicated. With this layout the update keeps the
+  parameters' shardings and only r×r (or smaller) reductions cross devices.
+
+  Args:
+    optimizer: the transform whose state is laid out (any transform whose
+      ``init`` depends on the parameters' shapes only, e.g.
+      :func:`adaprelora_jax.adaprelora` inside ``optax.chain`` or
+      ``optax.inject_hyperparams``).
+    params: the parameter tree (arrays or ``jax.ShapeDtypeStruct``).
+    param_shardings: a tree like ``params`` of ``jax.sharding.NamedSharding``
+      or ``jax.sharding.PartitionSpec`` (None: replicated), e.g.
+      ``jax.tree.map(lambda x: x.sharding, params)`` or flax's
+      ``nnx.get_partition_spec``. Rank axes of LoRA factors should be
+      unsharded (they are replicated in the state regardless).
+    pairing: how LoRA pairs are found, as given to the optimizer.
+
+  Returns:
+    A tree shaped like ``optimizer.init(params)`` with a ``NamedSharding``
+    (when ``param_shardings`` holds them) or a ``PartitionSpec`` per leaf,
+    ready for ``jax.jit(..., in_shardings=..., out_shardings=...)``.
+
+  Raises:
+    ValueError: if a parameter's sharding has more axes than the parameter,
+      or the shardings use different meshes; pairing errors name the path.
+  """
+  plan = pairing_lib.plan_pairs(params, pairing)
+  shapes = [tuple(leaf.shape) for leaf in plan.leaves(params)]
+  shardings = plan.leaves(param_shardings)
+  axis_specs = [_axis_specs(sharding, len(shape), path)
+                for sharding, shape, path in zip(shardings, shapes, plan.paths)]
+
+  stand_in = _StandIn()
+  new_shapes: list[Optional[tuple[int, ...]]] = [None] * plan.num_leaves
+  for pair in plan.pairs:
+    a_specs = axis_specs[pair.a_index]
+    b_specs = axis_specs[pair.b_index]
+    lead = tuple(stand_in.size(spec) for spec in a_specs[:len(pair.lead_shape)])
+    # Canonical positions of d_in in a and d_out in b (torch layout swaps them).
+    d_in_spec = a_specs[-1] if pair.transposed else a_specs[-2]
+    d_out_spec = b_specs[-2] if pair.transposed else b_specs[-1]
+    d_in, rank, d_out = (stand_in.size(d_in_spec), stand_in.size(None, rank=True),
+                         stand_in.size(d_out_spec))
+    a_shape, b_shape = (d_in, rank), (rank, d_out)
+    if pair.transposed:
+      a_shape, b_shape = a_shape[::-1], b_shape[::-1]
+    new_shapes[pair.a_index] = (*lead, *a_shape)
+    new_shapes[pair.b_index] = (*lead, *b_shape)
+    if pair.has_statistics:
+      new_shapes[pair.row_stats_index] = (*lead, d_in)
+      new_shapes[pair.col_stats_index] = (*lead, d_out)
+  for index, shape in enumerate(shapes):
+    if new_shapes[index] is None:
+      new_shapes[index] = tuple(stand_in.size(spec) for spec in axis_specs[index])
+
+  leaves = plan.leaves(params)
+  stand_in_params = plan.unflatten([
+      jax.ShapeDtypeStruct(shape, leaf.dtype) for shape, leaf in zip(new_shapes, leaves)])
+  abstract_state = jax.eval_shape(optimizer.init, stand_in_params)
+  mesh = _common_mesh(shardings)
+
+  def layout(leaf: jax.ShapeDtypeStruct) -> ShardingLike:
+    spec = PartitionSpec(*(stand_in.spec_of_size.get(size) for size in leaf.shape))
+    return spec if mesh is None else NamedSharding(mesh, spec)
+
+  return jax.tree.map(layout, abstract_state)

@@ -1,0 +1,266 @@
+"""Sharded optimizer state and updates on 8 emulated CPU devices.
+
+tests/conftest.py starts XLA with 8 host devices. Three layouts of the LoRA
+factors: FSDP-like (``lora_a``'s d_in sharded), tensor-parallel (``lora_b``'s
+d_out sharded) and a 2-D (data × model) mesh with both, plus stacked layers.
+"""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import adaprelora_jax as ap
+from adaprelora_jax import sharding
+
+D_IN, RANK, D_OUT, LAYERS = 64, 4, 48, 2
+AUTO = jax.sharding.AxisType.Auto
+
+# name -> (mesh shape, mesh axes, spec of lora_a (d_in, r), spec of lora_b (r, d_out))
+LAYOUTS = {
+    "fsdp": ((8,), ("data",), P("data", None), P(None, None)),
+    "tensor_parallel": ((8,), ("model",), P(None, None), P(None, "model")),
+    "2d": ((2, 4), ("data", "model"), P("data", None), P(None, "model")),
+}
+
+OPTIMIZERS = {
+    "adaprelora": lambda: ap.adaprelora(1e-2),
+    "adaprelora_momentum": lambda: ap.adaprelora(1e-2, b1=0.9, weight_decay=1e-2),
+    "lora_plus": lambda: ap.lora_plus(1e-3, lr_ratio=16.0),
+    "scaled_gd": lambda: ap.scaled_gd(1e-2),
+    "scaled_adamw": lambda: ap.scaled_adamw(1e-3),
+    "lora_pro": lambda: ap.lora_pro(1e-3),
+    "lora_pro_full": lambda: ap.lora_pro(1e-3, mode="full"),
+    "lora_rite": lambda: ap.lora_rite(1e-3),
+}
+
+
+def _mesh(layout):
+  shape, axes, _, _ = LAYOUTS[layout]
+  return jax.make_mesh(shape, axes, axis_types=(AUTO,) * len(axes))
+
+
+def _params(key):
+  """Three single pairs, one stacked (LAYERS, ...) pair and a non-LoRA bias."""
+  keys = iter(jax.random.split(key, 16))
+  pair = lambda *lead: {"lora_a": jax.random.normal(next(keys), (*lead, D_IN, RANK)),
+                        "lora_b": 0.3 * jax.random.normal(next(keys), (*lead, RANK, D_OUT))}
+  return {"q": pair(), "k": pair(), "v": pair(), "stacked": pair(LAYERS),
+          "bias": jax.random.normal(next(keys), (D_OUT,))}
+
+
+def _gradients(params, key):
+  """Gradients of a loss of ΔW = a b: ``g_a = G bᵀ``, ``g_b = aᵀ G``."""
+  keys = iter(jax.random.split(key, 8))
+  grads = {}
+  for name, leaf in params.items():
+    if name == "bias":
+      grads[name] = jax.random.normal(next(keys), leaf.shape)
+      continue
+    a, b = leaf["lora_a"], leaf["lora_b"]
+    g = jax.random.normal(next(keys), (*a.shape[:-1], b.shape[-1]))
+    grads[name] = {"lora_a": g @ jnp.swapaxes(b, -1, -2), "lora_b": jnp.swapaxes(a, -1, -2) @ g}
+  return grads
+
+
+def _param_shardings(params, layout, mesh):
+  _, _, spec_a, spec_b = LAYOUTS[layout]
+
+  def spec(path, leaf):
+    name = jax.tree_util.keystr(path)
+    lead = (None,) * (leaf.ndim - 2)
+    if "lora_a" in name:
+      return NamedSharding(mesh, P(*lead, *spec_a))
+    if "lora_b" in name:
+      return NamedSharding(mesh, P(*lead, *spec_b))
+    return NamedSharding(mesh, P(spec_b[1]))  # the bias runs along d_out
+
+  return jax.tree_util.tree_map_with_path(spec, params)
+
+
+def _steps(tx, params, grads_list, param_shardings=None, state_shardings=None):
+  """Runs the updates under jit (sharded when shardings are given)."""
+  if param_shardings is None:
+    init, update = jax.jit(tx.init), jax.jit(tx.update)
+  else:
+    params = jax.device_put(params, param_shardings)
+    grads_list = [jax.device_put(g, param_shardings) for g in grads_list]
+    init = jax.jit(tx.init, out_shardings=state_shardings)
+    update = jax.jit(tx.update, in_shardings=(param_shardings, state_shardings, param_shardings),
+                     out_shardings=(param_shardings, state_shardings))
+  state = init(params)
+  for grads in grads_list:
+    updates, state = update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+  return params, state
+
+
+@pytest.fixture(scope="module")
+def problem():
+  params = _params(jax.random.key(0))
+  return params, [_gradients(params, jax.random.key(step)) for step in (1, 2, 3)]
+
+
+def test_eight_devices_are_available():
+  assert jax.device_count() == 8, "tests/conftest.py must set 8 host devices"
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_sharded_steps_equal_unsharded(problem, layout, name):
+  params, grads_list = problem
+  tx = OPTIMIZERS[name]()
+  mesh = _mesh(layout)
+  param_shardings = _param_shardings(params, layout, mesh)
+  state_shardings = sharding.state_shardings(tx, params, param_shardings)
+  expected, expected_state = _steps(tx, params, grads_list)
+  got, got_state = _steps(tx, params, grads_list, param_shardings, state_shardings)
+  for want, have in zip(jax.tree.leaves(expected), jax.tree.leaves(got)):
+    np.testing.assert_allclose(np.asarray(have), np.asarray(want), rtol=2e-4, atol=2e-6)
+  for want, have in zip(jax.tree.leaves(expected_state), jax.tree.leaves(got_state)):
+    np.testing.assert_allclose(np.asarray(have), np.asarray(want), rtol=2e-4, atol=2e-6)
+  # The parameters keep their layout and the state has the one asked for.
+  for leaf, want in zip(jax.tree.leaves(got), jax.tree.leaves(param_shardings)):
+    assert leaf.sharding.is_equivalent_to(want, leaf.ndim)
+  for leaf, want in zip(jax.tree.leaves(got_state), jax.tree.leaves(state_shardings)):
+    assert leaf.sharding.is_equivalent_to(want, leaf.ndim)
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_state_follows_the_factor_axes(problem, layout):
+  params, _ = problem
+  mesh = _mesh(layout)
+  _, _, spec_a, spec_b = LAYOUTS[layout]
+  state = sharding.state_shardings(ap.scale_by_adaprelora(b1=0.9), params,
+                                   _param_shardings(params, layout, mesh))
+  assert state.row_second_moment["q"]["lora_a"].spec == P(spec_a[0])
+  assert state.col_second_moment["q"]["lora_b"].spec == P(spec_b[1])
+  assert state.row_second_moment["stacked"]["lora_a"].spec == P(None, spec_a[0])
+  assert state.col_second_moment["stacked"]["lora_b"].spec == P(None, spec_b[1])
+  # Momentum is shaped like the factors and sharded like them.
+  assert state.momentum["q"]["lora_a"].spec == P(*spec_a)
+  assert state.momentum["stacked"]["lora_b"].spec == P(None, *spec_b)
+  assert state.nonfinite_count["q"]["lora_a"].spec == P()
+  # r×r state (LoRA-RITE) is replicated; LoRA-Pro's (d_in, d_out) moment is
+  # sharded like both factors.
+  rite = sharding.state_shardings(ap.scale_by_lora_rite(), params,
+                                  _param_shardings(params, layout, mesh))
+  abstract = jax.eval_shape(ap.scale_by_lora_rite().init, params)
+  for shape, spec in zip(jax.tree.leaves(abstract), jax.tree.leaves(rite)):
+    if shape.shape[-2:] == (RANK, RANK):
+      assert all(entry is None for entry in spec.spec), (shape.shape, spec)
+  full = sharding.state_shardings(ap.lora_pro(1e-3, mode="full"), params,
+                                  _param_shardings(params, layout, mesh))
+  abstract = jax.eval_shape(ap.lora_pro(1e-3, mode="full").init, params)
+  full_specs = [s.spec for a, s in zip(jax.tree.leaves(abstract), jax.tree.leaves(full))
+                if a.shape == (D_IN, D_OUT)]
+  assert full_specs and all(spec == P(spec_a[0], spec_b[1]) for spec in full_specs)
+
+
+def test_partition_specs_in_partition_specs_out_through_wrappers(problem):
+  params, _ = problem
+  specs = jax.tree.map(lambda s: s.spec, _param_shardings(params, "2d", _mesh("2d")))
+  tx = optax.chain(optax.clip_by_global_norm(1.0),
+                   optax.inject_hyperparams(ap.adaprelora)(learning_rate=1e-2))
+  out = sharding.state_shardings(tx, params, specs)
+  assert all(isinstance(leaf, P) for leaf in jax.tree.leaves(out, is_leaf=lambda x: isinstance(x, P)))
+  inner = out[1].inner_state[0]
+  assert inner.row_second_moment["v"]["lora_a"] == P("data")
+  assert inner.col_second_moment["v"]["lora_b"] == P("model")
+  assert out[1].hyperparams["learning_rate"] == P()
+
+
+def test_peft_layout_is_supported():
+  keys = jax.random.split(jax.random.key(0), 2)
+  params = {"lora_A": {"weight": jax.random.normal(keys[0], (RANK, D_IN))},
+            "lora_B": {"weight": jax.random.normal(keys[1], (D_OUT, RANK))}}
+  specs = {"lora_A": {"weight": P(None, "data")}, "lora_B": {"weight": P("model", None)}}
+  state = sharding.state_shardings(ap.scale_by_adaprelora(pairing="peft"), params, specs,
+                                   pairing="peft")
+  assert state.row_second_moment["lora_A"]["weight"] == P("data")
+  assert state.col_second_moment["lora_B"]["weight"] == P("model")
+
+
+def test_mismatched_sharding_rank_names_the_parameter(problem):
+  params, _ = problem
+  specs = jax.tree.map(lambda leaf: P(), params)
+  specs["q"]["lora_a"] = P("data", None, None)
+  with pytest.raises(ValueError, match=r"\['q'\]\['lora_a'\]|q/lora_a|q.lora_a"):
+    sharding.state_shardings(ap.adaprelora(1e-2), params, specs)
+
+
+_ALL_GATHER = re.compile(r"=\s*(\(?[^=]*?\)?)\s*all-gather(?:-start)?\(")
+_FULL_FACTOR_DIM = re.compile(rf"\b({D_IN}|{D_OUT})\b")
+
+
+def _gathered_factor_shapes(hlo: str) -> list[str]:
+  """Result shapes of the all-gathers in ``hlo`` that hold a full d_in or d_out."""
+  gathered = [match.group(1) for match in _ALL_GATHER.finditer(hlo)]
+  return [shape for shape in gathered if _FULL_FACTOR_DIM.search(shape)]
+
+
+def test_the_all_gather_check_sees_a_gathered_factor():
+  """Negative control: a QR of the FSDP-sharded factor needs all of it."""
+  factor = NamedSharding(_mesh("fsdp"), LAYOUTS["fsdp"][2])
+  qr = jax.jit(lambda a: jnp.linalg.qr(a)[0], in_shardings=factor, out_shardings=factor)
+  hlo = qr.lower(jax.ShapeDtypeStruct((D_IN, RANK), jnp.float32)).compile().as_text()
+  assert _gathered_factor_shapes(hlo)
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_update_never_all_gathers_a_factor(problem, layout):
+  """Only r×r (and scalar) reductions cross devices: no factor is gathered."""
+  params, grads_list = problem
+  tx = ap.adaprelora(1e-2)
+  mesh = _mesh(layout)
+  param_shardings = _param_shardings(params, layout, mesh)
+  state_shardings = sharding.state_shardings(tx, params, param_shardings)
+  state = jax.eval_shape(tx.init, params)
+  update = jax.jit(tx.update, in_shardings=(param_shardings, state_shardings, param_shardings),
+                   out_shardings=(param_shardings, state_shardings))
+  hlo = update.lower(grads_list[0], state, params).compile().as_text()
+  assert not _gathered_factor_shapes(hlo)
+  assert "all-reduce" in hlo  # the r×r Gram matrices are reduced across shards
+
+
+def test_nnx_partitioning_metadata_shards_the_optimizer_state():
+  mesh = _mesh("2d")
+
+  class Model(nnx.Module):
+
+    def __init__(self, rngs):
+      self.dense = nnx.LoRALinear(
+          D_IN, D_OUT, lora_rank=RANK, rngs=rngs,
+          a_metadata={"out_sharding": ("data", None)},
+          b_metadata={"out_sharding": (None, "model")})
+
+  with jax.set_mesh(mesh):
+    model = Model(nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, ap.adaprelora(1e-2, b1=0.9), wrt=nnx.LoRAParam)
+    inputs = jax.random.normal(jax.random.key(1), (16, D_IN))
+
+    @nnx.jit
+    def train_step(model, optimizer, inputs):
+      loss_fn = lambda model: jnp.mean(model.dense(inputs) ** 2)
+      loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
+      optimizer.update(model, grads)
+      return loss
+
+    losses = [float(train_step(model, optimizer, inputs)) for _ in range(3)]
+  assert losses[-1] < losses[0]
+  state = nnx.state(optimizer, nnx.OptState)["opt_state"][0]
+  specs = nnx.get_partition_spec(state)
+  lora = lambda tree: tree["dense"]["lora"]
+  assert lora(specs["row_second_moment"])["lora_a"].get_value() == P("data")
+  assert lora(specs["col_second_moment"])["lora_b"].get_value() == P("model")
+  assert lora(specs["momentum"])["lora_a"].get_value() == P("data", None)
+  row = lora(state["row_second_moment"])["lora_a"].get_value()
+  col = lora(state["col_second_moment"])["lora_b"].get_value()
+  assert row.sharding.is_equivalent_to(NamedSharding(mesh, P("data")), 1)
+  assert col.sharding.is_equivalent_to(NamedSharding(mesh, P("model")), 1)
