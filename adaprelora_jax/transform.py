@@ -73,7 +73,15 @@ class ScaleByAdaPreLoRAState(NamedTuple):
 
 
 def _all_finite(*arrays: jax.Array) -> jax.Array:
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in arrays]))
+  """Whether every entry of every array is finite, as one scalar.
+
+  A sum is non-finite iff an entry is (NaN and ±inf propagate), unless the
+  sum of finite entries overflows, far beyond where ``G²`` statistics already
+  would. Float sums compile several times faster than boolean ``isfinite``
+  reductions on CPU, and XLA fuses them with the step's other reductions.
+  """
+  total = sum(jnp.sum(x, dtype=jnp.promote_types(x.dtype, jnp.float32)) for x in arrays)
+  return jnp.isfinite(total)
 
 
 def scale_by_adaprelora(

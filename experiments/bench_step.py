@@ -85,6 +85,7 @@ def time_step(tx: optax.GradientTransformation, params, grads, repeats: int) -> 
   start = time.perf_counter()
   compiled = step.lower(params, grads, state).compile()
   compile_seconds = time.perf_counter() - start
+  memory = compiled.memory_analysis()
   jax.block_until_ready(compiled(params, grads, state))
   times = []
   for _ in range(repeats):
@@ -94,7 +95,9 @@ def time_step(tx: optax.GradientTransformation, params, grads, repeats: int) -> 
   return {"step_seconds": float(np.median(times)),
           "step_seconds_iqr": [float(np.percentile(times, 25)), float(np.percentile(times, 75))],
           "compile_seconds": compile_seconds,
-          "state_bytes": tree_bytes(state)}
+          "state_bytes": tree_bytes(state),
+          # Peak scratch memory of the step beyond its inputs and outputs.
+          "temp_bytes": None if memory is None else int(memory.temp_size_in_bytes)}
 
 
 # name -> (factory, needs exact-statistics leaves in the tree)

@@ -1,0 +1,102 @@
+"""Compile time, step time and scratch memory vs the number of LoRA pairs.
+
+Usage::
+
+  python -m experiments.bench_scale [--layers 1 8 32] [--repeats 5]
+
+Llama-shaped LoRA pytrees (seven targets per block, scaled down for CPU:
+hidden 256, ffn 688, rank 16) with 7, 56 and 224 pairs (224 is Llama-7B's
+count), in two layouts: one leaf per layer (``layers_<i>/<target>``, the
+layout of an unrolled model) and stacked, where each target holds all layers
+along a leading axis (the layout of ``nnx.scan``-ed blocks). For adaprelora
+and ``optax.adamw``, measured in the same run: jit compile time of
+update + apply_updates, median step time, and the step's scratch memory
+(``compiled.memory_analysis().temp_size_in_bytes``, also as a multiple of the
+parameters' bytes: adamw's element-wise update needs almost none). Same-shaped pairs are
+stacked and vmapped, so adaprelora's traced program has one kernel per
+distinct shape (three here) whatever the number of layers.
+
+Writes ``experiments/results/bench_scale.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import jax
+import optax
+
+import adaprelora_jax as ap
+from experiments.bench_step import RESULTS, make_lora_tree, time_step, tree_bytes
+from experiments.run import environment
+
+OPTIMIZERS = {"adamw": lambda: optax.adamw(1e-4), "adaprelora": lambda: ap.adaprelora(1e-4)}
+
+
+def stacked(tree, layers: int):
+  """``layers_<i>/<target>`` leaves stacked into one leaf per target."""
+  targets = sorted({name.split("/", 1)[1] for name in tree})
+  return {target: jax.tree.map(lambda *xs: jax.numpy.stack(xs),
+                               *(tree[f"layers_{i}/{target}"] for i in range(layers)))
+          for target in targets}
+
+
+def run(layer_counts: list[int], hidden: int, ffn: int, rank: int, repeats: int) -> dict:
+  rows = []
+  for layers in layer_counts:
+    params, grads = make_lora_tree(hidden, ffn, layers, rank)
+    for layout in ("per-layer", "stacked"):
+      if layout == "stacked":
+        params_in, grads_in = stacked(params, layers), stacked(grads, layers)
+      else:
+        params_in, grads_in = params, grads
+      measured = {name: time_step(factory(), params_in, grads_in, repeats)
+                  for name, factory in OPTIMIZERS.items()}
+      base = measured["adamw"]
+      for name, figures in measured.items():
+        row = {"pairs": 7 * layers, "layout": layout, "optimizer": name, **figures,
+               "compile_ratio": figures["compile_seconds"] / base["compile_seconds"],
+               "step_ratio": figures["step_seconds"] / base["step_seconds"],
+               # adamw's update is element-wise and runs in place (≈ 0 scratch),
+               # so scratch is reported relative to the parameters instead.
+               "temp_over_params": (None if figures["temp_bytes"] is None
+                                    else figures["temp_bytes"] / tree_bytes(params_in))}
+        rows.append(row)
+        print(format_row(row), flush=True)
+  return {"hidden": hidden, "ffn": ffn, "rank": rank, "repeats": repeats, "rows": rows,
+          "environment": environment()}
+
+
+HEADER = (f"{'pairs':>5} {'layout':<9} {'optimizer':<10} {'compile s':>9} {'× adamw':>7} "
+          f"{'step ms':>8} {'× adamw':>7} {'temp MB':>8} {'× params':>8}")
+
+
+def format_row(row: dict) -> str:
+  temp = row["temp_bytes"] / 2**20 if row["temp_bytes"] is not None else float("nan")
+  over_params = row["temp_over_params"] if row["temp_over_params"] is not None else float("nan")
+  return (f"{row['pairs']:>5} {row['layout']:<9} {row['optimizer']:<10} "
+          f"{row['compile_seconds']:>9.2f} {row['compile_ratio']:>7.2f} "
+          f"{row['step_seconds'] * 1e3:>8.2f} {row['step_ratio']:>7.2f} "
+          f"{temp:>8.2f} {over_params:>8.2f}")
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--layers", type=int, nargs="+", default=[1, 8, 32])
+  parser.add_argument("--hidden", type=int, default=256)
+  parser.add_argument("--ffn", type=int, default=688)
+  parser.add_argument("--rank", type=int, default=16)
+  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--output", type=Path, default=RESULTS / "bench_scale.json")
+  args = parser.parse_args()
+  print(HEADER, flush=True)
+  report = run(args.layers, args.hidden, args.ffn, args.rank, args.repeats)
+  args.output.parent.mkdir(parents=True, exist_ok=True)
+  args.output.write_text(json.dumps(report, indent=1) + "\n")
+  print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+  main()
