@@ -393,16 +393,20 @@ def tangent_gradient_statistics(
 
   ``Ĝ = P_a G + G P_b − P_a G P_b`` is the Euclidean projection of ``G`` onto
   the tangent space (DESIGN.md §5, ``"tangent"`` mode), with
-  ``P_a = a (aᵀa)⁻¹ aᵀ`` and ``P_b = bᵀ (b bᵀ)⁻¹ b``. Writing
-  ``Ĝ = P_a G + (G P_b − P_a G P_b)``, the two terms have orthogonal columns
-  spaces for rows and orthogonal row spaces for columns, which gives (with
-  ``Ψ_a = (aᵀa)⁻¹``, ``Ψ_b = (bbᵀ)⁻¹``, ``K = aᵀ g_a``)::
+  ``P_a = a (aᵀa)⁻¹ aᵀ`` and ``P_b = bᵀ (b bᵀ)⁻¹ b``. In terms of the factor
+  gradients ``g_a = G bᵀ``, ``g_b = aᵀ G`` (with ``Ψ_a = (aᵀa)⁻¹``,
+  ``Ψ_b = (bbᵀ)⁻¹``, ``K = aᵀ g_a``) it is a rank-2r product::
 
-    Σ_j Ĝ_ij² = a_i Φ a_iᵀ + g_a,i Ψ_b g_a,iᵀ,   Φ = Ψ_a (g_b g_bᵀ − K Ψ_b Kᵀ) Ψ_a
-    Σ_i Ĝ_ij² = g_b,j ᵀ Ψ_a g_b,j + b_jᵀ Ω b_j,   Ω = Ψ_b (g_aᵀ g_a − Kᵀ Ψ_a K) Ψ_b
+    Ĝ = U W,   U = [a, g_a] (d_in, 2r),   W = [Ψ_a (g_b − K Ψ_b b); Ψ_b b] (2r, d_out)
 
-  in O((d_in + d_out) r²), never forming ``Ĝ``. Inverses are damped as in
-  :func:`psd_inverse` (the floor is in units of a squared factor norm).
+  so ``Σ_j Ĝ_ij² = u_i (W Wᵀ) u_iᵀ`` and ``Σ_i Ĝ_ij² = w_jᵀ (UᵀU) w_j``, in
+  O((d_in + d_out) r²), never forming ``Ĝ``. Both are squared norms of rows
+  and columns of the reconstructed ``Ĝ``, hence non-negative for *any* pair of
+  factor gradients: gradients that are not exactly those of one ``G`` (a
+  per-leaf transform earlier in an ``optax.chain``, noise, rounding) cannot
+  drive a statistic to zero, which would make ``H⁻¹`` explode on that row.
+  Inverses are damped as in :func:`psd_inverse` (the floor is in units of a
+  squared factor norm).
 
   Returns:
     ``(row_mean_sq (d_in,), col_mean_sq (d_out,))``, in float32 or wider.
@@ -412,13 +416,13 @@ def tangent_gradient_statistics(
   d_in, d_out = a.shape[0], b.shape[1]
   inverse_a = psd_inverse(matmul(a.T, a), damping=damping, damping_floor=damping_floor)
   inverse_b = psd_inverse(matmul(b, b.T), damping=damping, damping_floor=damping_floor)
-  shared = matmul(a.T, g_a)
-  # Φ and Ω are PSD in exact arithmetic (Schur complements); rounding can make
-  # the quadratic forms slightly negative, hence the clamp below.
-  phi = matmul(matmul(inverse_a, matmul(g_b, g_b.T) - matmul(matmul(shared, inverse_b), shared.T)), inverse_a)
-  omega = matmul(matmul(inverse_b, matmul(g_a.T, g_a) - matmul(matmul(shared.T, inverse_a), shared)), inverse_b)
-  row_sums = jnp.sum(matmul(a, phi) * a, axis=1) + jnp.sum(matmul(g_a, inverse_b) * g_a, axis=1)
-  col_sums = jnp.sum(matmul(omega, b) * b, axis=0) + jnp.sum(matmul(inverse_a, g_b) * g_b, axis=0)
+  coefficient_b = matmul(inverse_b, b)
+  coefficient_a = matmul(inverse_a, g_b - matmul(matmul(a.T, g_a), coefficient_b))
+  left = jnp.concatenate([a, g_a], axis=1)
+  right = jnp.concatenate([coefficient_a, coefficient_b], axis=0)
+  row_sums = jnp.sum(matmul(left, matmul(right, right.T)) * left, axis=1)
+  col_sums = jnp.sum(matmul(matmul(left.T, left), right) * right, axis=0)
+  # Rounding alone can take a quadratic form of a PSD matrix below zero.
   return jnp.maximum(row_sums, 0.0) / d_out, jnp.maximum(col_sums, 0.0) / d_in
 
 

@@ -484,3 +484,21 @@ def test_dead_input_feature_with_large_gradients_stays_finite():
   assert np.all(np.isfinite(np.asarray(updates["p"]["lora_a"])))
   assert np.any(np.asarray(updates["p"]["lora_b"]) != 0.0)
   assert ap.nonfinite_report(state, params) == {}
+
+
+def test_inconsistent_factor_gradients_give_a_bounded_step():
+  """Gradients that are not ``(G bᵀ, aᵀ G)`` of one G, as a per-leaf transform
+  earlier in a chain would give: the tangent statistics stay positive, so the
+  step stays of the order of the learning rate (it was ~1e7 before)."""
+  keys = jax.random.split(jax.random.key(0), 4)
+  params = {"lora_a": jax.random.normal(keys[0], (256, 4)),
+            "lora_b": 0.1 * jax.random.normal(keys[1], (4, 192))}
+  grads = {"lora_a": jax.random.normal(keys[2], (256, 4)),
+           "lora_b": 0.1 * jax.random.normal(keys[3], (4, 192))}
+  tx = ap.adaprelora(1e-2)
+  jitted, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+  eager, _ = tx.update(grads, tx.init(params), params)
+  for name in ("lora_a", "lora_b"):
+    assert float(jnp.max(jnp.abs(jitted[name]))) < 1.0
+    np.testing.assert_allclose(np.asarray(jitted[name]), np.asarray(eager[name]),
+                               rtol=1e-3, atol=1e-6)
