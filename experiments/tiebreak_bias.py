@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import platform
 import time
@@ -99,6 +100,8 @@ class Config:
     seeds: seeds (LoRA init and data order) per training setting.
     steps: optimizer steps per training run.
     rank: LoRA rank of the training runs.
+    fast_compile: compile with XLA's backend optimizations off (the quick
+      smoke run is dominated by compilation; the full run by execution).
   """
 
   conditions: tuple[float, ...]
@@ -112,6 +115,13 @@ class Config:
   seeds: int
   steps: int
   rank: int = 4
+  fast_compile: bool = False
+
+  def jit(self, fn, **kwargs):
+    """``jax.jit`` with this preset's compiler options."""
+    if self.fast_compile:
+      kwargs["compiler_options"] = {"xla_backend_optimization_level": 0}
+    return jax.jit(fn, **kwargs)
 
 
 DECADES = tuple(10.0**k for k in range(9))
@@ -122,11 +132,12 @@ PRESETS: dict[str, Config] = {
                    seeds=3, steps=200),
     "quick": Config(conditions=(1.0, 1e8), ratios=(1.0, 1e8), pairs=8, shape=(12, 8, 2),
                     grid=301, train_conditions=(1.0, 1e4), train_ratios=(1.0, 1e8),
-                    learning_rates=(3e-2,), seeds=1, steps=10),
+                    learning_rates=(3e-2,), seeds=1, steps=10, fast_compile=True),
 }
 BATCH = 64
 
 
+@functools.partial(jax.jit, static_argnames="size")
 def condition_scales(key: jax.Array, size: int, condition: jax.typing.ArrayLike) -> jax.Array:
   """Positive scales, geometric mean ~1, ``max/min = condition`` exactly.
 
@@ -227,11 +238,12 @@ def _summary(values: np.ndarray) -> dict[str, float]:
 def run_sweep(config: Config, seed: int = 0) -> dict[str, Any]:
   """The (κ, ρ) sweep; summaries are nested lists indexed [κ][ρ]."""
   with jax.enable_x64(True):
-    @jax.jit
     def cell(key, condition, ratio):
       keys = jax.random.split(key, config.pairs)
       problems = jax.vmap(lambda k: random_problem(k, condition, ratio, config.shape))(keys)
       return jax.vmap(lambda problem: pair_metrics(problem, config.grid))(problems)
+
+    cell = config.jit(cell)
 
     cells = [[jax.tree.map(np.asarray, cell(jax.random.fold_in(jax.random.key(seed), i),
                                             condition, ratio))
@@ -338,7 +350,7 @@ def train_runs(config: Config, tie_breaker: str, settings: dict[str, np.ndarray]
         "ratio": jnp.median(stats["ratio"]),
     }
 
-  outputs = jax.jit(jax.vmap(single))(*(jnp.asarray(settings[k]) for k in (
+  outputs = config.jit(jax.vmap(single))(*(jnp.asarray(settings[k]) for k in (
       "in_scale", "out_scale", "loss_scale", "learning_rate", "seed", "batches")))
   return jax.tree.map(np.asarray, outputs)
 
