@@ -27,8 +27,11 @@
 # 2. the Adafactor-preconditioned full-weight step $H^{-1}G$ and its $H$-orthogonal projection,
 # 3. the one-parameter family of factor updates with the same weight change, and where the
 #    paper's imbalance tie-breaker lands on it,
-# 4. transformation invariance, live,
-# 5. how the factored statistics evolve on a real training run.
+# 4. side by side with the plain-gradient LoRA step, LoRA-Pro's Frobenius projection and
+#    scaled GD on the same pair,
+# 5. transformation invariance, live,
+# 6. how the factored statistics evolve on a real training run,
+# 7. the referee's question: is the imbalance tie-breaker biased? (the study's answer).
 
 # %%
 import jax
@@ -168,7 +171,82 @@ plt.tight_layout(); plt.show()
 # finite step grows (right panel). That is why $\theta^*$ is clipped.
 
 # %% [markdown]
-# ## 4. Transformation invariance, live
+# ## 4. Side by side: four LoRA steps on the same pair
+#
+# Every LoRA optimizer moves $W$ by a tangent direction $\delta W = \delta a\, b + a\, \delta b$;
+# they differ in which one. On the pair above (first step, learning rate 1, no momentum):
+#
+# * **plain-gradient LoRA** (`optax.sgd`): $(\delta a, \delta b) = (g_a, g_b)$;
+# * **LoRA-Pro** (`ap.lora_pro`): the *Frobenius* projection of $G$ onto $T$ (before its
+#   Adam stage; with `b1=0` and a huge `eps` Adam is linear, $\hat m/(\sqrt{\hat v}+\epsilon)
+#   \approx \hat m/\epsilon$, so rescaling by $\epsilon$ recovers the projection; `damping=0`
+#   drops its 1e-8 Gram damping);
+# * **scaled GD** (`ap.scaled_gd`): $(g_a S_b^{-1}, S_a^{-1} g_b)$ with Frobenius Grams,
+#   $\delta W = G P_b + P_a G$;
+# * **AdaPreLoRA** (`ap.factor_update`): the $H$-orthogonal projection of $H^{-1}G$.
+#
+# Each is scored against the full preconditioned step $H^{-1}G$ in the $H$ metric: the
+# cosine, the norm ratio, and the share $\cos^2$ of $\|H^{-1}G\|_H^2$ that the best multiple
+# of the direction captures.
+
+# %%
+def first_step(tx, scale=1.0):
+  """(δa, δb) of a transform's first update on the pair, as a descent direction."""
+  params = {"lora_a": jnp.asarray(a), "lora_b": jnp.asarray(b)}
+  grads = {"lora_a": jnp.asarray(grad_a), "lora_b": jnp.asarray(grad_b)}
+  updates, _ = tx.update(grads, tx.init(params), params)
+  return -scale * np.asarray(updates["lora_a"]), -scale * np.asarray(updates["lora_b"])
+
+
+linear_adam = 1e12
+steps = {
+    "LoRA (plain gradient)": first_step(optax.sgd(1.0)),
+    "LoRA-Pro (Frobenius proj.)": first_step(ap.lora_pro(1.0, b1=0.0, eps=linear_adam, damping=0.0),
+                                             linear_adam),
+    "scaled GD": first_step(ap.scaled_gd(1.0, reg=1e-12)),
+    "adaprelora": (delta_a, delta_b),
+}
+# LoRA-Pro's δW is AdaPreLoRA's projection with H = I (unit row/column scales):
+frobenius_a, frobenius_b = (np.asarray(x) for x in ap.factor_update(
+    *(jnp.asarray(x) for x in (a, b, grad_a, grad_b, np.ones(d_in), np.ones(d_out)))))
+lora_pro_w = steps["LoRA-Pro (Frobenius proj.)"][0] @ b + a @ steps["LoRA-Pro (Frobenius proj.)"][1]
+print(f"LoRA-Pro δW vs the H = I projection: relative difference "
+      f"{np.linalg.norm(lora_pro_w - frobenius_a @ b - a @ frobenius_b) / np.linalg.norm(lora_pro_w):.1e}")
+
+full_norm = np.sqrt(h_inner(preconditioned, preconditioned))
+scores = {}
+for name, (da, db) in steps.items():
+  dw = da @ b + a @ db
+  norm = np.sqrt(h_inner(dw, dw))
+  cosine = h_inner(dw, preconditioned) / (norm * full_norm)
+  scores[name] = (cosine, norm / full_norm, cosine**2)
+  print(f"{name:27s} cos_H = {cosine:.3f}   ‖δW‖_H/‖H⁻¹G‖_H = {norm / full_norm:.3f}   share = {cosine**2:.3f}")
+print(f"largest share: {max(scores, key=lambda name: scores[name][2])}")
+
+fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+names = list(scores)
+for axis, column, title in zip(axes, range(3), (r"cosine to $H^{-1}G$ ($H$ metric)",
+                                                r"$\|\delta W\|_H / \|H^{-1}G\|_H$",
+                                                r"share of $\|H^{-1}G\|_H^2$ captured")):
+  axis.bar(range(len(names)), [scores[name][column] for name in names],
+           color=["0.6", "C1", "C2", "C0"])
+  axis.set_xticks(range(len(names)), [name.replace(" (", "\n(") for name in names], fontsize=8)
+  axis.set_title(title)
+axes[1].set_yscale("log")
+plt.tight_layout(); plt.show()
+
+# %% [markdown]
+# AdaPreLoRA's direction is the $H$-orthogonal projection of $H^{-1}G$, so no tangent
+# direction has a larger cosine to it: its share is the largest possible, and its norm ratio
+# equals its cosine (a projection is never longer than what it projects). LoRA-Pro solves the
+# same least-squares problem in the Frobenius metric — it is the $H = I$ member of the same
+# family, exactly — so it is optimal only when the row and column scales are flat; here the
+# rows of $G$ differ in scale and it loses share. Scaled GD is not a projection at all:
+# $GP_b + P_aG$ counts the component in both factor spans twice, and its length depends on
+# the Grams rather than on $H$. The plain gradient's length is set by the factor norms.
+
+# %% [markdown]
+# ## 5. Transformation invariance, live
 #
 # Reparameterize the pair as $(aS, S^{-1}b)$: same $W$, different factors. AdaPreLoRA's
 # factor step transforms with the gauge ($\delta a \to \delta a S$,
@@ -197,7 +275,7 @@ for name, tx in (("adaprelora", ap.adaprelora(0.05, damping=1e-12, damping_floor
         f"{np.linalg.norm(w_original - w_reparameterized) / change:.1e}")
 
 # %% [markdown]
-# ## 5. The factored statistics on a real training run
+# ## 6. The factored statistics on a real training run
 #
 # A small MLP is pretrained on scikit-learn's handwritten digits 0–4, then LoRA-adapted to
 # digits 5–9 with `adaprelora`. The first hidden layer uses `adaprelora_jax.nn.LoRALinear`,
