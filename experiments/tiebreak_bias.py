@@ -50,8 +50,8 @@ from its first-order part, ``‖u_a u_b‖_H / ‖u_a b + a u_b‖_H``.
 
 Usage::
 
-  python -m experiments.tiebreak_bias            # full: a few minutes on 2 cores
-  python -m experiments.tiebreak_bias --quick    # smoke run, seconds
+  python -m experiments.tiebreak_bias            # full: ~1.5 min on 2 cores
+  python -m experiments.tiebreak_bias --quick    # smoke run, ~25 s (compilation)
 
 Writes ``experiments/results/tiebreak_bias.json`` and ``tiebreak_bias.png``.
 """
