@@ -38,8 +38,8 @@ from adaprelora_jax import linalg
 from adaprelora_jax.linalg import compute_dtype
 from adaprelora_jax.linalg import matmul
 
-TieBreaker = Literal["imbalance", "half", "factor_norm"]
-TIE_BREAKERS: tuple[str, ...] = ("imbalance", "half", "factor_norm")
+TieBreaker = Literal["imbalance", "half", "factor_norm", "second_order"]
+TIE_BREAKERS: tuple[str, ...] = ("imbalance", "half", "factor_norm", "second_order")
 
 
 class FactorStep(NamedTuple):
@@ -141,34 +141,146 @@ def _select_theta(
     c2 = an_an - nb_nb
     c1 = -2.0 * xa_an - 2.0 * xb_nb + 2.0 * nb_nb
     c0 = xa_xa - xb_xb + 2.0 * xb_nb - nb_nb
-    return _min_abs_quadratic_on_unit_interval(c2, c1, c0)
+    coefficients = jnp.stack([c0, c1, c2])
+    roots = _quadratic_roots(c2, c1, c0)
+    return _argmin_on_unit_interval(coefficients, roots, absolute=True,
+                                    relative_tolerance=1e-6)
+  if tie_breaker == "second_order":
+    return _second_order_theta(x_a, a_n, x_b, n_b, row_scale, col_scale)
   raise ValueError(
       f"tie_breaker must be one of {TIE_BREAKERS}, got {tie_breaker!r}."
   )
 
 
-def _min_abs_quadratic_on_unit_interval(
-    c2: jax.Array, c1: jax.Array, c0: jax.Array
+def _second_order_theta(
+    x_a: jax.Array,
+    a_n: jax.Array,
+    x_b: jax.Array,
+    n_b: jax.Array,
+    row_scale: jax.Array,
+    col_scale: jax.Array,
 ) -> jax.Array:
-  """argmin over θ ∈ [0, 1] of |c2 θ² + c1 θ + c0|, preferring θ near ½."""
+  """θ ∈ [0, 1] minimizing the second-order term ‖δa(θ) δb(θ)‖²_H.
+
+  A step of size η moves ``W`` by ``−η δW + η² δa δb``: the first-order part
+  is the same for every θ (DESIGN.md §3), so the second-order term is the only
+  part of the weight update that θ controls. It is a quartic in θ built from
+  r×r Grams: ``‖δa δb‖²_H = tr(A(θ) B(θ))`` with ``A = δaᵀ diag(p) δa`` and
+  ``B = δb diag(q) δbᵀ``, and with ``δa = X_a − θ·aN``,
+  ``δb = (X_b − Nb) + θ·Nb`` both Grams are quadratics in θ. Its minimum on
+  [0, 1] is at an endpoint or a real root of the derivative (a cubic, solved in
+  closed form). Cost O((d_in + d_out) r² + r³). Like the imbalance rule it
+  depends on ``(p, q)`` only through ``H = p ⊗ q`` and is invariant under the
+  gauge ``(a S, S⁻¹ b)``.
+  """
+  # δa = da0 + θ da1, δb = db0 + θ db1.
+  da0, da1 = x_a, -a_n
+  db0, db1 = x_b - n_b, n_b
+
+  def gram_a(x, y):
+    return matmul(x.T, row_scale[:, None] * y)
+
+  def gram_b(x, y):
+    return matmul(x * col_scale[None, :], y.T)
+
+  cross_a = gram_a(da0, da1)
+  cross_b = gram_b(db0, db1)
+  # A(θ) = Σ_k θ^k alpha[k], B(θ) = Σ_k θ^k beta[k].
+  alpha = (gram_a(da0, da0), cross_a + cross_a.T, gram_a(da1, da1))
+  beta = (gram_b(db0, db0), cross_b + cross_b.T, gram_b(db1, db1))
+  # Coefficient k of tr(A B) = Σ_{i+j=k} tr(alpha[i] beta[j]).
+  coefficients = jnp.stack([
+      sum(jnp.sum(alpha[i] * beta[k - i]) for i in range(3) if 0 <= k - i <= 2)
+      for k in range(5)
+  ])
+  c1, c2, c3, c4 = coefficients[1:]
+  roots = _cubic_roots(4.0 * c4, 3.0 * c3, 2.0 * c2, c1)
+  # The quartic is non-negative; near-ties are only rounding-level ones.
+  return _argmin_on_unit_interval(
+      coefficients, roots, absolute=False,
+      relative_tolerance=8.0 * jnp.finfo(coefficients.dtype).eps)
+
+
+def _quadratic_roots(c2: jax.Array, c1: jax.Array, c0: jax.Array) -> jax.Array:
+  """The two roots of ``c2 t² + c1 t + c0`` (real parts; linear if c2 ≈ 0).
+
+  A negative discriminant is clamped to 0, which gives the vertex: still the
+  right candidate when the caller minimizes a polynomial's value.
+  """
   scale = jnp.abs(c2) + jnp.abs(c1) + jnp.abs(c0)
   tiny = jnp.finfo(c0.dtype).tiny
   quadratic = jnp.abs(c2) > 1e-6 * scale + tiny
-  discriminant = jnp.maximum(c1 * c1 - 4.0 * c2 * c0, 0.0)
-  sqrt_disc = jnp.sqrt(discriminant)
+  sqrt_disc = jnp.sqrt(jnp.maximum(c1 * c1 - 4.0 * c2 * c0, 0.0))
   safe_c2 = jnp.where(quadratic, c2, 1.0)
   safe_c1 = jnp.where(jnp.abs(c1) > tiny, c1, 1.0)
   roots_quadratic = jnp.stack(
       [(-c1 - sqrt_disc) / (2.0 * safe_c2), (-c1 + sqrt_disc) / (2.0 * safe_c2)]
   )
   root_linear = -c0 / safe_c1
-  roots = jnp.where(quadratic, roots_quadratic, jnp.stack([root_linear, root_linear]))
+  return jnp.where(quadratic, roots_quadratic, jnp.stack([root_linear, root_linear]))
+
+
+def _cubic_roots(
+    c3: jax.Array, c2: jax.Array, c1: jax.Array, c0: jax.Array
+) -> jax.Array:
+  """Three candidates for the real roots of ``c3 t³ + c2 t² + c1 t + c0``.
+
+  Closed form in real arithmetic (no ``eig``): the depressed cubic
+  ``s³ + P s + Q`` (``t = s − c2/(3 c3)``) has three real roots
+  ``2m cos(φ − 2πk/3)``, ``m = √(−P/3)``, ``cos 3φ = −Q/(2m³)`` when its
+  discriminant ``(Q/2)² + (P/3)³`` is ≤ 0, and otherwise the single real root
+  ``w − P/(3w)``, ``w = ∛(−Q/2 − sign(Q)·√disc)`` (the sign avoids
+  cancellation), returned three times. Falls back to the quadratic roots
+  (plus one repeat) when ``c3`` is negligible.
+  """
+  scale = jnp.abs(c3) + jnp.abs(c2) + jnp.abs(c1) + jnp.abs(c0)
+  tiny = jnp.finfo(c0.dtype).tiny
+  cubic = jnp.abs(c3) > 1e-6 * scale + tiny
+  safe_c3 = jnp.where(cubic, c3, 1.0)
+  b, c, d = c2 / safe_c3, c1 / safe_c3, c0 / safe_c3
+  p = c - b * b / 3.0
+  q = 2.0 * b**3 / 27.0 - b * c / 3.0 + d
+  discriminant = (q / 2.0) ** 2 + (p / 3.0) ** 3
+  # Three real roots (then P ≤ 0).
+  m = jnp.sqrt(jnp.maximum(-p / 3.0, 0.0))
+  safe_m = jnp.where(m > 0, m, 1.0)
+  phi = jnp.arccos(jnp.clip(-q / (2.0 * safe_m**3), -1.0, 1.0)) / 3.0
+  k = jnp.arange(3, dtype=c0.dtype)
+  three = 2.0 * m * jnp.cos(phi - 2.0 * jnp.pi * k / 3.0)
+  # One real root.
+  w = jnp.cbrt(-q / 2.0 - jnp.where(q >= 0, 1.0, -1.0) * jnp.sqrt(jnp.maximum(discriminant, 0.0)))
+  safe_w = jnp.where(w != 0, w, 1.0)
+  one = jnp.where(w != 0, w - p / (3.0 * safe_w), 0.0)
+  roots_cubic = jnp.where(discriminant > 0, jnp.stack([one, one, one]), three) - b / 3.0
+  quadratic = _quadratic_roots(c2, c1, c0)
+  roots_quadratic = jnp.concatenate([quadratic, quadratic[:1]])
+  return jnp.where(cubic, roots_cubic, roots_quadratic)
+
+
+def _argmin_on_unit_interval(
+    coefficients: jax.Array,
+    roots: jax.Array,
+    *,
+    absolute: bool,
+    relative_tolerance: float,
+) -> jax.Array:
+  """θ ∈ [0, 1] minimizing ``Σ_k coefficients[k] θ^k`` (or its absolute value).
+
+  The candidates are the clipped ``roots``, 0, 1 and ½; values within
+  ``relative_tolerance · Σ|coefficients|`` of the minimum count as ties, and
+  ties go to the candidate closest to ½.
+  """
+  dtype = coefficients.dtype
+  roots = jnp.where(jnp.isfinite(roots), roots, 0.5)
   candidates = jnp.concatenate(
-      [jnp.clip(roots, 0.0, 1.0), jnp.asarray([0.0, 1.0, 0.5], c0.dtype)]
+      [jnp.clip(roots, 0.0, 1.0), jnp.asarray([0.0, 1.0, 0.5], dtype)]
   )
-  values = jnp.abs(c2 * candidates**2 + c1 * candidates + c0)
-  # Among (near-)equal minima prefer the candidate closest to θ = ½.
-  tolerance = 1e-6 * scale + tiny
+  powers = candidates[:, None] ** jnp.arange(coefficients.shape[0], dtype=dtype)
+  values = jnp.sum(powers * coefficients, axis=1)
+  if absolute:
+    values = jnp.abs(values)
+  tiny = jnp.finfo(dtype).tiny
+  tolerance = relative_tolerance * jnp.sum(jnp.abs(coefficients)) + tiny
   best = jnp.min(values)
   distance = jnp.where(values <= best + tolerance, jnp.abs(candidates - 0.5), jnp.inf)
   return candidates[jnp.argmin(distance)]
@@ -335,8 +447,10 @@ def factor_update(
       per rank component (see :func:`factor_step`).
     tie_breaker: ``"imbalance"`` (default; the paper's rule as read in
       DESIGN.md §4: balance the H-norms of ``δa @ b`` and ``a @ δb``, θ clipped
-      to [0, 1]), ``"half"`` (θ = ½) or ``"factor_norm"`` (balance
-      ``Σ p_i δa_ik²`` against ``Σ q_j δb_kj²``).
+      to [0, 1]), ``"half"`` (θ = ½), ``"factor_norm"`` (balance
+      ``Σ p_i δa_ik²`` against ``Σ q_j δb_kj²``) or ``"second_order"``
+      (θ ∈ [0, 1] minimizing ``‖δa δb‖_H``, the only part of a finite step's
+      weight change that θ affects; see ``docs/tiebreak.md``).
 
   Returns:
     ``(delta_a, delta_b)`` with the shapes and dtypes of ``lora_a``, ``lora_b``.

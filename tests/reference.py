@@ -58,7 +58,8 @@ def brute_force_theta(a, b, grad_a, grad_b, row_scale, col_scale, criterion,
                       grid: int = 20001) -> float:
   """θ ∈ [0, 1] minimizing |criterion| evaluated on a dense grid.
 
-  ``criterion(delta_a, delta_b) -> float`` is the signed imbalance.
+  ``criterion(delta_a, delta_b) -> float`` is the signed imbalance (or a
+  non-negative quantity to minimize).
   """
   thetas = np.linspace(0.0, 1.0, grid)
   # The family is affine in θ: evaluate it from its members at θ = 0 and 1.
@@ -88,6 +89,13 @@ def factor_norm_imbalance(row_scale, col_scale):
   def criterion(delta_a, delta_b):
     return (float(np.sum(row_scale[:, None] * delta_a**2))
             - float(np.sum(col_scale[None, :] * delta_b**2)))
+  return criterion
+
+
+def second_order_term(row_scale, col_scale):
+  """‖δa δb‖²_H, the second-order part of a finite step's weight change."""
+  def criterion(delta_a, delta_b):
+    return h_norm_sq(delta_a @ delta_b, row_scale, col_scale)
   return criterion
 
 

@@ -45,7 +45,7 @@ def test_weight_update_is_the_h_projection(seed, condition):
   assert _relative_error(delta_a @ b + a @ delta_b, expected) < 1e-8
 
 
-@pytest.mark.parametrize("tie_breaker", ["imbalance", "half", "factor_norm"])
+@pytest.mark.parametrize("tie_breaker", kernels.TIE_BREAKERS)
 def test_every_tie_breaker_gives_the_same_weight_update(tie_breaker):
   a, b, grad_w, p, q = _pair_problem(7, 6, 5, 3, condition=1e2)
   delta_a, delta_b = _update(a, b, grad_w, p, q, tie_breaker=tie_breaker)
@@ -109,6 +109,46 @@ def test_tie_breaker_matches_brute_force_search(seed, tie_breaker, criterion):
   assert abs(signed(delta_a, delta_b)) <= abs(signed(expected_a, expected_b)) + 1e-9 * scale**2
 
 
+@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("condition", [1.0, 1e2, 1e4])
+def test_second_order_tie_breaker_matches_brute_force_search(seed, condition):
+  """θ minimizes ‖δa δb‖_H over the family on [0, 1] (dense grid oracle)."""
+  rng = np.random.default_rng(300 + seed)
+  d_in, d_out = rng.integers(3, 10, size=2)
+  rank = int(rng.integers(1, min(d_in, d_out)))  # LoRA: rank < min(d_in, d_out)
+  a, b, grad_w, p, q = _pair_problem(seed, d_in, d_out, rank, condition=condition)
+  grad_w *= np.outer(p, q)  # Adafactor-consistent: H⁻¹G of order one
+  grad_a, grad_b = grad_w @ b.T, a.T @ grad_w
+  criterion = reference.second_order_term(p, q)
+  theta = reference.brute_force_theta(a, b, grad_a, grad_b, p, q, criterion)
+  expected = criterion(*reference.solution_family(a, b, grad_a, grad_b, p, q, theta))
+  with jax.enable_x64(True):
+    step = kernels.factor_step(
+        *(jnp.asarray(x) for x in (a, b, grad_a, grad_b, p, q)),
+        tie_breaker="second_order", pseudo_inverse=True)
+  got = criterion(np.asarray(step.delta_a), np.asarray(step.delta_b))
+  # The closed form is exact; the grid (spacing 5e-5) can only be worse.
+  assert got <= expected * (1.0 + 1e-9)
+  assert abs(float(step.theta) - theta) < 1e-3
+
+
+@pytest.mark.parametrize("condition", [1.0, 1e3])
+def test_second_order_tie_breaker_gives_the_closest_finite_step(condition):
+  """Its finite step deviates least from the exact step −η δW, for every η."""
+  for seed in range(5):
+    a, b, grad_w, p, q = _pair_problem(400 + seed, 9, 7, 3, condition=condition)
+    deviations = {}
+    for tie_breaker in kernels.TIE_BREAKERS:
+      delta_a, delta_b = _update(a, b, grad_w, p, q, tie_breaker=tie_breaker)
+      delta_w = delta_a @ b + a @ delta_b
+      deviations[tie_breaker] = [
+          reference.h_norm_sq((a - lr * delta_a) @ (b - lr * delta_b) - a @ b + lr * delta_w,
+                              p, q)
+          for lr in (1e-3, 1e-1, 1.0)]
+    for tie_breaker, values in deviations.items():
+      assert np.all(np.asarray(deviations["second_order"]) <= np.asarray(values) * (1 + 1e-9))
+
+
 def test_half_tie_breaker_is_theta_one_half():
   a, b, grad_w, p, q = _pair_problem(5, 6, 4, 2, condition=10.0)
   expected = reference.solution_family(a, b, grad_w @ b.T, a.T @ grad_w, p, q, 0.5)
@@ -129,7 +169,7 @@ def test_imbalance_theta_is_clipped_to_unit_interval():
   assert float(step.theta) in (0.0, 1.0)
 
 
-@pytest.mark.parametrize("tie_breaker", ["imbalance", "half", "factor_norm"])
+@pytest.mark.parametrize("tie_breaker", kernels.TIE_BREAKERS)
 def test_gauge_invariance_of_the_whole_step(tie_breaker):
   """(a S, S⁻¹ b) gives the same first-order δW and the same full update."""
   rng = np.random.default_rng(42)
@@ -353,7 +393,7 @@ def test_psd_inverse_modes():
     grad_scale=st.sampled_from([0.0, 1e-20, 1e-6, 1.0, 1e6]),
     condition=st.sampled_from([1.0, 1e2, 1e6]),
     dtype=st.sampled_from(["float32", "bfloat16"]),
-    tie_breaker=st.sampled_from(["imbalance", "half", "factor_norm"]),
+    tie_breaker=st.sampled_from(kernels.TIE_BREAKERS),
     seed=st.integers(0, 2**16),
 )
 def test_fuzz_damped_update_is_finite(d_in, d_out, rank, factor_scale, grad_scale,

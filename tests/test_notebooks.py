@@ -55,3 +55,18 @@ def test_update_geometry_notebook():
   assert _number(r"adamw\s+relative difference of the two weight updates: ([0-9.e+-]+)",
                  text) > 1e-2
   assert _number(r"training accuracy ([0-9.]+)", text) > 0.9
+  # §4: LoRA-Pro is the H = I projection; adaprelora captures the largest share of H⁻¹G.
+  assert _number(r"LoRA-Pro δW vs the H = I projection: relative difference ([0-9.e+-]+)",
+                 text) < 1e-8
+  shares = {name: _number(name + r"\s+cos_H = .*share = ([0-9.]+)", text)
+            for name in (r"LoRA \(plain gradient\)", r"LoRA-Pro \(Frobenius proj\.\)",
+                         "scaled GD", "adaprelora")}
+  assert max(shares, key=shares.get) == "adaprelora"
+  assert re.search(r"largest share: adaprelora", text)
+  # §7: the study's answer, read from the committed result file.
+  assert figures >= 4
+  imbalance = r"imbalance\s+deviation from the best split: .*"
+  assert _number(imbalance + r"κ = 1e4 ρ = 100 ([0-9.e+-]+)", text) > 0.04
+  assert _number(imbalance + r"change along ρ ([0-9.e+-]+)", text) < 1e-6
+  assert _number(r"second_order deviation from the best split: .*κ = 1e4 ρ = 100 ([0-9.e+-]+)",
+                 text) < 1e-4
