@@ -450,7 +450,7 @@ def factor_update(
       to [0, 1]), ``"half"`` (θ = ½), ``"factor_norm"`` (balance
       ``Σ p_i δa_ik²`` against ``Σ q_j δb_kj²``) or ``"second_order"``
       (θ ∈ [0, 1] minimizing ``‖δa δb‖_H``, the only part of a finite step's
-      weight change that θ affects; see ``docs/tiebreak.md``).
+      weight change that θ affects; measured in ``experiments/tiebreak_bias.py``).
 
   Returns:
     ``(delta_a, delta_b)`` with the shapes and dtypes of ``lora_a``, ``lora_b``.

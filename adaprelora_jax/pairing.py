@@ -521,6 +521,22 @@ def _check_floating_array(leaf: Any, expected_shape: tuple[int, ...], descriptio
     )
 
 
+def pair_axes(
+    pair: PairInfo, a_axes: Sequence[Any], b_axes: Sequence[Any]
+) -> tuple[tuple[Any, ...], Any, Any]:
+  """``(lead, d_in, d_out)`` entries of a pair from its factors' per-axis entries.
+
+  ``a_axes`` / ``b_axes`` hold one entry per axis of the ``lora_a`` /
+  ``lora_b`` leaf (e.g. sharding names or partition-spec entries), in the
+  leaf's own layout; torch-layout pairs have their two trailing axes swapped.
+  """
+  lead = tuple(a_axes[:len(pair.lead_shape)])
+  a_tail, b_tail = tuple(a_axes[len(lead):]), tuple(b_axes[len(lead):])
+  if pair.transposed:
+    a_tail, b_tail = a_tail[::-1], b_tail[::-1]
+  return lead, a_tail[0], b_tail[1]
+
+
 def leaf_shape(pair: PairInfo, role: Role) -> tuple[int, ...]:
   if role == "a":
     shape = (pair.d_in, pair.rank)

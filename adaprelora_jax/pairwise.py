@@ -239,11 +239,8 @@ def _slot_sharding(
   A ``d_in`` axis is laid out like ``lora_a``'s input axis, a ``d_out`` axis
   like ``lora_b``'s output axis, rank axes are replicated.
   """
-  lead = tuple(a_names[:len(pair.lead_shape)])
-  a_tail, b_tail = tuple(a_names[len(lead):]), tuple(b_names[len(lead):])
-  if pair.transposed:
-    a_tail, b_tail = a_tail[::-1], b_tail[::-1]
-  by_dim = {"d_in": a_tail[0], "rank": None, "d_out": b_tail[1]}
+  lead, d_in, d_out = pairing_lib.pair_axes(pair, a_names, b_names)
+  by_dim = {"d_in": d_in, "rank": None, "d_out": d_out}
   return (*lead, *(by_dim[dim] for dim in slot.dims))
 
 

@@ -142,7 +142,8 @@ def state_shardings(
       or the shardings use different meshes; pairing errors name the path.
   """
   plan = pairing_lib.plan_pairs(params, pairing)
-  shapes = [tuple(leaf.shape) for leaf in plan.leaves(params)]
+  leaves = plan.leaves(params)
+  shapes = [tuple(leaf.shape) for leaf in leaves]
   shardings = plan.leaves(param_shardings)
   axis_specs = [_axis_specs(sharding, len(shape), path)
                 for sharding, shape, path in zip(shardings, shapes, plan.paths)]
@@ -150,12 +151,9 @@ def state_shardings(
   stand_in = _StandIn()
   new_shapes: list[Optional[tuple[int, ...]]] = [None] * plan.num_leaves
   for pair in plan.pairs:
-    a_specs = axis_specs[pair.a_index]
-    b_specs = axis_specs[pair.b_index]
-    lead = tuple(stand_in.size(spec) for spec in a_specs[:len(pair.lead_shape)])
-    # Canonical positions of d_in in a and d_out in b (torch layout swaps them).
-    d_in_spec = a_specs[-1] if pair.transposed else a_specs[-2]
-    d_out_spec = b_specs[-2] if pair.transposed else b_specs[-1]
+    lead_specs, d_in_spec, d_out_spec = pairing_lib.pair_axes(
+        pair, axis_specs[pair.a_index], axis_specs[pair.b_index])
+    lead = tuple(stand_in.size(spec) for spec in lead_specs)
     d_in, rank, d_out = (stand_in.size(d_in_spec), stand_in.size(None, rank=True),
                          stand_in.size(d_out_spec))
     a_shape, b_shape = (d_in, rank), (rank, d_out)
@@ -170,7 +168,6 @@ def state_shardings(
     if new_shapes[index] is None:
       new_shapes[index] = tuple(stand_in.size(spec) for spec in axis_specs[index])
 
-  leaves = plan.leaves(params)
   stand_in_params = plan.unflatten([
       jax.ShapeDtypeStruct(shape, leaf.dtype) for shape, leaf in zip(new_shapes, leaves)])
   abstract_state = jax.eval_shape(optimizer.init, stand_in_params)
