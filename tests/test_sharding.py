@@ -264,3 +264,11 @@ def test_nnx_partitioning_metadata_shards_the_optimizer_state():
   col = lora(state["col_second_moment"])["lora_b"].get_value()
   assert row.sharding.is_equivalent_to(NamedSharding(mesh, P("data")), 1)
   assert col.sharding.is_equivalent_to(NamedSharding(mesh, P("model")), 1)
+
+
+def test_shardings_on_two_meshes_are_rejected(problem):
+  params, _ = problem
+  shardings = _param_shardings(params, "fsdp", _mesh("fsdp"))
+  shardings["q"]["lora_b"] = NamedSharding(_mesh("tensor_parallel"), P(None, "model"))
+  with pytest.raises(ValueError, match="more than one mesh"):
+    sharding.state_shardings(ap.adaprelora(1e-2), params, shardings)
