@@ -251,12 +251,31 @@ class LoRAPlan:
       stacked: jax.Array,
       *,
       factor_layout: bool = True,
+      positions: Sequence[jax.Array] | None = None,
   ) -> None:
-    """Writes ``stacked`` (group.size, ...) back into ``leaves`` in place."""
+    """Writes ``stacked`` (group.size, ...) back into ``leaves`` in place.
+
+    Args:
+      leaves: flattened tree, updated in place.
+      group: the group.
+      role: which leaf of each pair.
+      stacked: the group's results, leading axis as in :meth:`gather`.
+      factor_layout: as in :meth:`gather`.
+      positions: the member positions ``0, 1, ...`` (at least one per member)
+        as int32 scalars; members are cut out with dynamic slices at these
+        positions. When the compiler cannot see their values (see
+        :func:`adaprelora_jax.pairwise.pairwise_transform`), every member's
+        slice compiles to the same kernel.
+    """
     tail = stacked.shape[1:]
     per_member = stacked.reshape((len(group.members), *group.lead_shape, *tail))
     for position, pair in enumerate(group.members):
-      array = per_member[position]
+      if positions is None or len(group.members) == 1:
+        array = per_member[position]
+      else:
+        array = jax.lax.dynamic_index_in_dim(
+            per_member, positions[position], keepdims=False
+        )
       if factor_layout:
         array = _canonical(array, pair.transposed)
       leaves[_role_index(pair, role)] = array

@@ -293,11 +293,12 @@ def _gather_field(
 
 def _scatter_field(
     plan: pairing_lib.LoRAPlan, leaves: list[Any], group: pairing_lib.PairGroup,
-    field: Field, value: Any,
+    field: Field, value: Any, positions: Sequence[jax.Array],
 ) -> None:
   values = (value,) if isinstance(field, Slot) else value
   for slot, array in zip(_field_slots(field), values):
-    plan.scatter(leaves, group, slot.role, array, factor_layout=slot.factor_layout)
+    plan.scatter(leaves, group, slot.role, array, factor_layout=slot.factor_layout,
+                 positions=positions)
 
 
 def _gather_inputs(
@@ -313,6 +314,35 @@ def _gather_inputs(
       gather(param_leaves, "a"), gather(param_leaves, "b"),
       gather(grads, "a"), gather(grads, "b"), row_stats, col_stats,
   )
+
+
+# Where each pair sits among the members of its group: an int32 at each
+# ``lora_a`` (shaped like the factor's leading axes), see _member_positions.
+_POSITION_SLOT = Slot("a", (), jnp.int32)
+
+
+def _member_positions(
+    group: pairing_lib.PairGroup, position_leaves: Sequence[Any]
+) -> tuple[list[jax.Array], jax.Array]:
+  """The group members' positions from the state, and whether they are right.
+
+  Why the positions are state rather than Python ints: a group's stacked
+  results are cut into per-layer leaves, one slice per member, and XLA
+  compiles every distinct fused kernel separately (about 15 ms each on CPU).
+  A static slice offset is part of its kernel, so every member's slice was
+  a distinct kernel and compile time grew linearly with the number of pairs
+  (26 s for 224 per-layer pairs in ``experiments/bench_scale.py``, 7× that
+  of ``optax.adamw``). Positions read from the state are only known at run
+  time; the dynamic slices at them are one kernel for all members of a shape,
+  compiled once.
+
+  Returns:
+    ``(positions, valid)``: one int32 scalar per member, and a scalar that is
+    False if the positions are not ``0, 1, ...`` (a state that was edited).
+  """
+  positions = [jnp.ravel(position_leaves[pair.a_index])[0] for pair in group.members]
+  expected = jnp.arange(len(positions), dtype=jnp.int32)
+  return positions, jnp.all(jnp.stack(positions) == expected)
 
 
 def pairwise_transform(
@@ -348,8 +378,12 @@ def pairwise_transform(
     update_pair: the per-pair kernel (above).
     fields: per-pair state: field name -> :class:`Slot`, tuple of slots (at
       distinct factors) or None (field absent; its state entry is None).
-    state_type: called as ``state_type(count=..., non_lora=..., **trees)``
-      with one tree per field; normally the transform's state NamedTuple.
+    state_type: called as ``state_type(count=..., non_lora=...,
+      pair_position=..., **trees)`` with one tree per field; normally the
+      transform's state NamedTuple. ``pair_position`` holds, at each
+      ``lora_a``, the pair's position in its group of same-shaped pairs
+      (int32; read at run time so that per-layer leaves compile to one kernel
+      per shape, see ``experiments/bench_scale.py``).
     owner: the public name used in error messages.
     pairing: see :func:`adaprelora_jax.pairing.plan_pairs`.
     non_lora: transform for leaves that are not LoRA factors.
@@ -373,11 +407,18 @@ def pairwise_transform(
     plan = router.plan(params)
     trees = {name: _label_field(plan, params, _init_field(plan, field), field)
              for name, field in active.items()}
+    member_position = {pair.a_index: position for group in plan.groups
+                       for position, pair in enumerate(group.members)}
+    pair_position = plan.mirror(
+        lambda pair, role: jnp.full(pair.lead_shape, member_position[pair.a_index], jnp.int32),
+        roles=("a",),
+    )
     return state_type(
         count=jnp.zeros([], jnp.int32),
         non_lora=router.non_lora_transform(plan).init(params),
         **trees,
         **absent,
+        pair_position=_label_field(plan, params, pair_position, _POSITION_SLOT),
     )
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -388,28 +429,33 @@ def pairwise_transform(
     old_leaves = {name: plan.leaves(getattr(state, name)) for name in active}
     new_leaves = {name: list(leaves) for name, leaves in old_leaves.items()}
     inputs = [_gather_inputs(plan, group, param_leaves, grads) for group in plan.groups]
+    pair_states = [
+        {name: _gather_field(plan, old_leaves[name], group, field)
+         for name, field in active.items()}
+        for group in plan.groups
+    ]
+
     total = None
     if prepare_pair is not None:
       prepared = [jax.vmap(prepare_pair)(group_inputs) for group_inputs in inputs]
       inputs = [carry for carry, _ in prepared]
       total = sum(jnp.sum(contribution) for _, contribution in prepared)
-
-    out = list(grads)
     kernel = jax.vmap(update_pair, in_axes=(0, 0, None, None))
-    for group, group_inputs in zip(plan.groups, inputs):
-      pair_state = {
-          name: _gather_field(plan, old_leaves[name], group, field)
-          for name, field in active.items()
-      }
-      pair_state.update(absent)
-      delta_a, delta_b, new_pair_state = kernel(
-          group_inputs, pair_state, state.count, total
-      )
+    results = [kernel(group_inputs, {**pair_state, **absent}, state.count, total)
+               for group_inputs, pair_state in zip(inputs, pair_states)]
+
+    position_leaves = plan.leaves(state.pair_position)
+    out = list(grads)
+    for group, (delta_a, delta_b, new_pair_state) in zip(plan.groups, results):
+      positions, valid = _member_positions(group, position_leaves)
+      # Wrong positions would silently swap the pairs' updates: make them NaN.
+      delta_a, delta_b = (jnp.where(valid, delta, jnp.nan) for delta in (delta_a, delta_b))
       dtype = group.members[0].dtype
-      plan.scatter(out, group, "a", delta_a.astype(dtype))
-      plan.scatter(out, group, "b", delta_b.astype(dtype))
+      plan.scatter(out, group, "a", delta_a.astype(dtype), positions=positions)
+      plan.scatter(out, group, "b", delta_b.astype(dtype), positions=positions)
       for name, field in active.items():
-        _scatter_field(plan, new_leaves[name], group, field, new_pair_state[name])
+        _scatter_field(plan, new_leaves[name], group, field, new_pair_state[name],
+                       positions)
 
     new_updates, non_lora_state = router.finish(plan, out, updates, state.non_lora, params)
     new_state = state_type(
@@ -418,6 +464,7 @@ def pairwise_transform(
         **{name: _label_field(plan, params, plan.unflatten(leaves), active[name])
            for name, leaves in new_leaves.items()},
         **absent,
+        pair_position=state.pair_position,
     )
     return new_updates, new_state
 

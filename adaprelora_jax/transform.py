@@ -61,6 +61,11 @@ class ScaleByAdaPreLoRAState(NamedTuple):
       shape, float32), or ``None`` when ``b1 is None``.
     nonfinite_count: at each ``lora_a``: how many steps of that pair were
       skipped because its gradients were not finite, shape (...), int32.
+    pair_position: at each ``lora_a``: the pair's position among the
+      same-shaped pairs it is stacked with, shape (...), int32. Set by
+      ``init`` and never changed; kept in the state because positions known
+      only at run time let every per-layer leaf share one compiled kernel.
+      An edited position makes that group's updates NaN.
     non_lora: state of the transform applied to the other leaves.
   """
 
@@ -69,6 +74,7 @@ class ScaleByAdaPreLoRAState(NamedTuple):
   col_second_moment: optax.Updates
   momentum: Optional[optax.Updates]
   nonfinite_count: optax.Updates
+  pair_position: optax.Updates
   non_lora: optax.OptState
 
 

@@ -62,12 +62,18 @@ class ScaleByLoRAProState(NamedTuple):
       moments live in the :class:`adaprelora_jax.pairwise.FactorwiseState`
       that follows in the chain.
     nu: likewise, the EMA of the squared equivalent gradient.
+    pair_position: at each ``lora_a``: the pair's position among the
+      same-shaped pairs it is stacked with, shape (...), int32. Set by
+      ``init`` and never changed; kept in the state because positions known
+      only at run time let every per-layer leaf share one compiled kernel.
+      An edited position makes that group's updates NaN.
     non_lora: state of the transform applied to the other leaves.
   """
 
   count: chex.Array
   mu: Optional[optax.Updates]
   nu: Optional[optax.Updates]
+  pair_position: optax.Updates
   non_lora: optax.OptState
 
 

@@ -62,6 +62,11 @@ class ScaleByLoRARiteState(NamedTuple):
       for the transport ``P``: (..., d_in, r) at ``lora_a``, (..., r, d_out)
       (``U_Bᵀ``) at ``lora_b``.
     escape_mass: ``ρ``, (...) at each factor, or None without escape mass.
+    pair_position: at each ``lora_a``: the pair's position among the
+      same-shaped pairs it is stacked with, shape (...), int32. Set by
+      ``init`` and never changed; kept in the state because positions known
+      only at run time let every per-layer leaf share one compiled kernel.
+      An edited position makes that group's updates NaN.
     non_lora: state of the transform applied to the other leaves.
   """
 
@@ -70,6 +75,7 @@ class ScaleByLoRARiteState(NamedTuple):
   second_moment: optax.Updates
   basis: optax.Updates
   escape_mass: Optional[optax.Updates]
+  pair_position: optax.Updates
   non_lora: optax.OptState
 
 
