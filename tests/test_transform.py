@@ -1,5 +1,7 @@
 """scale_by_adaprelora / adaprelora: maths vs reference, optax integration."""
 
+import re
+
 import hypothesis
 import hypothesis.strategies as st
 import jax
@@ -426,6 +428,66 @@ def test_same_shaped_pairs_share_one_group():
   # not one per layer.
   count = sum(eq.primitive.name == "cholesky" for eq in _all_equations(jaxpr.jaxpr))
   assert count == 4
+
+
+def _per_layer_tree(layers):
+  shapes = {"attn": (16, 16), "up": (16, 24), "down": (24, 16)}
+  rng = np.random.default_rng(layers)
+  params = {f"layer{i}/{name}": {"lora_a": jnp.asarray(rng.normal(size=(d_in, 4)), jnp.float32),
+                                 "lora_b": jnp.asarray(rng.normal(size=(4, d_out)), jnp.float32)}
+            for i in range(layers) for name, (d_in, d_out) in shapes.items()}
+  return params, jax.tree.map(lambda x: 0.1 * x, params)
+
+
+def _distinct_fused_kernels(hlo_text):
+  """Fused computations of an optimized HLO module, up to instruction names."""
+  bodies = set()
+  for computation in hlo_text.split("\n\n"):
+    if "fused_computation" in computation.split("\n", 1)[0]:
+      body = computation.split("\n", 1)[1]
+      body = re.sub(r", metadata=\{[^}]*\}", "", body)
+      bodies.add(re.sub(r"%[\w.\-]+", "%x", body))
+  return len(bodies)
+
+
+def test_compiled_step_has_as_many_distinct_kernels_for_any_number_of_layers():
+  # XLA compiles each distinct fused kernel separately; members are cut out
+  # of the group results at positions read from the state, so adding layers
+  # must reuse kernels, not add one static-offset slice kernel per layer.
+  tx = ap.adaprelora(1e-2)
+  counts = []
+  for layers in (2, 5):
+    params, grads = _per_layer_tree(layers)
+    step = jax.jit(lambda g, s, p: tx.update(g, s, p))
+    counts.append(_distinct_fused_kernels(
+        step.lower(grads, tx.init(params), params).compile().as_text()))
+  assert counts[0] == counts[1], counts
+
+
+def test_pair_position_records_each_pairs_place_in_its_group():
+  params, grads = _per_layer_tree(3)
+  state = ap.scale_by_adaprelora().init(params)
+  assert state.pair_position["layer2/up"]["lora_a"] == 2
+  assert state.pair_position["layer0/down"]["lora_a"] == 0
+  assert state.pair_position["layer1/attn"]["lora_b"] == optax.MaskedNode()
+  # Stacked layers: one position per pair of the stack.
+  stacked = {"lora_a": jnp.ones((3, 8, 2)), "lora_b": jnp.ones((3, 2, 5))}
+  assert ap.scale_by_adaprelora().init(stacked).pair_position["lora_a"].shape == (3,)
+
+
+def test_edited_pair_positions_give_nan_updates_not_swapped_ones():
+  params, grads = _per_layer_tree(3)
+  tx = ap.scale_by_adaprelora()
+  state = tx.init(params)
+  good, _ = jax.jit(tx.update)(grads, state, params)
+  edited = state._replace(pair_position=jax.tree.map(jnp.zeros_like, state.pair_position))
+  bad, _ = jax.jit(tx.update)(grads, edited, params)
+  assert np.isfinite(np.asarray(good["layer1/up"]["lora_a"])).all()
+  # Every update of a group with an edited position is NaN, so the edit
+  # cannot pass unnoticed as another pair's step.
+  for name in ("layer0/up", "layer1/up", "layer2/attn"):
+    for role in ("lora_a", "lora_b"):
+      assert np.isnan(np.asarray(bad[name][role])).all(), (name, role)
 
 
 def _all_equations(jaxpr):
