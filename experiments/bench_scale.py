@@ -2,7 +2,7 @@
 
 Usage::
 
-  python -m experiments.bench_scale [--layers 1 8 32] [--repeats 5]
+  python -m experiments.bench_scale [--layers 1 8 32] [--repeats 5] [--trials 3]
 
 Llama-shaped LoRA pytrees (seven targets per block, scaled down for CPU:
 hidden 256, ffn 688, rank 16) with 7, 56 and 224 pairs (224 is Llama-7B's
@@ -12,9 +12,13 @@ along a leading axis (the layout of ``nnx.scan``-ed blocks). For adaprelora
 and ``optax.adamw``, measured in the same run: jit compile time of
 update + apply_updates, median step time, and the step's scratch memory
 (``compiled.memory_analysis().temp_size_in_bytes``, also as a multiple of the
-parameters' bytes: adamw's element-wise update needs almost none). Same-shaped pairs are
-stacked and vmapped, so adaprelora's traced program has one kernel per
-distinct shape (three here) whatever the number of layers.
+parameters' bytes: adamw's element-wise update needs almost none). Each
+setup is compiled ``--trials`` times per optimizer, interleaved, and the
+medians are reported. Same-shaped pairs are stacked and vmapped, so
+adaprelora's traced program has one kernel per distinct shape (three here)
+whatever the number of layers, and per-layer leaves are cut out of the
+stacked results at positions read from the state (one compiled slice kernel
+per shape, not one per layer).
 
 Writes ``experiments/results/bench_scale.json``.
 """
@@ -26,6 +30,7 @@ import json
 from pathlib import Path
 
 import jax
+import numpy as np
 import optax
 
 import adaprelora_jax as ap
@@ -43,7 +48,16 @@ def stacked(tree, layers: int):
           for target in targets}
 
 
-def run(layer_counts: list[int], hidden: int, ffn: int, rank: int, repeats: int) -> dict:
+def median_run(runs: list[dict]) -> dict:
+  """Median compile and step time over repeated measurements of one setup."""
+  return {**runs[0],
+          "compile_seconds": float(np.median([run["compile_seconds"] for run in runs])),
+          "compile_seconds_all": [run["compile_seconds"] for run in runs],
+          "step_seconds": float(np.median([run["step_seconds"] for run in runs]))}
+
+
+def run(layer_counts: list[int], hidden: int, ffn: int, rank: int, repeats: int,
+        trials: int) -> dict:
   rows = []
   for layers in layer_counts:
     params, grads = make_lora_tree(hidden, ffn, layers, rank)
@@ -52,8 +66,14 @@ def run(layer_counts: list[int], hidden: int, ffn: int, rank: int, repeats: int)
         params_in, grads_in = stacked(params, layers), stacked(grads, layers)
       else:
         params_in, grads_in = params, grads
-      measured = {name: time_step(factory(), params_in, grads_in, repeats)
-                  for name, factory in OPTIMIZERS.items()}
+      # Compile times on a shared 2-core machine vary by ±30 % from run to
+      # run: compile every optimizer ``trials`` times, interleaved, and keep
+      # the medians.
+      runs = {name: [] for name in OPTIMIZERS}
+      for _ in range(trials):
+        for name, factory in OPTIMIZERS.items():
+          runs[name].append(time_step(factory(), params_in, grads_in, repeats))
+      measured = {name: median_run(name_runs) for name, name_runs in runs.items()}
       base = measured["adamw"]
       for name, figures in measured.items():
         row = {"pairs": 7 * layers, "layout": layout, "optimizer": name, **figures,
@@ -65,7 +85,8 @@ def run(layer_counts: list[int], hidden: int, ffn: int, rank: int, repeats: int)
                                     else figures["temp_bytes"] / tree_bytes(params_in))}
         rows.append(row)
         print(format_row(row), flush=True)
-  return {"hidden": hidden, "ffn": ffn, "rank": rank, "repeats": repeats, "rows": rows,
+  return {"hidden": hidden, "ffn": ffn, "rank": rank, "repeats": repeats, "trials": trials,
+          "rows": rows,
           "environment": environment()}
 
 
@@ -89,10 +110,12 @@ def main() -> None:
   parser.add_argument("--ffn", type=int, default=688)
   parser.add_argument("--rank", type=int, default=16)
   parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--trials", type=int, default=3,
+                      help="compilations per optimizer and setup (median reported)")
   parser.add_argument("--output", type=Path, default=RESULTS / "bench_scale.json")
   args = parser.parse_args()
   print(HEADER, flush=True)
-  report = run(args.layers, args.hidden, args.ffn, args.rank, args.repeats)
+  report = run(args.layers, args.hidden, args.ffn, args.rank, args.repeats, args.trials)
   args.output.parent.mkdir(parents=True, exist_ok=True)
   args.output.write_text(json.dumps(report, indent=1) + "\n")
   print(f"wrote {args.output}")

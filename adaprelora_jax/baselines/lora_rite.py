@@ -62,11 +62,8 @@ class ScaleByLoRARiteState(NamedTuple):
       for the transport ``P``: (..., d_in, r) at ``lora_a``, (..., r, d_out)
       (``U_Bᵀ``) at ``lora_b``.
     escape_mass: ``ρ``, (...) at each factor, or None without escape mass.
-    pair_position: at each ``lora_a``: the pair's position among the
-      same-shaped pairs it is stacked with, shape (...), int32. Set by
-      ``init`` and never changed; kept in the state because positions known
-      only at run time let every per-layer leaf share one compiled kernel.
-      An edited position makes that group's updates NaN.
+    pair_position: at each ``lora_a``: the pair's place in its group of
+      same-shaped pairs (see :class:`adaprelora_jax.ScaleByAdaPreLoRAState`).
     non_lora: state of the transform applied to the other leaves.
   """
 
