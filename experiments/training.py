@@ -45,7 +45,11 @@ class RunConfig:
 
 @dataclasses.dataclass
 class RunResult:
-  """Outcome of :func:`train` (``model``/``optimizer`` are the live objects)."""
+  """Outcome of :func:`train` (``model``/``optimizer`` are the live objects).
+
+  ``seconds`` is the run's wall-clock time from building the model to the last
+  evaluation, compilation included; the task's one-time ``prepare`` is not in it.
+  """
 
   config: RunConfig
   final: dict[str, float]
@@ -141,6 +145,7 @@ def train(
   Returns:
     The :class:`RunResult` (final held-out metrics and curves).
   """
+  task.prepare(budget)
   start_time = time.perf_counter()
   model, trainable = task.build_model(config.seed, spec.exact_statistics)
   optimizer = nnx.Optimizer(model, make_optimizer(spec, config.learning_rate), wrt=trainable)

@@ -74,6 +74,10 @@ class Task:
     train_batch: ``(seed, step, budget) -> batch``.
     loss_fn: ``(model, batch) -> scalar``, differentiable.
     evaluate: ``(model, budget) -> {metric: value, ...}`` on held-out data.
+    prepare: ``budget -> None``, one-time work shared by every run in the
+      process (e.g. encoding the data set with frozen pretrained blocks);
+      :func:`experiments.training.train` calls it before starting a run's
+      clock, so the first run's seconds are not charged for it.
   """
 
   name: str
@@ -86,3 +90,4 @@ class Task:
   train_batch: Callable[[int, int, Budget], Batch]
   loss_fn: Callable[[nnx.Module, Batch], Any]
   evaluate: Callable[[nnx.Module, Budget], dict[str, float]]
+  prepare: Callable[[Budget], None] = lambda budget: None
