@@ -46,6 +46,11 @@ def eval_windows(max_windows: int | None) -> tuple[np.ndarray, np.ndarray]:
           shakespeare_windows[:limit(SHAKESPEARE_EVAL_WINDOWS, max_windows)])
 
 
+def prepare(budget: Budget) -> None:
+  # Reads both corpora and cuts the held-out windows once per process.
+  eval_windows(budget.max_eval_examples)
+
+
 def build_model(seed: int, exact_statistics: bool):
   layer = lora_nn.LoRALinear if exact_statistics else nnx.LoRALinear
   model, _ = char_lm.load(assets.char_lm_checkpoint(),
@@ -91,4 +96,5 @@ TASK = Task(
     train_batch=train_batch,
     loss_fn=loss_fn,
     evaluate=evaluate,
+    prepare=prepare,
 )
