@@ -215,6 +215,29 @@ class LoRAPlan:
   def unflatten(self, leaves: Sequence[Any]) -> Any:
     return jax.tree.unflatten(self.treedef, leaves)
 
+  @property
+  def num_rows(self) -> int:
+    """Number of single pairs in the tree (pairs × leading layer axes)."""
+    return sum(group.size for group in self.groups)
+
+  def pair_rows(self) -> dict[int, slice]:
+    """Where each pair's rows sit in a vector over all single pairs.
+
+    Such vectors (see :class:`adaprelora_jax.pairwise.PairScalar`) list the
+    groups in order, each as stacked by :meth:`gather`: members, then their
+    leading layer axes.
+
+    Returns:
+      ``{pair.a_index: slice}``, covering ``range(num_rows)``.
+    """
+    rows, start = {}, 0
+    for group in self.groups:
+      per_member = math.prod(group.lead_shape)
+      for pair in group.members:
+        rows[pair.a_index] = slice(start, start + per_member)
+        start += per_member
+    return rows
+
   def gather(
       self,
       leaves: Sequence[Any],

@@ -90,17 +90,58 @@ def _common_mesh(shardings: list[Optional[ShardingLike]]) -> Any:
 
 
 class _StandIn:
-  """Builds the stand-in parameter tree and remembers each size's axis spec."""
+  """Builds a stand-in parameter tree and remembers which axis each size is.
 
-  def __init__(self) -> None:
-    self._ranks: Iterator[int] = itertools.count(_FIRST_RANK)
-    self._others: Iterator[int] = itertools.count(_FIRST_OTHER)
-    self.spec_of_size: dict[int, AxisSpec] = {}
+  Sizes are drawn ``stride`` apart. A state axis whose length is a sum of
+  parameter axes (e.g. one entry per pair for the whole tree) can happen to
+  equal another axis's stand-in size; with two strides the same coincidence
+  cannot happen in both, so only sizes that name the same axis in both
+  stand-ins are taken as that axis.
+  """
+
+  def __init__(self, stride: int) -> None:
+    self._ranks: Iterator[int] = itertools.count(_FIRST_RANK, stride)
+    self._others: Iterator[int] = itertools.count(_FIRST_OTHER, stride)
+    self.specs: list[AxisSpec] = []
+    self.axis_of_size: dict[int, int] = {}
 
   def size(self, spec: AxisSpec, *, rank: bool = False) -> int:
     size = next(self._ranks if rank else self._others)
-    self.spec_of_size[size] = spec
+    self.axis_of_size[size] = len(self.specs)
+    self.specs.append(spec)
     return size
+
+
+def _stand_in_state(
+    optimizer: optax.GradientTransformation,
+    plan: pairing_lib.LoRAPlan,
+    leaves: list[Any],
+    axis_specs: list[tuple[AxisSpec, ...]],
+    stride: int,
+) -> tuple[Any, _StandIn]:
+  """``optimizer.init`` traced abstractly on a stand-in of the parameters."""
+  stand_in = _StandIn(stride)
+  new_shapes: list[Optional[tuple[int, ...]]] = [None] * plan.num_leaves
+  for pair in plan.pairs:
+    lead_specs, d_in_spec, d_out_spec = pairing_lib.pair_axes(
+        pair, axis_specs[pair.a_index], axis_specs[pair.b_index])
+    lead = tuple(stand_in.size(spec) for spec in lead_specs)
+    d_in, rank, d_out = (stand_in.size(d_in_spec), stand_in.size(None, rank=True),
+                         stand_in.size(d_out_spec))
+    a_shape, b_shape = (d_in, rank), (rank, d_out)
+    if pair.transposed:
+      a_shape, b_shape = a_shape[::-1], b_shape[::-1]
+    new_shapes[pair.a_index] = (*lead, *a_shape)
+    new_shapes[pair.b_index] = (*lead, *b_shape)
+    if pair.has_statistics:
+      new_shapes[pair.row_stats_index] = (*lead, d_in)
+      new_shapes[pair.col_stats_index] = (*lead, d_out)
+  for index, specs in enumerate(axis_specs):
+    if new_shapes[index] is None:
+      new_shapes[index] = tuple(stand_in.size(spec) for spec in specs)
+  stand_in_params = plan.unflatten([
+      jax.ShapeDtypeStruct(shape, leaf.dtype) for shape, leaf in zip(new_shapes, leaves)])
+  return jax.eval_shape(optimizer.init, stand_in_params), stand_in
 
 
 def state_shardings(
@@ -148,33 +189,18 @@ def state_shardings(
   axis_specs = [_axis_specs(sharding, len(shape), path)
                 for sharding, shape, path in zip(shardings, shapes, plan.paths)]
 
-  stand_in = _StandIn()
-  new_shapes: list[Optional[tuple[int, ...]]] = [None] * plan.num_leaves
-  for pair in plan.pairs:
-    lead_specs, d_in_spec, d_out_spec = pairing_lib.pair_axes(
-        pair, axis_specs[pair.a_index], axis_specs[pair.b_index])
-    lead = tuple(stand_in.size(spec) for spec in lead_specs)
-    d_in, rank, d_out = (stand_in.size(d_in_spec), stand_in.size(None, rank=True),
-                         stand_in.size(d_out_spec))
-    a_shape, b_shape = (d_in, rank), (rank, d_out)
-    if pair.transposed:
-      a_shape, b_shape = a_shape[::-1], b_shape[::-1]
-    new_shapes[pair.a_index] = (*lead, *a_shape)
-    new_shapes[pair.b_index] = (*lead, *b_shape)
-    if pair.has_statistics:
-      new_shapes[pair.row_stats_index] = (*lead, d_in)
-      new_shapes[pair.col_stats_index] = (*lead, d_out)
-  for index, shape in enumerate(shapes):
-    if new_shapes[index] is None:
-      new_shapes[index] = tuple(stand_in.size(spec) for spec in axis_specs[index])
-
-  stand_in_params = plan.unflatten([
-      jax.ShapeDtypeStruct(shape, leaf.dtype) for shape, leaf in zip(new_shapes, leaves)])
-  abstract_state = jax.eval_shape(optimizer.init, stand_in_params)
+  (state, stand_in), (check_state, check_stand_in) = (
+      _stand_in_state(optimizer, plan, leaves, axis_specs, stride) for stride in (1, 2))
   mesh = _common_mesh(shardings)
 
-  def layout(leaf: jax.ShapeDtypeStruct) -> ShardingLike:
-    spec = PartitionSpec(*(stand_in.spec_of_size.get(size) for size in leaf.shape))
+  def axis_spec(size: int, check_size: int) -> AxisSpec:
+    axis = stand_in.axis_of_size.get(size)
+    if axis is None or axis != check_stand_in.axis_of_size.get(check_size):
+      return None
+    return stand_in.specs[axis]
+
+  def layout(leaf: jax.ShapeDtypeStruct, check_leaf: jax.ShapeDtypeStruct) -> ShardingLike:
+    spec = PartitionSpec(*map(axis_spec, leaf.shape, check_leaf.shape))
     return spec if mesh is None else NamedSharding(mesh, spec)
 
-  return jax.tree.map(layout, abstract_state)
+  return jax.tree.map(layout, state, check_state)

@@ -175,7 +175,7 @@ def test_stacked_layers_equal_per_layer_pairs():
       np.testing.assert_allclose(np.asarray(u_stacked[role][i]),
                                  np.asarray(u_split[f"layer{i}"][role]), rtol=2e-5, atol=1e-7)
   assert s_stacked.row_second_moment["lora_a"].shape == (layers, 8)
-  assert s_stacked.nonfinite_count["lora_a"].shape == (layers,)
+  assert s_stacked.nonfinite_count.shape == s_split.nonfinite_count.shape == (layers,)
 
 
 def test_peft_layout_equals_flax_layout():
@@ -244,6 +244,42 @@ def test_nonfinite_gradients_skip_only_that_pair():
   grads["bad"]["lora_a"] = grads["bad"]["lora_a"] * jnp.nan
   _, state = tx.update(grads, state, params)
   assert ap.nonfinite_report(state, params) == {"bad/lora_a": 2}
+
+
+@pytest.mark.parametrize("b_scale", [0.0, 0.3])
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("where", ["lora_a", "lora_b", "grad_sq_rows", "grad_sq_cols"])
+def test_any_nonfinite_input_skips_the_pair(where, value, b_scale):
+  """One non-finite entry anywhere in a pair's inputs skips that pair.
+
+  The skip test looks at the step only; this checks that every input makes
+  the step non-finite, including at LoRA init (b = 0), for both statistics
+  sources (tangent for "good", exact for "bad" when a statistic is hit).
+  """
+  rng = np.random.default_rng(abs(hash((where, str(value), b_scale))) % 2**32)
+  params = {name: {"lora_a": jnp.asarray(rng.normal(size=(6, 2)), jnp.float32),
+                   "lora_b": jnp.asarray(rng.normal(size=(2, 5)) * b_scale, jnp.float32)}
+            for name in ("good", "bad")}
+  weight_grads = {name: rng.normal(size=(6, 5)) for name in params}
+  exact = where.startswith("grad_sq")
+  params = _add_stat_leaves(params) if exact else params
+  grads = _grads_from_weight_gradient(
+      {name: {k: v for k, v in pair.items() if k.startswith("lora")}
+       for name, pair in params.items()}, weight_grads, stats=exact)
+  tx = ap.adaprelora(0.1)
+  _, state = tx.update(grads, tx.init(params), params)
+  leaf = np.array(grads["bad"][where])
+  leaf[tuple(rng.integers(0, size) for size in leaf.shape)] = value
+  grads["bad"][where] = jnp.asarray(leaf)
+  updates, new_state = tx.update(grads, state, params)
+  for role in ("lora_a", "lora_b"):
+    assert np.all(np.asarray(updates["bad"][role]) == 0.0)
+    assert np.all(np.isfinite(np.asarray(updates["good"][role])))
+  np.testing.assert_array_equal(np.asarray(new_state[0].row_second_moment["bad"]["lora_a"]),
+                                np.asarray(state[0].row_second_moment["bad"]["lora_a"]))
+  np.testing.assert_array_equal(np.asarray(new_state[0].col_second_moment["bad"]["lora_b"]),
+                                np.asarray(state[0].col_second_moment["bad"]["lora_b"]))
+  assert ap.nonfinite_report(new_state, params) == {"bad/lora_a": 1}
 
 
 def test_nonfinite_propagate_policy_lets_nans_through():
