@@ -29,6 +29,7 @@ Layouts: the canonical layout is flax's, ``a: (..., d_in, r)``,
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, NamedTuple, Union
@@ -230,13 +231,18 @@ class LoRAPlan:
     Returns:
       ``{pair.a_index: slice}``, covering ``range(num_rows)``.
     """
-    rows, start = {}, 0
-    for group in self.groups:
+    rows = {}
+    for group, group_rows in zip(self.groups, self.group_rows()):
       per_member = math.prod(group.lead_shape)
-      for pair in group.members:
+      for position, pair in enumerate(group.members):
+        start = group_rows.start + position * per_member
         rows[pair.a_index] = slice(start, start + per_member)
-        start += per_member
     return rows
+
+  def group_rows(self) -> list[slice]:
+    """Where each group's rows sit in a vector over all single pairs."""
+    ends = itertools.accumulate(group.size for group in self.groups)
+    return [slice(end - group.size, end) for group, end in zip(self.groups, ends)]
 
   def gather(
       self,

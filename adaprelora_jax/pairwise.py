@@ -39,7 +39,6 @@ sharded like it), with ``optax.MaskedNode()`` everywhere else.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, NamedTuple, Optional, Union
 
@@ -457,13 +456,11 @@ def pairwise_transform(
     old_leaves = {name: plan.leaves(getattr(state, name)) for name in mirrored}
     new_leaves = {name: list(leaves) for name, leaves in old_leaves.items()}
     inputs = [_gather_inputs(plan, group, param_leaves, grads) for group in plan.groups]
-    group_ends = list(itertools.accumulate(group.size for group in plan.groups))
-    group_rows = [slice(end - group.size, end) for group, end in zip(plan.groups, group_ends)]
     pair_states = [
         {**{name: _gather_field(plan, old_leaves[name], group, field)
             for name, field in mirrored.items()},
          **{name: getattr(state, name)[rows] for name in vectors}}
-        for group, rows in zip(plan.groups, group_rows)
+        for group, rows in zip(plan.groups, plan.group_rows())
     ]
 
     total = None
