@@ -19,6 +19,9 @@ whether it is ``a`` or ``b``; :func:`plan_pairs` applies it to a whole tree,
 validates the pairs (every error names the parameter path) and groups pairs of
 equal shape so that optimizers can stack them and process each group with one
 ``jax.vmap`` (the traced program then does not grow with the number of layers).
+Pairs that are sharded differently must not be stacked together; a pairing
+function says so through :attr:`LoRARole.layout`
+(:func:`adaprelora_jax.sharding.sharded_pairing` fills it in).
 
 Layouts: the canonical layout is flax's, ``a: (..., d_in, r)``,
 ``b: (..., r, d_out)``, ``ΔW = a @ b``. PyTorch/peft stores
@@ -31,7 +34,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any, Literal, NamedTuple, Union
 
 import jax
@@ -56,11 +59,17 @@ class LoRARole(NamedTuple):
       ``"col_stats"`` for exact gradient-statistics leaves.
     transposed: the factor is stored in PyTorch layout (``lora_A: (r, d_in)``,
       ``lora_B: (d_out, r)``).
+    layout: any hashable describing how the leaf is laid out across devices
+      (e.g. its sharding, see
+      :func:`adaprelora_jax.sharding.sharded_pairing`). Same-shaped pairs are
+      stacked and updated together only if their leaves' layouts agree:
+      stacking differently sharded factors would make XLA reshard them.
   """
 
   pair: str
   role: Role
   transposed: bool = False
+  layout: Hashable = None
 
 
 PairingFn = Callable[[tuple[str, ...], Any], Union[LoRARole, None]]
@@ -158,6 +167,7 @@ class PairInfo:
   dtype: Any
   row_stats_index: int | None = None
   col_stats_index: int | None = None
+  layout: tuple[Hashable, ...] = ()
 
   @property
   def has_statistics(self) -> bool:
@@ -166,7 +176,8 @@ class PairInfo:
 
 @dataclasses.dataclass(frozen=True)
 class PairGroup:
-  """Pairs with identical canonical shapes, dtype and statistics source."""
+  """Pairs with identical canonical shapes, dtype, statistics source and
+  layout (:attr:`LoRARole.layout`)."""
 
   members: tuple[PairInfo, ...]
   exact_statistics: bool
@@ -243,6 +254,32 @@ class LoRAPlan:
     """Where each group's rows sit in a vector over all single pairs."""
     ends = itertools.accumulate(group.size for group in self.groups)
     return [slice(end - group.size, end) for group, end in zip(self.groups, ends)]
+
+  def check_uniform_layouts(self, leaf_layouts: Sequence[Hashable], source: str) -> None:
+    """Raises if a group stacks pairs whose factors are laid out differently.
+
+    Args:
+      leaf_layouts: one entry per leaf of the params (e.g. its partition
+        spec, padded to the leaf's rank).
+      source: where the layouts came from, for the message.
+
+    Raises:
+      ValueError: naming two pairs of one group whose factors' layouts differ.
+    """
+    for group in self.groups:
+      layouts = [(leaf_layouts[pair.a_index], leaf_layouts[pair.b_index])
+                 for pair in group.members]
+      for pair, layout in zip(group.members, layouts):
+        if layout != layouts[0]:
+          raise ValueError(
+              f"LoRA pairs '{group.members[0].a_path}' and '{pair.a_path}' have "
+              f"the same shape but different {source} ({layouts[0]} vs "
+              f"{layout}). Same-shaped pairs are stacked and updated together, "
+              "so XLA would gather their factors into one layout on every "
+              "step. Build the optimizer (and call state_shardings and "
+              "nonfinite_report) with "
+              "pairing=adaprelora_jax.sharding.sharded_pairing(param_shardings)."
+          )
 
   def gather(
       self,
@@ -378,7 +415,7 @@ def plan_pairs(
   flat, treedef = jax.tree_util.tree_flatten_with_path(params)
   names = [path_names(path) for path, _ in flat]
   paths = tuple(format_path(name) for name in names)
-  members: dict[str, dict[str, tuple[int, bool]]] = {}
+  members: dict[str, dict[str, tuple[int, bool, Hashable]]] = {}
   others: list[int] = []
   for index, ((_, leaf), name) in enumerate(zip(flat, names)):
     found = pairing_fn(name, leaf)
@@ -397,7 +434,7 @@ def plan_pairs(
           f"LoRA pair {found.pair!r} has two {found.role!r} leaves: "
           f"'{paths[slots[found.role][0]]}' and '{paths[index]}'."
       )
-    slots[found.role] = (index, found.transposed)
+    slots[found.role] = (index, found.transposed, found.layout)
 
   if strict and others:
     listed = ", ".join(f"'{paths[i]}'" for i in others[:10])
@@ -434,7 +471,7 @@ def plan_pairs(
   grouped: dict[tuple[Any, ...], list[PairInfo]] = {}
   for pair in pairs:
     key = (pair.lead_shape, pair.d_in, pair.rank, pair.d_out,
-           jnp.dtype(pair.dtype).name, pair.has_statistics)
+           jnp.dtype(pair.dtype).name, pair.has_statistics, pair.layout)
     grouped.setdefault(key, []).append(pair)
   groups = tuple(
       PairGroup(tuple(group), exact_statistics=group[0].has_statistics)
@@ -452,7 +489,7 @@ def plan_pairs(
 
 def _validate_pair(
     pair_name: str,
-    slots: dict[str, tuple[int, bool]],
+    slots: dict[str, tuple[int, bool, Hashable]],
     flat: Sequence[tuple[Any, Any]],
     paths: Sequence[str],
 ) -> PairInfo:
@@ -464,8 +501,8 @@ def _validate_pair(
           f"no '{needed}' factor (lora_{needed}). Masked out, misnamed, or "
           "missing from the tree?"
       )
-  a_index, a_transposed = slots["a"]
-  b_index, b_transposed = slots["b"]
+  a_index, a_transposed, _ = slots["a"]
+  b_index, b_transposed, _ = slots["b"]
   a_leaf, b_leaf = flat[a_index][1], flat[b_index][1]
   a_path, b_path = paths[a_index], paths[b_index]
   for path, leaf in ((a_path, a_leaf), (b_path, b_leaf)):
@@ -520,6 +557,7 @@ def _validate_pair(
       name=pair_name, a_index=a_index, b_index=b_index, a_path=a_path,
       b_path=b_path, transposed=a_transposed, lead_shape=lead, d_in=d_in,
       rank=rank, d_out=d_out, dtype=jnp.dtype(a_leaf.dtype),
+      layout=tuple(slots[role][2] if role in slots else None for role in ROLES),
   )
   has_rows, has_cols = "row_stats" in slots, "col_stats" in slots
   if has_rows != has_cols:

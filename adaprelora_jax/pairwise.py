@@ -265,6 +265,24 @@ def _slot_sharding(
   return (*lead, *(by_dim[dim] for dim in slot.dims))
 
 
+def _variable_specs(
+    plan: pairing_lib.LoRAPlan, params: Any
+) -> Optional[list[tuple[Any, ...]]]:
+  """Per-axis sharding names of every param leaf from flax ``Variable``
+  metadata (``out_sharding``, padded with None), or None for params without
+  ``Variable`` nodes."""
+  param_nodes = jax.tree.leaves(params, is_leaf=_is_variable)
+  if len(param_nodes) != plan.num_leaves or not any(map(_is_variable, param_nodes)):
+    return None
+
+  def names(node: Any) -> tuple[Any, ...]:
+    found = node.get_metadata().get("out_sharding") if _is_variable(node) else None
+    found = found or ()
+    return (*found, *(None,) * (node.ndim - len(found)))
+
+  return [names(node) for node in param_nodes]
+
+
 def _label_field(plan: pairing_lib.LoRAPlan, params: Any, tree: Any, field: Field) -> Any:
   """Gives the flax ``Variable`` nodes of a state tree their own sharding.
 
@@ -275,22 +293,15 @@ def _label_field(plan: pairing_lib.LoRAPlan, params: Any, tree: Any, field: Fiel
   :func:`_slot_sharding` instead, so ``nnx.get_partition_spec`` of the
   optimizer state lays them out like the parameter axes they run along.
   """
-  param_nodes, treedef = jax.tree.flatten(params, is_leaf=_is_variable)
-  if len(param_nodes) != plan.num_leaves or not any(map(_is_variable, param_nodes)):
+  specs = _variable_specs(plan, params)
+  if specs is None:
     return tree
+  treedef = jax.tree.structure(params, is_leaf=_is_variable)
   nodes = treedef.flatten_up_to(tree)
-
-  def names(index: int) -> Optional[tuple[Any, ...]]:
-    node = param_nodes[index]
-    found = node.get_metadata().get("out_sharding") if _is_variable(node) else None
-    return None if found is None else (*found, *(None,) * (node.ndim - len(found)))
-
   for pair in plan.pairs:
-    a_names, b_names = names(pair.a_index), names(pair.b_index)
-    if a_names is None and b_names is None:
+    a_names, b_names = specs[pair.a_index], specs[pair.b_index]
+    if not any(a_names + b_names):
       continue
-    a_names = a_names or (None,) * (len(pair.lead_shape) + 2)
-    b_names = b_names or (None,) * (len(pair.lead_shape) + 2)
     for slot in _field_slots(field):
       index = pair.a_index if slot.role == "a" else pair.b_index
       if _is_variable(nodes[index]) and not slot.factor_layout:
@@ -430,6 +441,9 @@ def pairwise_transform(
 
   def init_fn(params):
     plan = router.plan(params)
+    specs = _variable_specs(plan, params)
+    if specs is not None:
+      plan.check_uniform_layouts(specs, "sharding metadata (out_sharding)")
     trees = {name: _label_field(plan, params, _init_field(plan, field), field)
              for name, field in mirrored.items()}
     trees |= {name: jnp.zeros((plan.num_rows,), field.dtype)

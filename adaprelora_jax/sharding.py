@@ -144,6 +144,61 @@ def _stand_in_state(
   return jax.eval_shape(optimizer.init, stand_in_params), stand_in
 
 
+def _is_sharding_leaf(node: Any) -> bool:
+  return node is None or isinstance(node, (NamedSharding, PartitionSpec))
+
+
+def sharded_pairing(
+    param_shardings: Any, pairing: pairing_lib.Pairing = "nnx"
+) -> pairing_lib.PairingFn:
+  """A pairing that stacks same-shaped LoRA pairs only if they are sharded alike.
+
+  The optimizers stack same-shaped pairs and update each stack at once. In
+  Megatron-style tensor parallelism pairs of one shape are sharded
+  differently (e.g. ``q_proj``'s ``lora_b`` column-parallel, ``o_proj``'s
+  ``lora_a`` row-parallel); one stack of both would make XLA gather the
+  factors on every step. With this pairing each pair reports its factors'
+  partition specs as :attr:`adaprelora_jax.pairing.LoRARole.layout`, so
+  only pairs with equal specs share a stack. :func:`state_shardings`
+  raises if the optimizer's pairing would stack differently sharded pairs.
+
+  Example::
+
+    pairing = adaprelora_jax.sharding.sharded_pairing(param_shardings)
+    tx = adaprelora_jax.adaprelora(1e-3, pairing=pairing)
+    opt_shardings = adaprelora_jax.sharding.state_shardings(
+        tx, params, param_shardings, pairing=pairing)
+
+  Args:
+    param_shardings: a tree like the params of ``NamedSharding`` or
+      ``PartitionSpec`` (None: replicated), e.g. flax's
+      ``nnx.get_partition_spec(nnx.state(model, nnx.LoRAParam))``.
+    pairing: how LoRA pairs are found (preset name or callable).
+
+  Returns:
+    A pairing function for the ``pairing`` argument of every optimizer and
+    helper of this package. It raises ``ValueError`` for a LoRA factor
+    without an entry in ``param_shardings``.
+  """
+  pairing_fn = pairing_lib.resolve_pairing(pairing)
+  flat, _ = jax.tree_util.tree_flatten_with_path(param_shardings, is_leaf=_is_sharding_leaf)
+  by_path = {pairing_lib.path_names(path): sharding for path, sharding in flat}
+
+  def pairing_with_layout(path: tuple[str, ...], leaf: Any) -> Optional[pairing_lib.LoRARole]:
+    found = pairing_fn(path, leaf)
+    if found is None:
+      return None
+    name = pairing_lib.format_path(path)
+    if path not in by_path:
+      raise ValueError(
+          f"sharded_pairing: no sharding given for LoRA factor '{name}' "
+          "(param_shardings must be a tree like the params)."
+      )
+    return found._replace(layout=_axis_specs(by_path[path], len(leaf.shape), name))
+
+  return pairing_with_layout
+
+
 def state_shardings(
     optimizer: optax.GradientTransformation,
     params: Any,
@@ -180,7 +235,9 @@ def state_shardings(
 
   Raises:
     ValueError: if a parameter's sharding has more axes than the parameter,
-      or the shardings use different meshes; pairing errors name the path.
+      the shardings use different meshes, or ``pairing`` would stack pairs
+      that are sharded differently (use :func:`sharded_pairing`); pairing
+      errors name the path.
   """
   plan = pairing_lib.plan_pairs(params, pairing)
   leaves = plan.leaves(params)
@@ -188,10 +245,11 @@ def state_shardings(
   shardings = plan.leaves(param_shardings)
   axis_specs = [_axis_specs(sharding, len(shape), path)
                 for sharding, shape, path in zip(shardings, shapes, plan.paths)]
+  mesh = _common_mesh(shardings)
+  plan.check_uniform_layouts(axis_specs, "shardings")
 
   (state, stand_in), (check_state, check_stand_in) = (
       _stand_in_state(optimizer, plan, leaves, axis_specs, stride) for stride in (1, 2))
-  mesh = _common_mesh(shardings)
 
   def axis_spec(size: int, check_size: int) -> AxisSpec:
     axis = stand_in.axis_of_size.get(size)

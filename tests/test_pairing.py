@@ -64,6 +64,35 @@ def test_groups_split_by_shape_dtype_and_statistics():
   assert sorted(len(group.members) for group in tangent.groups) == [1, 1, 3]
 
 
+def test_groups_split_by_layout():
+  """Pairs stack together only if their leaves report the same layout."""
+  pair = lambda: {"lora_a": jnp.zeros((8, 2)), "lora_b": jnp.zeros((2, 8))}
+  params = {"q": pair(), "k": pair(), "o": pair()}
+  layouts = {"q": "column", "k": "column", "o": "row"}
+
+  def pairing(path, leaf):
+    found = pairing_lib.nnx_pairing(path, leaf)
+    return found and found._replace(layout=layouts[path[0]])
+
+  plan = pairing_lib.plan_pairs(params, pairing)
+  assert sorted([pair.name for pair in group.members] for group in plan.groups) == [
+      ["k", "q"], ["o"]]
+  # Every leaf of a pair counts: a pair whose b alone differs is split off.
+  one_leaf = lambda path, leaf: pairing_lib.nnx_pairing(path, leaf)._replace(
+      layout=path == ("o", "lora_b"))
+  assert len(pairing_lib.plan_pairs(params, one_leaf).groups) == 2
+
+
+def test_uniform_layout_check_names_both_pairs():
+  pair = lambda: {"lora_a": jnp.zeros((8, 2)), "lora_b": jnp.zeros((2, 8))}
+  plan = pairing_lib.plan_pairs({"q": pair(), "o": pair()})
+  specs = {"o/lora_a": ("model", None)}
+  layouts = [specs.get(path, (None, None)) for path in plan.paths]
+  with pytest.raises(ValueError, match=r"'o/lora_a' and 'q/lora_a'.*\('model', None\)"):
+    plan.check_uniform_layouts(layouts, "shardings")
+  plan.check_uniform_layouts([(None, None)] * plan.num_leaves, "shardings")
+
+
 def test_peft_flat_state_dict():
   params = {
       "model.layers.0.self_attn.q_proj.lora_A.default.weight": jnp.zeros((8, 64)),

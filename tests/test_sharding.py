@@ -29,15 +29,16 @@ LAYOUTS = {
     "2d": ((2, 4), ("data", "model"), P("data", None), P(None, "model")),
 }
 
+# name -> constructor taking the optimizer's keyword arguments (pairing).
 OPTIMIZERS = {
-    "adaprelora": lambda: ap.adaprelora(1e-2),
-    "adaprelora_momentum": lambda: ap.adaprelora(1e-2, b1=0.9, weight_decay=1e-2),
-    "lora_plus": lambda: ap.lora_plus(1e-3, lr_ratio=16.0),
-    "scaled_gd": lambda: ap.scaled_gd(1e-2),
-    "scaled_adamw": lambda: ap.scaled_adamw(1e-3),
-    "lora_pro": lambda: ap.lora_pro(1e-3),
-    "lora_pro_full": lambda: ap.lora_pro(1e-3, mode="full"),
-    "lora_rite": lambda: ap.lora_rite(1e-3),
+    "adaprelora": lambda **kw: ap.adaprelora(1e-2, **kw),
+    "adaprelora_momentum": lambda **kw: ap.adaprelora(1e-2, b1=0.9, weight_decay=1e-2, **kw),
+    "lora_plus": lambda **kw: ap.lora_plus(1e-3, lr_ratio=16.0, **kw),
+    "scaled_gd": lambda **kw: ap.scaled_gd(1e-2, **kw),
+    "scaled_adamw": lambda **kw: ap.scaled_adamw(1e-3, **kw),
+    "lora_pro": lambda **kw: ap.lora_pro(1e-3, **kw),
+    "lora_pro_full": lambda **kw: ap.lora_pro(1e-3, mode="full", **kw),
+    "lora_rite": lambda **kw: ap.lora_rite(1e-3, **kw),
 }
 
 
@@ -84,6 +85,18 @@ def _param_shardings(params, layout, mesh):
   return jax.tree_util.tree_map_with_path(spec, params)
 
 
+def _megatron_shardings(params, mesh):
+  """Megatron-style tensor parallelism on a ("model",) mesh: ``q``, ``k`` and
+  the stacked pair column-parallel (d_out sharded), ``v`` row-parallel (d_in
+  sharded), so pairs of one shape are sharded differently."""
+  column = {"lora_a": P(None, None), "lora_b": P(None, "model")}
+  row = {"lora_a": P("model", None), "lora_b": P(None, None)}
+  specs = {"q": column, "k": column, "v": row,
+           "stacked": {name: P(None, *spec) for name, spec in column.items()},
+           "bias": P("model")}
+  return jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs)
+
+
 def _steps(tx, params, grads_list, param_shardings=None, state_shardings=None):
   """Runs the updates under jit (sharded when shardings are given)."""
   if param_shardings is None:
@@ -114,11 +127,14 @@ def test_eight_devices_are_available():
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 def test_sharded_steps_equal_unsharded(problem, layout, name):
+  params, _ = problem
+  _check_sharded_steps(problem, OPTIMIZERS[name](), _param_shardings(params, layout, _mesh(layout)))
+
+
+def _check_sharded_steps(problem, tx, param_shardings, pairing="nnx"):
+  """Sharded steps of ``tx`` equal unsharded ones and keep the layouts."""
   params, grads_list = problem
-  tx = OPTIMIZERS[name]()
-  mesh = _mesh(layout)
-  param_shardings = _param_shardings(params, layout, mesh)
-  state_shardings = sharding.state_shardings(tx, params, param_shardings)
+  state_shardings = sharding.state_shardings(tx, params, param_shardings, pairing=pairing)
   expected, expected_state = _steps(tx, params, grads_list)
   got, got_state = _steps(tx, params, grads_list, param_shardings, state_shardings)
   for want, have in zip(jax.tree.leaves(expected), jax.tree.leaves(got)):
@@ -273,3 +289,84 @@ def test_shardings_on_two_meshes_are_rejected(problem):
   shardings["q"]["lora_b"] = NamedSharding(_mesh("tensor_parallel"), P(None, "model"))
   with pytest.raises(ValueError, match="more than one mesh"):
     sharding.state_shardings(ap.adaprelora(1e-2), params, shardings)
+
+
+def test_differently_sharded_pairs_of_one_shape_are_rejected(problem):
+  """Stacking a row- and a column-parallel pair would gather both."""
+  params, _ = problem
+  param_shardings = _megatron_shardings(params, _mesh("tensor_parallel"))
+  with pytest.raises(ValueError, match=r"'k/lora_a' and 'v/lora_a'.*sharded_pairing"):
+    sharding.state_shardings(ap.adaprelora(1e-2), params, param_shardings)
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_sharded_pairing_steps_equal_unsharded(problem, name):
+  params, _ = problem
+  param_shardings = _megatron_shardings(params, _mesh("tensor_parallel"))
+  pairing = sharding.sharded_pairing(param_shardings)
+  _check_sharded_steps(problem, OPTIMIZERS[name](pairing=pairing), param_shardings, pairing)
+
+
+def test_sharded_pairing_never_all_gathers_a_factor(problem):
+  params, grads_list = problem
+  param_shardings = _megatron_shardings(params, _mesh("tensor_parallel"))
+  pairing = sharding.sharded_pairing(param_shardings)
+  # Both optimizers have states of one structure and layout; only the
+  # stacking differs.
+  state_shardings = sharding.state_shardings(
+      ap.adaprelora(1e-2, pairing=pairing), params, param_shardings, pairing=pairing)
+
+  def gathered(tx):
+    update = jax.jit(tx.update, in_shardings=(param_shardings, state_shardings, param_shardings),
+                     out_shardings=(param_shardings, state_shardings))
+    state = jax.eval_shape(tx.init, params)
+    return _gathered_factor_shapes(update.lower(grads_list[0], state, params).compile().as_text())
+
+  assert gathered(ap.adaprelora(1e-2))  # control: v stacked with q and k is gathered
+  assert not gathered(ap.adaprelora(1e-2, pairing=pairing))
+
+
+def test_sharded_pairing_needs_every_factor(problem):
+  params, _ = problem
+  param_shardings = _megatron_shardings(params, _mesh("tensor_parallel"))
+  del param_shardings["v"]
+  with pytest.raises(ValueError, match="no sharding given for LoRA factor 'v/lora_a'"):
+    ap.pairing.plan_pairs(params, sharding.sharded_pairing(param_shardings))
+
+
+def test_nnx_metadata_of_mixed_tensor_parallelism():
+  """Row- and column-parallel LoRA layers of one shape: ``init`` names the
+  problem; with :func:`sharded_pairing` of the model's partition specs the
+  layers train in separate stacks."""
+  mesh = _mesh("tensor_parallel")
+
+  class Model(nnx.Module):
+
+    def __init__(self, rngs):
+      self.column = nnx.LoRALinear(D_IN, D_IN, lora_rank=RANK, rngs=rngs,
+                                   b_metadata={"out_sharding": (None, "model")})
+      self.row = nnx.LoRALinear(D_IN, D_IN, lora_rank=RANK, rngs=rngs,
+                                a_metadata={"out_sharding": ("model", None)})
+
+    def __call__(self, x):
+      return self.row(self.column(x))
+
+  with jax.set_mesh(mesh):
+    model = Model(nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"'column/lora/lora_a' and 'row/lora/lora_a'"):
+      nnx.Optimizer(model, ap.adaprelora(1e-2), wrt=nnx.LoRAParam)
+    specs = nnx.get_partition_spec(nnx.state(model, nnx.LoRAParam))
+    pairing = sharding.sharded_pairing(specs)
+    optimizer = nnx.Optimizer(model, ap.adaprelora(1e-2, pairing=pairing), wrt=nnx.LoRAParam)
+    inputs = jax.random.normal(jax.random.key(1), (16, D_IN))
+
+    @nnx.jit
+    def train_step(model, optimizer, inputs):
+      loss_fn = lambda model: jnp.mean((model(inputs) - inputs) ** 2)
+      loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
+      optimizer.update(model, grads)
+      return loss
+
+    losses = [float(train_step(model, optimizer, inputs)) for _ in range(3)]
+  assert losses[-1] < losses[0]
+  assert len(ap.pairing.plan_pairs(nnx.state(model, nnx.LoRAParam), pairing).groups) == 2
