@@ -50,6 +50,7 @@ from adaprelora_jax.transform import adaprelora
 from adaprelora_jax.transform import decay_rate_pow
 from adaprelora_jax.transform import nonfinite_report
 from adaprelora_jax.transform import scale_by_adaprelora
+from adaprelora_jax.transform import second_moments
 from adaprelora_jax.transform import ScaleByAdaPreLoRAState
 
 __version__ = "0.1.0"
@@ -79,4 +80,5 @@ __all__ = (
     "scale_by_riemannian_preconditioner",
     "scaled_adamw",
     "scaled_gd",
+    "second_moments",
 )

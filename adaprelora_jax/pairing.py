@@ -447,8 +447,10 @@ def plan_pairs(
 
   pairs: list[PairInfo] = []
   statistics_indices: list[int] = []
+  carries_statistics: dict[int, bool] = {}
   for pair_name, slots in members.items():
     pair = _validate_pair(pair_name, slots, flat, paths)
+    carries_statistics[pair.a_index] = pair.has_statistics
     if pair.has_statistics:
       statistics_indices += [pair.row_stats_index, pair.col_stats_index]
       if statistics == "tangent":
@@ -468,10 +470,14 @@ def plan_pairs(
         f"{', '.join(repr(p) for p in paths[:5])})."
     )
 
+  # Whether a pair carries statistics leaves splits groups even when they are
+  # ignored ("tangent"), so the groups, and with them the order of stacked
+  # state, do not depend on ``statistics``: host-side readers of the state
+  # (second_moments, nonfinite_report) plan the pairs with the default.
   grouped: dict[tuple[Any, ...], list[PairInfo]] = {}
   for pair in pairs:
-    key = (pair.lead_shape, pair.d_in, pair.rank, pair.d_out,
-           jnp.dtype(pair.dtype).name, pair.has_statistics, pair.layout)
+    key = (pair.lead_shape, pair.d_in, pair.rank, pair.d_out, jnp.dtype(pair.dtype).name,
+           carries_statistics[pair.a_index], pair.layout)
     grouped.setdefault(key, []).append(pair)
   groups = tuple(
       PairGroup(tuple(group), exact_statistics=group[0].has_statistics)

@@ -13,11 +13,11 @@
 # limitations under the License.
 """Optimizer-state shardings derived from the parameters' shardings.
 
-The per-pair state of every transform in this package sits at the position of
-a LoRA factor but is not shaped like it: ``adaprelora`` keeps a row vector
-(..., d_in) at ``lora_a`` and a column vector (..., d_out) at ``lora_b``,
-LoRA-RITE keeps r×r matrices, LoRA-Pro's full mode a (d_in, d_out) moment.
-:func:`state_shardings` lays each such array out like the parameter axis it
+The per-pair state of every transform in this package runs along the axes of
+the LoRA factors but is not shaped like them: ``adaprelora`` keeps a row
+vector (d_in) and a column vector (d_out) per pair, stacked per group of
+same-shaped pairs, LoRA-RITE keeps r×r matrices, LoRA-Pro's full mode a
+(d_in, d_out) moment. :func:`state_shardings` lays each such array out like the parameter axis it
 runs along: a ``d_in`` axis like ``lora_a``'s input axis, a ``d_out`` axis
 like ``lora_b``'s output axis, stacked-layer axes like the factor's leading
 axes, and rank axes (r ≤ a few hundred) replicated. Everything else in the
@@ -26,10 +26,10 @@ counts) follows the same rule, axis by axis.
 
 How the axes are identified: the optimizer's ``init`` is traced abstractly
 (``jax.eval_shape``, nothing is allocated) on a stand-in parameter tree in
-which every distinct dimension of the real one (each pair's ``d_in``, rank
-and ``d_out``, each stacked-layer axis, each axis of every other leaf) has a
-size of its own. Every axis of the resulting state then names the parameter
-axis it came from. This works for any transform built from the parameters'
+which every distinct dimension of the real one (each group of same-shaped
+pairs' ``d_in``, rank and ``d_out``, each stacked-layer axis, each axis of
+every other leaf) has a size of its own. Every axis of the resulting state
+then names the parameter axis it came from. This works for any transform built from the parameters'
 shapes, including ``optax.chain``, ``optax.masked`` and
 ``optax.inject_hyperparams`` around this package's optimizers.
 
@@ -122,20 +122,25 @@ def _stand_in_state(
   """``optimizer.init`` traced abstractly on a stand-in of the parameters."""
   stand_in = _StandIn(stride)
   new_shapes: list[Optional[tuple[int, ...]]] = [None] * plan.num_leaves
-  for pair in plan.pairs:
+  # The pairs of a group share their stand-in sizes, so that the stand-in
+  # params group (and their stacked state is shaped) as the real ones; the
+  # caller has checked that they are sharded alike.
+  for group in plan.groups:
+    first = group.members[0]
     lead_specs, d_in_spec, d_out_spec = pairing_lib.pair_axes(
-        pair, axis_specs[pair.a_index], axis_specs[pair.b_index])
+        first, axis_specs[first.a_index], axis_specs[first.b_index])
     lead = tuple(stand_in.size(spec) for spec in lead_specs)
     d_in, rank, d_out = (stand_in.size(d_in_spec), stand_in.size(None, rank=True),
                          stand_in.size(d_out_spec))
-    a_shape, b_shape = (d_in, rank), (rank, d_out)
-    if pair.transposed:
-      a_shape, b_shape = a_shape[::-1], b_shape[::-1]
-    new_shapes[pair.a_index] = (*lead, *a_shape)
-    new_shapes[pair.b_index] = (*lead, *b_shape)
-    if pair.has_statistics:
-      new_shapes[pair.row_stats_index] = (*lead, d_in)
-      new_shapes[pair.col_stats_index] = (*lead, d_out)
+    for pair in group.members:
+      a_shape, b_shape = (d_in, rank), (rank, d_out)
+      if pair.transposed:
+        a_shape, b_shape = a_shape[::-1], b_shape[::-1]
+      new_shapes[pair.a_index] = (*lead, *a_shape)
+      new_shapes[pair.b_index] = (*lead, *b_shape)
+      if pair.has_statistics:
+        new_shapes[pair.row_stats_index] = (*lead, d_in)
+        new_shapes[pair.col_stats_index] = (*lead, d_out)
   for index, specs in enumerate(axis_specs):
     if new_shapes[index] is None:
       new_shapes[index] = tuple(stand_in.size(spec) for spec in specs)

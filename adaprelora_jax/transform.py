@@ -48,16 +48,22 @@ def decay_rate_pow(
 class ScaleByAdaPreLoRAState(NamedTuple):
   """State of :func:`scale_by_adaprelora`.
 
-  The per-pair trees mirror the parameter tree: a pair's entries sit at the
+  The second moments are stacked per group of same-shaped pairs (the groups
+  of :func:`adaprelora_jax.plan_pairs`, in order): one array per group, the
+  first axis running over the group's pairs; :func:`second_moments` returns
+  them as trees that mirror the params. Stacking them saves every per-layer
+  pair the slicing of its statistics out of its group's results (0.5 s of
+  compile time at 224 pairs, ``experiments/bench_scale.py``). The other
+  per-pair trees mirror the parameter tree: a pair's entries sit at the
   position of its ``lora_a`` or ``lora_b`` leaf (so they can be sharded like
   that factor); every other position holds ``optax.MaskedNode()``.
 
   Attributes:
     count: number of updates so far (int32).
-    row_second_moment: at each ``lora_a``: EMA of the row means of ``G²``,
-      shape (..., d_in), float32.
-    col_second_moment: at each ``lora_b``: EMA of the column means of ``G²``,
-      shape (..., d_out), float32.
+    row_second_moment: per group, EMA of the row means of ``G²``, shape
+      (pairs, ..., d_in), float32, laid out like ``lora_a``'s input axis.
+    col_second_moment: per group, EMA of the column means of ``G²``, shape
+      (pairs, ..., d_out), float32, laid out like ``lora_b``'s output axis.
     momentum: EMA of the factor updates at ``lora_a``/``lora_b`` (factor
       shape, float32), or ``None`` when ``b1 is None``.
     nonfinite_count: how many steps of each pair were skipped because its
@@ -80,6 +86,10 @@ class ScaleByAdaPreLoRAState(NamedTuple):
   nonfinite_count: optax.Updates
   pair_position: optax.Updates
   non_lora: optax.OptState
+
+
+ROW_SECOND_MOMENT = pairwise.GroupSlot("a", ("d_in",))
+COL_SECOND_MOMENT = pairwise.GroupSlot("b", ("d_out",))
 
 
 def _all_finite(*arrays: jax.Array) -> jax.Array:
@@ -263,8 +273,8 @@ def scale_by_adaprelora(
   return pairwise.pairwise_transform(
       update_pair,
       fields={
-          "row_second_moment": pairwise.Slot("a", ("d_in",)),
-          "col_second_moment": pairwise.Slot("b", ("d_out",)),
+          "row_second_moment": ROW_SECOND_MOMENT,
+          "col_second_moment": COL_SECOND_MOMENT,
           "momentum": None if b1 is None else (
               pairwise.Slot("a", ("d_in", "rank")),
               pairwise.Slot("b", ("rank", "d_out")),
@@ -362,6 +372,61 @@ def adaprelora(
   )
 
 
+def _adaprelora_states(state: Any) -> list[ScaleByAdaPreLoRAState]:
+  """Every :class:`ScaleByAdaPreLoRAState` inside an optimizer state."""
+  found = [
+      node for node in jax.tree.leaves(
+          state, is_leaf=lambda x: isinstance(x, ScaleByAdaPreLoRAState))
+      if isinstance(node, ScaleByAdaPreLoRAState)
+  ]
+  if not found:
+    raise ValueError("No ScaleByAdaPreLoRAState found in the optimizer state.")
+  return found
+
+
+def second_moments(
+    state: Any, params: Any, pairing: pairing_lib.Pairing = "nnx"
+) -> tuple[Any, Any]:
+  """The factored second moments of every LoRA pair, as trees like the params.
+
+  Example::
+
+    >>> import jax.numpy as jnp
+    >>> from adaprelora_jax import adaprelora, second_moments
+    >>> params = {"q": {"lora_a": jnp.ones((8, 2)), "lora_b": jnp.ones((2, 4))}}
+    >>> tx = adaprelora(1e-2)
+    >>> rows, cols = second_moments(tx.init(params), params)
+    >>> rows["q"]["lora_a"].shape, cols["q"]["lora_b"].shape
+    ((8,), (4,))
+
+  Args:
+    state: an optimizer state containing one :class:`ScaleByAdaPreLoRAState`
+      (anywhere, e.g. inside ``optax.chain`` or ``inject_hyperparams``).
+    params: the params the optimizer was initialized with.
+    pairing: the pairing used by the optimizer.
+
+  Returns:
+    ``(rows, cols)``: trees like ``params`` with each pair's row second
+    moment (..., d_in) at its ``lora_a``, column second moment (..., d_out)
+    at its ``lora_b``, and ``optax.MaskedNode()`` elsewhere.
+
+  Raises:
+    ValueError: if the state holds no or several AdaPreLoRA states, or was
+      built for other params.
+  """
+  found = _adaprelora_states(state)
+  if len(found) > 1:
+    raise ValueError(
+        f"The optimizer state holds {len(found)} ScaleByAdaPreLoRAStates; pass "
+        "the one whose second moments you want."
+    )
+  plan = pairing_lib.plan_pairs(params, pairing)
+  return (
+      pairwise.unstack_group_field(plan, found[0].row_second_moment, ROW_SECOND_MOMENT),
+      pairwise.unstack_group_field(plan, found[0].col_second_moment, COL_SECOND_MOMENT),
+  )
+
+
 def nonfinite_report(
     state: Any, params: Any, pairing: pairing_lib.Pairing = "nnx"
 ) -> dict[str, int]:
@@ -377,17 +442,10 @@ def nonfinite_report(
     ``{path of lora_a: number of skipped steps}`` for pairs with skips (summed
     over leading layer axes).
   """
-  found = [
-      node for node in jax.tree.leaves(
-          state, is_leaf=lambda x: isinstance(x, ScaleByAdaPreLoRAState))
-      if isinstance(node, ScaleByAdaPreLoRAState)
-  ]
-  if not found:
-    raise ValueError("No ScaleByAdaPreLoRAState found in the optimizer state.")
   plan = pairing_lib.plan_pairs(params, pairing)
   rows = plan.pair_rows()
   report: dict[str, int] = {}
-  for inner in found:
+  for inner in _adaprelora_states(state):
     counts = np.asarray(inner.nonfinite_count)
     if counts.shape != (plan.num_rows,):
       raise ValueError(

@@ -325,8 +325,8 @@ def train_runs(config: Config, tie_breaker: str, settings: dict[str, np.ndarray]
       params, state = carry
       grads = jax.grad(loss_fn)(params, index)
       updates, state = tx.update(grads, state, params)
-      p, q = kernels.factored_scales(optax.tree.get(state, "row_second_moment")["lora_a"],
-                                     optax.tree.get(state, "col_second_moment")["lora_b"])
+      rows, cols = ap.second_moments(state, params)
+      p, q = kernels.factored_scales(rows["lora_a"], cols["lora_b"])
       a, b, u_a, u_b = params["lora_a"], params["lora_b"], updates["lora_a"], updates["lora_b"]
       first = u_a @ b + a @ u_b
       second = u_a @ u_b

@@ -330,11 +330,11 @@ def train_step(model, optimizer):
 history = {"loss": [], "rows1": [], "cols1": [], "rows2": [], "cols2": []}
 for _ in range(100):
   history["loss"].append(float(train_step(model, optimizer)))
-  state = nnx.as_pure(optimizer.opt_state)[0]
-  history["rows1"].append(np.sqrt(state.row_second_moment["hidden1"]["lora"]["lora_a"]))
-  history["cols1"].append(np.sqrt(state.col_second_moment["hidden1"]["lora"]["lora_b"]))
-  history["rows2"].append(np.sqrt(state.row_second_moment["hidden2"]["lora"]["lora_a"]))
-  history["cols2"].append(np.sqrt(state.col_second_moment["hidden2"]["lora"]["lora_b"]))
+  rows, cols = ap.second_moments(nnx.as_pure(optimizer.opt_state),
+                                 nnx.as_pure(nnx.state(model, trainable)))
+  for layer in ("1", "2"):
+    history["rows" + layer].append(np.sqrt(rows["hidden" + layer]["lora"]["lora_a"]))
+    history["cols" + layer].append(np.sqrt(cols["hidden" + layer]["lora"]["lora_b"]))
 accuracy = float(jnp.mean(jnp.argmax(model(x_target), -1) == y_target))
 print(f"loss {history['loss'][0]:.3f} → {history['loss'][-1]:.4f}; training accuracy {accuracy:.3f}")
 

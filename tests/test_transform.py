@@ -45,6 +45,14 @@ def _add_stat_leaves(params):
           for name, pair in params.items()}
 
 
+def _moments(state, params, name=None):
+  """A pair's (row, column) second moments as numpy arrays."""
+  rows, cols = ap.second_moments(state, params)
+  if name is not None:
+    rows, cols = rows[name], cols[name]
+  return np.asarray(rows["lora_a"]), np.asarray(cols["lora_b"])
+
+
 @pytest.mark.parametrize("statistics", ["exact", "tangent"])
 def test_three_steps_match_the_reference(statistics):
   """Multi-pair, mixed shapes (several groups), statistics EMA and clipping."""
@@ -69,10 +77,9 @@ def test_three_steps_match_the_reference(statistics):
         delta_a, delta_b, row, col = reference.adaprelora_step(
             a, b, weight_grads[name], *moments[name], step, statistics=statistics)
         moments[name] = (row, col)
-        np.testing.assert_allclose(
-            np.asarray(state.row_second_moment[name]["lora_a"]), row, rtol=1e-6)
-        np.testing.assert_allclose(
-            np.asarray(state.col_second_moment[name]["lora_b"]), col, rtol=1e-6)
+        got_row, got_col = _moments(state, params, name)
+        np.testing.assert_allclose(got_row, row, rtol=1e-6)
+        np.testing.assert_allclose(got_col, col, rtol=1e-6)
         got_a, got_b = np.asarray(updates[name]["lora_a"]), np.asarray(updates[name]["lora_b"])
         expected_w = delta_a @ b + a @ delta_b
         error_w = np.linalg.norm(got_a @ b + a @ got_b - expected_w)
@@ -95,12 +102,11 @@ def test_first_step_statistics_and_decay_schedule():
     second = np.ones((4, 3)) * 2.0
     _, state = tx.update(_grads_from_weight_gradient(params, {"w": first}, True), state, params)
     # β2 = 0 on the first step: the statistics are the first gradient's.
-    np.testing.assert_allclose(np.asarray(state.row_second_moment["w"]["lora_a"]),
-                               np.mean(first**2, axis=1) + 1e-3)
+    np.testing.assert_allclose(_moments(state, params, "w")[0], np.mean(first**2, axis=1) + 1e-3)
     _, state = tx.update(_grads_from_weight_gradient(params, {"w": second}, True), state, params)
     beta2 = 1.0 - 2.0**-0.8
     np.testing.assert_allclose(
-        np.asarray(state.col_second_moment["w"]["lora_b"]),
+        _moments(state, params, "w")[1],
         beta2 * (np.mean(first**2, axis=0) + 1e-3) + (1 - beta2) * (4.0 + 1e-3))
     assert int(state.count) == 2
 
@@ -122,8 +128,7 @@ def test_clipping_bounds_the_h_rms_of_the_weight_update():
       updates, state = tx.update(_grads_from_weight_gradient(params, {"w": g_large}), state, params)
       a, b = np.asarray(params["w"]["lora_a"]), np.asarray(params["w"]["lora_b"])
       delta_w = np.asarray(updates["w"]["lora_a"]) @ b + a @ np.asarray(updates["w"]["lora_b"])
-      p, q = reference.adafactor_scales(np.asarray(state.row_second_moment["w"]["lora_a"]),
-                                        np.asarray(state.col_second_moment["w"]["lora_b"]))
+      p, q = reference.adafactor_scales(*_moments(state, params, "w"))
       rms = np.sqrt(reference.h_norm_sq(delta_w, p, q) / (p.sum() * q.sum()))
       if threshold is None:
         assert rms > 3.0
@@ -175,7 +180,10 @@ def test_stacked_layers_equal_per_layer_pairs():
     for role in ("lora_a", "lora_b"):
       np.testing.assert_allclose(np.asarray(u_stacked[role][i]),
                                  np.asarray(u_split[f"layer{i}"][role]), rtol=2e-5, atol=1e-7)
-  assert s_stacked.row_second_moment["lora_a"].shape == (layers, 8)
+  assert ap.second_moments(s_stacked, stacked)[0]["lora_a"].shape == (layers, 8)
+  for i in range(layers):
+    for got, want in zip(_moments(s_split, split, f"layer{i}"), _moments(s_stacked, stacked)):
+      np.testing.assert_allclose(got, want[i], rtol=1e-6)
   assert s_stacked.nonfinite_count.shape == s_split.nonfinite_count.shape == (layers,)
 
 
@@ -237,10 +245,10 @@ def test_nonfinite_gradients_skip_only_that_pair():
   assert np.all(np.asarray(updates["bad"]["lora_b"]) == 0.0)
   assert np.all(np.isfinite(np.asarray(updates["good"]["lora_a"])))
   assert np.any(np.asarray(updates["good"]["lora_a"]) != 0.0)
-  np.testing.assert_array_equal(np.asarray(after.row_second_moment["bad"]["lora_a"]),
-                                np.asarray(before.row_second_moment["bad"]["lora_a"]))
-  assert not np.array_equal(np.asarray(after.row_second_moment["good"]["lora_a"]),
-                            np.asarray(before.row_second_moment["good"]["lora_a"]))
+  np.testing.assert_array_equal(_moments(after, params, "bad")[0],
+                                _moments(before, params, "bad")[0])
+  assert not np.array_equal(_moments(after, params, "good")[0],
+                            _moments(before, params, "good")[0])
   assert ap.nonfinite_report(state, params) == {"bad/lora_a": 1}
   grads["bad"]["lora_a"] = grads["bad"]["lora_a"] * jnp.nan
   _, state = tx.update(grads, state, params)
@@ -278,10 +286,8 @@ def test_any_nonfinite_input_skips_the_pair(where, value, b_scale):
   for role in ("lora_a", "lora_b"):
     assert np.all(np.asarray(updates["bad"][role]) == 0.0)
     assert np.all(np.isfinite(np.asarray(updates["good"][role])))
-  np.testing.assert_array_equal(np.asarray(new_state[0].row_second_moment["bad"]["lora_a"]),
-                                np.asarray(state[0].row_second_moment["bad"]["lora_a"]))
-  np.testing.assert_array_equal(np.asarray(new_state[0].col_second_moment["bad"]["lora_b"]),
-                                np.asarray(state[0].col_second_moment["bad"]["lora_b"]))
+  for got, want in zip(_moments(new_state, params, "bad"), _moments(state, params, "bad")):
+    np.testing.assert_array_equal(got, want)
   assert ap.nonfinite_report(new_state, params) == {"bad/lora_a": 1}
 
 
@@ -291,6 +297,41 @@ def test_nonfinite_report_rejects_other_params():
   other = {**params, "q": {"lora_a": jnp.ones((5, 2)), "lora_b": jnp.ones((2, 3))}}
   with pytest.raises(ValueError, match=r"nonfinite_count has shape \(1,\).*2 LoRA pairs"):
     ap.nonfinite_report(state, other)
+
+
+def test_second_moments_are_stacked_per_group_and_read_back_per_pair():
+  pair = lambda d_in, scale: {"lora_a": jnp.full((d_in, 2), scale), "lora_b": jnp.ones((2, 3))}
+  params = {"q": pair(4, 1.0), "k": pair(4, 2.0), "o": pair(5, 1.0)}
+  grads = jax.tree.map(lambda x: 0.1 * x, params)
+  tx = ap.adaprelora(1e-2)
+  _, state = tx.update(grads, tx.init(params), params)
+  # Two groups: (q, k) stacked in plan order, and o.
+  assert [array.shape for array in state[0].row_second_moment] == [(2, 4), (1, 5)]
+  rows, cols = ap.second_moments(state, params)
+  groups = ap.plan_pairs(params).groups
+  for stacked, group in zip(state[0].col_second_moment, groups):
+    for position, member in enumerate(group.members):
+      np.testing.assert_array_equal(np.asarray(cols[member.name]["lora_b"]),
+                                    np.asarray(stacked[position]))
+  # k's gradients are twice q's: its statistics differ, so a swap would show.
+  assert not np.allclose(np.asarray(rows["q"]["lora_a"]), np.asarray(rows["k"]["lora_a"]))
+  assert isinstance(rows["q"]["lora_b"], optax.MaskedNode)
+  other = {**params, "o": pair(6, 1.0)}
+  with pytest.raises(ValueError, match="pass the params"):
+    ap.second_moments(state, other)
+  with pytest.raises(ValueError, match="2 ScaleByAdaPreLoRAStates"):
+    ap.second_moments((state, state), params)
+  with pytest.raises(ValueError, match="No ScaleByAdaPreLoRAState"):
+    ap.second_moments(optax.adam(1e-3).init(params), params)
+
+
+def test_a_state_for_other_groups_is_rejected_by_update():
+  params = {"q": {"lora_a": jnp.ones((4, 2)), "lora_b": jnp.ones((2, 3))}}
+  other = {**params, "o": {"lora_a": jnp.ones((5, 2)), "lora_b": jnp.ones((2, 3))}}
+  tx = ap.scale_by_adaprelora()
+  state = tx.init(params)
+  with pytest.raises(ValueError, match="'row_second_moment' should hold one array per group"):
+    tx.update(other, state._replace(pair_position=tx.init(other).pair_position), other)
 
 
 def test_nonfinite_propagate_policy_lets_nans_through():
@@ -314,7 +355,8 @@ def test_bfloat16_params_keep_float32_state():
     params = optax.apply_updates(params, updates)
   assert params["p"]["lora_a"].dtype == jnp.bfloat16
   assert updates["p"]["lora_b"].dtype == jnp.bfloat16
-  assert state[0].row_second_moment["p"]["lora_a"].dtype == jnp.float32
+  assert all(array.dtype == jnp.float32
+             for array in state[0].row_second_moment + state[0].col_second_moment)
   assert state[0].momentum["p"]["lora_b"].dtype == jnp.float32
   assert np.all(np.isfinite(np.asarray(params["p"]["lora_b"], np.float32)))
   assert np.any(np.asarray(params["p"]["lora_a"], np.float32) != 0.3)
