@@ -107,8 +107,8 @@ class GroupSlot(NamedTuple):
   For state that only the update reads and writes (statistics). A
   :class:`Slot` gives every per-layer pair a leaf of its own, cut out of its
   group's results by a dynamic slice per pair, and each such output costs
-  about 1 ms of compile time on CPU (0.5 s for the row and column statistics
-  of the 224 pairs of ``experiments/bench_scale.py``); a stacked entry costs
+  about 1 ms of compile time on CPU (the row and column statistics of the 224 pairs
+  of ``experiments/bench_scale.py`` took 0.65 s); a stacked entry costs
   none. The state entry is a tuple with one array per group of
   :attr:`adaprelora_jax.pairing.LoRAPlan.groups`, shaped
   ``(len(group.members), *group.lead_shape, *dims)``, laid out like the

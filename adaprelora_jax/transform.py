@@ -52,7 +52,7 @@ class ScaleByAdaPreLoRAState(NamedTuple):
   of :func:`adaprelora_jax.plan_pairs`, in order): one array per group, the
   first axis running over the group's pairs; :func:`second_moments` returns
   them as trees that mirror the params. Stacking them saves every per-layer
-  pair the slicing of its statistics out of its group's results (0.5 s of
+  pair the slicing of its statistics out of its group's results (0.65 s of
   compile time at 224 pairs, ``experiments/bench_scale.py``). The other
   per-pair trees mirror the parameter tree: a pair's entries sit at the
   position of its ``lora_a`` or ``lora_b`` leaf (so they can be sharded like

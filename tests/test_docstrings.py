@@ -1,0 +1,23 @@
+"""The docstring examples of the package run and show what they print."""
+
+import doctest
+import importlib
+import pkgutil
+
+import pytest
+
+import adaprelora_jax
+
+MODULES = sorted(
+    name for _, name, _ in pkgutil.walk_packages(adaprelora_jax.__path__, "adaprelora_jax."))
+# Modules whose public entry points carry examples: guards against passing
+# because no example was found.
+WITH_EXAMPLES = {"adaprelora_jax.transform", "adaprelora_jax.nn", "adaprelora_jax.kernels"}
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_examples(name):
+  result = doctest.testmod(importlib.import_module(name),
+                           optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+  assert result.failed == 0
+  assert result.attempted > 0 or name not in WITH_EXAMPLES
