@@ -276,8 +276,8 @@ class LoRAPlan:
               f"the same shape but different {source} ({layouts[0]} vs "
               f"{layout}). Same-shaped pairs are stacked and updated together, "
               "so XLA would gather their factors into one layout on every "
-              "step. Build the optimizer (and call state_shardings and "
-              "nonfinite_report) with "
+              "step. Build the optimizer (and call state_shardings, "
+              "second_moments and nonfinite_report) with "
               "pairing=adaprelora_jax.sharding.sharded_pairing(param_shardings)."
           )
 

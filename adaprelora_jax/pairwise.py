@@ -245,17 +245,16 @@ class _Router(NamedTuple):
     return plan.unflatten(out), non_lora_state
 
 
-def _field_slots(field: Field) -> tuple[Slot, ...]:
-  # A Slot is itself a tuple: test for it first.
-  return (field,) if isinstance(field, Slot) else field
+def _field_slots(field: Field) -> tuple[Union[Slot, GroupSlot], ...]:
+  # Slots are themselves tuples: test for them first.
+  return (field,) if isinstance(field, (Slot, GroupSlot)) else field
 
 
 def _check_fields(fields: Mapping[str, Optional[Field]]) -> None:
   for name, field in fields.items():
     if field is None or isinstance(field, PairScalar):
       continue
-    roles = [field.role] if isinstance(field, GroupSlot) else [
-        slot.role for slot in _field_slots(field)]
+    roles = [slot.role for slot in _field_slots(field)]
     if len(set(roles)) != len(roles) or not set(roles) <= {"a", "b"}:
       raise ValueError(
           f"State field {name!r} needs at most one slot per factor role, got "
@@ -305,14 +304,18 @@ def _slot_sharding(
   return (*lead, *(by_dim[dim] for dim in slot.dims))
 
 
-def _variable_specs(
-    plan: pairing_lib.LoRAPlan, params: Any
-) -> Optional[list[tuple[Any, ...]]]:
-  """Per-axis sharding names of every param leaf from flax ``Variable``
-  metadata (``out_sharding``, padded with None), or None for params without
-  ``Variable`` nodes."""
-  param_nodes = jax.tree.leaves(params, is_leaf=_is_variable)
-  if len(param_nodes) != plan.num_leaves or not any(map(_is_variable, param_nodes)):
+class _ParamVariables(NamedTuple):
+  """The flax ``Variable`` nodes of the params and their sharding names."""
+
+  nodes: list[Any]  # one per param leaf: a Variable or a plain array
+  treedef: Any  # of the params with Variables as leaves
+  specs: list[tuple[Any, ...]]  # ``out_sharding`` per leaf, padded with None
+
+
+def _param_variables(plan: pairing_lib.LoRAPlan, params: Any) -> Optional[_ParamVariables]:
+  """The params' ``Variable`` nodes, or None for params without any."""
+  nodes, treedef = jax.tree.flatten(params, is_leaf=_is_variable)
+  if len(nodes) != plan.num_leaves or not any(map(_is_variable, nodes)):
     return None
 
   def names(node: Any) -> tuple[Any, ...]:
@@ -320,10 +323,12 @@ def _variable_specs(
     found = found or ()
     return (*found, *(None,) * (node.ndim - len(found)))
 
-  return [names(node) for node in param_nodes]
+  return _ParamVariables(nodes, treedef, [names(node) for node in nodes])
 
 
-def _label_field(plan: pairing_lib.LoRAPlan, params: Any, tree: Any, field: Field) -> Any:
+def _label_field(
+    plan: pairing_lib.LoRAPlan, variables: Optional[_ParamVariables], tree: Any, field: Field,
+) -> Any:
   """Gives the flax ``Variable`` nodes of a state tree their own sharding.
 
   With an ``nnx.State`` as params, every state entry is wrapped in a copy of
@@ -333,13 +338,11 @@ def _label_field(plan: pairing_lib.LoRAPlan, params: Any, tree: Any, field: Fiel
   :func:`_slot_sharding` instead, so ``nnx.get_partition_spec`` of the
   optimizer state lays them out like the parameter axes they run along.
   """
-  specs = _variable_specs(plan, params)
-  if specs is None:
+  if variables is None:
     return tree
-  treedef = jax.tree.structure(params, is_leaf=_is_variable)
-  nodes = treedef.flatten_up_to(tree)
+  nodes = variables.treedef.flatten_up_to(tree)
   for pair in plan.pairs:
-    a_names, b_names = specs[pair.a_index], specs[pair.b_index]
+    a_names, b_names = variables.specs[pair.a_index], variables.specs[pair.b_index]
     if not any(a_names + b_names):
       continue
     for slot in _field_slots(field):
@@ -347,7 +350,7 @@ def _label_field(plan: pairing_lib.LoRAPlan, params: Any, tree: Any, field: Fiel
       if _is_variable(nodes[index]) and not slot.factor_layout:
         nodes[index] = _labeled(nodes[index], nodes[index].get_value(),
                                 _slot_sharding(pair, slot, a_names, b_names))
-  return treedef.unflatten(nodes)
+  return variables.treedef.unflatten(nodes)
 
 
 def _labeled(node: Any, value: jax.Array, names: tuple[Any, ...]) -> Any:
@@ -358,18 +361,18 @@ def _labeled(node: Any, value: jax.Array, names: tuple[Any, ...]) -> Any:
 
 
 def _label_group_field(
-    plan: pairing_lib.LoRAPlan, params: Any, arrays: tuple[jax.Array, ...], field: GroupSlot,
+    plan: pairing_lib.LoRAPlan, variables: Optional[_ParamVariables],
+    arrays: tuple[jax.Array, ...], field: GroupSlot,
 ) -> tuple[Any, ...]:
   """Like :func:`_label_field`, for a group-stacked entry: each group's
   array in a ``Variable`` laid out like its first member's factor axes."""
-  specs = _variable_specs(plan, params)
-  if specs is None:
+  if variables is None:
     return arrays
-  param_nodes = jax.tree.leaves(params, is_leaf=_is_variable)
+  specs = variables.specs
   labeled = []
   for group, array in zip(plan.groups, arrays):
     pair = group.members[0]
-    node = param_nodes[pair.a_index if field.role == "a" else pair.b_index]
+    node = variables.nodes[pair.a_index if field.role == "a" else pair.b_index]
     names = _slot_sharding(pair, field, specs[pair.a_index], specs[pair.b_index])
     if _is_variable(node) and any(names):
       array = _labeled(node, array, (None, *names))
@@ -513,8 +516,8 @@ def pairwise_transform(
   Args:
     update_pair: the per-pair kernel (above).
     fields: per-pair state: field name -> :class:`Slot`, tuple of slots (at
-      distinct factors), :class:`PairScalar` or None (field absent; its state
-      entry is None).
+      distinct factors), :class:`GroupSlot`, :class:`PairScalar` or None
+      (field absent; its state entry is None).
     state_type: called as ``state_type(count=..., non_lora=...,
       pair_position=..., **trees)`` with one tree per field; normally the
       transform's state NamedTuple. ``pair_position`` holds, at each
@@ -546,15 +549,15 @@ def pairwise_transform(
 
   def init_fn(params):
     plan = router.plan(params)
-    specs = _variable_specs(plan, params)
-    if specs is not None:
-      plan.check_uniform_layouts(specs, "sharding metadata (out_sharding)")
-    trees = {name: _label_field(plan, params, _init_field(plan, field), field)
+    variables = _param_variables(plan, params)
+    if variables is not None:
+      plan.check_uniform_layouts(variables.specs, "sharding metadata (out_sharding)")
+    trees = {name: _label_field(plan, variables, _init_field(plan, field), field)
              for name, field in mirrored.items()}
     trees |= {name: jnp.zeros((plan.num_rows,), field.dtype)
               for name, field in vectors.items()}
     trees |= {
-        name: _label_group_field(plan, params, tuple(
+        name: _label_group_field(plan, variables, tuple(
             jnp.zeros(_group_shape(group, field.dims), field.dtype) for group in plan.groups),
             field)
         for name, field in stacked.items()
@@ -570,7 +573,7 @@ def pairwise_transform(
         non_lora=router.non_lora_transform(plan).init(params),
         **trees,
         **absent,
-        pair_position=_label_field(plan, params, pair_position, _POSITION_SLOT),
+        pair_position=_label_field(plan, variables, pair_position, _POSITION_SLOT),
     )
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -619,8 +622,9 @@ def pairwise_transform(
         if results else getattr(state, name)
         for name in vectors
     }
+    variables = _param_variables(plan, params)
     new_stacked = {
-        name: _label_group_field(plan, params, tuple(
+        name: _label_group_field(plan, variables, tuple(
             new_pair_state[name].reshape(old.shape)
             for (*_, new_pair_state), old in zip(results, stacked_entries[name])), field)
         for name, field in stacked.items()
@@ -630,7 +634,7 @@ def pairwise_transform(
     new_state = state_type(
         count=optax.safe_increment(state.count),
         non_lora=non_lora_state,
-        **{name: _label_field(plan, params, plan.unflatten(leaves), active[name])
+        **{name: _label_field(plan, variables, plan.unflatten(leaves), active[name])
            for name, leaves in new_leaves.items()},
         **new_vectors,
         **new_stacked,

@@ -17,21 +17,23 @@ The per-pair state of every transform in this package runs along the axes of
 the LoRA factors but is not shaped like them: ``adaprelora`` keeps a row
 vector (d_in) and a column vector (d_out) per pair, stacked per group of
 same-shaped pairs, LoRA-RITE keeps r×r matrices, LoRA-Pro's full mode a
-(d_in, d_out) moment. :func:`state_shardings` lays each such array out like the parameter axis it
-runs along: a ``d_in`` axis like ``lora_a``'s input axis, a ``d_out`` axis
-like ``lora_b``'s output axis, stacked-layer axes like the factor's leading
-axes, and rank axes (r ≤ a few hundred) replicated. Everything else in the
-state (Adam moments of non-LoRA leaves, ``inject_hyperparams`` scalars, step
-counts) follows the same rule, axis by axis.
+(d_in, d_out) moment. :func:`state_shardings` lays each such array out like
+the parameter axis it runs along: a ``d_in`` axis like ``lora_a``'s input
+axis, a ``d_out`` axis like ``lora_b``'s output axis, stacked-layer axes like
+the factor's leading axes, and rank axes (r ≤ a few hundred) replicated.
+Everything else in the state (Adam moments of non-LoRA leaves,
+``inject_hyperparams`` scalars, step counts) follows the same rule, axis by
+axis.
 
 How the axes are identified: the optimizer's ``init`` is traced abstractly
 (``jax.eval_shape``, nothing is allocated) on a stand-in parameter tree in
 which every distinct dimension of the real one (each group of same-shaped
 pairs' ``d_in``, rank and ``d_out``, each stacked-layer axis, each axis of
 every other leaf) has a size of its own. Every axis of the resulting state
-then names the parameter axis it came from. This works for any transform built from the parameters'
-shapes, including ``optax.chain``, ``optax.masked`` and
-``optax.inject_hyperparams`` around this package's optimizers.
+then names the parameter axis it came from. This works for any transform
+built from the parameters' shapes, including ``optax.chain``,
+``optax.masked`` and ``optax.inject_hyperparams`` around this package's
+optimizers.
 
 Example::
 
