@@ -18,9 +18,11 @@ Every function here works on a single pair in the flax layout
 the transform maps them over stacked pairs with ``jax.vmap``. The public
 :func:`factor_update` also accepts leading (layer) axes.
 
-Notation (DESIGN.md §1-§4): ``G = ∂L/∂W`` (d_in, d_out) is never formed; the
-factor gradients are ``g_a = G bᵀ`` and ``g_b = aᵀ G``. The Adafactor
-preconditioner is the two-sided diagonal map ``H[X] = diag(p) X diag(q)``.
+Notation (``docs/design.md`` §1-§4): ``G = ∂L/∂W`` (d_in, d_out) is never
+formed; the factor gradients are ``g_a = G bᵀ`` and ``g_b = aᵀ G``. The
+Adafactor preconditioner is the two-sided diagonal map
+``H[X] = diag(p) X diag(q)``. The gauge rules live in
+:mod:`adaprelora_jax.gauge`.
 
 All algebra runs in float32 or wider, whatever the parameter dtype, and uses
 only ops that lower on TPU (``cholesky``, ``triangular_solve``, ``eigh``).
@@ -29,17 +31,21 @@ only ops that lower on TPU (``cholesky``, ``triangular_solve``, ``eigh``).
 from __future__ import annotations
 
 import functools
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, Union
 
 import jax
 import jax.numpy as jnp
 
+from adaprelora_jax import gauge
 from adaprelora_jax import linalg
 from adaprelora_jax.linalg import compute_dtype
 from adaprelora_jax.linalg import matmul
 
-TieBreaker = Literal["imbalance", "half", "factor_norm", "second_order"]
-TIE_BREAKERS: tuple[str, ...] = ("imbalance", "half", "factor_norm", "second_order")
+TieBreaker = Literal["min_imbalance", "equal_norms", "half", "factor_norm", "second_order"]
+TIE_BREAKERS: tuple[str, ...] = tuple(gauge.RULES)
+# "auto": the pseudo-inverse where the damping is zero at run time, Cholesky
+# of the damped matrix elsewhere (for damping that may be traced).
+InverseMode = Union[bool, Literal["auto"]]
 
 
 class FactorStep(NamedTuple):
@@ -48,8 +54,11 @@ class FactorStep(NamedTuple):
   Attributes:
     delta_a: preconditioned direction for ``lora_a`` (d_in, r).
     delta_b: preconditioned direction for ``lora_b`` (r, d_out).
-    theta: the gauge parameter that was used (scalar in [0, 1]).
-    descent: ``⟨G, δW⟩ = ⟨g_a, δa⟩ + ⟨g_b, δb⟩``; without damping this is
+    theta: the θ-line member the gauge rule picked (scalar in [0, 1]; ½ for
+      ``"min_imbalance"``, whose step is that member for the factor
+      gradients of one ``G``).
+    descent: ``u + v − w``, which equals ``⟨G, δW⟩ = ⟨g_a, δa⟩ + ⟨g_b, δb⟩``
+      for the factor gradients of one ``G``; without damping this is
       ``‖δW‖²_H``, the squared H-norm of the projected step (non-negative even
       with damping).
   """
@@ -65,25 +74,28 @@ def psd_inverse(
     *,
     damping: jax.typing.ArrayLike = 0.0,
     damping_floor: jax.typing.ArrayLike = 0.0,
-    pseudo_inverse: bool = False,
+    pseudo_inverse: InverseMode = False,
 ) -> jax.Array:
   """Inverse of a symmetric PSD r×r matrix, damped or pseudo-inverted.
 
   Args:
     gram: symmetric positive semi-definite matrix (r, r).
     damping: relative Tikhonov damping; ``damping * trace(gram) / r`` is added
-      to the diagonal (scale-free, DESIGN.md §3).
+      to the diagonal (scale-free, ``docs/design.md`` §3).
     damping_floor: absolute value added to the diagonal on top of the
       relative damping; keeps the inverse bounded when ``gram`` vanishes
       (e.g. ``lora_b = 0`` at LoRA init).
     pseudo_inverse: if True, ignore the damping and return the Moore-Penrose
       pseudo-inverse via ``eigh`` (eigenvalues below ``r·eps·λ_max`` are
-      treated as zero). Exact on rank-deficient Gram matrices.
+      treated as zero). Exact on rank-deficient Gram matrices. If
+      ``"auto"``, the pseudo-inverse where the total shift is zero and the
+      damped inverse elsewhere, decided at run time (so it is exact at a
+      traced damping of zero too).
 
   Returns:
     The (r, r) inverse.
   """
-  if pseudo_inverse:
+  if pseudo_inverse is True:
     return linalg.damped_pseudo_inverse(*linalg.psd_eigh(gram), damping=0.0)
   r = gram.shape[-1]
   eye = jnp.eye(r, dtype=gram.dtype)
@@ -97,193 +109,47 @@ def psd_inverse(
   # general inverse.
   inverse_cholesky = jax.lax.linalg.triangular_solve(
       cholesky, eye, left_side=True, lower=True)
-  return matmul(inverse_cholesky.T, inverse_cholesky)
+  damped = matmul(inverse_cholesky.T, inverse_cholesky)
+  if pseudo_inverse == "auto":
+    # Where the shift is zero the Cholesky of a singular matrix is NaN; the
+    # select keeps only the branch that applies.
+    exact = linalg.damped_pseudo_inverse(*linalg.psd_eigh(gram), damping=0.0)
+    return jnp.where(shift == 0, exact, damped)
+  return damped
 
 
-def _select_theta(
-    tie_breaker: str,
-    imbalance_u: jax.Array,
-    imbalance_v: jax.Array,
-    shared_w: jax.Array,
-    x_a: jax.Array,
-    a_n: jax.Array,
-    x_b: jax.Array,
-    n_b: jax.Array,
-    row_scale: jax.Array,
-    col_scale: jax.Array,
-) -> jax.Array:
-  """Gauge parameter θ for ``δa = X_a − θ·aN``, ``δb = X_b − (1−θ)·Nb``."""
-  half = jnp.asarray(0.5, shared_w.dtype)
-  if tie_breaker == "half":
-    return half
-  if tie_breaker == "imbalance":
-    # DESIGN.md §4: ‖δa b‖²_H − ‖a δb‖²_H = u − v + w − 2θw is linear in θ and
-    # vanishes at θ* = ½ + (u − v)/(2w); clipped to [0, 1] because outside it
-    # the factor updates grow in opposite null-space directions.
-    positive = shared_w > 0
-    safe_w = jnp.where(positive, shared_w, 1.0)
-    theta = 0.5 + (imbalance_u - imbalance_v) / (2.0 * safe_w)
-    return jnp.where(positive, jnp.clip(theta, 0.0, 1.0), half)
-  if tie_breaker == "factor_norm":
-    # Balance ‖δa‖²_p = Σ p_i δa_ik² against ‖δb‖²_q = Σ q_j δb_kj²; with
-    # φ = 1 − θ both are quadratics in θ:
-    #   f(θ) = ‖X_a‖²_p − 2θ⟨X_a, aN⟩_p + θ²‖aN‖²_p
-    #          − (‖X_b‖²_q − 2(1−θ)⟨X_b, Nb⟩_q + (1−θ)²‖Nb‖²_q).
-    weighted_a = row_scale[:, None]
-    weighted_b = col_scale[None, :]
-    xa_xa = jnp.sum(weighted_a * x_a * x_a)
-    xa_an = jnp.sum(weighted_a * x_a * a_n)
-    an_an = jnp.sum(weighted_a * a_n * a_n)
-    xb_xb = jnp.sum(weighted_b * x_b * x_b)
-    xb_nb = jnp.sum(weighted_b * x_b * n_b)
-    nb_nb = jnp.sum(weighted_b * n_b * n_b)
-    # f(θ) = c2 θ² + c1 θ + c0.
-    c2 = an_an - nb_nb
-    c1 = -2.0 * xa_an - 2.0 * xb_nb + 2.0 * nb_nb
-    c0 = xa_xa - xb_xb + 2.0 * xb_nb - nb_nb
-    coefficients = jnp.stack([c0, c1, c2])
-    roots = _quadratic_roots(c2, c1, c0)
-    return _argmin_on_unit_interval(coefficients, roots, absolute=True,
-                                    relative_tolerance=1e-6)
-  if tie_breaker == "second_order":
-    return _second_order_theta(x_a, a_n, x_b, n_b, row_scale, col_scale)
-  raise ValueError(
-      f"tie_breaker must be one of {TIE_BREAKERS}, got {tie_breaker!r}."
-  )
+def consistent_gradients(
+    lora_a: jax.Array, lora_b: jax.Array, grad_a: jax.Array, grad_b: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+  r"""Euclidean projection of factor gradients onto those of some ``G``.
 
+  Backprop gives factor gradients ``(G bᵀ, aᵀ G)`` of one weight gradient,
+  for which ``aᵀ g_a = g_b bᵀ``. Others (weight decay or noise added before
+  the preconditioner in an ``optax.chain``, per-leaf clipping) also have a
+  component along the gauge directions ``(a X, −X b)``, which move no weight:
+  the normal equations ``J*HJ d = (g_a, g_b)`` then have no solution, and the
+  closed form would amplify that component by ``S_b⁻¹`` (``S_a⁻¹``) without
+  bound as ``b`` (``a``) vanishes. Their minimum-norm least-squares solution
+  is the solution for the projected gradients ``(g_a − a Y, g_b + Y b)``, with
+  ``Y`` solving the Sylvester equation ``(aᵀa) Y + Y (b bᵀ) = aᵀ g_a − g_b bᵀ``
+  (``docs/design.md`` §4). For the gradients of one ``G`` the right side is
+  zero and so is ``Y``: the step is unchanged.
 
-def _second_order_theta(
-    x_a: jax.Array,
-    a_n: jax.Array,
-    x_b: jax.Array,
-    n_b: jax.Array,
-    row_scale: jax.Array,
-    col_scale: jax.Array,
-) -> jax.Array:
-  """θ ∈ [0, 1] minimizing the second-order term ‖δa(θ) δb(θ)‖²_H.
+  Args:
+    lora_a: ``a`` (d_in, r).
+    lora_b: ``b`` (r, d_out).
+    grad_a: ``g_a`` (d_in, r).
+    grad_b: ``g_b`` (r, d_out).
 
-  A step of size η moves ``W`` by ``−η δW + η² δa δb``: the first-order part
-  is the same for every θ (DESIGN.md §3), so the second-order term is the only
-  part of the weight update that θ controls. It is a quartic in θ built from
-  r×r Grams: ``‖δa δb‖²_H = tr(A(θ) B(θ))`` with ``A = δaᵀ diag(p) δa`` and
-  ``B = δb diag(q) δbᵀ``, and with ``δa = X_a − θ·aN``,
-  ``δb = (X_b − Nb) + θ·Nb`` both Grams are quadratics in θ. Its minimum on
-  [0, 1] is at an endpoint or a real root of the derivative (a cubic, solved in
-  closed form). Cost O((d_in + d_out) r² + r³). Like the imbalance rule it
-  depends on ``(p, q)`` only through ``H = p ⊗ q`` and is invariant under the
-  gauge ``(a S, S⁻¹ b)``.
+  Returns:
+    The projected ``(grad_a, grad_b)``, in :func:`compute_dtype` of the inputs.
   """
-  # δa = da0 + θ da1, δb = db0 + θ db1.
-  da0, da1 = x_a, -a_n
-  db0, db1 = x_b - n_b, n_b
-
-  def gram_a(x, y):
-    return matmul(x.T, row_scale[:, None] * y)
-
-  def gram_b(x, y):
-    return matmul(x * col_scale[None, :], y.T)
-
-  cross_a = gram_a(da0, da1)
-  cross_b = gram_b(db0, db1)
-  # A(θ) = Σ_k θ^k alpha[k], B(θ) = Σ_k θ^k beta[k].
-  alpha = (gram_a(da0, da0), cross_a + cross_a.T, gram_a(da1, da1))
-  beta = (gram_b(db0, db0), cross_b + cross_b.T, gram_b(db1, db1))
-  # Coefficient k of tr(A B) = Σ_{i+j=k} tr(alpha[i] beta[j]).
-  coefficients = jnp.stack([
-      sum(jnp.sum(alpha[i] * beta[k - i]) for i in range(3) if 0 <= k - i <= 2)
-      for k in range(5)
-  ])
-  c1, c2, c3, c4 = coefficients[1:]
-  roots = _cubic_roots(4.0 * c4, 3.0 * c3, 2.0 * c2, c1)
-  # The quartic is non-negative; near-ties are only rounding-level ones.
-  return _argmin_on_unit_interval(
-      coefficients, roots, absolute=False,
-      relative_tolerance=8.0 * jnp.finfo(coefficients.dtype).eps)
-
-
-def _quadratic_roots(c2: jax.Array, c1: jax.Array, c0: jax.Array) -> jax.Array:
-  """The two roots of ``c2 t² + c1 t + c0`` (real parts; linear if c2 ≈ 0).
-
-  A negative discriminant is clamped to 0, which gives the vertex: still the
-  right candidate when the caller minimizes a polynomial's value.
-  """
-  scale = jnp.abs(c2) + jnp.abs(c1) + jnp.abs(c0)
-  tiny = jnp.finfo(c0.dtype).tiny
-  quadratic = jnp.abs(c2) > 1e-6 * scale + tiny
-  sqrt_disc = jnp.sqrt(jnp.maximum(c1 * c1 - 4.0 * c2 * c0, 0.0))
-  safe_c2 = jnp.where(quadratic, c2, 1.0)
-  safe_c1 = jnp.where(jnp.abs(c1) > tiny, c1, 1.0)
-  roots_quadratic = jnp.stack(
-      [(-c1 - sqrt_disc) / (2.0 * safe_c2), (-c1 + sqrt_disc) / (2.0 * safe_c2)]
-  )
-  root_linear = -c0 / safe_c1
-  return jnp.where(quadratic, roots_quadratic, jnp.stack([root_linear, root_linear]))
-
-
-def _cubic_roots(
-    c3: jax.Array, c2: jax.Array, c1: jax.Array, c0: jax.Array
-) -> jax.Array:
-  """Three candidates for the real roots of ``c3 t³ + c2 t² + c1 t + c0``.
-
-  Closed form in real arithmetic (no ``eig``): the depressed cubic
-  ``s³ + P s + Q`` (``t = s − c2/(3 c3)``) has three real roots
-  ``2m cos(φ − 2πk/3)``, ``m = √(−P/3)``, ``cos 3φ = −Q/(2m³)`` when its
-  discriminant ``(Q/2)² + (P/3)³`` is ≤ 0, and otherwise the single real root
-  ``w − P/(3w)``, ``w = ∛(−Q/2 − sign(Q)·√disc)`` (the sign avoids
-  cancellation), returned three times. Falls back to the quadratic roots
-  (plus one repeat) when ``c3`` is negligible.
-  """
-  scale = jnp.abs(c3) + jnp.abs(c2) + jnp.abs(c1) + jnp.abs(c0)
-  tiny = jnp.finfo(c0.dtype).tiny
-  cubic = jnp.abs(c3) > 1e-6 * scale + tiny
-  safe_c3 = jnp.where(cubic, c3, 1.0)
-  b, c, d = c2 / safe_c3, c1 / safe_c3, c0 / safe_c3
-  p = c - b * b / 3.0
-  q = 2.0 * b**3 / 27.0 - b * c / 3.0 + d
-  discriminant = (q / 2.0) ** 2 + (p / 3.0) ** 3
-  # Three real roots (then P ≤ 0).
-  m = jnp.sqrt(jnp.maximum(-p / 3.0, 0.0))
-  safe_m = jnp.where(m > 0, m, 1.0)
-  phi = jnp.arccos(jnp.clip(-q / (2.0 * safe_m**3), -1.0, 1.0)) / 3.0
-  k = jnp.arange(3, dtype=c0.dtype)
-  three = 2.0 * m * jnp.cos(phi - 2.0 * jnp.pi * k / 3.0)
-  # One real root.
-  w = jnp.cbrt(-q / 2.0 - jnp.where(q >= 0, 1.0, -1.0) * jnp.sqrt(jnp.maximum(discriminant, 0.0)))
-  safe_w = jnp.where(w != 0, w, 1.0)
-  one = jnp.where(w != 0, w - p / (3.0 * safe_w), 0.0)
-  roots_cubic = jnp.where(discriminant > 0, jnp.stack([one, one, one]), three) - b / 3.0
-  quadratic = _quadratic_roots(c2, c1, c0)
-  roots_quadratic = jnp.concatenate([quadratic, quadratic[:1]])
-  return jnp.where(cubic, roots_cubic, roots_quadratic)
-
-
-def _argmin_on_unit_interval(
-    coefficients: jax.Array,
-    roots: jax.Array,
-    *,
-    absolute: bool,
-    relative_tolerance: float,
-) -> jax.Array:
-  """θ ∈ [0, 1] minimizing ``Σ_k coefficients[k] θ^k`` (or its absolute value).
-
-  The candidates are the clipped ``roots``, 0, 1 and ½; values within
-  ``relative_tolerance · Σ|coefficients|`` of the minimum count as ties, and
-  ties go to the candidate closest to ½.
-  """
-  dtype = coefficients.dtype
-  roots = jnp.where(jnp.isfinite(roots), roots, 0.5)
-  candidates = jnp.concatenate(
-      [jnp.clip(roots, 0.0, 1.0), jnp.asarray([0.0, 1.0, 0.5], dtype)]
-  )
-  powers = candidates[:, None] ** jnp.arange(coefficients.shape[0], dtype=dtype)
-  values = jnp.sum(powers * coefficients, axis=1)
-  if absolute:
-    values = jnp.abs(values)
-  tiny = jnp.finfo(dtype).tiny
-  tolerance = relative_tolerance * jnp.sum(jnp.abs(coefficients)) + tiny
-  best = jnp.min(values)
-  distance = jnp.where(values <= best + tolerance, jnp.abs(candidates - 0.5), jnp.inf)
-  return candidates[jnp.argmin(distance)]
+  dtype = compute_dtype(lora_a, lora_b, grad_a, grad_b)
+  a, b, g_a, g_b = (x.astype(dtype) for x in (lora_a, lora_b, grad_a, grad_b))
+  mismatch = matmul(a.T, g_a) - matmul(g_b, b.T)
+  gauge_part = linalg.psd_sylvester(
+      linalg.psd_eigh(matmul(a.T, a)), linalg.psd_eigh(matmul(b, b.T)), mismatch)
+  return g_a - matmul(a, gauge_part), g_b + matmul(gauge_part, b)
 
 
 def factor_step(
@@ -296,8 +162,8 @@ def factor_step(
     *,
     damping: jax.typing.ArrayLike = 0.0,
     damping_floor: jax.typing.ArrayLike = 0.0,
-    tie_breaker: TieBreaker = "imbalance",
-    pseudo_inverse: bool = False,
+    tie_breaker: TieBreaker = "min_imbalance",
+    pseudo_inverse: InverseMode = False,
 ) -> FactorStep:
   """Closed-form AdaPreLoRA step of one pair, with diagnostics.
 
@@ -305,7 +171,8 @@ def factor_step(
   of a squared factor norm per rank component: the floor added to ``S_a`` is
   ``damping_floor · mean(p)`` and to ``S_b`` is ``damping_floor · mean(q)``, so
   it does not depend on how the Kronecker scale is split between ``p`` and
-  ``q`` (``H`` is unchanged by ``(αp, q/α)``).
+  ``q`` (``H`` is unchanged by ``(αp, q/α)``). The factor gradients are used
+  as given (see :func:`consistent_gradients`).
 
   All inputs must be 2-D (a single pair) and of a floating dtype; the result is
   in :func:`compute_dtype` of the inputs.
@@ -314,42 +181,29 @@ def factor_step(
   a, b, g_a, g_b, p, q = (
       x.astype(dtype) for x in (lora_a, lora_b, grad_a, grad_b, row_scale, col_scale)
   )
-  # S_a = aᵀ diag(p) a, S_b = b diag(q) bᵀ, K = aᵀ g_a (= g_b bᵀ): DESIGN.md §3.
+  # S_a = aᵀ diag(p) a, S_b = b diag(q) bᵀ, K_a = aᵀ g_a, K_b = g_b bᵀ:
+  # docs/design.md §3.
   gram_a = matmul(a.T, p[:, None] * a)
   gram_b = matmul(b * q[None, :], b.T)
-  shared = matmul(a.T, g_a)
-  inverse_a = psd_inverse(
-      gram_a,
-      damping=damping,
-      damping_floor=damping_floor * jnp.mean(p),
-      pseudo_inverse=pseudo_inverse,
-  )
-  inverse_b = psd_inverse(
-      gram_b,
-      damping=damping,
-      damping_floor=damping_floor * jnp.mean(q),
-      pseudo_inverse=pseudo_inverse,
-  )
-  # δa = (g_a/p − θ a S_a⁻¹ K) S_b⁻¹,  δb = S_a⁻¹ (g_b/q − (1−θ) K S_b⁻¹ b)
-  #    = X_a − θ·aN,                   = X_b − (1−θ)·Nb,   N = S_a⁻¹ K S_b⁻¹.
+  shared_a = matmul(a.T, g_a)
+  shared_b = matmul(g_b, b.T)
+  inverse_a, inverse_b = (
+      psd_inverse(gram, damping=damping, damping_floor=damping_floor * jnp.mean(scale),
+                  pseudo_inverse=pseudo_inverse)
+      for gram, scale in ((gram_a, p), (gram_b, q)))
   x_a = matmul(g_a / p[:, None], inverse_b)
   x_b = matmul(inverse_a, g_b / q[None, :])
-  core = matmul(matmul(inverse_a, shared), inverse_b)
-  a_n = matmul(a, core)
-  n_b = matmul(core, b)
-  # DESIGN.md §4: u = tr(g_aᵀ diag(1/p) g_a S_b⁻¹) = ⟨g_a, X_a⟩,
+  core_a = matmul(matmul(inverse_a, shared_a), inverse_b)
+  core_b = matmul(matmul(inverse_a, shared_b), inverse_b)
+  # u = tr(g_aᵀ diag(1/p) g_a S_b⁻¹) = ⟨g_a, X_a⟩,
   # v = tr(S_a⁻¹ g_b diag(1/q) g_bᵀ) = ⟨g_b, X_b⟩, w = tr(S_a⁻¹ K S_b⁻¹ Kᵀ).
-  imbalance_u = jnp.sum(g_a * x_a)
-  imbalance_v = jnp.sum(g_b * x_b)
-  shared_w = jnp.sum(core * shared)
-  theta = _select_theta(
-      tie_breaker, imbalance_u, imbalance_v, shared_w, x_a, a_n, x_b, n_b, p, q
-  )
-  delta_a = x_a - theta * a_n
-  delta_b = x_b - (1.0 - theta) * n_b
-  # ⟨G, δW⟩ = ⟨g_a, δa⟩ + ⟨g_b, δb⟩ = u + v − w for every θ.
-  descent = imbalance_u + imbalance_v - shared_w
-  return FactorStep(delta_a, delta_b, theta, descent)
+  family = gauge.SolutionFamily(
+      lora_a=a, lora_b=b, row_scale=p, col_scale=q, x_a=x_a, x_b=x_b,
+      core_a=core_a, core_b=core_b, u=jnp.sum(g_a * x_a), v=jnp.sum(g_b * x_b),
+      w=jnp.sum(core_a * shared_a))
+  delta_a, delta_b, theta = gauge.RULES[tie_breaker](family)
+  # ⟨G, δW⟩ = ⟨g_a, δa⟩ + ⟨g_b, δb⟩ = u + v − w for every member.
+  return FactorStep(delta_a, delta_b, theta, family.u + family.v - family.w)
 
 
 def _check_pair_shapes(
@@ -399,28 +253,32 @@ def factor_update(
     *,
     damping: jax.typing.ArrayLike = 0.0,
     damping_floor: jax.typing.ArrayLike = 0.0,
-    tie_breaker: TieBreaker = "imbalance",
+    tie_breaker: TieBreaker = "min_imbalance",
+    project_gradients: bool = True,
 ) -> tuple[jax.Array, jax.Array]:
-  r"""The AdaPreLoRA closed-form factor update (DESIGN.md §3).
+  r"""The AdaPreLoRA closed-form factor update (``docs/design.md`` §3-§4).
 
   Returns the factor directions ``(δa, δb)`` whose induced weight change
   ``δW = δa @ b + a @ δb`` is the H-orthogonal projection of the
   Adafactor-preconditioned full-weight step ``H⁻¹G`` onto the tangent space
   ``{X b + a Y}`` of the rank-r factorization, with
   ``H[X] = diag(p) X diag(q)``. With ``S_a = aᵀ diag(p) a``,
-  ``S_b = b diag(q) bᵀ`` and ``K = aᵀ g_a``::
+  ``S_b = b diag(q) bᵀ`` and ``K = aᵀ g_a``, the solutions are::
 
-    δa = (g_a / p − θ · a S_a⁻¹ K) S_b⁻¹
-    δb = S_a⁻¹ (g_b / q − (1 − θ) · K S_b⁻¹ b)
+    δa = (g_a / p − θ · a S_a⁻¹ K) S_b⁻¹ + a X
+    δb = S_a⁻¹ (g_b / q − (1 − θ) · K S_b⁻¹ b) − X b
 
-  Every θ gives the same ``δW``; θ (the gauge) is chosen by ``tie_breaker``.
+  for every θ and r×r ``X``: all give the same ``δW``. The gauge is fixed by
+  ``tie_breaker``; the default is the paper's rule, the member minimizing
+  ``‖δa b − a δb‖_H``, which is θ = ½, ``X = 0`` for backprop gradients.
   Like optax ``scale_by_*`` transforms the result has the sign of the gradient
   (a descent step is ``a − η δa``).
 
-  With ``damping == damping_floor == 0`` the inverses are eigh-based
-  pseudo-inverses and the result is exact, including rank-deficient factors
-  and ``lora_b = 0`` (then ``δa = 0`` and ``δb = S_a⁻¹ g_b / q``). With
-  damping, ``S + (damping · tr(S)/r + floor) I`` is inverted by Cholesky.
+  With ``damping == damping_floor == 0`` (concrete or traced) the inverses
+  are eigh-based pseudo-inverses and the result is exact, including
+  rank-deficient factors and ``lora_b = 0`` (then ``δa = 0`` and
+  ``δb = S_a⁻¹ g_b / q``). With damping, ``S + (damping · tr(S)/r + floor) I``
+  is inverted by Cholesky.
 
   Example::
 
@@ -445,38 +303,51 @@ def factor_update(
     damping: relative damping of the two r×r solves (0 = exact).
     damping_floor: absolute damping floor, in units of a squared factor norm
       per rank component (see :func:`factor_step`).
-    tie_breaker: ``"imbalance"`` (default; the paper's rule as read in
-      DESIGN.md §4: balance the H-norms of ``δa @ b`` and ``a @ δb``, θ clipped
-      to [0, 1]), ``"half"`` (θ = ½), ``"factor_norm"`` (balance
-      ``Σ p_i δa_ik²`` against ``Σ q_j δb_kj²``) or ``"second_order"``
-      (θ ∈ [0, 1] minimizing ``‖δa δb‖_H``, the only part of a finite step's
-      weight change that θ affects; measured in ``experiments/tiebreak_bias.py``).
+    tie_breaker: the gauge rule (:mod:`adaprelora_jax.gauge`):
+      ``"min_imbalance"`` (default; the paper's rule), ``"equal_norms"`` (an
+      earlier reading, not the paper's: equalize the H-norms of ``δa @ b`` and
+      ``a @ δb`` along θ, clipped to [0, 1]), ``"half"`` (θ = ½),
+      ``"factor_norm"`` (balance ``Σ p_i δa_ik²`` against ``Σ q_j δb_kj²``) or
+      ``"second_order"`` (θ ∈ [0, 1] minimizing ``‖δa δb‖_H``, the only part
+      of a finite step's weight change that the gauge affects).
+    project_gradients: first remove the gauge component of factor gradients
+      that are not those of one ``G`` (:func:`consistent_gradients`); a no-op
+      for backprop gradients. Without it such gradients give steps that grow
+      without bound as a factor vanishes.
 
   Returns:
     ``(delta_a, delta_b)`` with the shapes and dtypes of ``lora_a``, ``lora_b``.
+
+  Raises:
+    ValueError: for mismatched shapes, non-floating dtypes or an unknown
+      ``tie_breaker``.
 
   References:
     Bian, Cai, Liu, `AdaPreLoRA: adaptive preconditioned low-rank adaptation
     <https://arxiv.org/abs/2605.08734>`_, 2026.
   """
   _check_pair_shapes(lora_a, lora_b, grad_a, grad_b, row_scale, col_scale)
-  if tie_breaker not in TIE_BREAKERS:
-    raise ValueError(
-        f"tie_breaker must be one of {TIE_BREAKERS}, got {tie_breaker!r}."
-    )
+  gauge.check_rule(tie_breaker)
+  # Exactness is decided at run time unless the damping is a concrete zero,
+  # so a traced zero (damping under jit, a swept hyperparameter) is exact too.
   exact = _is_concrete_zero(damping) and _is_concrete_zero(damping_floor)
   delta_a, delta_b = _mapped_factor_update(
       lora_a, lora_b, grad_a, grad_b, row_scale, col_scale, damping,
-      damping_floor, tie_breaker=tie_breaker, pseudo_inverse=exact)
+      damping_floor, tie_breaker=tie_breaker, pseudo_inverse=True if exact else "auto",
+      project_gradients=project_gradients)
   return delta_a.astype(lora_a.dtype), delta_b.astype(lora_b.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("tie_breaker", "pseudo_inverse"))
+@functools.partial(jax.jit, static_argnames=("tie_breaker", "pseudo_inverse",
+                                             "project_gradients"))
 def _mapped_factor_update(lora_a, lora_b, grad_a, grad_b, row_scale, col_scale,
-                          damping, damping_floor, *, tie_breaker, pseudo_inverse):
+                          damping, damping_floor, *, tie_breaker, pseudo_inverse,
+                          project_gradients):
   """:func:`factor_step` mapped over the leading (layer) axes."""
 
   def single(a, b, g_a, g_b, p, q):
+    if project_gradients:
+      g_a, g_b = consistent_gradients(a, b, g_a, g_b)
     step = factor_step(
         a, b, g_a, g_b, p, q, damping=damping, damping_floor=damping_floor,
         tie_breaker=tie_breaker, pseudo_inverse=pseudo_inverse)
@@ -506,7 +377,7 @@ def tangent_gradient_statistics(
   r"""Row and column means of ``Ĝ²`` for the tangent estimate of ``G``.
 
   ``Ĝ = P_a G + G P_b − P_a G P_b`` is the Euclidean projection of ``G`` onto
-  the tangent space (DESIGN.md §5, ``"tangent"`` mode), with
+  the tangent space (``docs/design.md`` §5, ``"tangent"`` mode), with
   ``P_a = a (aᵀa)⁻¹ aᵀ`` and ``P_b = bᵀ (b bᵀ)⁻¹ b``. In terms of the factor
   gradients ``g_a = G bᵀ``, ``g_b = aᵀ G`` (with ``Ψ_a = (aᵀa)⁻¹``,
   ``Ψ_b = (bbᵀ)⁻¹``, ``K = aᵀ g_a``) it is a rank-2r product::

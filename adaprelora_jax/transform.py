@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from adaprelora_jax import gauge
 from adaprelora_jax import kernels
 from adaprelora_jax import pairing as pairing_lib
 from adaprelora_jax import pairwise
@@ -112,7 +113,8 @@ def scale_by_adaprelora(
     damping: float = 1e-4,
     damping_floor: float = 1e-8,
     clipping_threshold: Optional[float] = 1.0,
-    tie_breaker: kernels.TieBreaker = "imbalance",
+    tie_breaker: kernels.TieBreaker = "min_imbalance",
+    project_gradients: bool = True,
     statistics: Statistics = "auto",
     step_offset: int = 0,
     decay_rate_fn: Optional[Callable[[jax.Array, Any], jax.Array]] = None,
@@ -170,7 +172,15 @@ def scale_by_adaprelora(
       per rank component; factors much smaller than ``sqrt(damping_floor)``
       are treated as zero (``lora_b`` at init).
     clipping_threshold: bound on the H-weighted RMS of ``δW``; None disables.
-    tie_breaker: gauge choice, see :func:`adaprelora_jax.factor_update`.
+    tie_breaker: the gauge rule, see :func:`adaprelora_jax.factor_update`;
+      the default ``"min_imbalance"`` is the paper's.
+    project_gradients: remove the gauge component of factor gradients that
+      are not those of one ``G`` (weight decay or noise added earlier in a
+      chain) before the statistics and the step
+      (:func:`adaprelora_jax.kernels.consistent_gradients`); a no-op for
+      backprop gradients. Without it such gradients give factor steps that
+      grow without bound as a factor vanishes, which clipping ``δW`` does not
+      catch.
     statistics: ``"auto"``, ``"exact"`` or ``"tangent"`` (above).
     step_offset: subtracted from the step count in the decay schedule
       (e.g. when starting from a pretrained optimizer).
@@ -196,10 +206,7 @@ def scale_by_adaprelora(
     Shazeer and Stern, `Adafactor: Adaptive Learning Rates with Sublinear
     Memory Cost <https://arxiv.org/abs/1804.04235>`_, 2018.
   """
-  if tie_breaker not in kernels.TIE_BREAKERS:
-    raise ValueError(
-        f"tie_breaker must be one of {kernels.TIE_BREAKERS}, got {tie_breaker!r}."
-    )
+  gauge.check_rule(tie_breaker)
   if nonfinite not in ("skip", "propagate"):
     raise ValueError(f"nonfinite must be 'skip' or 'propagate', got {nonfinite!r}.")
   if statistics not in ("auto", "exact", "tangent"):
@@ -214,6 +221,8 @@ def scale_by_adaprelora(
   def update_pair(pair, state, count, total):
     del total
     a, b, g_a, g_b = pair.lora_a, pair.lora_b, pair.grad_a, pair.grad_b
+    if project_gradients:
+      g_a, g_b = kernels.consistent_gradients(a, b, g_a, g_b)
     if pair.row_stats is None:
       row_stats, col_stats = kernels.tangent_gradient_statistics(
           a, b, g_a, g_b, damping=damping, damping_floor=damping_floor
@@ -301,7 +310,8 @@ def adaprelora(
     damping: float = 1e-4,
     damping_floor: float = 1e-8,
     clipping_threshold: Optional[float] = 1.0,
-    tie_breaker: kernels.TieBreaker = "imbalance",
+    tie_breaker: kernels.TieBreaker = "min_imbalance",
+    project_gradients: bool = True,
     statistics: Statistics = "auto",
     step_offset: int = 0,
     decay_rate_fn: Optional[Callable[[jax.Array, Any], jax.Array]] = None,
@@ -344,6 +354,7 @@ def adaprelora(
     damping_floor: see :func:`scale_by_adaprelora`.
     clipping_threshold: see :func:`scale_by_adaprelora`.
     tie_breaker: see :func:`scale_by_adaprelora`.
+    project_gradients: see :func:`scale_by_adaprelora`.
     statistics: see :func:`scale_by_adaprelora`.
     step_offset: see :func:`scale_by_adaprelora`.
     decay_rate_fn: see :func:`scale_by_adaprelora`.
@@ -363,7 +374,8 @@ def adaprelora(
       scale_by_adaprelora(
           decay_rate=decay_rate, eps=eps, b1=b1, damping=damping,
           damping_floor=damping_floor, clipping_threshold=clipping_threshold,
-          tie_breaker=tie_breaker, statistics=statistics, step_offset=step_offset,
+          tie_breaker=tie_breaker, project_gradients=project_gradients,
+          statistics=statistics, step_offset=step_offset,
           decay_rate_fn=decay_rate_fn, pairing=pairing, non_lora=non_lora,
           strict=strict, nonfinite=nonfinite,
       ),

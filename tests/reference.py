@@ -76,8 +76,44 @@ def brute_force_theta(a, b, grad_a, grad_b, row_scale, col_scale, criterion,
   return float(candidates[np.argmin(np.abs(candidates - 0.5))])
 
 
+def min_imbalance_member(a, b, grad_a, grad_b, row_scale, col_scale):
+  """The paper's gauge rule by brute force (docs/design.md §4).
+
+  Least squares over all ``X ∈ R^{r×r}`` of the explicit H-weighted
+  ``‖(δa0 + aX) b − a (δb0 − Xb)‖_H`` from the θ = 0 member ``(δa0, δb0)``,
+  with the linear map ``X ↦ 2 a X b`` built column by column from unit ``X``.
+  """
+  rank = a.shape[1]
+  delta_a, delta_b = solution_family(a, b, grad_a, grad_b, row_scale, col_scale, 0.0)
+  sqrt_h = np.sqrt(np.outer(row_scale, col_scale)).ravel()
+  columns = []
+  for k in range(rank * rank):
+    unit = np.zeros(rank * rank)
+    unit[k] = 1.0
+    columns.append(sqrt_h * (2.0 * a @ unit.reshape(rank, rank) @ b).ravel())
+  target = -sqrt_h * (delta_a @ b - a @ delta_b).ravel()
+  solution, *_ = np.linalg.lstsq(np.stack(columns, axis=1), target, rcond=None)
+  gauge = solution.reshape(rank, rank)
+  return delta_a + a @ gauge, delta_b - gauge @ b
+
+
+def consistent_projection(a, b, grad_a, grad_b):
+  """Euclidean projection of (g_a, g_b) onto the orthogonal complement of null(J).
+
+  The null space of the dense Jacobian comes from its SVD; the gauge
+  component is removed by a dense orthogonal projection.
+  """
+  jacobian = lora_jacobian(a, b)
+  _, singular, vt = np.linalg.svd(jacobian)
+  tolerance = max(jacobian.shape) * np.finfo(float).eps * singular.max()
+  null = vt[np.sum(singular > tolerance):].T
+  flat = np.concatenate([grad_a.ravel(), grad_b.ravel()])
+  projected = flat - null @ (null.T @ flat)
+  return projected[:grad_a.size].reshape(grad_a.shape), projected[grad_a.size:].reshape(grad_b.shape)
+
+
 def contribution_imbalance(a, b, row_scale, col_scale):
-  """‖δa b‖²_H − ‖a δb‖²_H (the paper's imbalance, DESIGN.md §4)."""
+  """‖δa b‖²_H − ‖a δb‖²_H (the equal-norms rule's criterion, docs/design.md §4)."""
   def criterion(delta_a, delta_b):
     return (h_norm_sq(delta_a @ b, row_scale, col_scale)
             - h_norm_sq(a @ delta_b, row_scale, col_scale))
@@ -146,8 +182,7 @@ def adaprelora_step(a, b, grad_w, row_moment, col_moment, step, *,
   new_col = beta2 * col_moment + (1 - beta2) * np.mean(observed**2 + eps, axis=0)
   p, q = adafactor_scales(new_row, new_col)
   grad_a, grad_b = grad_w @ b.T, a.T @ grad_w
-  theta = brute_force_theta(a, b, grad_a, grad_b, p, q, contribution_imbalance(a, b, p, q))
-  delta_a, delta_b = solution_family(a, b, grad_a, grad_b, p, q, theta)
+  delta_a, delta_b = min_imbalance_member(a, b, grad_a, grad_b, p, q)
   if clipping_threshold is not None:
     delta_w = h_projection(a, b, grad_w, p, q)
     rms = np.sqrt(h_norm_sq(delta_w, p, q) / (p.sum() * q.sum()))

@@ -86,7 +86,7 @@ def test_rank_deficient_factors_are_exact(deficient):
 @pytest.mark.parametrize("seed", range(8))
 @pytest.mark.parametrize(
     "tie_breaker,criterion",
-    [("imbalance", reference.contribution_imbalance),
+    [("equal_norms", reference.contribution_imbalance),
      ("factor_norm", None)],
 )
 def test_tie_breaker_matches_brute_force_search(seed, tie_breaker, criterion):
@@ -157,7 +157,7 @@ def test_half_tie_breaker_is_theta_one_half():
     np.testing.assert_allclose(x, y, rtol=1e-9, atol=1e-12)
 
 
-def test_imbalance_theta_is_clipped_to_unit_interval():
+def test_equal_norms_theta_is_clipped_to_unit_interval():
   # A pair where one factor is far larger than the other: θ* lies outside
   # [0, 1] and the rule must pick the endpoint.
   rng = np.random.default_rng(0)
@@ -165,7 +165,8 @@ def test_imbalance_theta_is_clipped_to_unit_interval():
   grad_w = rng.normal(size=(6, 5))
   p, q = np.ones(6), np.ones(5)
   with jax.enable_x64(True):
-    step = kernels.factor_step(*(jnp.asarray(x) for x in (a, b, grad_w @ b.T, a.T @ grad_w, p, q)))
+    step = kernels.factor_step(*(jnp.asarray(x) for x in (a, b, grad_w @ b.T, a.T @ grad_w, p, q)),
+                               tie_breaker="equal_norms")
   assert float(step.theta) in (0.0, 1.0)
 
 
@@ -432,3 +433,131 @@ def _primitives(jaxpr) -> set[str]:
       if inner is not None:
         names |= _primitives(getattr(inner, "jaxpr", inner))
   return names
+
+
+def _random_problem(rng, d_in, d_out, rank, condition, consistent):
+  """A pair, factor gradients (those of one G, or perturbed) and scales."""
+  a, b = reference.random_pair(rng, d_in, d_out, rank, factor_condition=10.0)
+  grad_w = rng.normal(size=(d_in, d_out))
+  grad_a, grad_b = grad_w @ b.T, a.T @ grad_w
+  if not consistent:
+    grad_a = grad_a + rng.normal(size=grad_a.shape)
+    grad_b = grad_b + rng.normal(size=grad_b.shape)
+  p = reference.random_scales(rng, d_in, condition)
+  q = reference.random_scales(rng, d_out, condition)
+  return a, b, grad_a, grad_b, p, q
+
+
+def _factor_update64(*arrays, **kwargs):
+  with jax.enable_x64(True):
+    delta_a, delta_b = factor_update(*(jnp.asarray(x) for x in arrays), **kwargs)
+    return np.asarray(delta_a), np.asarray(delta_b)
+
+
+def _close(got, expected, tolerance):
+  for x, y in zip(got, expected):
+    assert _relative_error(x, y) < tolerance, _relative_error(x, y)
+
+
+@hypothesis.settings(max_examples=40, deadline=None,
+                     suppress_health_check=[hypothesis.HealthCheck.too_slow])
+@hypothesis.given(
+    d_in=st.integers(1, 20), d_out=st.integers(1, 20), rank=st.integers(1, 16),
+    condition=st.sampled_from([1.0, 1e2, 1e4, 1e6]), consistent=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_paper_rule_is_the_brute_force_gauge_minimizer(d_in, d_out, rank, condition,
+                                                       consistent, seed):
+  """The default rule is argmin_X ‖(δa + aX) b − a (δb − Xb)‖_H (dense lstsq).
+
+  Over the §3 family as given, for factor gradients of one G and for others
+  (``project_gradients=False`` keeps them as they are).
+  """
+  hypothesis.assume(rank <= min(d_in, d_out))
+  rng = np.random.default_rng(seed)
+  problem = _random_problem(rng, d_in, d_out, rank, condition, consistent)
+  expected = reference.min_imbalance_member(*problem)
+  got = _factor_update64(*problem, project_gradients=False)
+  # cond(S_a) reaches ~1e8 (H condition 1e6, factors 10): float64 leaves
+  # about 1e-8 relative accuracy.
+  _close(got, expected, 1e-6)
+  if consistent:
+    _close(got, reference.solution_family(*problem, 0.5), 1e-6)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_paper_rule_is_theta_one_half_for_backprop_gradients(seed):
+  rng = np.random.default_rng(500 + seed)
+  problem = _random_problem(rng, 9, 7, 3, 1e3, consistent=True)
+  half = reference.solution_family(*problem, 0.5)
+  _close(_factor_update64(*problem), half, 1e-9)
+  with jax.enable_x64(True):
+    step = kernels.factor_step(*(jnp.asarray(x) for x in problem), pseudo_inverse=True)
+  assert float(step.theta) == 0.5
+
+
+@pytest.mark.parametrize("consistent", [True, False])
+def test_paper_rule_is_gauge_equivariant(consistent):
+  """(a S, S⁻¹ b) with chain-rule gradients gives (δa S, S⁻¹ δb)."""
+  rng = np.random.default_rng(17)
+  a, b, grad_a, grad_b, p, q = _random_problem(rng, 8, 6, 3, 1e2, consistent)
+  gauge = rng.normal(size=(3, 3)) + 3.0 * np.eye(3)
+  inverse = np.linalg.inv(gauge)
+  delta_a, delta_b = _factor_update64(a, b, grad_a, grad_b, p, q, project_gradients=False)
+  moved = _factor_update64(a @ gauge, inverse @ b, grad_a @ inverse.T, gauge.T @ grad_b, p, q,
+                           project_gradients=False)
+  _close(moved, (delta_a @ gauge, inverse @ delta_b), 1e-9)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("shape", [(7, 5, 2), (9, 12, 4), (4, 4, 4), (6, 3, 1)])
+def test_consistent_gradients_is_the_dense_null_space_projection(seed, shape):
+  rng = np.random.default_rng(600 + seed)
+  d_in, d_out, rank = shape
+  a, b, grad_a, grad_b, _, _ = _random_problem(rng, d_in, d_out, rank, 1.0, consistent=False)
+  expected = reference.consistent_projection(a, b, grad_a, grad_b)
+  with jax.enable_x64(True):
+    got = kernels.consistent_gradients(*(jnp.asarray(x) for x in (a, b, grad_a, grad_b)))
+  _close([np.asarray(x) for x in got], expected, 1e-9)
+  projected_a, projected_b = expected
+  np.testing.assert_allclose(a.T @ projected_a, projected_b @ b.T, atol=1e-9)
+
+
+def test_consistent_gradients_leave_backprop_gradients_unchanged():
+  rng = np.random.default_rng(7)
+  a, b, grad_a, grad_b, _, _ = _random_problem(rng, 10, 8, 3, 1.0, consistent=True)
+  with jax.enable_x64(True):
+    got = kernels.consistent_gradients(*(jnp.asarray(x) for x in (a, b, grad_a, grad_b)))
+  _close([np.asarray(x) for x in got], (grad_a, grad_b), 1e-12)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_default_step_of_inconsistent_gradients_is_that_of_their_projection(seed):
+  rng = np.random.default_rng(700 + seed)
+  a, b, grad_a, grad_b, p, q = _random_problem(rng, 8, 7, 3, 1e2, consistent=False)
+  projected = reference.consistent_projection(a, b, grad_a, grad_b)
+  expected = reference.min_imbalance_member(a, b, *projected, p, q)
+  _close(_factor_update64(a, b, grad_a, grad_b, p, q), expected, 1e-8)
+
+
+def test_old_rule_name_raises_and_names_the_new_ones():
+  a, b = jnp.ones((4, 2)), jnp.ones((2, 3))
+  with pytest.raises(ValueError, match="renamed 'equal_norms'.*'min_imbalance'"):
+    factor_update(a, b, a, b, jnp.ones(4), jnp.ones(3), tie_breaker="imbalance")
+
+
+def test_traced_zero_damping_is_exact():
+  """Regression: a traced damping of 0 gave all-NaN steps at lora_b = 0."""
+  rng = np.random.default_rng(3)
+  a, b = rng.normal(size=(7, 3)).astype(np.float32), np.zeros((3, 5), np.float32)
+  grad_w = rng.normal(size=(7, 5)).astype(np.float32)
+  args = [jnp.asarray(x) for x in (a, b, grad_w @ b.T, a.T @ grad_w, np.ones(7), np.ones(5))]
+  eager = factor_update(*args, damping=0.0, damping_floor=0.0)
+  traced = jax.jit(lambda *x, d: factor_update(*x, damping=d, damping_floor=d))(*args, d=0.0)
+  for x, y in zip(traced, eager):
+    assert np.all(np.isfinite(np.asarray(x)))
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+  damped = jax.jit(lambda *x, d: factor_update(*x, damping=d, damping_floor=d))(*args, d=1e-4)
+  expected = factor_update(*args, damping=1e-4, damping_floor=1e-4)
+  for x, y in zip(damped, expected):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6)
