@@ -123,17 +123,28 @@ def consistent_gradients(
 ) -> tuple[jax.Array, jax.Array]:
   r"""Euclidean projection of factor gradients onto those of some ``G``.
 
-  Backprop gives factor gradients ``(G bᵀ, aᵀ G)`` of one weight gradient,
-  for which ``aᵀ g_a = g_b bᵀ``. Others (weight decay or noise added before
-  the preconditioner in an ``optax.chain``, per-leaf clipping) also have a
-  component along the gauge directions ``(a X, −X b)``, which move no weight:
-  the normal equations ``J*HJ d = (g_a, g_b)`` then have no solution, and the
+  Backprop gives factor gradients ``(G bᵀ, aᵀ G)`` of one weight gradient.
+  Others (weight decay or noise added before the preconditioner in an
+  ``optax.chain``, per-leaf clipping) also have a component in the null space
+  of the Jacobian ``J(δa, δb) = δa b + a δb``, which moves no weight: the
+  normal equations ``J*HJ d = (g_a, g_b)`` then have no solution, and the
   closed form would amplify that component by ``S_b⁻¹`` (``S_a⁻¹``) without
   bound as ``b`` (``a``) vanishes. Their minimum-norm least-squares solution
-  is the solution for the projected gradients ``(g_a − a Y, g_b + Y b)``, with
-  ``Y`` solving the Sylvester equation ``(aᵀa) Y + Y (b bᵀ) = aᵀ g_a − g_b bᵀ``
-  (``docs/design.md`` §4). For the gradients of one ``G`` the right side is
-  zero and so is ``Y``: the step is unchanged.
+  is the solution for the gradients projected onto the orthogonal complement
+  of that null space, the range of ``J*`` (``docs/design.md`` §4). For the
+  gradients of one ``G`` the projection is the identity: the step is
+  unchanged.
+
+  With ``aᵀa = U diag(α) Uᵀ`` and ``b bᵀ = V diag(β) Vᵀ`` the null space is the
+  gauge family ``(a X, −X b)`` plus, where a factor is rank-deficient, every
+  ``δa`` with ``δa b = 0`` (``δa`` along ``β_j = 0``) and every ``δb`` with
+  ``a δb = 0``. These parts are orthogonal, so the projection removes
+  ``g_a``'s component along ``β_j = 0`` and ``g_b``'s along ``α_i = 0``, then
+  solves the Sylvester equation ``(aᵀa) Y + Y (b bᵀ) = aᵀ g_a − g_b bᵀ`` on the
+  remaining directions (``Y = U [T_ij / (α_i + β_j)] Vᵀ``), giving
+  ``(g_a Π_b − a Y, Π_a g_b + Y b)`` with ``Π`` the range projectors of the
+  Grams. Directions count as null as in
+  :func:`adaprelora_jax.linalg.numerical_rank_mask`.
 
   Args:
     lora_a: ``a`` (d_in, r).
@@ -146,10 +157,18 @@ def consistent_gradients(
   """
   dtype = compute_dtype(lora_a, lora_b, grad_a, grad_b)
   a, b, g_a, g_b = (x.astype(dtype) for x in (lora_a, lora_b, grad_a, grad_b))
-  mismatch = matmul(a.T, g_a) - matmul(g_b, b.T)
-  gauge_part = linalg.psd_sylvester(
-      linalg.psd_eigh(matmul(a.T, a)), linalg.psd_eigh(matmul(b, b.T)), mismatch)
-  return g_a - matmul(a, gauge_part), g_b + matmul(gauge_part, b)
+  (alpha, u), (beta, v) = linalg.psd_eigh(matmul(a.T, a)), linalg.psd_eigh(matmul(b, b.T))
+  keep_a, keep_b = linalg.numerical_rank_mask(alpha), linalg.numerical_rank_mask(beta)
+  # In the eigenbases: columns of g_a V along β_j = 0 and rows of Uᵀ g_b along
+  # α_i = 0 lie in the null space; drop them.
+  rotated_a = jnp.where(keep_b[None, :], matmul(g_a, v), 0.0)
+  rotated_b = jnp.where(keep_a[:, None], matmul(u.T, g_b), 0.0)
+  mismatch = matmul(matmul(a, u).T, rotated_a) - matmul(rotated_b, matmul(v.T, b).T)
+  solvable = keep_a[:, None] & keep_b[None, :]
+  denominator = jnp.where(solvable, alpha[:, None] + beta[None, :], 1.0)
+  gauge_part = matmul(matmul(u, jnp.where(solvable, mismatch / denominator, 0.0)), v.T)
+  return (matmul(rotated_a, v.T) - matmul(a, gauge_part),
+          matmul(u, rotated_b) + matmul(gauge_part, b))
 
 
 def factor_step(

@@ -561,3 +561,22 @@ def test_traced_zero_damping_is_exact():
   expected = factor_update(*args, damping=1e-4, damping_floor=1e-4)
   for x, y in zip(damped, expected):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6)
+
+
+@pytest.mark.parametrize("deficient", ["a", "b", "b_zero", "both"])
+def test_consistent_gradients_project_out_the_larger_null_space_of_deficient_factors(deficient):
+  """Rank-deficient factors: the null space of J also holds δa with δa b = 0."""
+  rng = np.random.default_rng(13)
+  a, b = rng.normal(size=(7, 3)), rng.normal(size=(3, 6))
+  if deficient in ("a", "both"):
+    a[:, 2] = a[:, 0] - a[:, 1]
+  if deficient in ("b", "both"):
+    b[1] = 3.0 * b[0]
+  if deficient == "b_zero":
+    b[:] = 0.0
+  grad_a, grad_b = rng.normal(size=a.shape), rng.normal(size=b.shape)
+  expected = reference.consistent_projection(a, b, grad_a, grad_b)
+  with jax.enable_x64(True):
+    got = kernels.consistent_gradients(*(jnp.asarray(x) for x in (a, b, grad_a, grad_b)))
+  for x, y in zip(got, expected):
+    np.testing.assert_allclose(np.asarray(x), y, atol=1e-10)

@@ -653,3 +653,90 @@ def test_inconsistent_factor_gradients_give_a_bounded_step():
     assert float(jnp.max(jnp.abs(jitted[name]))) < 1.0
     np.testing.assert_allclose(np.asarray(jitted[name]), np.asarray(eager[name]),
                                rtol=1e-3, atol=1e-6)
+
+
+def _weight_decay_probe(weight_decay):
+  """The issue's probe: weight decay chained before the preconditioner, b ~ 1e-6."""
+  rng = np.random.default_rng(1)
+  a, b = rng.normal(size=(32, 4)), 1e-6 * rng.normal(size=(4, 24))
+  grad_w = rng.normal(size=(32, 24))
+  params = {"l": {"lora_a": jnp.asarray(a, jnp.float32), "lora_b": jnp.asarray(b, jnp.float32)}}
+  grads = {"l": {"lora_a": jnp.asarray(grad_w @ b.T, jnp.float32),
+                 "lora_b": jnp.asarray(a.T @ grad_w, jnp.float32)}}
+  tx = optax.chain(optax.add_decayed_weights(weight_decay), ap.scale_by_adaprelora(),
+                   optax.scale(-1e-2))
+  updates, _ = tx.update(grads, tx.init(params), params)
+  return updates["l"]
+
+
+def test_weight_decay_chained_before_the_preconditioner_moves_no_factor():
+  """Regression: the decay's gauge component was amplified by S_b⁻¹ (max |update| 917)."""
+  decayed, plain = _weight_decay_probe(1e-2), _weight_decay_probe(0.0)
+  for name in ("lora_a", "lora_b"):
+    scale = float(jnp.max(jnp.abs(plain[name])))
+    np.testing.assert_allclose(np.asarray(decayed[name]), np.asarray(plain[name]),
+                               rtol=1e-3, atol=1e-3 * scale)
+
+
+def _minimum_norm_weight_gradient(a, b, grad_a, grad_b):
+  """A G with (G bᵀ, aᵀ G) = the consistent projection of (g_a, g_b)."""
+  projected = reference.consistent_projection(a, b, grad_a, grad_b)
+  adjoint = reference.lora_jacobian(a, b).T
+  flat = np.concatenate([x.ravel() for x in projected])
+  solution, *_ = np.linalg.lstsq(adjoint, flat, rcond=None)
+  return solution.reshape(a.shape[0], b.shape[1])
+
+
+@hypothesis.settings(max_examples=40, deadline=None,
+                     suppress_health_check=[hypothesis.HealthCheck.too_slow])
+@hypothesis.given(
+    shape=st.sampled_from([(6, 5, 2), (9, 4, 3), (5, 8, 4), (7, 7, 1)]),
+    a_scale=st.sampled_from([1e-6, 1e-2, 1.0, 1e2]),
+    b_scale=st.sampled_from([0.0, 1e-8, 1e-6, 1e-4, 1e-2, 1.0]),
+    deficient=st.sampled_from(["none", "a", "b"]),
+    consistent_scale=st.sampled_from([0.0, 1.0, 1e3]),
+    inconsistent_scale=st.sampled_from([0.0, 1e-3, 1.0, 1e3]),
+    seed=st.integers(0, 2**16),
+)
+def test_fuzz_any_factor_gradients_give_a_bounded_step(
+    shape, a_scale, b_scale, deficient, consistent_scale, inconsistent_scale, seed):
+  """For any finite factor gradients, ‖diag(p)^½ δa‖_F ≤ ‖H⁻¹G̃‖_H / (2√f_b).
+
+  G̃ is any weight gradient with the projected factor gradients; f_b ≥
+  damping_floor · mean(q) is the damping of S_b (likewise for δb with f_a),
+  docs/design.md §4. Gradients mix those of one G with arbitrary ones, b
+  runs down to 0, and a factor may be rank-deficient.
+  """
+  rng = np.random.default_rng(seed)
+  d_in, d_out, rank = shape
+  a = a_scale * rng.normal(size=(d_in, rank))
+  b = b_scale * rng.normal(size=(rank, d_out))
+  if deficient == "a" and rank > 1:
+    a[:, -1] = a[:, 0]
+  if deficient == "b" and rank > 1:
+    b[-1] = 2.0 * b[0]
+  grad_w = consistent_scale * rng.normal(size=(d_in, d_out))
+  grad_a = grad_w @ b.T + inconsistent_scale * rng.normal(size=(d_in, rank))
+  grad_b = a.T @ grad_w + inconsistent_scale * rng.normal(size=(rank, d_out))
+  damping, floor = 1e-4, 1e-8
+  with jax.enable_x64(True):
+    params = {"p": {"lora_a": jnp.asarray(a), "lora_b": jnp.asarray(b)}}
+    grads = {"p": {"lora_a": jnp.asarray(grad_a), "lora_b": jnp.asarray(grad_b)}}
+    tx = ap.scale_by_adaprelora(damping=damping, damping_floor=floor)
+    updates, state = tx.update(grads, tx.init(params), params)
+    rows, cols = ap.second_moments(state, params)
+    p, q = (np.asarray(x) for x in ap.kernels.factored_scales(
+        jnp.asarray(rows["p"]["lora_a"]), jnp.asarray(cols["p"]["lora_b"])))
+  delta_a, delta_b = np.asarray(updates["p"]["lora_a"]), np.asarray(updates["p"]["lora_b"])
+  assert np.all(np.isfinite(delta_a)) and np.all(np.isfinite(delta_b))
+  weight_gradient = _minimum_norm_weight_gradient(a, b, grad_a, grad_b)
+  whitened_norm = np.linalg.norm(weight_gradient / np.sqrt(np.outer(p, q)))
+  floor_a = damping * np.sum(p[:, None] * a * a) / rank + floor * p.mean()
+  floor_b = damping * np.sum(b * b * q[None, :]) / rank + floor * q.mean()
+  # Rounding of the projection is amplified by the damped inverses too.
+  slack = 1e-9 * (np.linalg.norm(grad_a) + np.linalg.norm(grad_b)) / min(floor_a, floor_b)
+  bound = 1.0 + 1e-6
+  assert np.linalg.norm(np.sqrt(p)[:, None] * delta_a) <= (
+      bound * whitened_norm / (2 * np.sqrt(floor_b)) + slack)
+  assert np.linalg.norm(delta_b * np.sqrt(q)[None, :]) <= (
+      bound * whitened_norm / (2 * np.sqrt(floor_a)) + slack)
