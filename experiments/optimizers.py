@@ -61,10 +61,23 @@ class OptimizerSpec:
 OPTIMIZERS: dict[str, OptimizerSpec] = {
     "adaprelora": OptimizerSpec(
         lambda lr: ap.adaprelora(lr), 1e-2, exact_statistics=True,
-        description="AdaPreLoRA, exact statistics from the LoRA layers, no momentum"),
+        description="AdaPreLoRA, exact statistics from the LoRA layers, no momentum, "
+                    "the default (paper's) gauge rule"),
     "adaprelora_tangent": OptimizerSpec(
         lambda lr: ap.adaprelora(lr), 1e-2,
-        description="AdaPreLoRA, statistics estimated from the factor gradients"),
+        description="AdaPreLoRA, statistics estimated from the factor gradients, "
+                    "the default (paper's) gauge rule"),
+    # The library's earlier default gauge rule (tie_breaker "imbalance", renamed
+    # "equal_norms"), to measure on the real tasks what the paper's rule changes.
+    # The name is checked only when a run calls the factory.
+    "adaprelora_equal_norms": OptimizerSpec(
+        lambda lr: ap.adaprelora(lr, tie_breaker="equal_norms"), 1e-2, exact_statistics=True,
+        description="AdaPreLoRA, exact statistics, the earlier equal-norms gauge rule "
+                    "(not the paper's)"),
+    "adaprelora_tangent_equal_norms": OptimizerSpec(
+        lambda lr: ap.adaprelora(lr, tie_breaker="equal_norms"), 1e-2,
+        description="AdaPreLoRA, tangent statistics, the earlier equal-norms gauge rule "
+                    "(not the paper's)"),
     "adaprelora_momentum": OptimizerSpec(
         lambda lr: ap.adaprelora(lr, b1=0.9), 1e-2, exact_statistics=True,
         description="AdaPreLoRA, exact statistics, momentum b1=0.9"),
