@@ -8,7 +8,15 @@ Schema of ``experiments/results/<task>.json`` (one file per task)::
                          "lrs": {"<lr>": {"seeds": [final metric per seed], "mean", "std",
                                           "curves": {"train_loss": [[per seed]], "eval_step",
                                                      "eval_<metric>": [[per seed]], ...}}}}},
-   "environment"}
+   "lr_selection": {"procedure", "pilot_grid", "pilot": {name: {"<lr>": seed-0 metric}},
+                    "centers": {name: lr}} (``full`` only, else null),
+   "environment": {"jax", ..., "commit", "date"} (the run that wrote the file),
+   "provenance": {name: {"commit", "date"}}}
+
+``provenance`` says which commit and date produced each optimizer's entry: they
+differ when ``python -m experiments.run --merge`` reran only some optimizers.
+Files written before it existed lack it; :func:`provenance` then takes every
+entry's from ``environment``.
 """
 
 from __future__ import annotations
@@ -72,6 +80,23 @@ def summarize_optimizer(runs: dict[str, list[dict]], higher_is_better: bool,
   return {"description": description, "best_lr": float(best_lr),
           "best_mean": lrs[best_lr]["mean"], "best_std": lrs[best_lr]["std"],
           "lr_window": lr_window(lrs, best_lr, higher_is_better), "lrs": lrs}
+
+
+def provenance(results: dict[str, Any]) -> dict[str, dict[str, str]]:
+  """{optimizer: {"commit", "date"}} of each entry of a results file."""
+  environment = results.get("environment", {})
+  default = {"commit": environment.get("commit", ""), "date": environment.get("date", "")}
+  recorded = results.get("provenance") or {}
+  return {name: recorded.get(name, default) for name in results["optimizers"]}
+
+
+def provenance_line(results: dict[str, Any]) -> str:
+  """One line naming the commit and date of each group of entries."""
+  groups: dict[tuple[str, str], list[str]] = {}
+  for name, source in provenance(results).items():
+    groups.setdefault((source["commit"][:7] or "unknown commit", source["date"]), []).append(name)
+  return "Runs: " + "; ".join(f"{', '.join(names)} at {commit} ({date})"
+                              for (commit, date), names in groups.items()) + "."
 
 
 def results_table(results: dict[str, Any]) -> str:
@@ -160,6 +185,7 @@ def results_markdown(all_results: list[dict[str, Any]]) -> str:
               f"Model: {results['model']}. Data: {results['dataset']}. "
               f"Preset: {results['preset']}.", "",
               results_table(results), "",
+              provenance_line(results), "",
               f"![curves](results/{results['task']}_curves.png)",
               f"![lr sweep](results/{results['task']}_lr.png)", ""]
   return "\n".join(parts)

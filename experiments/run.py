@@ -6,10 +6,17 @@ are stored one file each, so an interrupted sweep is resumed by running the
 same command again; ``--resume`` also continues a run that was interrupted
 mid-way from its last checkpoint.
 
+The run cache is not committed, only ``results/<task>.json`` is. ``--merge``
+reruns some optimizers on a machine without the others' runs: their entries
+replace the old ones in the existing ``<task>.json`` and every other
+optimizer's entry is kept as it is there; ``provenance`` records which commit
+and date produced each optimizer's entry.
+
 Examples::
 
   python -m experiments.run --task bbc --optimizer all --preset full
   python -m experiments.run --task digits --optimizer adaprelora adamw --preset smoke
+  python -m experiments.run --task bbc --optimizer adaprelora --preset full --merge
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import json
 import platform
 import shutil
 import subprocess
+from collections.abc import Collection
 from pathlib import Path
 
 import jax
@@ -86,16 +94,20 @@ def run_all(configs: list[RunConfig], *, cache: Path, checkpoints: Path, resume:
 
 def sweep(task_name: str, optimizers: list[str], preset: str, *, results_dir: Path,
           cache: Path = CACHE, checkpoints: Path = CHECKPOINTS, resume: bool = False,
-          progress: bool = True) -> dict:
+          progress: bool = True, merge: bool = False) -> dict:
   """Runs (or reuses) every run of the sweep and writes ``<task>.json``.
 
   ``full``: pilot over the decade grid (seed 0), then the half-decade grid
   around each optimizer's pilot best, every seed (see experiments.optimizers).
   ``smoke``: each optimizer's default learning rate.
+
+  With ``merge``, only ``optimizers``' entries of the existing ``<task>.json``
+  are replaced; see :func:`write_task_results`.
   """
   task = TASKS[task_name]
   budget = task.presets[preset]
   kwargs = dict(cache=cache, checkpoints=checkpoints, resume=resume, progress=progress)
+  merging = dict(optimizers=optimizers, merge=True) if merge else {}
 
   def configs(name, learning_rates, seeds):
     return [RunConfig(task_name, name, canonical_lr(lr), seed, preset, budget.steps)
@@ -106,7 +118,7 @@ def sweep(task_name: str, optimizers: list[str], preset: str, *, results_dir: Pa
              for config in configs(name, [OPTIMIZERS[name].default_learning_rate],
                                    range(budget.seeds))],
             description=f"{task_name} ({preset})", **kwargs)
-    return write_task_results(task_name, preset, results_dir, cache)
+    return write_task_results(task_name, preset, results_dir, cache, **merging)
   pilots = run_all([config for name in optimizers for config in configs(name, PILOT_GRID, [0])],
                    description=f"{task_name} pilot", **kwargs)
   centers = {}
@@ -117,27 +129,66 @@ def sweep(task_name: str, optimizers: list[str], preset: str, *, results_dir: Pa
   run_all([config for name in optimizers
            for config in configs(name, sweep_grid(centers[name]), range(budget.seeds))],
           description=f"{task_name} sweep", **kwargs)
-  return write_task_results(task_name, preset, results_dir, cache, pilot_centers=centers)
+  return write_task_results(task_name, preset, results_dir, cache, pilot_centers=centers,
+                            **merging)
+
+
+def results_file(results_dir: Path, task_name: str, preset: str) -> Path:
+  """``<task>.json`` for ``full``, ``<task>_<preset>.json`` otherwise."""
+  suffix = "" if preset == "full" else f"_{preset}"
+  return results_dir / f"{task_name}{suffix}.json"
 
 
 def write_task_results(task_name: str, preset: str, results_dir: Path, cache: Path,
-                       pilot_centers: dict[str, float] | None = None) -> dict:
+                       pilot_centers: dict[str, float] | None = None, *,
+                       optimizers: Collection[str] | None = None,
+                       merge: bool = False) -> dict:
   """Aggregates the task's stored runs into ``<task>.json``.
 
   For ``full``, an optimizer's entry covers its sweep grid (every seed); its
   pilot-only learning rates are listed under ``pilot``.
+
+  Args:
+    task_name: the task.
+    preset: the preset (``full`` writes ``<task>.json``, others
+      ``<task>_<preset>.json``).
+    results_dir: where the JSON goes.
+    cache: the per-run cache the entries are built from.
+    pilot_centers: for ``full``, each swept optimizer's pilot best.
+    optimizers: build entries only from these optimizers' stored runs (None:
+      every optimizer in the cache).
+    merge: keep the existing file's entries (``optimizers``, ``lr_selection``
+      pilot and centers, ``provenance``) of every optimizer not in
+      ``optimizers``, verbatim; those in it are replaced. The run cache is not
+      committed, so this is how a subset is rerun without losing the rest.
+
+  Returns:
+    The results as written.
+
+  Raises:
+    ValueError: ``merge`` without ``optimizers``; an optimizer in
+      ``optimizers`` has no stored runs; or the existing file is of another
+      task, preset or pilot grid.
   """
+  if merge and optimizers is None:
+    raise ValueError("merge=True needs the rerun optimizers (optimizers=...).")
   task = TASKS[task_name]
   runs: dict[str, dict[str, list[dict]]] = {}
   pilot: dict[str, dict[str, float]] = {}
   for path in sorted((cache / task_name / preset).glob("*/*/seed=*.json")):
     record = json.loads(path.read_text())
     optimizer, lr = record["config"]["optimizer"], record["config"]["learning_rate"]
+    if optimizers is not None and optimizer not in optimizers:
+      continue
     if record["config"]["seed"] == 0 and lr in PILOT_GRID:
       pilot.setdefault(optimizer, {})[str(lr)] = record["final_metric"]
     if pilot_centers is not None and lr not in sweep_grid(pilot_centers.get(optimizer, lr)):
       continue
     runs.setdefault(optimizer, {}).setdefault(str(lr), []).append(record)
+  missing = [name for name in optimizers or () if name not in runs]
+  if missing:
+    raise ValueError(f"No stored runs of {missing} for {task_name} ({preset}) in {cache}.")
+  env = environment()
   results = {
       "task": task.name, "model": task.model, "dataset": task.dataset, "metric": task.metric,
       "higher_is_better": task.higher_is_better, "preset": preset,
@@ -148,12 +199,51 @@ def write_task_results(task_name: str, preset: str, results_dir: Path, cache: Pa
                                      "around the pilot's best, every seed",
                         "pilot_grid": list(PILOT_GRID), "pilot": pilot,
                         "centers": pilot_centers} if pilot_centers is not None else None),
-      "environment": environment(),
+      "environment": env,
+      "provenance": {name: {"commit": env["commit"], "date": env["date"]} for name in runs},
   }
+  path = results_file(results_dir, task_name, preset)
+  if merge and path.exists():
+    results = _merge(json.loads(path.read_text()), results, set(optimizers))
   results_dir.mkdir(parents=True, exist_ok=True)
-  suffix = "" if preset == "full" else f"_{preset}"
-  (results_dir / f"{task_name}{suffix}.json").write_text(json.dumps(results, indent=1) + "\n")
+  path.write_text(json.dumps(results, indent=1) + "\n")
   return results
+
+
+def _merged(old: dict | None, new: dict | None, rerun: set[str]) -> dict:
+  """``old`` with the ``rerun`` names' values taken from ``new``.
+
+  Old order first and new names last, so a merged file's diff shows only what
+  was rerun.
+  """
+  old, new = old or {}, new or {}
+  merged = {name: new[name] if name in rerun else value for name, value in old.items()
+            if name not in rerun or name in new}
+  merged.update((name, value) for name, value in new.items() if name not in merged)
+  return merged
+
+
+def _merge(old: dict, new: dict, rerun: set[str]) -> dict:
+  """``new`` (entries of ``rerun`` only) merged into the existing results ``old``."""
+  for key in ("task", "preset"):
+    if old.get(key) != new[key]:
+      raise ValueError(f"Cannot merge into a results file of {key} {old.get(key)!r}: this "
+                       f"run is {new[key]!r}.")
+  old_selection, new_selection = old.get("lr_selection"), new["lr_selection"]
+  if (old_selection is None) != (new_selection is None) or (
+      new_selection is not None and old_selection["pilot_grid"] != new_selection["pilot_grid"]):
+    # The kept optimizers' learning rates were chosen by another procedure.
+    raise ValueError("Cannot merge: the existing file's lr selection "
+                     f"({old_selection and old_selection.get('pilot_grid')}) differs from "
+                     f"this run's ({new_selection and new_selection['pilot_grid']}).")
+  merged = dict(new)
+  merged["optimizers"] = _merged(old["optimizers"], new["optimizers"], rerun)
+  if new_selection is not None:
+    merged["lr_selection"] = dict(
+        new_selection, pilot=_merged(old_selection.get("pilot"), new_selection["pilot"], rerun),
+        centers=_merged(old_selection.get("centers"), new_selection["centers"], rerun))
+  merged["provenance"] = _merged(report.provenance(old), new["provenance"], rerun)
+  return merged
 
 
 def main() -> None:
@@ -165,6 +255,9 @@ def main() -> None:
   parser.add_argument("--preset", default="smoke", choices=("smoke", "full"))
   parser.add_argument("--resume", action="store_true",
                       help="continue interrupted runs from their last checkpoint")
+  parser.add_argument("--merge", action="store_true",
+                      help="replace only these optimizers' entries in the existing "
+                           "<task>.json and keep every other optimizer's as it is there")
   parser.add_argument("--results-dir", type=Path, default=RESULTS)
   parser.add_argument("--no-progress", action="store_true")
   args = parser.parse_args()
@@ -179,7 +272,7 @@ def main() -> None:
   if unknown:
     parser.error(f"unknown optimizers {unknown}; registered: {sorted(OPTIMIZERS)}")
   results = sweep(args.task, names, args.preset, results_dir=args.results_dir,
-                  resume=args.resume, progress=not args.no_progress)
+                  resume=args.resume, progress=not args.no_progress, merge=args.merge)
   print(report.results_table(results))
   if args.preset == "full":
     print(f"wrote {report.write_report(args.results_dir)}")
