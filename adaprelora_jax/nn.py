@@ -21,7 +21,7 @@ and ``grad_sq_cols`` (d_out,), of type :class:`GradientStatistic` (a
 layer's full weight gradient ``G = ∂L/∂W``, computed in the backward pass by a
 custom VJP without materializing ``G`` when that is cheaper. The gradient tree
 thus carries the exact statistics to :func:`adaprelora_jax.adaprelora`, which
-stays a plain optax transform (DESIGN.md §5, ``"exact"`` mode).
+stays a plain optax transform (docs/design.md §5, ``"exact"`` mode).
 
 Caveats: transforms applied to the gradients *before* ``adaprelora`` (e.g.
 ``optax.clip_by_global_norm``) see these leaves too; a layer called several

@@ -1,6 +1,6 @@
 """Optimizer step time and state size vs optax.adamw on a Llama-shaped LoRA tree.
 
-DESIGN.md §7: one process, identical inputs, warm-up, median of repeats with
+docs/design.md §7: one process, identical inputs, warm-up, median of repeats with
 ``block_until_ready``; every figure is a ratio to ``optax.adamw`` measured in
 the same run. The pytree has the seven LoRA targets of a Llama block (q, k, v,
 o: hidden→hidden; gate, up: hidden→ffn; down: ffn→hidden), scaled down for a

@@ -1,6 +1,6 @@
 """The optimizers compared in the experiments, and how their lr grids are placed.
 
-DESIGN.md §8: every optimizer gets its own learning-rate sweep with the same
+docs/design.md §8: every optimizer gets its own learning-rate sweep with the same
 number of points. The methods' step sizes are not in the same units
 (AdaPreLoRA's steps are Adafactor-normalized in weight space, AdamW's in
 factor space), so a grid centred by hand would favour someone. Instead every

@@ -1,4 +1,4 @@
-"""Run the optimizer comparison on one task (DESIGN.md §8).
+"""Run the optimizer comparison on one task (docs/design.md §8).
 
 Every optimizer gets its own learning-rate grid (same number of points), the
 same seeds, step budget, data order and LoRA initialization. Completed runs

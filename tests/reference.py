@@ -44,7 +44,7 @@ def h_norm_sq(x, row_scale, col_scale) -> float:
 
 
 def solution_family(a, b, grad_a, grad_b, row_scale, col_scale, theta):
-  """The θ-family of DESIGN.md §3 with numpy pseudo-inverses."""
+  """The θ-family of docs/design.md §3 with numpy pseudo-inverses."""
   gram_a = a.T @ np.diag(row_scale) @ a
   gram_b = b @ np.diag(col_scale) @ b.T
   inv_a, inv_b = np.linalg.pinv(gram_a), np.linalg.pinv(gram_b)
@@ -172,7 +172,7 @@ def random_scales(rng, size, condition):
 def adaprelora_step(a, b, grad_w, row_moment, col_moment, step, *,
                     statistics="exact", clipping_threshold=1.0,
                     decay_rate=0.8, eps=1e-30):
-  """One undamped AdaPreLoRA step from the definitions (DESIGN.md §2-§5).
+  """One undamped AdaPreLoRA step from the definitions (docs/design.md §2-§5).
 
   Returns ``(delta_a, delta_b, new_row_moment, new_col_moment)``.
   """

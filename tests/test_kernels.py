@@ -61,7 +61,7 @@ def test_lora_init_b_zero_moves_only_b():
   p, q = reference.random_scales(rng, 7, 10.0), reference.random_scales(rng, 5, 10.0)
   delta_a, delta_b = _update(a, b, grad_w, p, q)
   assert np.all(delta_a == 0.0)
-  # δb = S_a⁻¹ g_b / q (DESIGN.md §3, degenerate case).
+  # δb = S_a⁻¹ g_b / q (docs/design.md §3, degenerate case).
   expected_b = np.linalg.solve(a.T @ np.diag(p) @ a, a.T @ grad_w) / q
   np.testing.assert_allclose(delta_b, expected_b, rtol=1e-10)
   np.testing.assert_allclose(a @ delta_b, reference.h_projection(a, b, grad_w, p, q),
