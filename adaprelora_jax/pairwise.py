@@ -52,6 +52,7 @@ from flax import nnx
 
 from adaprelora_jax import linalg
 from adaprelora_jax import pairing as pairing_lib
+from adaprelora_jax import validation
 
 Dim = Literal["d_in", "rank", "d_out"]
 
@@ -179,18 +180,9 @@ def default_non_lora(
   return optax.scale_by_adam() if non_lora is None else non_lora
 
 
-def check_positive(name: str, value: Any, *, allow_zero: bool = False) -> None:
-  """Raises for a negative (or zero) hyperparameter known at construction.
-
-  Traced values (``optax.inject_hyperparams``) are not checked.
-  """
-  try:
-    number = float(value)
-  except (TypeError, jax.errors.ConcretizationTypeError):
-    return
-  if not (number >= 0.0 if allow_zero else number > 0.0):
-    bound = ">= 0" if allow_zero else "> 0"
-    raise ValueError(f"{name} must be {bound}, got {value!r}.")
+# Kept under its old name for callers of ``pairwise.check_positive``; the
+# checks live in :mod:`adaprelora_jax.validation`.
+check_positive = validation.check_positive
 
 
 class _Router(NamedTuple):
