@@ -57,7 +57,9 @@ class ScaleByAdaPreLoRAState(NamedTuple):
   compile time at 224 pairs, ``experiments/bench_scale.py``). The other
   per-pair trees mirror the parameter tree: a pair's entries sit at the
   position of its ``lora_a`` or ``lora_b`` leaf (so they can be sharded like
-  that factor); every other position holds ``optax.MaskedNode()``.
+  that factor); every other position holds ``optax.MaskedNode()``. Float
+  entries are float32, or float64 for float64 parameters; updates keep them
+  in that dtype.
 
   Attributes:
     count: number of updates so far (int32).

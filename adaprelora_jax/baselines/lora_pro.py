@@ -59,9 +59,10 @@ class ScaleByLoRAProState(NamedTuple):
     count: number of updates so far (int32).
     mu: ``mode="full"``: at each ``lora_a``, the EMA of the equivalent
       gradient, shape (..., d_in, d_out) (the pair's full weight shape, flax
-      layout), float32; None in ``"efficient"`` mode, whose factor-space Adam
-      moments live in the :class:`adaprelora_jax.pairwise.FactorwiseState`
-      that follows in the chain.
+      layout), float32 (float64 for float64 parameters); None in
+      ``"efficient"`` mode, whose factor-space Adam moments live in the
+      :class:`adaprelora_jax.pairwise.FactorwiseState` that follows in the
+      chain.
     nu: likewise, the EMA of the squared equivalent gradient.
     pair_position: at each ``lora_a``: the pair's place in its group of
       same-shaped pairs (see :class:`adaprelora_jax.ScaleByAdaPreLoRAState`).

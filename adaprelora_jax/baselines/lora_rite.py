@@ -52,7 +52,7 @@ class ScaleByLoRARiteState(NamedTuple):
   """State of :func:`scale_by_lora_rite`.
 
   Entries for ``A`` sit at each ``lora_a``, entries for ``B`` at each
-  ``lora_b``; all float32.
+  ``lora_b``; all float32 (float64 for float64 parameters).
 
   Attributes:
     count: number of updates so far (int32).
