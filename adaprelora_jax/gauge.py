@@ -40,6 +40,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from adaprelora_jax import validation
 from adaprelora_jax.linalg import matmul
 
 
@@ -225,8 +226,7 @@ def check_rule(name: str) -> None:
   """Raises ``ValueError`` unless ``name`` is a key of :data:`RULES`."""
   if name in RENAMED:
     raise ValueError(f"{RENAMED[name]}.")
-  if name not in RULES:
-    raise ValueError(f"tie_breaker must be one of {tuple(RULES)}, got {name!r}.")
+  validation.check_choice("tie_breaker", name, RULES)
 
 
 def quadratic_roots(c2: jax.Array, c1: jax.Array, c0: jax.Array) -> jax.Array:

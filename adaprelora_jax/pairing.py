@@ -41,6 +41,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from adaprelora_jax import validation
+
 Role = Literal["a", "b", "row_stats", "col_stats"]
 ROLES: tuple[str, ...] = ("a", "b", "row_stats", "col_stats")
 
@@ -407,10 +409,7 @@ def plan_pairs(
       mis-shaped or rank-mismatched factors, non-floating factors, malformed
       statistics leaves, non-LoRA leaves under ``strict=True``, or no pairs.
   """
-  if statistics not in ("auto", "exact", "tangent"):
-    raise ValueError(
-        f"statistics must be 'auto', 'exact' or 'tangent', got {statistics!r}."
-    )
+  validation.check_choice("statistics", statistics, ("auto", "exact", "tangent"))
   pairing_fn = resolve_pairing(pairing)
   flat, treedef = jax.tree_util.tree_flatten_with_path(params)
   names = [path_names(path) for path, _ in flat]

@@ -37,7 +37,11 @@ a tree shaped like the params at the position of one factor (so they can be
 sharded like it), with ``optax.MaskedNode()`` everywhere else. State that only
 the update touches can instead be stacked per group (:class:`GroupSlot`,
 cheaper to compile) or kept as one vector over all pairs
-(:class:`PairScalar`).
+(:class:`PairScalar`). Every state entry keeps the dtype it was initialized
+with (float32, or the parameter dtype if wider): kernels may compute in a
+wider one (float64 hyperparameters under x64), and their results are cast
+back, so the state can be the carry of ``jax.lax.scan`` and ``jit`` does not
+retrace.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ from flax import nnx
 
 from adaprelora_jax import linalg
 from adaprelora_jax import pairing as pairing_lib
+from adaprelora_jax import validation
 
 Dim = Literal["d_in", "rank", "d_out"]
 
@@ -67,7 +72,9 @@ class Slot(NamedTuple):
       ``("rank", "d_out")`` at ``"b"``) are stored in that leaf's layout
       (transposed for peft-style pairs); all others in the canonical one.
       Leading (stacked-layer) axes of the factor are prepended.
-    dtype: the array dtype (float32 unless stated).
+    dtype: the array dtype (float32 unless stated); a floating dtype is
+      widened to the pair's parameter dtype where that is wider (float64
+      state for float64 parameters).
   """
 
   role: Literal["a", "b"]
@@ -95,7 +102,7 @@ class PairScalar(NamedTuple):
   vector of ``plan.num_rows`` entries, the kernel sees a scalar.
 
   Attributes:
-    dtype: the vector's dtype.
+    dtype: the vector's dtype, exactly (one vector for pairs of any dtype).
   """
 
   dtype: Any = jnp.int32
@@ -119,7 +126,8 @@ class GroupSlot(NamedTuple):
     role: ``"a"`` or ``"b"``: the factor whose layout the entry follows.
     dims: the per-pair shape as names of the pair's sizes (as in
       :class:`Slot`).
-    dtype: the array dtype.
+    dtype: the array dtype; floating dtypes are widened as for
+      :class:`Slot`.
   """
 
   role: Literal["a", "b"]
@@ -179,18 +187,9 @@ def default_non_lora(
   return optax.scale_by_adam() if non_lora is None else non_lora
 
 
-def check_positive(name: str, value: Any, *, allow_zero: bool = False) -> None:
-  """Raises for a negative (or zero) hyperparameter known at construction.
-
-  Traced values (``optax.inject_hyperparams``) are not checked.
-  """
-  try:
-    number = float(value)
-  except (TypeError, jax.errors.ConcretizationTypeError):
-    return
-  if not (number >= 0.0 if allow_zero else number > 0.0):
-    bound = ">= 0" if allow_zero else "> 0"
-    raise ValueError(f"{name} must be {bound}, got {value!r}.")
+# Kept under its old name for callers of ``pairwise.check_positive``; the
+# checks live in :mod:`adaprelora_jax.validation`.
+check_positive = validation.check_positive
 
 
 class _Router(NamedTuple):
@@ -272,12 +271,34 @@ def _group_shape(group: pairing_lib.PairGroup, dims: Sequence[Dim]) -> tuple[int
   return (len(group.members), *_pair_shape(group.members[0], dims))
 
 
+def _state_dtype(declared: Any, param_dtype: Any) -> jnp.dtype:
+  """The dtype of a slot's state entry for a pair of ``param_dtype``.
+
+  A floating ``declared`` dtype is a minimum: float32 state for bfloat16 or
+  float32 parameters, float64 for float64 ones (which would otherwise be
+  computed in float64 and then rounded to float32 at every step). Other
+  dtypes (int32 counters) are exact. Both ``init`` and ``update`` use it, so
+  a state entry never changes dtype.
+
+  Args:
+    declared: the slot's ``dtype``.
+    param_dtype: the dtype of the pair's factors.
+
+  Returns:
+    The dtype of the state entry.
+  """
+  declared = jnp.dtype(declared)
+  if jnp.issubdtype(declared, jnp.floating):
+    return jnp.promote_types(declared, param_dtype)
+  return declared
+
+
 def _slot_zeros(pair: pairing_lib.PairInfo, slot: Slot) -> jax.Array:
   if slot.factor_layout:
     shape = pairing_lib.leaf_shape(pair, slot.role)
   else:
     shape = _pair_shape(pair, slot.dims)
-  return jnp.zeros(shape, slot.dtype)
+  return jnp.zeros(shape, _state_dtype(slot.dtype, pair.dtype))
 
 
 def _init_field(plan: pairing_lib.LoRAPlan, field: Field) -> Any:
@@ -435,9 +456,12 @@ def _scatter_field(
     field: Field, value: Any, positions: Sequence[jax.Array],
 ) -> None:
   values = (value,) if isinstance(field, Slot) else value
+  dtype = group.members[0].dtype
   for slot, array in zip(_field_slots(field), values):
-    plan.scatter(leaves, group, slot.role, array, factor_layout=slot.factor_layout,
-                 positions=positions)
+    # Kernels compute in float32 or wider (and with float64 hyperparameters
+    # under x64): cast back to the dtype the entry was initialized with.
+    plan.scatter(leaves, group, slot.role, array.astype(_state_dtype(slot.dtype, dtype)),
+                 factor_layout=slot.factor_layout, positions=positions)
 
 
 def _gather_inputs(
@@ -558,8 +582,9 @@ def pairwise_transform(
               for name, field in vectors.items()}
     trees |= {
         name: _label_group_field(plan, variables, tuple(
-            jnp.zeros(_group_shape(group, field.dims), field.dtype) for group in plan.groups),
-            field)
+            jnp.zeros(_group_shape(group, field.dims),
+                      _state_dtype(field.dtype, group.members[0].dtype))
+            for group in plan.groups), field)
         for name, field in stacked.items()
     }
     member_position = {pair.a_index: position for group in plan.groups
@@ -618,15 +643,18 @@ def pairwise_transform(
         _scatter_field(plan, new_leaves[name], group, field, new_pair_state[name],
                        positions)
     new_vectors = {
-        name: jnp.concatenate([new_pair_state[name] for *_, new_pair_state in results])
+        name: jnp.concatenate([new_pair_state[name].astype(field.dtype)
+                               for *_, new_pair_state in results])
         if results else getattr(state, name)
-        for name in vectors
+        for name, field in vectors.items()
     }
     variables = _param_variables(plan, params)
     new_stacked = {
         name: _label_group_field(plan, variables, tuple(
-            new_pair_state[name].reshape(old.shape)
-            for (*_, new_pair_state), old in zip(results, stacked_entries[name])), field)
+            new_pair_state[name].reshape(old.shape).astype(
+                _state_dtype(field.dtype, group.members[0].dtype))
+            for group, (*_, new_pair_state), old
+            in zip(plan.groups, results, stacked_entries[name])), field)
         for name, field in stacked.items()
     }
 
@@ -670,10 +698,11 @@ def factorwise_transform(
 ) -> optax.GradientTransformationExtraArgs:
   """Applies ``inner`` to the LoRA factors and ``non_lora`` to other leaves.
 
-  ``inner`` sees a tree shaped like the params that holds float32 (or wider)
-  copies of the ``lora_a``/``lora_b`` leaves, in their own layout, and
-  ``optax.MaskedNode()`` elsewhere, so its state is float32 whatever the
-  parameter dtype; its updates are cast back to the parameter dtype.
+  ``inner`` sees a tree shaped like the params that holds float32 (or wider,
+  as the parameter) copies of the ``lora_a``/``lora_b`` leaves, in their own
+  layout, and ``optax.MaskedNode()`` elsewhere, so its state is float32
+  whatever the narrower parameter dtype, and keeps the dtypes of its
+  ``init``; its updates are cast back to the parameter dtype.
   Pairs are validated as in :func:`pairwise_transform`; statistics probes
   get zero updates.
 
@@ -694,8 +723,9 @@ def factorwise_transform(
     tree: list[Any] = [optax.MaskedNode()] * plan.num_leaves
     for pair in plan.pairs:
       for index in (pair.a_index, pair.b_index):
-        leaf = leaves[index]
-        tree[index] = leaf.astype(jnp.promote_types(leaf.dtype, jnp.float32))
+        # The pair's dtype, not the leaf's: gradients wider than their
+        # parameters must not widen the inner state.
+        tree[index] = leaves[index].astype(_state_dtype(jnp.float32, pair.dtype))
     return plan.unflatten(tree)
 
   def init_fn(params):
@@ -713,6 +743,9 @@ def factorwise_transform(
         factor_tree(plan, grads), state.factors, factor_tree(plan, param_leaves),
         **extra_args,
     )
+    # Float64 hyperparameters (NumPy scalars under x64) would widen float32
+    # moments: keep the dtypes of init.
+    factors_state = optax.tree.cast_like(factors_state, state.factors)
     factor_leaves = plan.leaves(factor_updates)
     out = list(grads)
     for pair in plan.pairs:

@@ -16,7 +16,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Literal, NamedTuple, Optional
+from typing import Any, Literal, NamedTuple, Optional, get_args
 
 import chex
 import jax
@@ -28,6 +28,7 @@ from adaprelora_jax import gauge
 from adaprelora_jax import kernels
 from adaprelora_jax import pairing as pairing_lib
 from adaprelora_jax import pairwise
+from adaprelora_jax import validation
 
 Statistics = Literal["auto", "exact", "tangent"]
 NonFinitePolicy = Literal["skip", "propagate"]
@@ -57,7 +58,9 @@ class ScaleByAdaPreLoRAState(NamedTuple):
   compile time at 224 pairs, ``experiments/bench_scale.py``). The other
   per-pair trees mirror the parameter tree: a pair's entries sit at the
   position of its ``lora_a`` or ``lora_b`` leaf (so they can be sharded like
-  that factor); every other position holds ``optax.MaskedNode()``.
+  that factor); every other position holds ``optax.MaskedNode()``. Float
+  entries are float32, or float64 for float64 parameters; updates keep them
+  in that dtype.
 
   Attributes:
     count: number of updates so far (int32).
@@ -164,14 +167,18 @@ def scale_by_adaprelora(
   traced program does not grow with the number of layers.
 
   Args:
-    decay_rate: exponent of the second-moment decay schedule (Adafactor 0.8).
-    eps: added to ``G²`` before averaging (Adafactor's ε1).
-    b1: if set, momentum: EMA (bias-corrected) of the clipped factor updates.
-    damping: relative damping of the r×r solves.
+    decay_rate: exponent of the second-moment decay schedule (Adafactor 0.8);
+      must be in [0, 1] with the default ``decay_rate_fn`` (0: no memory, 1:
+      running mean), passed unchecked to a custom one.
+    eps: added to ``G²`` before averaging (Adafactor's ε1); must be >= 0.
+    b1: if set, momentum: EMA (bias-corrected) of the clipped factor updates;
+      must be in [0, 1) or None.
+    damping: relative damping of the r×r solves; must be >= 0.
     damping_floor: absolute damping floor, in units of a squared factor norm
       per rank component; factors much smaller than ``sqrt(damping_floor)``
-      are treated as zero (``lora_b`` at init).
-    clipping_threshold: bound on the H-weighted RMS of ``δW``; None disables.
+      are treated as zero (``lora_b`` at init); must be > 0.
+    clipping_threshold: bound on the H-weighted RMS of ``δW``; must be > 0,
+      or None (disables clipping).
     tie_breaker: the gauge rule, see :func:`adaprelora_jax.factor_update`;
       the default ``"min_imbalance"`` is the paper's.
     project_gradients: remove the gauge component of factor gradients that
@@ -183,7 +190,7 @@ def scale_by_adaprelora(
       catch.
     statistics: ``"auto"``, ``"exact"`` or ``"tangent"`` (above).
     step_offset: subtracted from the step count in the decay schedule
-      (e.g. when starting from a pretrained optimizer).
+      (e.g. when starting from a pretrained optimizer); must be >= 0.
     decay_rate_fn: ``(step, decay_rate) -> β2``; None means
       :func:`decay_rate_pow` (a default callable would be taken for a schedule
       by ``optax.inject_hyperparams``).
@@ -199,6 +206,11 @@ def scale_by_adaprelora(
   Returns:
     The corresponding :class:`optax.GradientTransformationExtraArgs`.
 
+  Raises:
+    ValueError: for a hyperparameter out of its range, naming it. Only host
+      numbers are checked; JAX arrays (traced, or from
+      ``optax.inject_hyperparams``) and schedules are not.
+
   References:
     Bian, Cai, Liu, `AdaPreLoRA: adaptive preconditioned low-rank adaptation
     <https://arxiv.org/abs/2605.08734>`_, 2026.
@@ -207,14 +219,19 @@ def scale_by_adaprelora(
     Memory Cost <https://arxiv.org/abs/1804.04235>`_, 2018.
   """
   gauge.check_rule(tie_breaker)
-  if nonfinite not in ("skip", "propagate"):
-    raise ValueError(f"nonfinite must be 'skip' or 'propagate', got {nonfinite!r}.")
-  if statistics not in ("auto", "exact", "tangent"):
-    raise ValueError(
-        f"statistics must be 'auto', 'exact' or 'tangent', got {statistics!r}."
-    )
-  pairwise.check_positive("damping_floor", damping_floor)
-  pairwise.check_positive("damping", damping, allow_zero=True)
+  validation.check_choice("nonfinite", nonfinite, get_args(NonFinitePolicy))
+  validation.check_choice("statistics", statistics, get_args(Statistics))
+  if decay_rate_fn is None:
+    # The exponent of decay_rate_pow: 0 keeps no memory, 1 is the running
+    # mean; beyond 1 older steps would outweigh newer ones, below 0 β2 < 0.
+    # A custom decay_rate_fn gives decay_rate its own meaning.
+    validation.check_in_range("decay_rate", decay_rate, 0.0, 1.0, include_high=True)
+  validation.check_positive("eps", eps, allow_zero=True)
+  validation.check_in_range("b1", b1, 0.0, 1.0, allow_none=True)
+  validation.check_positive("damping", damping, allow_zero=True)
+  validation.check_positive("damping_floor", damping_floor)
+  validation.check_positive("clipping_threshold", clipping_threshold, allow_none=True)
+  validation.check_positive("step_offset", step_offset, allow_zero=True)
   pairing_lib.resolve_pairing(pairing)  # Fail early on a bad preset name.
   decay_rate_fn = decay_rate_pow if decay_rate_fn is None else decay_rate_fn
 
@@ -228,8 +245,8 @@ def scale_by_adaprelora(
           a, b, g_a, g_b, damping=damping, damping_floor=damping_floor
       )
     else:
-      row_stats = pair.row_stats.astype(jnp.float32)
-      col_stats = pair.col_stats.astype(jnp.float32)
+      row_stats = pair.row_stats.astype(jnp.promote_types(pair.row_stats.dtype, jnp.float32))
+      col_stats = pair.col_stats.astype(jnp.promote_types(pair.col_stats.dtype, jnp.float32))
     beta2 = decay_rate_fn(count - step_offset, decay_rate)
     row_moment, col_moment = state["row_second_moment"], state["col_second_moment"]
     new_row_moment = beta2 * row_moment + (1.0 - beta2) * (row_stats + eps)
@@ -347,7 +364,7 @@ def adaprelora(
     eps: see :func:`scale_by_adaprelora`.
     b1: see :func:`scale_by_adaprelora`.
     weight_decay: decoupled weight decay (applied to every leaf selected by
-      ``mask``; exact-statistics leaves are zero and stay zero).
+      ``mask``; exact-statistics leaves are zero and stay zero); must be >= 0.
     mask: tree or callable selecting the leaves to decay (optax convention;
       list a callable in ``static_args`` of ``optax.inject_hyperparams``).
     damping: see :func:`scale_by_adaprelora`.
@@ -366,10 +383,16 @@ def adaprelora(
   Returns:
     The corresponding :class:`optax.GradientTransformationExtraArgs`.
 
+  Raises:
+    ValueError: for a hyperparameter out of its range, naming it (see
+      :func:`scale_by_adaprelora`).
+
   References:
     Bian, Cai, Liu, `AdaPreLoRA: adaptive preconditioned low-rank adaptation
     <https://arxiv.org/abs/2605.08734>`_, 2026.
   """
+  # The other hyperparameters are checked by scale_by_adaprelora.
+  validation.check_positive("weight_decay", weight_decay, allow_zero=True)
   return optax.chain(
       scale_by_adaprelora(
           decay_rate=decay_rate, eps=eps, b1=b1, damping=damping,

@@ -1,6 +1,7 @@
 """The baseline LoRA optimizers: update rules vs float64 transcriptions of the
 papers (tests/baselines_reference.py), invariance, numerics and optax use."""
 
+import chex
 import hypothesis
 import hypothesis.strategies as st
 import jax
@@ -73,6 +74,7 @@ def _run_torch_pair(tx, A, B, grads, scale=1.0):
 
 
 def _assert_trajectories_close(got, expected, rtol):
+  assert len(got) == len(expected), (len(got), len(expected))
   for step, ((a, b), (ea, eb)) in enumerate(zip(got, expected)):
     for x, y in ((a, ea), (b, eb)):
       error = np.linalg.norm(x - y) / np.linalg.norm(y)
@@ -375,8 +377,7 @@ def test_resuming_from_a_host_copy_of_the_state_is_exact(name):
   restored = jax.tree.map(lambda x: jnp.asarray(np.array(x)), state)
   resumed, _ = steps(params, restored, 3)
   uninterrupted, _ = steps(params, state, 3)
-  for got, expected in zip(jax.tree.leaves(resumed), jax.tree.leaves(uninterrupted)):
-    np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
+  chex.assert_trees_all_equal(resumed, uninterrupted)
 
 
 # ------------------------------------------------------------ layout, errors ----

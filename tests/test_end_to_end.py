@@ -1,5 +1,6 @@
 """End to end: LoRA transfer on real data (scikit-learn digits) with nnx."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -83,9 +84,5 @@ def test_orbax_checkpoint_resumes_bit_for_bit(tmp_path):
   for _ in range(4):
     step(restored_model, restored_optimizer)
 
-  for got, expected in zip(jax.tree.leaves(nnx.state(restored_model)),
-                           jax.tree.leaves(nnx.state(model))):
-    np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
-  for got, expected in zip(jax.tree.leaves(nnx.state(restored_optimizer)),
-                           jax.tree.leaves(nnx.state(optimizer))):
-    np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
+  chex.assert_trees_all_equal(nnx.state(restored_model), nnx.state(model))
+  chex.assert_trees_all_equal(nnx.state(restored_optimizer), nnx.state(optimizer))

@@ -7,9 +7,9 @@ d_out sharded) and a 2-D (data × model) mesh with both, plus stacked layers.
 
 import re
 
+import chex
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 import pytest
 from flax import nnx
@@ -146,15 +146,23 @@ def _check_sharded_steps(problem, tx, param_shardings, pairing="nnx"):
   state_shardings = sharding.state_shardings(tx, params, param_shardings, pairing=pairing)
   expected, expected_state = _steps(tx, params, grads_list)
   got, got_state = _steps(tx, params, grads_list, param_shardings, state_shardings)
-  for want, have in zip(jax.tree.leaves(expected), jax.tree.leaves(got)):
-    np.testing.assert_allclose(np.asarray(have), np.asarray(want), rtol=2e-4, atol=2e-6)
-  for want, have in zip(jax.tree.leaves(expected_state), jax.tree.leaves(got_state)):
-    np.testing.assert_allclose(np.asarray(have), np.asarray(want), rtol=2e-4, atol=2e-6)
+  chex.assert_trees_all_close(got, expected, rtol=2e-4, atol=2e-6)
+  chex.assert_trees_all_close(got_state, expected_state, rtol=2e-4, atol=2e-6)
   # The parameters keep their layout and the state has the one asked for.
-  for leaf, want in zip(jax.tree.leaves(got), jax.tree.leaves(param_shardings)):
+  for leaf, want in _leaf_pairs(got, param_shardings):
     assert leaf.sharding.is_equivalent_to(want, leaf.ndim)
-  for leaf, want in zip(jax.tree.leaves(got_state), jax.tree.leaves(state_shardings)):
+  for leaf, want in _leaf_pairs(got_state, state_shardings):
     assert leaf.sharding.is_equivalent_to(want, leaf.ndim)
+
+
+def _leaf_pairs(tree, other):
+  """The leaves of two trees side by side, once they have one structure.
+
+  ``zip`` of their leaves alone would stop at the shorter tree and pair
+  leaves of different positions.
+  """
+  chex.assert_trees_all_equal_structs(tree, other)
+  return list(zip(jax.tree.leaves(tree), jax.tree.leaves(other)))
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
@@ -180,14 +188,13 @@ def test_state_follows_the_factor_axes(problem, layout):
   rite = sharding.state_shardings(ap.scale_by_lora_rite(), params,
                                   _param_shardings(params, layout, mesh))
   abstract = jax.eval_shape(ap.scale_by_lora_rite().init, params)
-  for shape, spec in zip(jax.tree.leaves(abstract), jax.tree.leaves(rite)):
+  for shape, spec in _leaf_pairs(abstract, rite):
     if shape.shape[-2:] == (RANK, RANK):
       assert all(entry is None for entry in spec.spec), (shape.shape, spec)
   full = sharding.state_shardings(ap.lora_pro(1e-3, mode="full"), params,
                                   _param_shardings(params, layout, mesh))
   abstract = jax.eval_shape(ap.lora_pro(1e-3, mode="full").init, params)
-  full_specs = [s.spec for a, s in zip(jax.tree.leaves(abstract), jax.tree.leaves(full))
-                if a.shape == (D_IN, D_OUT)]
+  full_specs = [s.spec for a, s in _leaf_pairs(abstract, full) if a.shape == (D_IN, D_OUT)]
   assert full_specs and all(spec == P(spec_a[0], spec_b[1]) for spec in full_specs)
 
 

@@ -22,6 +22,7 @@ import optax
 
 from adaprelora_jax import pairing as pairing_lib
 from adaprelora_jax import pairwise
+from adaprelora_jax import validation
 
 
 def scale_by_lora_plus(
@@ -40,7 +41,8 @@ def scale_by_lora_plus(
   non-LoRA parameters) passes through unchanged. Stateless.
 
   Args:
-    lr_ratio: ``λ = η_B / η_A`` (the paper recommends ``λ > 1``).
+    lr_ratio: ``λ = η_B / η_A`` (the paper recommends ``λ > 1``); must be
+      > 0.
     pairing: ``"nnx"``, ``"peft"`` or a pairing callable (see
       :func:`adaprelora_jax.pairing.plan_pairs`); malformed pairs raise an
       error naming the parameter path.
@@ -48,11 +50,16 @@ def scale_by_lora_plus(
   Returns:
     The corresponding :class:`optax.GradientTransformationExtraArgs`.
 
+  Raises:
+    ValueError: for a hyperparameter out of its range, naming it. Only host
+      numbers are checked; JAX arrays (traced, or from
+      ``optax.inject_hyperparams``) and schedules are not.
+
   References:
     Hayou, Ghosh, Yu, `LoRA+: Efficient Low Rank Adaptation of Large Models
     <https://arxiv.org/abs/2402.12354>`_, ICML 2024.
   """
-  pairwise.check_positive("lr_ratio", lr_ratio)
+  validation.check_positive("lr_ratio", lr_ratio)
   pairing_lib.resolve_pairing(pairing)  # Fail early on a bad preset name.
 
   def b_factors(tree: Any) -> Any:
@@ -109,13 +116,14 @@ def lora_plus(
 
   Args:
     learning_rate: ``η``, a float or an optax schedule.
-    lr_ratio: ``λ = η_B / η_A``.
-    b1: Adam's first-moment decay.
-    b2: Adam's second-moment decay.
-    eps: added to the denominator, outside the square root.
-    eps_root: added to the second moment inside the square root.
+    lr_ratio: ``λ = η_B / η_A``; must be > 0.
+    b1: Adam's first-moment decay; must be in [0, 1).
+    b2: Adam's second-moment decay; must be in [0, 1).
+    eps: added to the denominator, outside the square root; must be >= 0.
+    eps_root: added to the second moment inside the square root; must be
+      >= 0.
     weight_decay: decoupled weight decay ``λ_wd`` (multiplied by the
-      learning rate, so ``λ·η·λ_wd`` for ``lora_b``).
+      learning rate, so ``λ·η·λ_wd`` for ``lora_b``); must be >= 0.
     mask: tree or callable selecting the leaves to decay (optax convention;
       list a callable in ``static_args`` of ``optax.inject_hyperparams``).
     pairing: ``"nnx"`` (``lora_a``/``lora_b`` siblings), ``"peft"``
@@ -129,10 +137,21 @@ def lora_plus(
   Returns:
     The corresponding :class:`optax.GradientTransformationExtraArgs`.
 
+  Raises:
+    ValueError: for a hyperparameter out of its range, naming it. Only host
+      numbers are checked; JAX arrays (traced, or from
+      ``optax.inject_hyperparams``) and schedules are not.
+
   References:
     Hayou, Ghosh, Yu, `LoRA+: Efficient Low Rank Adaptation of Large Models
     <https://arxiv.org/abs/2402.12354>`_, ICML 2024.
   """
+  # lr_ratio is checked by scale_by_lora_plus.
+  validation.check_in_range("b1", b1, 0.0, 1.0)
+  validation.check_in_range("b2", b2, 0.0, 1.0)
+  validation.check_positive("eps", eps, allow_zero=True)
+  validation.check_positive("eps_root", eps_root, allow_zero=True)
+  validation.check_positive("weight_decay", weight_decay, allow_zero=True)
   return optax.chain(
       pairwise.factorwise_transform(
           optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root),

@@ -46,6 +46,7 @@ import optax
 from adaprelora_jax import linalg
 from adaprelora_jax import pairing as pairing_lib
 from adaprelora_jax import pairwise
+from adaprelora_jax import validation
 
 LoRAProMode = Literal["efficient", "full"]
 MODES: tuple[str, ...] = ("efficient", "full")
@@ -58,9 +59,10 @@ class ScaleByLoRAProState(NamedTuple):
     count: number of updates so far (int32).
     mu: ``mode="full"``: at each ``lora_a``, the EMA of the equivalent
       gradient, shape (..., d_in, d_out) (the pair's full weight shape, flax
-      layout), float32; None in ``"efficient"`` mode, whose factor-space Adam
-      moments live in the :class:`adaprelora_jax.pairwise.FactorwiseState`
-      that follows in the chain.
+      layout), float32 (float64 for float64 parameters); None in
+      ``"efficient"`` mode, whose factor-space Adam moments live in the
+      :class:`adaprelora_jax.pairwise.FactorwiseState` that follows in the
+      chain.
     nu: likewise, the EMA of the squared equivalent gradient.
     pair_position: at each ``lora_a``: the pair's place in its group of
       same-shaped pairs (see :class:`adaprelora_jax.ScaleByAdaPreLoRAState`).
@@ -179,14 +181,16 @@ def scale_by_lora_pro(
 
   Args:
     mode: ``"efficient"`` or ``"full"`` (above).
-    b1: Adam's first-moment decay.
-    b2: Adam's second-moment decay.
-    eps: added to the denominator, outside the square root.
-    eps_root: added to the second moment inside the square root.
+    b1: Adam's first-moment decay; must be in [0, 1).
+    b2: Adam's second-moment decay; must be in [0, 1).
+    eps: added to the denominator, outside the square root; must be >= 0.
+    eps_root: added to the second moment inside the square root; must be
+      >= 0.
     lora_scale: the LoRA scale ``s`` of ``W = W0 + s·a b`` (``α/r``, or
       ``α/√r`` for rsLoRA; 1 for ``flax.nnx.LoRA``). LoRA-Pro's projection
-      depends on it; it must match the model.
-    damping: ``δ`` of ``(S + δI)⁻¹`` (absolute, reference 1e-8).
+      depends on it; it must match the model, and be > 0.
+    damping: ``δ`` of ``(S + δI)⁻¹`` (absolute, reference 1e-8); must be
+      >= 0.
     pairing: ``"nnx"``, ``"peft"`` or a pairing callable (see
       :func:`adaprelora_jax.pairing.plan_pairs`).
     non_lora: transform for leaves that are not LoRA factors; default
@@ -196,14 +200,22 @@ def scale_by_lora_pro(
   Returns:
     The corresponding :class:`optax.GradientTransformationExtraArgs`.
 
+  Raises:
+    ValueError: for a hyperparameter out of its range, naming it. Only host
+      numbers are checked; JAX arrays (traced, or from
+      ``optax.inject_hyperparams``) and schedules are not.
+
   References:
     Wang, Liang, He, Wang, Tan, `LoRA-Pro: Are Low-Rank Adapters Properly
     Optimized? <https://arxiv.org/abs/2407.18242>`_, ICLR 2025.
   """
-  if mode not in MODES:
-    raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
-  pairwise.check_positive("lora_scale", lora_scale)
-  pairwise.check_positive("damping", damping, allow_zero=True)
+  validation.check_choice("mode", mode, MODES)
+  validation.check_in_range("b1", b1, 0.0, 1.0)
+  validation.check_in_range("b2", b2, 0.0, 1.0)
+  validation.check_positive("eps", eps, allow_zero=True)
+  validation.check_positive("eps_root", eps_root, allow_zero=True)
+  validation.check_positive("lora_scale", lora_scale)
+  validation.check_positive("damping", damping, allow_zero=True)
   pairing_lib.resolve_pairing(pairing)  # Fail early on a bad preset name.
   non_lora = pairwise.default_non_lora(non_lora)
 
@@ -284,7 +296,8 @@ def lora_pro(
     b2: see :func:`scale_by_lora_pro`.
     eps: see :func:`scale_by_lora_pro`.
     eps_root: see :func:`scale_by_lora_pro`.
-    weight_decay: decoupled weight decay (multiplied by the learning rate).
+    weight_decay: decoupled weight decay (multiplied by the learning rate);
+      must be >= 0.
     mask: tree or callable selecting the leaves to decay (optax convention;
       list a callable in ``static_args`` of ``optax.inject_hyperparams``).
     lora_scale: see :func:`scale_by_lora_pro`.
@@ -296,10 +309,17 @@ def lora_pro(
   Returns:
     The corresponding :class:`optax.GradientTransformationExtraArgs`.
 
+  Raises:
+    ValueError: for a hyperparameter out of its range, naming it. Only host
+      numbers are checked; JAX arrays (traced, or from
+      ``optax.inject_hyperparams``) and schedules are not.
+
   References:
     Wang, Liang, He, Wang, Tan, `LoRA-Pro: Are Low-Rank Adapters Properly
     Optimized? <https://arxiv.org/abs/2407.18242>`_, ICLR 2025.
   """
+  # The other hyperparameters are checked by scale_by_lora_pro.
+  validation.check_positive("weight_decay", weight_decay, allow_zero=True)
   return optax.chain(
       scale_by_lora_pro(
           mode, b1, b2, eps, eps_root, lora_scale=lora_scale, damping=damping,

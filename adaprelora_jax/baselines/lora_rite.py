@@ -45,13 +45,14 @@ import optax
 from adaprelora_jax import linalg
 from adaprelora_jax import pairing as pairing_lib
 from adaprelora_jax import pairwise
+from adaprelora_jax import validation
 
 
 class ScaleByLoRARiteState(NamedTuple):
   """State of :func:`scale_by_lora_rite`.
 
   Entries for ``A`` sit at each ``lora_a``, entries for ``B`` at each
-  ``lora_b``; all float32.
+  ``lora_b``; all float32 (float64 for float64 parameters).
 
   Attributes:
     count: number of updates so far (int32).
@@ -170,15 +171,17 @@ def scale_by_lora_rite(
     position of alternating ``lora_A``/``lora_B`` parameters.
 
   Args:
-    b1: first-moment decay (bias-corrected decay ``β̂₁``).
-    b2: second-moment decay (bias-corrected decay ``β̂₂``).
-    eps: added after the square root in ``(V̄ + ρI)^(−1/2)``.
+    b1: first-moment decay (bias-corrected decay ``β̂₁``); must be in
+      [0, 1).
+    b2: second-moment decay (bias-corrected decay ``β̂₂``); must be in
+      [0, 1).
+    eps: added after the square root in ``(V̄ + ρI)^(−1/2)``; must be >= 0.
     clip_unmagnified_grad: threshold of the global norm of all unmagnified
-      gradients; None disables.
+      gradients; must be > 0, or None (disables).
     update_skipping: RMS threshold above which a factor's step is skipped;
-      None disables.
+      must be > 0, or None (disables).
     update_capping: RMS bound of each factor's first moment before it is
-      mapped back; None (default) disables.
+      mapped back; must be > 0, or None (default, disables).
     escape_mass: track the escaped mass ``ρ`` (off by default, as in the
       reference).
     pairing: ``"nnx"``, ``"peft"`` or a pairing callable (see
@@ -191,20 +194,24 @@ def scale_by_lora_rite(
     The corresponding :class:`optax.GradientTransformationExtraArgs`.
 
   Raises:
-    ValueError: (when the pairs are found) for a pair whose rank exceeds
-      ``d_in`` or ``d_out``, naming its path.
+    ValueError: for a hyperparameter out of its range, naming it (only host
+      numbers are checked; JAX arrays, traced or from
+      ``optax.inject_hyperparams``, and schedules are not); and, when the
+      pairs are found, for a pair whose rank exceeds ``d_in`` or ``d_out``,
+      naming its path.
 
   References:
     Yen, Si, Meng, Yu, Duvvuri, Dhillon, Hsieh, Kumar, `LoRA Done RITE:
     Robust Invariant Transformation Equilibration for LoRA Optimization
     <https://arxiv.org/abs/2410.20625>`_, ICLR 2025.
   """
-  for name, value in (("clip_unmagnified_grad", clip_unmagnified_grad),
-                      ("update_skipping", update_skipping),
-                      ("update_capping", update_capping)):
-    if value is not None:
-      pairwise.check_positive(name, value)
-  pairwise.check_positive("eps", eps, allow_zero=True)
+  # β = 1 would make the bias-corrected decay β(1 − β^(t−1))/(1 − β^t) 0/0.
+  validation.check_in_range("b1", b1, 0.0, 1.0)
+  validation.check_in_range("b2", b2, 0.0, 1.0)
+  validation.check_positive("eps", eps, allow_zero=True)
+  validation.check_positive("clip_unmagnified_grad", clip_unmagnified_grad, allow_none=True)
+  validation.check_positive("update_skipping", update_skipping, allow_none=True)
+  validation.check_positive("update_capping", update_capping, allow_none=True)
   pairing_lib.resolve_pairing(pairing)  # Fail early on a bad preset name.
 
   def check_pair(pair: pairing_lib.PairInfo) -> None:
@@ -331,7 +338,8 @@ def lora_rite(
     b1: see :func:`scale_by_lora_rite`.
     b2: see :func:`scale_by_lora_rite`.
     eps: see :func:`scale_by_lora_rite`.
-    weight_decay: weight decay (multiplied by the learning rate).
+    weight_decay: weight decay (multiplied by the learning rate); must be
+      >= 0.
     mask: tree or callable selecting the leaves to decay (optax convention;
       list a callable in ``static_args`` of ``optax.inject_hyperparams``).
     clip_unmagnified_grad: see :func:`scale_by_lora_rite`.
@@ -345,11 +353,17 @@ def lora_rite(
   Returns:
     The corresponding :class:`optax.GradientTransformationExtraArgs`.
 
+  Raises:
+    ValueError: for a hyperparameter out of its range, naming it (see
+      :func:`scale_by_lora_rite`).
+
   References:
     Yen, Si, Meng, Yu, Duvvuri, Dhillon, Hsieh, Kumar, `LoRA Done RITE:
     Robust Invariant Transformation Equilibration for LoRA Optimization
     <https://arxiv.org/abs/2410.20625>`_, ICLR 2025.
   """
+  # The other hyperparameters are checked by scale_by_lora_rite.
+  validation.check_positive("weight_decay", weight_decay, allow_zero=True)
   return optax.chain(
       scale_by_lora_rite(
           b1, b2, eps, clip_unmagnified_grad=clip_unmagnified_grad,

@@ -34,6 +34,7 @@ import optax
 from adaprelora_jax import linalg
 from adaprelora_jax import pairing as pairing_lib
 from adaprelora_jax import pairwise
+from adaprelora_jax import validation
 
 
 class ScaleByRiemannianPreconditionerState(NamedTuple):
@@ -87,9 +88,9 @@ def scale_by_riemannian_preconditioner(
   go to ``non_lora``; statistics probes get zero updates.
 
   Args:
-    reg: ``δ > 0`` added to both Gram matrices (absolute, as in the paper;
+    reg: ``δ`` added to both Gram matrices (absolute, as in the paper;
       its good value is strongly task-dependent, the reference tables use
-      1e-7 … 100).
+      1e-7 … 100); must be > 0.
     pairing: ``"nnx"``, ``"peft"`` or a pairing callable (see
       :func:`adaprelora_jax.pairing.plan_pairs`).
     non_lora: transform for leaves that are not LoRA factors; default
@@ -100,6 +101,11 @@ def scale_by_riemannian_preconditioner(
   Returns:
     The corresponding :class:`optax.GradientTransformationExtraArgs`.
 
+  Raises:
+    ValueError: for a hyperparameter out of its range, naming it. Only host
+      numbers are checked; JAX arrays (traced, or from
+      ``optax.inject_hyperparams``) and schedules are not.
+
   References:
     Zhang and Pilanci, `Riemannian Preconditioned LoRA for Fine-Tuning
     Foundation Models <https://arxiv.org/abs/2402.02347>`_, ICML 2024.
@@ -107,7 +113,7 @@ def scale_by_riemannian_preconditioner(
     Tong, Ma, Chi, `Accelerating Ill-Conditioned Low-Rank Matrix Estimation
     via Scaled Gradient Descent <https://arxiv.org/abs/2005.08898>`_, JMLR 2021.
   """
-  pairwise.check_positive("reg", reg)
+  validation.check_positive("reg", reg)
   pairing_lib.resolve_pairing(pairing)  # Fail early on a bad preset name.
 
   def update_pair(pair, state, count, total):
@@ -155,7 +161,8 @@ def scaled_gd(
   Args:
     learning_rate: a float or an optax schedule.
     reg: see :func:`scale_by_riemannian_preconditioner`.
-    weight_decay: decoupled weight decay (multiplied by the learning rate).
+    weight_decay: decoupled weight decay (multiplied by the learning rate);
+      must be >= 0.
     mask: tree or callable selecting the leaves to decay (optax convention;
       list a callable in ``static_args`` of ``optax.inject_hyperparams``).
     pairing: see :func:`scale_by_riemannian_preconditioner`.
@@ -165,10 +172,17 @@ def scaled_gd(
   Returns:
     The corresponding :class:`optax.GradientTransformationExtraArgs`.
 
+  Raises:
+    ValueError: for a hyperparameter out of its range, naming it. Only host
+      numbers are checked; JAX arrays (traced, or from
+      ``optax.inject_hyperparams``) and schedules are not.
+
   References:
     Zhang and Pilanci, `Riemannian Preconditioned LoRA for Fine-Tuning
     Foundation Models <https://arxiv.org/abs/2402.02347>`_, ICML 2024.
   """
+  # reg is checked by scale_by_riemannian_preconditioner.
+  validation.check_positive("weight_decay", weight_decay, allow_zero=True)
   return optax.chain(
       scale_by_riemannian_preconditioner(
           reg, pairing=pairing, non_lora=non_lora, strict=strict
@@ -214,6 +228,12 @@ def scaled_adamw(
     the paper's equations (followed here) use the factors before the step.
   * The reference defaults to ``correct_bias=False`` (its GPT-2 version to
     True); optax's Adam is bias-corrected.
+  * With bias correction the reference adds ``eps`` to ``√v`` *before*
+    applying its bias-corrected step size ``η √(1 − β₂ᵗ) / (1 − β₁ᵗ)``, which
+    is ``η m̂ / (√v̂ + eps / √(1 − β₂ᵗ))``: its effective ``eps`` is
+    ``1 / √(1 − β₂ᵗ)`` times optax's, ≈ 31.6× at the first step for
+    ``β₂ = 0.999``, 1.26× after 1000 steps. Here, as in optax, ``eps`` is
+    added to ``√v̂`` after bias correction; the two agree once ``β₂ᵗ ≈ 0``.
   * The reference applies weight decay after the step to the updated factor,
     ``p ← (1 − ηλ)(p − η u)``; here it is decoupled, ``p ← p − η(u + λp)``
     (equal to first order in ``η``).
@@ -226,11 +246,14 @@ def scaled_adamw(
   Args:
     learning_rate: a float or an optax schedule.
     reg: see :func:`scale_by_riemannian_preconditioner`.
-    b1: Adam's first-moment decay.
-    b2: Adam's second-moment decay.
-    eps: added to the denominator, outside the square root (reference 1e-6).
-    eps_root: added to the second moment inside the square root.
-    weight_decay: decoupled weight decay (multiplied by the learning rate).
+    b1: Adam's first-moment decay; must be in [0, 1).
+    b2: Adam's second-moment decay; must be in [0, 1).
+    eps: added to the denominator, outside the square root (reference 1e-6);
+      must be >= 0.
+    eps_root: added to the second moment inside the square root; must be
+      >= 0.
+    weight_decay: decoupled weight decay (multiplied by the learning rate);
+      must be >= 0.
     mask: tree or callable selecting the leaves to decay (optax convention;
       list a callable in ``static_args`` of ``optax.inject_hyperparams``).
     pairing: see :func:`scale_by_riemannian_preconditioner`.
@@ -241,10 +264,21 @@ def scaled_adamw(
   Returns:
     The corresponding :class:`optax.GradientTransformationExtraArgs`.
 
+  Raises:
+    ValueError: for a hyperparameter out of its range, naming it. Only host
+      numbers are checked; JAX arrays (traced, or from
+      ``optax.inject_hyperparams``) and schedules are not.
+
   References:
     Zhang and Pilanci, `Riemannian Preconditioned LoRA for Fine-Tuning
     Foundation Models <https://arxiv.org/abs/2402.02347>`_, ICML 2024.
   """
+  # reg is checked by scale_by_riemannian_preconditioner.
+  validation.check_in_range("b1", b1, 0.0, 1.0)
+  validation.check_in_range("b2", b2, 0.0, 1.0)
+  validation.check_positive("eps", eps, allow_zero=True)
+  validation.check_positive("eps_root", eps_root, allow_zero=True)
+  validation.check_positive("weight_decay", weight_decay, allow_zero=True)
   return optax.chain(
       scale_by_riemannian_preconditioner(
           reg, pairing=pairing, non_lora=optax.identity(), strict=strict
