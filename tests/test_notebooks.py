@@ -50,6 +50,11 @@ def test_update_geometry_notebook():
   assert _number(r"rank of J: (\d+)", text) == _number(r"r\^2 = (\d+)", text)
   assert _number(r"tangent direction>_H\| = ([0-9.e+-]+)", text) < 1e-10
   assert _number(r"max deviation of δW along the family: ([0-9.e+-]+)", text) < 1e-10
+  # §3: the paper's rule is the θ = ½ member for backprop gradients, and no gauge move
+  # off the θ-line lowers its objective.
+  assert _number(r"min_imbalance step vs the θ = ½ member: max difference ([0-9.e+-]+)",
+                 text) < 1e-10
+  assert _number(r"smallest / at min_imbalance: ([0-9.e+-]+)", text) >= 1.0 - 1e-9
   assert _number(r"adaprelora\s+relative difference of the two weight updates: ([0-9.e+-]+)",
                  text) < 1e-6
   assert _number(r"adamw\s+relative difference of the two weight updates: ([0-9.e+-]+)",
@@ -65,8 +70,12 @@ def test_update_geometry_notebook():
   assert re.search(r"largest share: adaprelora", text)
   # §7: the study's answer, read from the committed result file.
   assert figures >= 4
-  imbalance = r"imbalance\s+deviation from the best split: .*"
-  assert _number(imbalance + r"κ = 1e4 ρ = 100 ([0-9.e+-]+)", text) > 0.04
-  assert _number(imbalance + r"change along ρ ([0-9.e+-]+)", text) < 1e-6
-  assert _number(r"second_order deviation from the best split: .*κ = 1e4 ρ = 100 ([0-9.e+-]+)",
-                 text) < 1e-4
+  def deviation(rule, cell):
+    return _number(rule + r"\s+deviation from the best split: .*" + cell + r" ([0-9.e+-]+)", text)
+
+  paper = deviation("min_imbalance", "κ = 1e4 ρ = 100")
+  assert paper > 0.04
+  assert deviation("min_imbalance", "change along ρ") < 1e-6
+  assert deviation("half", "κ = 1e4 ρ = 100") == paper
+  assert deviation("equal_norms", "κ = 1e4 ρ = 100") > paper
+  assert deviation("second_order", "κ = 1e4 ρ = 100") < 1e-4

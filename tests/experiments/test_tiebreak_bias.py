@@ -1,17 +1,20 @@
 """The tie-breaker study (experiments/tiebreak_bias.py) in its quick preset.
 
-One quick run (~25 s on 2 cores, compilation-bound) is shared by the tests,
-which check the study's own invariants rather than its numbers.
+One quick run (~1-2 min on 2 shared cores, compilation-bound) is shared by the
+tests, which check the study's own invariants rather than its numbers.
 """
 
+import inspect
 import json
 
 import numpy as np
 import pytest
 
+import adaprelora_jax as ap
 from experiments import tiebreak_bias
 
-INVARIANT_RULES = ("imbalance", "half", "second_order")  # functions of H = p ⊗ q only
+# Functions of H = p ⊗ q only.
+INVARIANT_RULES = ("min_imbalance", "equal_norms", "half", "second_order")
 
 
 @pytest.fixture(scope="module")
@@ -57,12 +60,35 @@ def test_second_order_rule_finds_the_brute_force_split(quick):
   assert np.all(_cells("second_order/float64", "deviation", "max", quick) < 1e-4)
   assert np.all(np.abs(_cells("second_order/float64", "excess", "max", quick)) < 1e-6)
   assert np.all(_cells("second_order/float32", "deviation", "max", quick) < 1e-3)
-  for rule in ("imbalance", "half", "factor_norm"):
+  for rule in ("min_imbalance", "equal_norms", "half", "factor_norm"):
     for metric in ("deviation", "excess"):
       assert np.all(_cells("second_order/float64", metric, "mean", quick)
                     <= _cells(f"{rule}/float64", metric, "mean", quick) + 1e-6), (rule, metric)
   # ... and the default rule is measurably away from it (the study has a signal).
-  assert _cells("imbalance/float64", "deviation", "mean", quick).min() > 1e-2
+  assert _cells("min_imbalance/float64", "deviation", "mean", quick).min() > 1e-2
+
+
+def test_the_study_scores_the_optimizers_default_rule():
+  default = inspect.signature(ap.adaprelora).parameters["tie_breaker"].default
+  assert tiebreak_bias.DEFAULT_RULE == default
+
+
+def test_default_rule_is_the_half_member_on_consistent_gradients(quick):
+  # The study's factor gradients are those of one G, for which the paper's
+  # rule is the θ = ½ member; its float64 scores come from its own factor
+  # update, so this compares two different formulas for the same step.
+  for metric in ("deviation", "excess"):
+    for stat in ("mean", "median", "p90", "max"):
+      np.testing.assert_allclose(_cells("min_imbalance/float64", metric, stat, quick),
+                                 _cells("half/float64", metric, stat, quick),
+                                 rtol=1e-9, atol=1e-12, err_msg=(metric, stat))
+  # In training (float32, backprop gradients) the two steps agree to rounding
+  # where the problem is well scaled, while the earlier equal-norms rule does
+  # not: the tie-breaker reaches the optimizer.
+  loss = {rule: quick["training"]["rules"][rule]["train_loss"]["mean"][0][0][0]
+          for rule in ("min_imbalance", "half", "equal_norms")}
+  assert loss["half"] == pytest.approx(loss["min_imbalance"], rel=1e-4)
+  assert loss["equal_norms"] != pytest.approx(loss["min_imbalance"], rel=1e-3)
 
 
 def test_rho_invariant_rules_give_identical_rows(quick):
@@ -73,6 +99,16 @@ def test_rho_invariant_rules_give_identical_rows(quick):
     assert quick["claim_check"][f"{rule}/float64"]["largest_change_along_ratio"] < 1e-7
   # The factor-norm variant weighs δa by p and δb by q, so it is not.
   assert quick["claim_check"]["factor_norm/float64"]["largest_change_along_ratio"] > 1e-3
+
+
+def test_clipped_fraction_is_reported_for_the_equal_norms_rule(quick):
+  sweep = quick["sweep"]
+  clipped = {name for name, rule in sweep["rules"].items() if "clipped_fraction" in rule}
+  assert clipped == {"equal_norms/float32", "equal_norms/float64"}
+  for name in clipped:
+    fraction = np.asarray(sweep["rules"][name]["clipped_fraction"])
+    assert fraction.shape == (len(sweep["conditions"]), len(sweep["ratios"]))
+    assert np.all((fraction >= 0.0) & (fraction <= 1.0)), name
 
 
 def test_claim_check_matches_the_sweep(quick):
