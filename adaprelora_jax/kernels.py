@@ -160,9 +160,11 @@ def consistent_gradients(
   (alpha, u), (beta, v) = linalg.psd_eigh(matmul(a.T, a)), linalg.psd_eigh(matmul(b, b.T))
   keep_a, keep_b = linalg.numerical_rank_mask(alpha), linalg.numerical_rank_mask(beta)
   # In the eigenbases: columns of g_a V along β_j = 0 and rows of Uᵀ g_b along
-  # α_i = 0 lie in the null space; drop them.
-  rotated_a = jnp.where(keep_b[None, :], matmul(g_a, v), 0.0)
-  rotated_b = jnp.where(keep_a[:, None], matmul(u.T, g_b), 0.0)
+  # α_i = 0 lie in the null space; drop them. By multiplying, not selecting,
+  # so a non-finite gradient still makes the step non-finite (0·inf is NaN)
+  # and the optimizer's non-finite policy sees it.
+  rotated_a = matmul(g_a, v) * keep_b.astype(dtype)[None, :]
+  rotated_b = matmul(u.T, g_b) * keep_a.astype(dtype)[:, None]
   mismatch = matmul(matmul(a, u).T, rotated_a) - matmul(rotated_b, matmul(v.T, b).T)
   solvable = keep_a[:, None] & keep_b[None, :]
   denominator = jnp.where(solvable, alpha[:, None] + beta[None, :], 1.0)

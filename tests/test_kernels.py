@@ -580,3 +580,12 @@ def test_consistent_gradients_project_out_the_larger_null_space_of_deficient_fac
     got = kernels.consistent_gradients(*(jnp.asarray(x) for x in (a, b, grad_a, grad_b)))
   for x, y in zip(got, expected):
     np.testing.assert_allclose(np.asarray(x), y, atol=1e-10)
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_consistent_gradients_keep_non_finite_entries_visible(value):
+  """A dropped null-space component must not hide a NaN from the skip policy."""
+  a, b = jnp.ones((4, 2)).at[0, 1].set(3.0), jnp.zeros((2, 3))
+  grad_a = jnp.zeros((4, 2)).at[1, 0].set(value)
+  projected_a, _ = kernels.consistent_gradients(a, b, grad_a, jnp.ones((2, 3)))
+  assert not np.all(np.isfinite(np.asarray(projected_a)))
