@@ -56,7 +56,6 @@ from flax import nnx
 
 from adaprelora_jax import linalg
 from adaprelora_jax import pairing as pairing_lib
-from adaprelora_jax import validation
 
 Dim = Literal["d_in", "rank", "d_out"]
 
@@ -185,11 +184,6 @@ def default_non_lora(
 ) -> optax.GradientTransformation:
   """The fallback for leaves that are not LoRA factors: Adam unless given."""
   return optax.scale_by_adam() if non_lora is None else non_lora
-
-
-# Kept under its old name for callers of ``pairwise.check_positive``; the
-# checks live in :mod:`adaprelora_jax.validation`.
-check_positive = validation.check_positive
 
 
 class _Router(NamedTuple):

@@ -26,6 +26,7 @@ import optax
 
 from adaprelora_jax import gauge
 from adaprelora_jax import kernels
+from adaprelora_jax import linalg
 from adaprelora_jax import pairing as pairing_lib
 from adaprelora_jax import pairwise
 from adaprelora_jax import validation
@@ -245,8 +246,8 @@ def scale_by_adaprelora(
           a, b, g_a, g_b, damping=damping, damping_floor=damping_floor
       )
     else:
-      row_stats = pair.row_stats.astype(jnp.promote_types(pair.row_stats.dtype, jnp.float32))
-      col_stats = pair.col_stats.astype(jnp.promote_types(pair.col_stats.dtype, jnp.float32))
+      row_stats = pair.row_stats.astype(linalg.compute_dtype(pair.row_stats))
+      col_stats = pair.col_stats.astype(linalg.compute_dtype(pair.col_stats))
     beta2 = decay_rate_fn(count - step_offset, decay_rate)
     row_moment, col_moment = state["row_second_moment"], state["col_second_moment"]
     new_row_moment = beta2 * row_moment + (1.0 - beta2) * (row_stats + eps)
