@@ -35,7 +35,7 @@ import dataclasses
 import itertools
 import math
 from collections.abc import Callable, Hashable, Sequence
-from typing import Any, Literal, NamedTuple, Union
+from typing import Any, Literal, NamedTuple, Union, get_args
 
 import jax
 import jax.numpy as jnp
@@ -44,6 +44,8 @@ import optax
 from adaprelora_jax import validation
 
 Role = Literal["a", "b", "row_stats", "col_stats"]
+# Where a pair's gradient statistics come from (docs/design.md §5).
+Statistics = Literal["auto", "exact", "tangent"]
 ROLES: tuple[str, ...] = ("a", "b", "row_stats", "col_stats")
 
 # Names of the exact-statistics probe leaves written by
@@ -237,7 +239,7 @@ class LoRAPlan:
   def pair_rows(self) -> dict[int, slice]:
     """Where each pair's rows sit in a vector over all single pairs.
 
-    Such vectors (see :class:`adaprelora_jax.pairwise.PairScalar`) list the
+    Such vectors (see :class:`adaprelora_jax.slots.PairScalar`) list the
     groups in order, each as stacked by :meth:`gather`: members, then their
     leading layer axes.
 
@@ -387,7 +389,7 @@ def plan_pairs(
     pairing: Pairing = "nnx",
     *,
     strict: bool = False,
-    statistics: Literal["auto", "exact", "tangent"] = "auto",
+    statistics: Statistics = "auto",
 ) -> LoRAPlan:
   """Finds and validates the LoRA pairs of a parameter tree.
 
@@ -409,7 +411,7 @@ def plan_pairs(
       mis-shaped or rank-mismatched factors, non-floating factors, malformed
       statistics leaves, non-LoRA leaves under ``strict=True``, or no pairs.
   """
-  validation.check_choice("statistics", statistics, ("auto", "exact", "tangent"))
+  validation.check_choice("statistics", statistics, get_args(Statistics))
   pairing_fn = resolve_pairing(pairing)
   flat, treedef = jax.tree_util.tree_flatten_with_path(params)
   names = [path_names(path) for path, _ in flat]

@@ -15,23 +15,25 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, Literal, NamedTuple, Optional, get_args
 
 import chex
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from adaprelora_jax import gauge
 from adaprelora_jax import kernels
-from adaprelora_jax import linalg
 from adaprelora_jax import pairing as pairing_lib
 from adaprelora_jax import pairwise
+from adaprelora_jax import routing
+from adaprelora_jax import slots
+from adaprelora_jax import step
 from adaprelora_jax import validation
 
-Statistics = Literal["auto", "exact", "tangent"]
+Statistics = pairing_lib.Statistics
 NonFinitePolicy = Literal["skip", "propagate"]
 
 
@@ -54,33 +56,25 @@ class ScaleByAdaPreLoRAState(NamedTuple):
   The second moments are stacked per group of same-shaped pairs (the groups
   of :func:`adaprelora_jax.plan_pairs`, in order): one array per group, the
   first axis running over the group's pairs; :func:`second_moments` returns
-  them as trees that mirror the params. Stacking them saves every per-layer
-  pair the slicing of its statistics out of its group's results (0.65 s of
-  compile time at 224 pairs, ``experiments/bench_scale.py``). The other
-  per-pair trees mirror the parameter tree: a pair's entries sit at the
-  position of its ``lora_a`` or ``lora_b`` leaf (so they can be sharded like
-  that factor); every other position holds ``optax.MaskedNode()``. Float
-  entries are float32, or float64 for float64 parameters; updates keep them
-  in that dtype.
+  them as trees that mirror the params. The momentum mirrors the parameter
+  tree: a pair's entries sit at the position of its ``lora_a`` and ``lora_b``
+  leaves (so they can be sharded like those factors); every other position
+  holds ``optax.MaskedNode()``. Float entries are float32, or float64 for
+  float64 parameters; updates keep them in that dtype.
 
   Attributes:
     count: number of updates so far (int32).
     row_second_moment: per group, EMA of the row means of ``G²``, shape
-      (pairs, ..., d_in), float32, laid out like ``lora_a``'s input axis.
+      (pairs, ..., d_in), laid out like ``lora_a``'s input axis.
     col_second_moment: per group, EMA of the column means of ``G²``, shape
-      (pairs, ..., d_out), float32, laid out like ``lora_b``'s output axis.
+      (pairs, ..., d_out), laid out like ``lora_b``'s output axis.
     momentum: EMA of the factor updates at ``lora_a``/``lora_b`` (factor
-      shape, float32), or ``None`` when ``b1 is None``.
+      shape), or ``None`` when ``b1 is None``.
     nonfinite_count: how many steps of each pair were skipped because its
-      gradients were not finite: one int32 vector for all pairs (one entry
-      per layer of stacked leaves), in the order of
-      :meth:`adaprelora_jax.pairing.LoRAPlan.pair_rows`; read it with
+      gradients were not finite, one int32 vector for all pairs; read it with
       :func:`nonfinite_report`.
-    pair_position: at each ``lora_a``: the pair's position among the
-      same-shaped pairs it is stacked with, shape (...), int32. Set by
-      ``init`` and never changed; kept in the state because positions known
-      only at run time let every per-layer leaf share one compiled kernel.
-      An edited position makes that group's updates NaN.
+    pair_position: the engine's bookkeeping (see
+      :func:`adaprelora_jax.pairwise.pairwise_transform`).
     non_lora: state of the transform applied to the other leaves.
   """
 
@@ -93,20 +87,8 @@ class ScaleByAdaPreLoRAState(NamedTuple):
   non_lora: optax.OptState
 
 
-ROW_SECOND_MOMENT = pairwise.GroupSlot("a", ("d_in",))
-COL_SECOND_MOMENT = pairwise.GroupSlot("b", ("d_out",))
-
-
-def _all_finite(*arrays: jax.Array) -> jax.Array:
-  """Whether every entry of every array is finite, as one scalar.
-
-  A sum is non-finite iff an entry is (NaN and ±inf propagate), unless the
-  sum of finite entries overflows, far beyond where ``G²`` statistics already
-  would. Float sums compile several times faster than boolean ``isfinite``
-  reductions on CPU, and XLA fuses them with the step's other reductions.
-  """
-  total = sum(jnp.sum(x, dtype=jnp.promote_types(x.dtype, jnp.float32)) for x in arrays)
-  return jnp.isfinite(total)
+ROW_SECOND_MOMENT = slots.GroupSlot("a", ("d_in",))
+COL_SECOND_MOMENT = slots.GroupSlot("b", ("d_out",))
 
 
 def scale_by_adaprelora(
@@ -233,87 +215,23 @@ def scale_by_adaprelora(
   validation.check_positive("damping_floor", damping_floor)
   validation.check_positive("clipping_threshold", clipping_threshold, allow_none=True)
   validation.check_positive("step_offset", step_offset, allow_zero=True)
-  pairing_lib.resolve_pairing(pairing)  # Fail early on a bad preset name.
-  decay_rate_fn = decay_rate_pow if decay_rate_fn is None else decay_rate_fn
-
-  def update_pair(pair, state, count, total):
-    del total
-    a, b, g_a, g_b = pair.lora_a, pair.lora_b, pair.grad_a, pair.grad_b
-    if project_gradients:
-      g_a, g_b = kernels.consistent_gradients(a, b, g_a, g_b)
-    if pair.row_stats is None:
-      row_stats, col_stats = kernels.tangent_gradient_statistics(
-          a, b, g_a, g_b, damping=damping, damping_floor=damping_floor
-      )
-    else:
-      row_stats = pair.row_stats.astype(linalg.compute_dtype(pair.row_stats))
-      col_stats = pair.col_stats.astype(linalg.compute_dtype(pair.col_stats))
-    beta2 = decay_rate_fn(count - step_offset, decay_rate)
-    row_moment, col_moment = state["row_second_moment"], state["col_second_moment"]
-    new_row_moment = beta2 * row_moment + (1.0 - beta2) * (row_stats + eps)
-    new_col_moment = beta2 * col_moment + (1.0 - beta2) * (col_stats + eps)
-    row_scale, col_scale = kernels.factored_scales(new_row_moment, new_col_moment)
-    step = kernels.factor_step(
-        a, b, g_a, g_b, row_scale, col_scale,
-        damping=damping, damping_floor=damping_floor, tie_breaker=tie_breaker,
-    )
-    delta_a, delta_b = step.delta_a, step.delta_b
-    if clipping_threshold is not None:
-      # H-weighted RMS of δW: ‖δW‖²_H / Σ_ij p_i q_j, which is 1 for a step
-      # of unit entries when the statistics match (Adafactor's RMS(U) = 1).
-      weight_total = jnp.sum(row_scale) * jnp.sum(col_scale)
-      rms = jnp.sqrt(jnp.maximum(step.descent, 0.0) / weight_total)
-      scale = 1.0 / jnp.maximum(1.0, rms / clipping_threshold)
-      delta_a, delta_b = delta_a * scale, delta_b * scale
-    new_momentum = None
-    if b1 is not None:
-      momentum_a, momentum_b = state["momentum"]
-      new_momentum = (b1 * momentum_a + (1.0 - b1) * delta_a,
-                      b1 * momentum_b + (1.0 - b1) * delta_b)
-      bias_correction = 1.0 - b1 ** (count + 1).astype(delta_a.dtype)
-      delta_a = new_momentum[0] / bias_correction
-      delta_b = new_momentum[1] / bias_correction
-    moments = {
-        "row_second_moment": new_row_moment,
-        "col_second_moment": new_col_moment,
-        "momentum": new_momentum,
-    }
-    skipped = jnp.array(False)
-    if nonfinite == "skip":
-      # The step is checked, and exact statistics, but not the factor
-      # gradients: a non-finite gradient entry reaches a row or column of
-      # X_a or X_b, and the tangent statistics, through arithmetic that keeps
-      # NaN and ±inf (0·inf is NaN), so it always makes the step non-finite.
-      # A +inf statistic need not (it only zeroes its row or column of the
-      # step) and must not enter the moments. test_any_nonfinite_input_skips_the_pair
-      # covers every case; the two gradient reductions cost ~0.25 s of
-      # compile time at 224 pairs (experiments/bench_scale.py).
-      checked = [delta_a, delta_b] + ([] if pair.row_stats is None else [row_stats, col_stats])
-      ok = _all_finite(*checked)
-      previous = {name: state[name] for name in moments}
-      moments = jax.tree.map(lambda new, old: jnp.where(ok, new, old), moments, previous)
-      delta_a, delta_b = jnp.where(ok, delta_a, 0.0), jnp.where(ok, delta_b, 0.0)
-      skipped = ~ok
-    skips = state["nonfinite_count"] + skipped.astype(jnp.int32)
-    return delta_a, delta_b, {**moments, "nonfinite_count": skips}
-
+  hyper = step.Hyperparams(
+      decay_rate, eps, b1, damping, damping_floor, clipping_threshold, tie_breaker,
+      project_gradients, step_offset,
+      decay_rate_pow if decay_rate_fn is None else decay_rate_fn, nonfinite,
+  )
   return pairwise.pairwise_transform(
-      update_pair,
+      functools.partial(step.update_pair, hyper),
       fields={
           "row_second_moment": ROW_SECOND_MOMENT,
           "col_second_moment": COL_SECOND_MOMENT,
           "momentum": None if b1 is None else (
-              pairwise.Slot("a", ("d_in", "rank")),
-              pairwise.Slot("b", ("rank", "d_out")),
-          ),
-          "nonfinite_count": pairwise.PairScalar(jnp.int32),
+              slots.Slot("a", ("d_in", "rank")), slots.Slot("b", ("rank", "d_out"))),
+          "nonfinite_count": slots.PairScalar(jnp.int32),
       },
       state_type=ScaleByAdaPreLoRAState,
-      owner="scale_by_adaprelora",
-      pairing=pairing,
-      non_lora=pairwise.default_non_lora(non_lora),
-      strict=strict,
-      statistics=statistics,
+      router=routing.Router.create(
+          "scale_by_adaprelora", pairing, non_lora, strict, statistics),
   )
 
 
@@ -406,91 +324,3 @@ def adaprelora(
       optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),
   )
-
-
-def _adaprelora_states(state: Any) -> list[ScaleByAdaPreLoRAState]:
-  """Every :class:`ScaleByAdaPreLoRAState` inside an optimizer state."""
-  found = [
-      node for node in jax.tree.leaves(
-          state, is_leaf=lambda x: isinstance(x, ScaleByAdaPreLoRAState))
-      if isinstance(node, ScaleByAdaPreLoRAState)
-  ]
-  if not found:
-    raise ValueError("No ScaleByAdaPreLoRAState found in the optimizer state.")
-  return found
-
-
-def second_moments(
-    state: Any, params: Any, pairing: pairing_lib.Pairing = "nnx"
-) -> tuple[Any, Any]:
-  """The factored second moments of every LoRA pair, as trees like the params.
-
-  Example::
-
-    >>> import jax.numpy as jnp
-    >>> from adaprelora_jax import adaprelora, second_moments
-    >>> params = {"q": {"lora_a": jnp.ones((8, 2)), "lora_b": jnp.ones((2, 4))}}
-    >>> tx = adaprelora(1e-2)
-    >>> rows, cols = second_moments(tx.init(params), params)
-    >>> rows["q"]["lora_a"].shape, cols["q"]["lora_b"].shape
-    ((8,), (4,))
-
-  Args:
-    state: an optimizer state containing one :class:`ScaleByAdaPreLoRAState`
-      (anywhere, e.g. inside ``optax.chain`` or ``inject_hyperparams``).
-    params: the params the optimizer was initialized with.
-    pairing: the pairing used by the optimizer.
-
-  Returns:
-    ``(rows, cols)``: trees like ``params`` with each pair's row second
-    moment (..., d_in) at its ``lora_a``, column second moment (..., d_out)
-    at its ``lora_b``, and ``optax.MaskedNode()`` elsewhere.
-
-  Raises:
-    ValueError: if the state holds no or several AdaPreLoRA states, or was
-      built for other params.
-  """
-  found = _adaprelora_states(state)
-  if len(found) > 1:
-    raise ValueError(
-        f"The optimizer state holds {len(found)} ScaleByAdaPreLoRAStates; pass "
-        "the one whose second moments you want."
-    )
-  plan = pairing_lib.plan_pairs(params, pairing)
-  return (
-      pairwise.unstack_group_field(plan, found[0].row_second_moment, ROW_SECOND_MOMENT),
-      pairwise.unstack_group_field(plan, found[0].col_second_moment, COL_SECOND_MOMENT),
-  )
-
-
-def nonfinite_report(
-    state: Any, params: Any, pairing: pairing_lib.Pairing = "nnx"
-) -> dict[str, int]:
-  """Host-side report of skipped (non-finite) steps per LoRA pair.
-
-  Args:
-    state: an optimizer state containing a :class:`ScaleByAdaPreLoRAState`
-      (anywhere, e.g. inside ``optax.chain`` or ``inject_hyperparams``).
-    params: the params the optimizer was initialized with.
-    pairing: the pairing used by the optimizer.
-
-  Returns:
-    ``{path of lora_a: number of skipped steps}`` for pairs with skips (summed
-    over leading layer axes).
-  """
-  plan = pairing_lib.plan_pairs(params, pairing)
-  rows = plan.pair_rows()
-  report: dict[str, int] = {}
-  for inner in _adaprelora_states(state):
-    counts = np.asarray(inner.nonfinite_count)
-    if counts.shape != (plan.num_rows,):
-      raise ValueError(
-          f"nonfinite_count has shape {counts.shape} but the params have "
-          f"{plan.num_rows} LoRA pairs (counting stacked layers): pass the "
-          "params the optimizer was initialized with."
-      )
-    for pair in plan.pairs:
-      skipped = int(counts[rows[pair.a_index]].sum())
-      if skipped:
-        report[pair.a_path] = report.get(pair.a_path, 0) + skipped
-  return report

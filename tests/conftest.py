@@ -1,15 +1,27 @@
-"""Shared pytest configuration."""
+"""Shared pytest configuration: XLA flags for every test and subprocess.
+
+XLA reads ``XLA_FLAGS`` when its backend starts, so the flags are set here,
+before any test runs a computation; subprocesses that tests start and the
+executed notebooks inherit them. A value the user already chose is kept.
+"""
 
 import os
 
-# Applies the XLA:CPU scheduler workaround (see experiments/__init__.py) to
-# every test, the executed notebooks and the subprocesses tests start.
-import experiments
+_XLA_FLAGS = {
+    # XLA:CPU in jaxlib 0.10.2 can wedge for good on some programs (every
+    # runtime thread idles; LoRA-RITE's step with several groups of vmapped
+    # QR/SVD/eigh batches hangs): the trigger is the concurrency-optimized
+    # thunk scheduler, so it is off (experiments/__init__.py does the same).
+    "--xla_cpu_enable_concurrency_optimized_scheduler": "false",
+    # 8 emulated host devices for the sharding tests; unsharded computations
+    # still run on device 0 only.
+    "--xla_force_host_platform_device_count": "8",
+}
 
-# 8 emulated host devices for the sharding tests (tests/test_sharding.py); set
-# before any test starts the backend. Unsharded computations still run on
-# device 0 only.
-experiments.set_xla_flag("--xla_force_host_platform_device_count", "8")
+_flags = os.environ.get("XLA_FLAGS", "")
+os.environ["XLA_FLAGS"] = " ".join(
+    [_flags] * bool(_flags)
+    + [f"{name}={value}" for name, value in _XLA_FLAGS.items() if name not in _flags])
 
 # Tests run on CPU; keep XLA from grabbing every core's worth of threads per
 # process when pytest-xdist runs workers in parallel.

@@ -12,7 +12,8 @@ MODULES = sorted(
     name for _, name, _ in pkgutil.walk_packages(adaprelora_jax.__path__, "adaprelora_jax."))
 # Modules whose public entry points carry examples: guards against passing
 # because no example was found.
-WITH_EXAMPLES = {"adaprelora_jax.transform", "adaprelora_jax.nn", "adaprelora_jax.kernels"}
+WITH_EXAMPLES = {"adaprelora_jax.transform", "adaprelora_jax.nn", "adaprelora_jax.kernels",
+                 "adaprelora_jax.reports"}
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -20,8 +20,9 @@ from typing import Any, Optional
 import jax
 import optax
 
+from adaprelora_jax import factorwise
 from adaprelora_jax import pairing as pairing_lib
-from adaprelora_jax import pairwise
+from adaprelora_jax import routing
 from adaprelora_jax import validation
 
 
@@ -60,10 +61,10 @@ def scale_by_lora_plus(
     <https://arxiv.org/abs/2402.12354>`_, ICML 2024.
   """
   validation.check_positive("lr_ratio", lr_ratio)
-  pairing_lib.resolve_pairing(pairing)  # Fail early on a bad preset name.
+  pairing_fn = pairing_lib.resolve_pairing(pairing)
 
   def b_factors(tree: Any) -> Any:
-    plan = pairing_lib.plan_pairs(tree, pairing)
+    plan = pairing_lib.plan_pairs(tree, pairing_fn)
     return plan.mirror(lambda pair, role: True, roles=("b",), fill=False)
 
   return optax.masked(optax.scale(lr_ratio), b_factors)
@@ -153,10 +154,9 @@ def lora_plus(
   validation.check_positive("eps_root", eps_root, allow_zero=True)
   validation.check_positive("weight_decay", weight_decay, allow_zero=True)
   return optax.chain(
-      pairwise.factorwise_transform(
+      factorwise.factorwise_transform(
           optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root),
-          owner="lora_plus", pairing=pairing,
-          non_lora=pairwise.default_non_lora(non_lora), strict=strict,
+          router=routing.Router.create("lora_plus", pairing, non_lora, strict),
       ),
       optax.add_decayed_weights(weight_decay, mask),
       scale_by_lora_plus(lr_ratio, pairing=pairing),

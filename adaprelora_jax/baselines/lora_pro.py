@@ -36,6 +36,7 @@ In the flax layout here (``ΔW = a @ b``, ``a = Aᵀ``, ``b = Bᵀ``, so ``BᵀB
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Literal, NamedTuple, Optional
 
 import chex
@@ -43,9 +44,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from adaprelora_jax import factorwise
 from adaprelora_jax import linalg
 from adaprelora_jax import pairing as pairing_lib
 from adaprelora_jax import pairwise
+from adaprelora_jax import routing
+from adaprelora_jax import slots
 from adaprelora_jax import validation
 
 LoRAProMode = Literal["efficient", "full"]
@@ -61,7 +65,7 @@ class ScaleByLoRAProState(NamedTuple):
       gradient, shape (..., d_in, d_out) (the pair's full weight shape, flax
       layout), float32 (float64 for float64 parameters); None in
       ``"efficient"`` mode, whose factor-space Adam moments live in the
-      :class:`adaprelora_jax.pairwise.FactorwiseState` that follows in the
+      :class:`adaprelora_jax.factorwise.FactorwiseState` that follows in the
       chain.
     nu: likewise, the EMA of the squared equivalent gradient.
     pair_position: at each ``lora_a``: the pair's place in its group of
@@ -115,6 +119,47 @@ class _Projection(NamedTuple):
     rhs = -self.inverse_scale_sq * linalg.matmul(linalg.matmul(a.T, u_a), self.inverse_b)
     gauge = linalg.psd_sylvester(self.eigen_a, self.eigen_b, rhs)
     return delta_a + linalg.matmul(a, gauge), delta_b - linalg.matmul(gauge, b)
+
+
+class _ProHyperparams(NamedTuple):
+  b1: jax.typing.ArrayLike
+  b2: jax.typing.ArrayLike
+  eps: jax.typing.ArrayLike
+  eps_root: jax.typing.ArrayLike
+  lora_scale: jax.typing.ArrayLike
+  damping: jax.typing.ArrayLike
+
+
+def _projected_gradients(
+    damping: jax.typing.ArrayLike, lora_scale: jax.typing.ArrayLike,
+    pair: pairwise.PairInputs, state: dict[str, Any], count: jax.Array, total: None,
+) -> tuple[jax.Array, jax.Array, dict[str, Any]]:
+  """``mode="efficient"``'s kernel: the projected factor gradients."""
+  del state, count, total
+  a, b, g_a, g_b = pair.promoted()
+  projection = _Projection.at(a, b, damping=damping, lora_scale=lora_scale)
+  return (*projection.directions(g_a, g_b), {})
+
+
+def _full_space_adam(
+    hyper: _ProHyperparams, pair: pairwise.PairInputs, state: dict[str, Any],
+    count: jax.Array, total: None,
+) -> tuple[jax.Array, jax.Array, dict[str, Any]]:
+  """``mode="full"``'s kernel: Adam on the equivalent full-weight gradient."""
+  del total
+  a, b, g_a, g_b = pair.promoted()
+  projection = _Projection.at(a, b, damping=hyper.damping, lora_scale=hyper.lora_scale)
+  delta_a, delta_b = projection.without_gauge(g_a, g_b)
+  equivalent = hyper.lora_scale * (linalg.matmul(delta_a, b) + linalg.matmul(a, delta_b))
+  mu = optax.tree.update_moment(equivalent, state["mu"], hyper.b1, 1)
+  nu = optax.tree.update_moment_per_elem_norm(equivalent, state["nu"], hyper.b2, 2)
+  count_inc = optax.safe_increment(count)
+  mu_hat = optax.tree.bias_correction(mu, hyper.b1, count_inc)
+  nu_hat = optax.tree.bias_correction(nu, hyper.b2, count_inc)
+  direction = mu_hat / (jnp.sqrt(nu_hat + hyper.eps_root) + hyper.eps)
+  u_a = hyper.lora_scale * linalg.matmul(direction, b.T)
+  u_b = hyper.lora_scale * linalg.matmul(a.T, direction)
+  return (*projection.directions(u_a, u_b), {"mu": mu, "nu": nu})
 
 
 def scale_by_lora_pro(
@@ -216,48 +261,23 @@ def scale_by_lora_pro(
   validation.check_positive("eps_root", eps_root, allow_zero=True)
   validation.check_positive("lora_scale", lora_scale)
   validation.check_positive("damping", damping, allow_zero=True)
-  pairing_lib.resolve_pairing(pairing)  # Fail early on a bad preset name.
-  non_lora = pairwise.default_non_lora(non_lora)
-
-  def project_gradients(pair, state, count, total):
-    del state, count, total
-    a, b, g_a, g_b = pair.promoted()
-    projection = _Projection.at(a, b, damping=damping, lora_scale=lora_scale)
-    return (*projection.directions(g_a, g_b), {})
-
-  def full_space_adam(pair, state, count, total):
-    del total
-    a, b, g_a, g_b = pair.promoted()
-    projection = _Projection.at(a, b, damping=damping, lora_scale=lora_scale)
-    delta_a, delta_b = projection.without_gauge(g_a, g_b)
-    equivalent = lora_scale * (linalg.matmul(delta_a, b) + linalg.matmul(a, delta_b))
-    mu = optax.tree.update_moment(equivalent, state["mu"], b1, 1)
-    nu = optax.tree.update_moment_per_elem_norm(equivalent, state["nu"], b2, 2)
-    count_inc = optax.safe_increment(count)
-    mu_hat = optax.tree.bias_correction(mu, b1, count_inc)
-    nu_hat = optax.tree.bias_correction(nu, b2, count_inc)
-    direction = mu_hat / (jnp.sqrt(nu_hat + eps_root) + eps)
-    u_a = lora_scale * linalg.matmul(direction, b.T)
-    u_b = lora_scale * linalg.matmul(a.T, direction)
-    return (*projection.directions(u_a, u_b), {"mu": mu, "nu": nu})
-
   if mode == "full":
-    weight_shaped = pairwise.Slot("a", ("d_in", "d_out"))
+    weight_shaped = slots.Slot("a", ("d_in", "d_out"))
     return pairwise.pairwise_transform(
-        full_space_adam, fields={"mu": weight_shaped, "nu": weight_shaped},
-        state_type=ScaleByLoRAProState, owner="scale_by_lora_pro",
-        pairing=pairing, non_lora=non_lora, strict=strict,
+        functools.partial(_full_space_adam, _ProHyperparams(
+            b1, b2, eps, eps_root, lora_scale, damping)),
+        fields={"mu": weight_shaped, "nu": weight_shaped}, state_type=ScaleByLoRAProState,
+        router=routing.Router.create("scale_by_lora_pro", pairing, non_lora, strict),
     )
   return optax.chain(
       pairwise.pairwise_transform(
-          project_gradients, fields={"mu": None, "nu": None},
-          state_type=ScaleByLoRAProState, owner="scale_by_lora_pro",
-          pairing=pairing, non_lora=optax.identity(), strict=strict,
+          functools.partial(_projected_gradients, damping, lora_scale),
+          fields={"mu": None, "nu": None}, state_type=ScaleByLoRAProState,
+          router=routing.Router.create("scale_by_lora_pro", pairing, optax.identity(), strict),
       ),
-      pairwise.factorwise_transform(
+      factorwise.factorwise_transform(
           optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root),
-          owner="scale_by_lora_pro", pairing=pairing, non_lora=non_lora,
-          strict=strict,
+          router=routing.Router.create("scale_by_lora_pro", pairing, non_lora, strict),
       ),
   )
 

@@ -35,6 +35,7 @@ and symmetrically for ``B``. The weight step ``M̄_A R_B⁻ᵀ Bᵀ = M̄_A U_B�
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple, Optional
 
 import chex
@@ -45,6 +46,8 @@ import optax
 from adaprelora_jax import linalg
 from adaprelora_jax import pairing as pairing_lib
 from adaprelora_jax import pairwise
+from adaprelora_jax import routing
+from adaprelora_jax import slots
 from adaprelora_jax import validation
 
 
@@ -115,6 +118,104 @@ def _escaped_mass(before: jax.Array, after: jax.Array) -> jax.Array:
   largest_drop = jnp.max(jnp.linalg.eigvalsh(before) - jnp.linalg.eigvalsh(after))
   trace_drop = jnp.trace(before) - jnp.trace(after)
   return jnp.maximum(jnp.minimum(largest_drop, trace_drop), 0.0)
+
+
+class _RiteHyperparams(NamedTuple):
+  b1: jax.typing.ArrayLike
+  b2: jax.typing.ArrayLike
+  eps: jax.typing.ArrayLike
+  clip_unmagnified_grad: Optional[float]
+  update_skipping: Optional[float]
+  update_capping: Optional[float]
+  escape_mass: bool
+
+
+def _check_rank(pair: pairing_lib.PairInfo) -> None:
+  if pair.rank > min(pair.d_in, pair.d_out):
+    raise ValueError(
+        f"LoRA-RITE needs rank <= min(d_in, d_out) for the QR bases of the "
+        f"factors; pair '{pair.a_path}', '{pair.b_path}' has rank "
+        f"{pair.rank}, d_in {pair.d_in}, d_out {pair.d_out}."
+    )
+
+
+def _unmagnify(
+    update_skipping: Optional[float], pair: pairwise.PairInputs
+) -> tuple[tuple[_Factor, _Factor], jax.Array]:
+  """First pass: QR bases, unmagnified gradients, their squared norm."""
+  a, b, g_a, g_b = pair.promoted()
+  basis_a, rotation_a = jnp.linalg.qr(a)
+  basis_b, rotation_b = jnp.linalg.qr(b.T)
+  # Pseudo-inverses: R_B = 0 at LoRA init (lora_b = 0), where ḡ_A = 0.
+  inverse_a, inverse_b = jnp.linalg.pinv(rotation_a), jnp.linalg.pinv(rotation_b)
+  factors = []
+  for grad, basis, inverse, other_inverse in (
+      (g_a, basis_a, inverse_a, inverse_b), (g_b.T, basis_b, inverse_b, inverse_a)):
+    unmagnified = linalg.matmul(grad, other_inverse)
+    if update_skipping is not None:
+      rms = _rms(unmagnified)
+      skip = jnp.isfinite(rms) & (rms > update_skipping)
+      unmagnified = jnp.where(skip, 0.0, unmagnified)
+    factors.append(_Factor(unmagnified, basis, inverse))
+  squared_norm = sum(jnp.sum(jnp.square(factor.grad)) for factor in factors)
+  return tuple(factors), squared_norm
+
+
+def _preconditioned_moments(
+    hyper: _RiteHyperparams, grad: jax.Array, previous: _Moments, transport: jax.Array,
+    other_inverse_rotation: jax.Array, beta1: jax.Array, beta2: jax.Array,
+) -> tuple[jax.Array, _Moments]:
+  """Algorithm 1 for one factor, in the paper's (rows × rank) layout."""
+  transported = linalg.matmul(linalg.matmul(transport, previous.second), transport.T)
+  escape = None
+  if previous.escape is not None:
+    escape = beta2 * (previous.escape + _escaped_mass(previous.second, transported))
+  observed = linalg.matmul(grad.T, grad) / grad.shape[0]
+  second = beta2 * transported + (1.0 - beta2) * observed
+  eigenvalues, eigenvectors = linalg.psd_eigh(second)
+  if escape is not None:
+    eigenvalues = eigenvalues + escape  # (V̄ + ρI)^(−1/2)
+  inverse_root = linalg.spectral_matrix(1.0 / (jnp.sqrt(eigenvalues) + hyper.eps),
+                                        eigenvectors)
+  preconditioned = linalg.matmul(grad, inverse_root)
+  first = beta1 * linalg.matmul(previous.first, transport.T) + (1.0 - beta1) * preconditioned
+  step = first
+  if hyper.update_capping is not None:
+    step = first / jnp.maximum(1.0, _rms(first) / hyper.update_capping)
+  return linalg.matmul(step, other_inverse_rotation.T), _Moments(first, second, escape)
+
+
+def _update_pair(
+    hyper: _RiteHyperparams, factors: tuple[_Factor, _Factor], state: dict[str, Any],
+    count: jax.Array, total: jax.Array,
+) -> tuple[jax.Array, jax.Array, dict[str, Any]]:
+  """Both factors' steps from the first pass's results (the pairwise kernel)."""
+  factor_a, factor_b = factors
+  clip_scale = 1.0
+  if hyper.clip_unmagnified_grad is not None:
+    clip_scale = hyper.clip_unmagnified_grad / jnp.maximum(
+        jnp.sqrt(total), hyper.clip_unmagnified_grad)
+  beta1 = _bias_corrected_decay(hyper.b1, count)
+  beta2 = _bias_corrected_decay(hyper.b2, count)
+  first_a, first_b = state["first_moment"]
+  second_a, second_b = state["second_moment"]
+  basis_a, basis_b = state["basis"]
+  escape_a, escape_b = (None, None) if state["escape_mass"] is None else state["escape_mass"]
+  # ḡ_A = G U_B lives in the coordinates of B's basis (and vice versa), so
+  # A's moments are transported by P_A = U_Bᵀ U_B,prev.
+  delta_a, moments_a = _preconditioned_moments(
+      hyper, clip_scale * factor_a.grad, _Moments(first_a, second_a, escape_a),
+      linalg.matmul(factor_b.basis.T, basis_b.T), factor_b.inverse_rotation, beta1, beta2)
+  delta_b, moments_b = _preconditioned_moments(
+      hyper, clip_scale * factor_b.grad, _Moments(first_b.T, second_b, escape_b),
+      linalg.matmul(factor_a.basis.T, basis_a), factor_a.inverse_rotation, beta1, beta2)
+  new_state = {
+      "first_moment": (moments_a.first, moments_b.first.T),
+      "second_moment": (moments_a.second, moments_b.second),
+      "basis": (factor_a.basis, factor_b.basis.T),
+      "escape_mass": (moments_a.escape, moments_b.escape) if hyper.escape_mass else None,
+  }
+  return delta_a, delta_b.T, new_state
 
 
 def scale_by_lora_rite(
@@ -212,88 +313,14 @@ def scale_by_lora_rite(
   validation.check_positive("clip_unmagnified_grad", clip_unmagnified_grad, allow_none=True)
   validation.check_positive("update_skipping", update_skipping, allow_none=True)
   validation.check_positive("update_capping", update_capping, allow_none=True)
-  pairing_lib.resolve_pairing(pairing)  # Fail early on a bad preset name.
-
-  def check_pair(pair: pairing_lib.PairInfo) -> None:
-    if pair.rank > min(pair.d_in, pair.d_out):
-      raise ValueError(
-          f"LoRA-RITE needs rank <= min(d_in, d_out) for the QR bases of the "
-          f"factors; pair '{pair.a_path}', '{pair.b_path}' has rank "
-          f"{pair.rank}, d_in {pair.d_in}, d_out {pair.d_out}."
-      )
-
-  def unmagnify(pair):
-    """First pass: QR bases, unmagnified gradients, their squared norm."""
-    a, b, g_a, g_b = pair.promoted()
-    basis_a, rotation_a = jnp.linalg.qr(a)
-    basis_b, rotation_b = jnp.linalg.qr(b.T)
-    # Pseudo-inverses: R_B = 0 at LoRA init (lora_b = 0), where ḡ_A = 0.
-    inverse_a, inverse_b = jnp.linalg.pinv(rotation_a), jnp.linalg.pinv(rotation_b)
-    factors = []
-    for grad, basis, inverse, other_inverse in (
-        (g_a, basis_a, inverse_a, inverse_b), (g_b.T, basis_b, inverse_b, inverse_a)):
-      unmagnified = linalg.matmul(grad, other_inverse)
-      if update_skipping is not None:
-        rms = _rms(unmagnified)
-        skip = jnp.isfinite(rms) & (rms > update_skipping)
-        unmagnified = jnp.where(skip, 0.0, unmagnified)
-      factors.append(_Factor(unmagnified, basis, inverse))
-    squared_norm = sum(jnp.sum(jnp.square(factor.grad)) for factor in factors)
-    return tuple(factors), squared_norm
-
-  def factor_step(grad, previous, transport, other_inverse_rotation, beta1, beta2):
-    """Algorithm 1 for one factor, in the paper's (rows × rank) layout."""
-    transported = linalg.matmul(linalg.matmul(transport, previous.second), transport.T)
-    escape = None
-    if previous.escape is not None:
-      escape = beta2 * (previous.escape + _escaped_mass(previous.second, transported))
-    observed = linalg.matmul(grad.T, grad) / grad.shape[0]
-    second = beta2 * transported + (1.0 - beta2) * observed
-    eigenvalues, eigenvectors = linalg.psd_eigh(second)
-    if escape is not None:
-      eigenvalues = eigenvalues + escape  # (V̄ + ρI)^(−1/2)
-    inverse_root = linalg.spectral_matrix(1.0 / (jnp.sqrt(eigenvalues) + eps), eigenvectors)
-    preconditioned = linalg.matmul(grad, inverse_root)
-    first = beta1 * linalg.matmul(previous.first, transport.T) + (1.0 - beta1) * preconditioned
-    step = first
-    if update_capping is not None:
-      step = first / jnp.maximum(1.0, _rms(first) / update_capping)
-    return linalg.matmul(step, other_inverse_rotation.T), _Moments(first, second, escape)
-
-  def update_pair(factors, state, count, total):
-    factor_a, factor_b = factors
-    if clip_unmagnified_grad is not None:
-      clip_scale = clip_unmagnified_grad / jnp.maximum(jnp.sqrt(total), clip_unmagnified_grad)
-    else:
-      clip_scale = 1.0
-    beta1, beta2 = _bias_corrected_decay(b1, count), _bias_corrected_decay(b2, count)
-    first_a, first_b = state["first_moment"]
-    second_a, second_b = state["second_moment"]
-    basis_a, basis_b = state["basis"]
-    escape_a, escape_b = (None, None) if state["escape_mass"] is None else state["escape_mass"]
-    # ḡ_A = G U_B lives in the coordinates of B's basis (and vice versa), so
-    # A's moments are transported by P_A = U_Bᵀ U_B,prev.
-    delta_a, moments_a = factor_step(
-        clip_scale * factor_a.grad, _Moments(first_a, second_a, escape_a),
-        linalg.matmul(factor_b.basis.T, basis_b.T), factor_b.inverse_rotation,
-        beta1, beta2)
-    delta_b, moments_b = factor_step(
-        clip_scale * factor_b.grad, _Moments(first_b.T, second_b, escape_b),
-        linalg.matmul(factor_a.basis.T, basis_a), factor_a.inverse_rotation,
-        beta1, beta2)
-    new_state = {
-        "first_moment": (moments_a.first, moments_b.first.T),
-        "second_moment": (moments_a.second, moments_b.second),
-        "basis": (factor_a.basis, factor_b.basis.T),
-        "escape_mass": (moments_a.escape, moments_b.escape) if escape_mass else None,
-    }
-    return delta_a, delta_b.T, new_state
+  hyper = _RiteHyperparams(b1, b2, eps, clip_unmagnified_grad, update_skipping,
+                           update_capping, escape_mass)
 
   def both(*dims_a_b):
-    return tuple(pairwise.Slot(role, dims) for role, dims in zip("ab", dims_a_b))
+    return tuple(slots.Slot(role, dims) for role, dims in zip("ab", dims_a_b))
 
   return pairwise.pairwise_transform(
-      update_pair,
+      functools.partial(_update_pair, hyper),
       fields={
           "first_moment": both(("d_in", "rank"), ("rank", "d_out")),
           "second_moment": both(("rank", "rank"), ("rank", "rank")),
@@ -301,12 +328,9 @@ def scale_by_lora_rite(
           "escape_mass": both((), ()) if escape_mass else None,
       },
       state_type=ScaleByLoRARiteState,
-      owner="scale_by_lora_rite",
-      pairing=pairing,
-      non_lora=pairwise.default_non_lora(non_lora),
-      strict=strict,
-      prepare_pair=unmagnify,
-      check_pair=check_pair,
+      router=routing.Router.create(
+          "scale_by_lora_rite", pairing, non_lora, strict, check_pair=_check_rank),
+      prepare_pair=functools.partial(_unmagnify, update_skipping),
   )
 
 

@@ -24,16 +24,18 @@ its ``AAᵀ`` is ``aᵀ a``)::
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple, Optional
 
 import chex
 import jax
-import jax.numpy as jnp
 import optax
 
+from adaprelora_jax import factorwise
 from adaprelora_jax import linalg
 from adaprelora_jax import pairing as pairing_lib
 from adaprelora_jax import pairwise
+from adaprelora_jax import routing
 from adaprelora_jax import validation
 
 
@@ -58,6 +60,18 @@ def _regularized_inverse(gram: jax.Array, reg: jax.typing.ArrayLike) -> jax.Arra
   # inverse cannot fail even for a rank-deficient or zero factor.
   eigenvalues, eigenvectors = linalg.psd_eigh(gram)
   return linalg.spectral_matrix(1.0 / (eigenvalues + reg), eigenvectors)
+
+
+def _preconditioned_gradients(
+    reg: jax.typing.ArrayLike, pair: pairwise.PairInputs, state: dict[str, Any],
+    count: jax.Array, total: None,
+) -> tuple[jax.Array, jax.Array, dict[str, Any]]:
+  """The pairwise kernel: each factor's gradient times the other's inverse Gram."""
+  del state, count, total
+  a, b, g_a, g_b = pair.promoted()
+  preconditioned_a = linalg.matmul(g_a, _regularized_inverse(linalg.matmul(b, b.T), reg))
+  preconditioned_b = linalg.matmul(_regularized_inverse(linalg.matmul(a.T, a), reg), g_b)
+  return preconditioned_a, preconditioned_b, {}
 
 
 def scale_by_riemannian_preconditioner(
@@ -114,23 +128,12 @@ def scale_by_riemannian_preconditioner(
     via Scaled Gradient Descent <https://arxiv.org/abs/2005.08898>`_, JMLR 2021.
   """
   validation.check_positive("reg", reg)
-  pairing_lib.resolve_pairing(pairing)  # Fail early on a bad preset name.
-
-  def update_pair(pair, state, count, total):
-    del state, count, total
-    a, b, g_a, g_b = pair.promoted()
-    preconditioned_a = linalg.matmul(g_a, _regularized_inverse(linalg.matmul(b, b.T), reg))
-    preconditioned_b = linalg.matmul(_regularized_inverse(linalg.matmul(a.T, a), reg), g_b)
-    return preconditioned_a, preconditioned_b, {}
-
   return pairwise.pairwise_transform(
-      update_pair,
+      functools.partial(_preconditioned_gradients, reg),
       fields={},
       state_type=ScaleByRiemannianPreconditionerState,
-      owner="scale_by_riemannian_preconditioner",
-      pairing=pairing,
-      non_lora=pairwise.default_non_lora(non_lora),
-      strict=strict,
+      router=routing.Router.create(
+          "scale_by_riemannian_preconditioner", pairing, non_lora, strict),
   )
 
 
@@ -283,10 +286,9 @@ def scaled_adamw(
       scale_by_riemannian_preconditioner(
           reg, pairing=pairing, non_lora=optax.identity(), strict=strict
       ),
-      pairwise.factorwise_transform(
+      factorwise.factorwise_transform(
           optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root),
-          owner="scaled_adamw", pairing=pairing,
-          non_lora=pairwise.default_non_lora(non_lora), strict=strict,
+          router=routing.Router.create("scaled_adamw", pairing, non_lora, strict),
       ),
       optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),

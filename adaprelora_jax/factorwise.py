@@ -1,0 +1,113 @@
+# Copyright 2026 The adaprelora_jax Authors.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""Applying an ordinary optax transform to the LoRA factors only.
+
+:func:`factorwise_transform` hands ``optax.scale_by_adam`` and the like the
+``lora_a``/``lora_b`` leaves, leaf by leaf, with float32 state whatever the
+parameter dtype, and routes the other leaves as
+:func:`adaprelora_jax.pairwise.pairwise_transform` does. For element-wise
+rules this avoids the copies that stacking same-shaped pairs would cost.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax.numpy as jnp
+import optax
+
+from adaprelora_jax import pairing as pairing_lib
+from adaprelora_jax import routing
+from adaprelora_jax import slots as slots_lib
+
+
+class FactorwiseState(NamedTuple):
+  """State of :func:`factorwise_transform`.
+
+  Attributes:
+    factors: state of the inner transform, over a tree shaped like the params
+      with float32 (or wider) arrays at the LoRA factors and
+      ``optax.MaskedNode()`` elsewhere.
+    non_lora: state of the transform applied to the other leaves.
+  """
+
+  factors: optax.OptState
+  non_lora: optax.OptState
+
+
+def _factor_tree(plan: pairing_lib.LoRAPlan, leaves: Sequence[Any]) -> Any:
+  """The factor leaves in float32 (or wider), ``MaskedNode`` elsewhere."""
+  tree: list[Any] = [optax.MaskedNode()] * plan.num_leaves
+  for pair in plan.pairs:
+    for index in (pair.a_index, pair.b_index):
+      # The pair's dtype, not the leaf's: gradients wider than their
+      # parameters must not widen the inner state.
+      tree[index] = leaves[index].astype(slots_lib.state_dtype(jnp.float32, pair.dtype))
+  return plan.unflatten(tree)
+
+
+def factorwise_transform(
+    inner: optax.GradientTransformation,
+    *,
+    router: routing.Router,
+) -> optax.GradientTransformationExtraArgs:
+  """Applies ``inner`` to the LoRA factors and ``non_lora`` to other leaves.
+
+  ``inner`` sees a tree shaped like the params that holds float32 (or wider,
+  as the parameter) copies of the ``lora_a``/``lora_b`` leaves, in their own
+  layout, and ``optax.MaskedNode()`` elsewhere, so its state is float32
+  whatever the narrower parameter dtype, and keeps the dtypes of its
+  ``init``; its updates are cast back to the parameter dtype.
+  Pairs are validated as in
+  :func:`adaprelora_jax.pairwise.pairwise_transform`; statistics probes
+  get zero updates.
+
+  Args:
+    inner: transform for the factor leaves (element-wise or per leaf).
+    router: finds the pairs and routes the other leaves
+      (:meth:`adaprelora_jax.routing.Router.create`).
+
+  Returns:
+    The :class:`optax.GradientTransformationExtraArgs`.
+  """
+  inner = optax.with_extra_args_support(inner)
+
+  def init_fn(params):
+    plan = router.plan(params)
+    return FactorwiseState(
+        factors=inner.init(_factor_tree(plan, plan.leaves(params))),
+        non_lora=router.non_lora_transform(plan).init(params),
+    )
+
+  def update_fn(updates, state, params=None, **extra_args):
+    plan = router.plan(params)
+    grads = pairing_lib.check_matching_tree(plan, updates, "gradient")
+    param_leaves = plan.leaves(params)
+    factor_updates, factors_state = inner.update(
+        _factor_tree(plan, grads), state.factors, _factor_tree(plan, param_leaves),
+        **extra_args,
+    )
+    # Float64 hyperparameters (NumPy scalars under x64) would widen float32
+    # moments: keep the dtypes of init.
+    factors_state = optax.tree.cast_like(factors_state, state.factors)
+    factor_leaves = plan.leaves(factor_updates)
+    out = list(grads)
+    for pair in plan.pairs:
+      for index in (pair.a_index, pair.b_index):
+        out[index] = factor_leaves[index].astype(param_leaves[index].dtype)
+    new_updates, non_lora_state = router.finish(plan, out, updates, state.non_lora, params)
+    return new_updates, FactorwiseState(factors_state, non_lora_state)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

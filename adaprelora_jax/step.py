@@ -1,0 +1,159 @@
+# Copyright 2026 The adaprelora_jax Authors.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""One LoRA pair's AdaPreLoRA step, as a composition of small pure functions.
+
+:func:`update_pair` is the kernel that
+:func:`adaprelora_jax.scale_by_adaprelora` hands to
+:func:`adaprelora_jax.pairwise.pairwise_transform`: it projects the factor
+gradients, decays the factored second moments, takes the closed-form step
+(:mod:`adaprelora_jax.kernels`), clips it, applies momentum and skips the
+pair if anything is not finite (``docs/design.md`` §3–§6).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from adaprelora_jax import kernels
+from adaprelora_jax import linalg
+from adaprelora_jax import pairwise
+
+
+def all_finite(*arrays: jax.Array) -> jax.Array:
+  """Whether every entry of every array is finite, as one scalar.
+
+  A sum is non-finite iff an entry is (NaN and ±inf propagate), unless the
+  sum of finite entries overflows, far beyond where ``G²`` statistics already
+  would. Float sums compile faster than boolean ``isfinite`` reductions on
+  CPU, and XLA fuses them with the step's other reductions.
+  """
+  total = sum(jnp.sum(x, dtype=linalg.compute_dtype(x)) for x in arrays)
+  return jnp.isfinite(total)
+
+
+def keep_if_finite(ok: jax.Array, new: Any, old: Any) -> Any:
+  """``new`` where ``ok``, else ``old`` (trees of the same structure)."""
+  return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+
+def decayed_moment(moment: jax.Array, statistic: jax.Array, beta2: jax.Array,
+                   eps: jax.typing.ArrayLike) -> jax.Array:
+  """Adafactor's decayed second moment ``β2 v + (1 − β2)(mean(G²) + eps)``."""
+  return beta2 * moment + (1.0 - beta2) * (statistic + eps)
+
+
+def clip_by_weighted_rms(
+    deltas: tuple[jax.Array, jax.Array], descent: jax.Array, row_scale: jax.Array,
+    col_scale: jax.Array, threshold: jax.typing.ArrayLike,
+) -> tuple[jax.Array, jax.Array]:
+  """Scales the factor steps so the H-weighted RMS of ``δW`` is <= ``threshold``.
+
+  The RMS is ``sqrt(‖δW‖²_H / Σ_ij p_i q_j)``, 1 for a step of unit entries
+  when the statistics match (Adafactor's RMS(U) = 1); ``descent`` is
+  ``‖δW‖²_H = ⟨g_a, δa⟩ + ⟨g_b, δb⟩`` (docs/design.md §6).
+  """
+  weight_total = jnp.sum(row_scale) * jnp.sum(col_scale)
+  rms = jnp.sqrt(jnp.maximum(descent, 0.0) / weight_total)
+  scale = 1.0 / jnp.maximum(1.0, rms / threshold)
+  return tuple(delta * scale for delta in deltas)
+
+
+def momentum_step(
+    momentum: tuple[jax.Array, jax.Array], deltas: tuple[jax.Array, jax.Array],
+    b1: jax.typing.ArrayLike, count: jax.Array,
+) -> tuple[tuple[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]:
+  """The new EMA of the factor steps, and the bias-corrected steps."""
+  new_momentum = tuple(b1 * old + (1.0 - b1) * delta for old, delta in zip(momentum, deltas))
+  bias_correction = 1.0 - b1 ** (count + 1).astype(deltas[0].dtype)
+  return new_momentum, tuple(m / bias_correction for m in new_momentum)
+
+
+class Hyperparams(NamedTuple):
+  """:func:`scale_by_adaprelora`'s arguments, as the pair kernel reads them."""
+
+  decay_rate: Any
+  eps: Any
+  b1: Any
+  damping: Any
+  damping_floor: Any
+  clipping_threshold: Any
+  tie_breaker: str
+  project_gradients: bool
+  step_offset: Any
+  decay_rate_fn: Callable[[jax.Array, Any], jax.Array]
+  nonfinite: str
+
+
+def _pair_statistics(
+    hyper: Hyperparams, pair: pairwise.PairInputs, a: jax.Array, b: jax.Array,
+    g_a: jax.Array, g_b: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+  """Row and column means of ``G²``: exact where the pair carries them."""
+  if pair.row_stats is None:
+    return kernels.tangent_gradient_statistics(
+        a, b, g_a, g_b, damping=hyper.damping, damping_floor=hyper.damping_floor)
+  return (pair.row_stats.astype(linalg.compute_dtype(pair.row_stats)),
+          pair.col_stats.astype(linalg.compute_dtype(pair.col_stats)))
+
+
+def update_pair(
+    hyper: Hyperparams, pair: pairwise.PairInputs, state: dict[str, Any],
+    count: jax.Array, total: None,
+) -> tuple[jax.Array, jax.Array, dict[str, Any]]:
+  """One pair's AdaPreLoRA step (the kernel of :func:`scale_by_adaprelora`)."""
+  del total
+  a, b, g_a, g_b = pair.lora_a, pair.lora_b, pair.grad_a, pair.grad_b
+  if hyper.project_gradients:
+    g_a, g_b = kernels.consistent_gradients(a, b, g_a, g_b)
+  row_stats, col_stats = _pair_statistics(hyper, pair, a, b, g_a, g_b)
+  beta2 = hyper.decay_rate_fn(count - hyper.step_offset, hyper.decay_rate)
+  moments = {
+      "row_second_moment": decayed_moment(state["row_second_moment"], row_stats, beta2,
+                                          hyper.eps),
+      "col_second_moment": decayed_moment(state["col_second_moment"], col_stats, beta2,
+                                          hyper.eps),
+      "momentum": None,
+  }
+  row_scale, col_scale = kernels.factored_scales(
+      moments["row_second_moment"], moments["col_second_moment"])
+  step = kernels.factor_step(
+      a, b, g_a, g_b, row_scale, col_scale, damping=hyper.damping,
+      damping_floor=hyper.damping_floor, tie_breaker=hyper.tie_breaker,
+  )
+  deltas = (step.delta_a, step.delta_b)
+  if hyper.clipping_threshold is not None:
+    deltas = clip_by_weighted_rms(deltas, step.descent, row_scale, col_scale,
+                                  hyper.clipping_threshold)
+  if hyper.b1 is not None:
+    moments["momentum"], deltas = momentum_step(state["momentum"], deltas, hyper.b1, count)
+  skipped = jnp.array(False)
+  if hyper.nonfinite == "skip":
+    # The step is checked, and exact statistics, but not the factor
+    # gradients: a non-finite gradient entry reaches a row or column of X_a
+    # or X_b, and the tangent statistics, through arithmetic that keeps NaN
+    # and ±inf (0·inf is NaN), so it always makes the step non-finite. A +inf
+    # statistic need not (it only zeroes its row or column of the step) and
+    # must not enter the moments. Two fewer reductions over factor-sized
+    # arrays also compile faster (docs/design.md §10).
+    checked = [*deltas] + ([] if pair.row_stats is None else [row_stats, col_stats])
+    ok = all_finite(*checked)
+    moments = keep_if_finite(ok, moments, {name: state[name] for name in moments})
+    deltas = tuple(jnp.where(ok, delta, 0.0) for delta in deltas)
+    skipped = ~ok
+  skips = state["nonfinite_count"] + skipped.astype(jnp.int32)
+  return *deltas, {**moments, "nonfinite_count": skips}
