@@ -109,6 +109,16 @@ def _all_finite(*arrays: jax.Array) -> jax.Array:
   return jnp.isfinite(total)
 
 
+def _lora_scale(
+    lora_scale: Optional[jax.typing.ArrayLike], pair_scale: Optional[jax.Array]
+) -> Optional[jax.Array]:
+  """A pair's LoRA scale: the optimizer's times the pairing's; None if neither
+  is set (then the step is exactly that of s = 1, with no extra ops)."""
+  if lora_scale is None:
+    return pair_scale
+  return lora_scale if pair_scale is None else lora_scale * pair_scale
+
+
 def scale_by_adaprelora(
     decay_rate: float = 0.8,
     eps: float = 1e-30,
@@ -126,6 +136,7 @@ def scale_by_adaprelora(
     non_lora: Optional[optax.GradientTransformation] = None,
     strict: bool = False,
     nonfinite: NonFinitePolicy = "skip",
+    lora_scale: Optional[float] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Rescale LoRA factor gradients with the AdaPreLoRA closed-form step.
 
@@ -203,6 +214,14 @@ def scale_by_adaprelora(
       classifier head); default ``optax.scale_by_adam()``.
     strict: raise if the params contain leaves that are not LoRA factors.
     nonfinite: ``"skip"`` or ``"propagate"`` (above).
+    lora_scale: the LoRA scale ``s`` of a model computing ``x·(s·a·b)``
+      (qwix and peft: ``alpha / rank``); multiplies each pair's
+      :attr:`adaprelora_jax.pairing.LoRARole.scale`. The statistics are then
+      those of ``G = ∂L/∂W`` and the weight change ``s·(δa b + a δb)`` is the
+      projected Adafactor step, so the learning rate means the same step in
+      weight space whatever alpha and rank. Without it (None: ``s = 1``) the
+      weight-space step of a scaled model is ``s`` times that
+      (docs/design.md §9). Must be > 0 or None.
 
   Returns:
     The corresponding :class:`optax.GradientTransformationExtraArgs`.
@@ -233,12 +252,19 @@ def scale_by_adaprelora(
   validation.check_positive("damping_floor", damping_floor)
   validation.check_positive("clipping_threshold", clipping_threshold, allow_none=True)
   validation.check_positive("step_offset", step_offset, allow_zero=True)
+  validation.check_positive("lora_scale", lora_scale, allow_none=True)
   pairing_lib.resolve_pairing(pairing)  # Fail early on a bad preset name.
   decay_rate_fn = decay_rate_pow if decay_rate_fn is None else decay_rate_fn
 
   def update_pair(pair, state, count, total):
     del total
     a, b, g_a, g_b = pair.lora_a, pair.lora_b, pair.grad_a, pair.grad_b
+    # docs/design.md §9: for ΔW = s·a·b the factor gradients are s·J*(G);
+    # divided by s they are J*(G) of the unit map, and the unit map's step
+    # divided by s gives the same weight change s·J(δ) as the Adafactor step.
+    pair_scale = _lora_scale(lora_scale, pair.lora_scale)
+    if pair_scale is not None:
+      g_a, g_b = g_a / pair_scale, g_b / pair_scale
     if project_gradients:
       g_a, g_b = kernels.consistent_gradients(a, b, g_a, g_b)
     if pair.row_stats is None:
@@ -265,6 +291,8 @@ def scale_by_adaprelora(
       rms = jnp.sqrt(jnp.maximum(step.descent, 0.0) / weight_total)
       scale = 1.0 / jnp.maximum(1.0, rms / clipping_threshold)
       delta_a, delta_b = delta_a * scale, delta_b * scale
+    if pair_scale is not None:
+      delta_a, delta_b = delta_a / pair_scale, delta_b / pair_scale
     new_momentum = None
     if b1 is not None:
       momentum_a, momentum_b = state["momentum"]
@@ -337,6 +365,7 @@ def adaprelora(
     non_lora: Optional[optax.GradientTransformation] = None,
     strict: bool = False,
     nonfinite: NonFinitePolicy = "skip",
+    lora_scale: Optional[float] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""AdaPreLoRA: adaptive preconditioned optimizer for LoRA factors.
 
@@ -380,6 +409,8 @@ def adaprelora(
     non_lora: see :func:`scale_by_adaprelora`.
     strict: see :func:`scale_by_adaprelora`.
     nonfinite: see :func:`scale_by_adaprelora`.
+    lora_scale: see :func:`scale_by_adaprelora` (e.g. qwix's
+      ``alpha / rank``).
 
   Returns:
     The corresponding :class:`optax.GradientTransformationExtraArgs`.
@@ -401,7 +432,7 @@ def adaprelora(
           tie_breaker=tie_breaker, project_gradients=project_gradients,
           statistics=statistics, step_offset=step_offset,
           decay_rate_fn=decay_rate_fn, pairing=pairing, non_lora=non_lora,
-          strict=strict, nonfinite=nonfinite,
+          strict=strict, nonfinite=nonfinite, lora_scale=lora_scale,
       ),
       optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),
