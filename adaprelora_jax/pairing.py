@@ -914,8 +914,8 @@ def _infer(a_shape, b_shape, transposed, pair_name, a_path, b_path) -> LoRADimen
   found = _readings(a_shape, b_shape)
   if len(found) == 1:
     return found[0]
-  stacked = [dims for dims in found
-             if len(dims.a_batch_axes) == len(a_shape) - 2 == len(b_shape) - 2]
+  stacked = [dims for dims in found if len(a_shape) == len(b_shape)
+             and tuple(dims.a_batch_axes) == tuple(range(len(a_shape) - 2))]
   if stacked:
     return stacked[0]
   declare = (
