@@ -48,6 +48,7 @@ from typing import Any, Literal, NamedTuple, Optional, Union
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
 
 from adaprelora_jax import validation
 
@@ -505,6 +506,24 @@ class LoRAPlan:
     """Boolean tree: True at leaves that are not part of any LoRA pair."""
     other = set(self.other_indices)
     return self.unflatten([index in other for index in range(self.num_leaves)])
+
+
+def unwrap_masked_nodes(tree: Any) -> Any:
+  """``tree`` with every flax ``Variable`` that holds an ``optax.MaskedNode``
+  replaced by the bare ``MaskedNode``.
+
+  Unflattened against an ``nnx.State``, a masked position becomes a
+  ``Variable`` holding no array; ``nnx.get_named_sharding`` still gives it a
+  sharding, and Orbax restores (Tunix's ``CheckpointManager``) then fail on a
+  tree whose structure differs from the shardings'. The bare node has the
+  same (no) leaves, so the state is unchanged.
+  """
+  def unwrap(node: Any) -> Any:
+    if isinstance(node, nnx.Variable) and isinstance(node.get_value(), optax.MaskedNode):
+      return optax.MaskedNode()
+    return node
+
+  return jax.tree.map(unwrap, tree, is_leaf=lambda node: isinstance(node, nnx.Variable))
 
 
 def _role_index(pair: PairInfo, role: Role) -> int:

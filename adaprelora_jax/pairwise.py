@@ -371,7 +371,9 @@ def _label_field(
       if _is_variable(nodes[index]) and not slot.factor_layout:
         nodes[index] = _labeled(nodes[index], nodes[index].get_value(),
                                 _slot_sharding(pair, slot, a_names, b_names))
-  return variables.treedef.unflatten(nodes)
+  # Masked positions as bare MaskedNodes, so that Orbax restores against
+  # nnx.get_named_sharding work (pairing.unwrap_masked_nodes).
+  return pairing_lib.unwrap_masked_nodes(variables.treedef.unflatten(nodes))
 
 
 def _labeled(node: Any, value: jax.Array, names: tuple[Any, ...]) -> Any:
@@ -601,7 +603,7 @@ def pairwise_transform(
     )
     return state_type(
         count=jnp.zeros([], jnp.int32),
-        non_lora=router.non_lora_transform(plan).init(params),
+        non_lora=pairing_lib.unwrap_masked_nodes(router.non_lora_transform(plan).init(params)),
         **trees,
         **absent,
         pair_position=_label_field(plan, variables, pair_position, _POSITION_SLOT),
@@ -732,13 +734,13 @@ def factorwise_transform(
         # The pair's dtype, not the leaf's: gradients wider than their
         # parameters must not widen the inner state.
         tree[index] = leaves[index].astype(_state_dtype(jnp.float32, pair.dtype))
-    return plan.unflatten(tree)
+    return pairing_lib.unwrap_masked_nodes(plan.unflatten(tree))
 
   def init_fn(params):
     plan = router.plan(params)
     return FactorwiseState(
         factors=inner.init(factor_tree(plan, plan.leaves(params))),
-        non_lora=router.non_lora_transform(plan).init(params),
+        non_lora=pairing_lib.unwrap_masked_nodes(router.non_lora_transform(plan).init(params)),
     )
 
   def update_fn(updates, state, params=None, **extra_args):
