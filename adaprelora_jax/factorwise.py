@@ -28,6 +28,7 @@ from typing import Any, NamedTuple
 import jax.numpy as jnp
 import optax
 
+from adaprelora_jax import nnx_metadata
 from adaprelora_jax import pairing as pairing_lib
 from adaprelora_jax import routing
 from adaprelora_jax import slots as slots_lib
@@ -55,7 +56,7 @@ def _factor_tree(plan: pairing_lib.LoRAPlan, leaves: Sequence[Any]) -> Any:
       # The pair's dtype, not the leaf's: gradients wider than their
       # parameters must not widen the inner state.
       tree[index] = leaves[index].astype(slots_lib.state_dtype(jnp.float32, pair.dtype))
-  return plan.unflatten(tree)
+  return nnx_metadata.unwrap_masked_nodes(plan.unflatten(tree))
 
 
 def factorwise_transform(
@@ -88,7 +89,7 @@ def factorwise_transform(
     plan = router.plan(params)
     return FactorwiseState(
         factors=inner.init(_factor_tree(plan, plan.leaves(params))),
-        non_lora=router.non_lora_transform(plan).init(params),
+        non_lora=nnx_metadata.unwrap_masked_nodes(router.non_lora_transform(plan).init(params)),
     )
 
   def update_fn(updates, state, params=None, **extra_args):

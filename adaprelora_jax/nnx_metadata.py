@@ -33,6 +33,7 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple, Optional, Union
 
 import jax
+import optax
 from flax import nnx
 
 from adaprelora_jax import pairing as pairing_lib
@@ -46,6 +47,24 @@ def is_variable(node: Any) -> bool:
 def unwrap(node: Any) -> Any:
   """The array held by a ``Variable`` node, or ``node`` itself."""
   return node.get_value() if is_variable(node) else node
+
+
+def unwrap_masked_nodes(tree: Any) -> Any:
+  """``tree`` with every flax ``Variable`` that holds an ``optax.MaskedNode``
+  replaced by the bare ``MaskedNode``.
+
+  Unflattened against an ``nnx.State``, a masked position becomes a
+  ``Variable`` holding no array; ``nnx.get_named_sharding`` still gives it a
+  sharding, and Orbax restores (Tunix's ``CheckpointManager``) then fail on a
+  tree whose structure differs from the shardings'. The bare node has the
+  same (no) leaves, so the state is unchanged.
+  """
+  def unwrap(node: Any) -> Any:
+    if is_variable(node) and isinstance(node.get_value(), optax.MaskedNode):
+      return optax.MaskedNode()
+    return node
+
+  return jax.tree.map(unwrap, tree, is_leaf=is_variable)
 
 
 def _labeled(node: Any, value: jax.Array, names: tuple[Any, ...]) -> Any:
@@ -119,7 +138,9 @@ class StateLabels(NamedTuple):
         if is_variable(nodes[index]) and not slot.factor_layout:
           nodes[index] = _labeled(nodes[index], nodes[index].get_value(),
                                   slot_sharding(pair, slot, a_names, b_names))
-    return self.treedef.unflatten(nodes)
+    # Masked positions as bare MaskedNodes, so that Orbax restores against
+    # nnx.get_named_sharding work (unwrap_masked_nodes).
+    return unwrap_masked_nodes(self.treedef.unflatten(nodes))
 
   def stacked(self, arrays: tuple[jax.Array, ...],
               slot: slots_lib.GroupSlot) -> tuple[Any, ...]:

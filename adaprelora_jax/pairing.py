@@ -23,10 +23,18 @@ Pairs that are sharded differently must not be stacked together; a pairing
 function says so through :attr:`LoRARole.layout`
 (:func:`adaprelora_jax.sharding.sharded_pairing` fills it in).
 
-Layouts: the canonical layout is flax's, ``a: (..., d_in, r)``,
-``b: (..., r, d_out)``, ``ΔW = a @ b``. PyTorch/peft stores
-``lora_A: (r, d_in)``, ``lora_B: (d_out, r)``; such leaves are marked
-``transposed`` and their last two axes are swapped when gathered.
+Layouts (docs/design.md §9): every pair is one matrix map
+``ΔW = A @ B`` with ``A = a.reshape(d_in, r)`` and ``B = b.reshape(r, d_out)``,
+stacked over batch (layer) axes. Which axes of ``a`` and ``b`` are batch, rank,
+``d_in`` and ``d_out`` is given by the pair's :class:`LoRADimensionNumbers`,
+inferred from the shapes (:func:`infer_dimension_numbers`) or declared by the
+pairing. The canonical layout the kernels see is flax's,
+``A: (*batch, d_in, r)``, ``B: (*batch, r, d_out)``: :meth:`LoRAPlan.gather`
+transposes and reshapes each leaf into it and :meth:`LoRAPlan.scatter`
+writes results back into the leaf's own layout. Recognized leaves: flax nnx
+``lora_a``/``lora_b`` siblings and qwix ``<weight>_lora_a``/``<weight>_lora_b``
+siblings (``"nnx"``, N-D factors included), or peft ``lora_A: (r, d_in)``,
+``lora_B: (d_out, r)`` (``"peft"``, marked ``transposed``).
 """
 
 from __future__ import annotations
@@ -35,7 +43,7 @@ import dataclasses
 import itertools
 import math
 from collections.abc import Callable, Hashable, Sequence
-from typing import Any, Literal, NamedTuple, Union, get_args
+from typing import Any, Literal, NamedTuple, Optional, Union, get_args
 
 import jax
 import jax.numpy as jnp
@@ -54,6 +62,55 @@ ROW_STATS_NAME = "grad_sq_rows"
 COL_STATS_NAME = "grad_sq_cols"
 
 
+class LoRADimensionNumbers(NamedTuple):
+  """Which axes of a pair's factors are batch, rank, ``d_in`` and ``d_out``.
+
+  The pair is the matrix map ``ΔW = A @ B`` (docs/design.md §9) with
+  ``A = transpose(a, (*a_batch_axes, *a_in_axes, a_rank_axis))`` reshaped to
+  ``(*batch, d_in, r)`` and ``B = transpose(b, (*b_batch_axes, b_rank_axis,
+  *b_out_axes))`` reshaped to ``(*batch, r, d_out)``: ``d_in`` is the product
+  of the ``a_in_axes`` (the first one major), ``d_out`` that of the
+  ``b_out_axes``, and the batch axes enumerate independent pairs (stacked or
+  scanned layers), matched one to one between ``a`` and ``b``. As in optax
+  ``contrib.MuonDimensionNumbers``, negative axes count from the end.
+
+  Examples: flax ``a (d_in, r)``, ``b (r, d_out)`` is the default
+  ``LoRADimensionNumbers()``; qwix on ``'BTNH,NHD->BTD'`` gives
+  ``a (N, H, r)``, ``b (r, D)``, also the default (``d_in = N·H``); MaxText's
+  ``param_scan_axis: 1`` gives ``a (in, L, r)``, ``b (r, L, out)``, which is
+  ``LoRADimensionNumbers(a_batch_axes=(1,), b_batch_axes=(1,))``.
+
+  Attributes:
+    a_batch_axes: batch axes of ``lora_a``, in order.
+    a_rank_axis: the rank axis of ``lora_a``; None: its last non-batch axis.
+    b_batch_axes: batch axes of ``lora_b``, in the order of ``a_batch_axes``.
+    b_rank_axis: the rank axis of ``lora_b``; None: its first non-batch axis.
+    a_in_axes: the axes of ``lora_a`` forming ``d_in``, major first; None:
+      all its other axes, in order.
+    b_out_axes: the axes of ``lora_b`` forming ``d_out``, major first; None:
+      all its other axes, in order.
+  """
+
+  a_batch_axes: Sequence[int] = ()
+  a_rank_axis: Optional[int] = None
+  b_batch_axes: Sequence[int] = ()
+  b_rank_axis: Optional[int] = None
+  a_in_axes: Optional[Sequence[int]] = None
+  b_out_axes: Optional[Sequence[int]] = None
+
+  @property
+  def a_permutation(self) -> tuple[int, ...]:
+    """The transpose of ``lora_a`` into ``(*batch, *in, rank)`` (normalized
+    dimension numbers only)."""
+    return (*self.a_batch_axes, *self.a_in_axes, self.a_rank_axis)
+
+  @property
+  def b_permutation(self) -> tuple[int, ...]:
+    """The transpose of ``lora_b`` into ``(*batch, rank, *out)`` (normalized
+    dimension numbers only)."""
+    return (*self.b_batch_axes, self.b_rank_axis, *self.b_out_axes)
+
+
 class LoRARole(NamedTuple):
   """What a pairing function says about one leaf.
 
@@ -62,18 +119,33 @@ class LoRARole(NamedTuple):
     role: ``"a"`` (``lora_a``), ``"b"`` (``lora_b``), or ``"row_stats"`` /
       ``"col_stats"`` for exact gradient-statistics leaves.
     transposed: the factor is stored in PyTorch layout (``lora_A: (r, d_in)``,
-      ``lora_B: (d_out, r)``).
+      ``lora_B: (d_out, r)``, with optional shared leading layer axes).
     layout: any hashable describing how the leaf is laid out across devices
       (e.g. its sharding, see
       :func:`adaprelora_jax.sharding.sharded_pairing`). Same-shaped pairs are
       stacked and updated together only if their leaves' layouts agree:
       stacking differently sharded factors would make XLA reshard them.
+    dimension_numbers: the pair's axes (:class:`LoRADimensionNumbers`);
+      None: inferred from the factor shapes
+      (:func:`infer_dimension_numbers`). May be given on either factor's
+      role; if given on both they must agree.
+    scale: the pair's LoRA scale ``s`` (the model computes
+      ``x·(s·a·b)``, e.g. qwix's ``alpha / rank``); None: 1. Optimizers that
+      take a ``lora_scale`` multiply it by this (docs/design.md §9).
+    sharded_axes: axes of this factor that are sharded across devices
+      (:func:`adaprelora_jax.sharding.sharded_pairing` fills them in). When
+      several axes form ``d_in`` (``d_out``) and the dimension numbers do not
+      order them, sharded ones are flattened first: only a major axis keeps
+      its sharding through the reshape (docs/design.md §9).
   """
 
   pair: str
   role: Role
   transposed: bool = False
   layout: Hashable = None
+  dimension_numbers: Optional[LoRADimensionNumbers] = None
+  scale: Optional[float] = None
+  sharded_axes: tuple[int, ...] = ()
 
 
 PairingFn = Callable[[tuple[str, ...], Any], Union[LoRARole, None]]
@@ -103,21 +175,36 @@ def format_path(names: Sequence[str]) -> str:
   return "/".join(names) if names else "<root>"
 
 
-def nnx_pairing(path: tuple[str, ...], leaf: Any) -> LoRARole | None:
-  """Pairs flax ``nnx.LoRA`` leaves: siblings named ``lora_a`` and ``lora_b``.
+_NNX_ROLES: dict[str, Role] = {
+    "lora_a": "a", "lora_b": "b", ROW_STATS_NAME: "row_stats",
+    COL_STATS_NAME: "col_stats",
+}
+# qwix (``qwix.LoraProvider``) names the factors of a weight ``w`` (``kernel``
+# for ``nnx.Linear``) ``w_lora_a`` / ``w_lora_b``, next to ``w``.
+_QWIX_SUFFIXES: tuple[tuple[str, Role], ...] = (("_lora_a", "a"), ("_lora_b", "b"))
 
-  Also recognizes the exact-statistics leaves ``grad_sq_rows`` and
-  ``grad_sq_cols`` of :class:`adaprelora_jax.nn.LoRA`.
+
+def nnx_pairing(path: tuple[str, ...], leaf: Any) -> LoRARole | None:
+  """Pairs flax ``nnx.LoRA`` and qwix LoRA leaves.
+
+  flax: siblings named ``lora_a`` and ``lora_b`` (pair: their parent's path),
+  and the exact-statistics leaves ``grad_sq_rows`` and ``grad_sq_cols`` of
+  :class:`adaprelora_jax.nn.LoRA`. qwix (``qwix.apply_lora_to_model``):
+  siblings ``<weight>_lora_a`` and ``<weight>_lora_b`` (pair: the weight's
+  path, e.g. ``blocks/0/attn/q_einsum/w``), whose factors may be N-D
+  (:func:`infer_dimension_numbers`).
   """
   del leaf
   if not path:
     return None
-  roles = {"lora_a": "a", "lora_b": "b", ROW_STATS_NAME: "row_stats",
-           COL_STATS_NAME: "col_stats"}
-  role = roles.get(path[-1])
-  if role is None:
-    return None
-  return LoRARole(format_path(path[:-1]), role)
+  name = path[-1]
+  role = _NNX_ROLES.get(name)
+  if role is not None:
+    return LoRARole(format_path(path[:-1]), role)
+  for suffix, role in _QWIX_SUFFIXES:
+    if name.endswith(suffix) and len(name) > len(suffix):
+      return LoRARole(format_path((*path[:-1], name[:-len(suffix)])), role)
+  return None
 
 
 def peft_pairing(path: tuple[str, ...], leaf: Any) -> LoRARole | None:
@@ -156,7 +243,14 @@ def resolve_pairing(pairing: Pairing) -> PairingFn:
 
 @dataclasses.dataclass(frozen=True)
 class PairInfo:
-  """One validated LoRA pair (positions refer to the flattened params)."""
+  """One validated LoRA pair (positions refer to the flattened params).
+
+  ``lead_shape`` (the batch axes), ``d_in``, ``rank`` and ``d_out`` describe
+  the canonical matrices ``(*lead, d_in, r)`` / ``(*lead, r, d_out)``;
+  ``a_shape`` / ``b_shape`` are the leaves' own shapes and
+  ``dimension_numbers`` (normalized: every field set, non-negative) relates
+  the two.
+  """
 
   name: str
   a_index: int
@@ -172,10 +266,57 @@ class PairInfo:
   row_stats_index: int | None = None
   col_stats_index: int | None = None
   layout: tuple[Hashable, ...] = ()
+  a_shape: tuple[int, ...] = ()
+  b_shape: tuple[int, ...] = ()
+  dimension_numbers: LoRADimensionNumbers | None = None
+  scale: float = 1.0
 
   @property
   def has_statistics(self) -> bool:
     return self.row_stats_index is not None
+
+  def to_canonical(self, array: jax.Array, role: Literal["a", "b"]) -> jax.Array:
+    """A factor-shaped leaf as the canonical ``(*lead, d_in, r)`` (``a``) or
+    ``(*lead, r, d_out)`` (``b``) array.
+
+    A transpose is a copy of the factor, made only when the batch or rank
+    axes are not where the canonical layout has them (docs/design.md §9);
+    the reshape of contiguous axes is free.
+    """
+    permutation = _permutation(self, role)
+    if permutation != tuple(range(len(permutation))):
+      array = jnp.transpose(array, permutation)
+    shape = canonical_shape(self, role)
+    return array if tuple(array.shape) == shape else array.reshape(shape)
+
+  def to_leaf(self, array: jax.Array, role: Literal["a", "b"]) -> jax.Array:
+    """The inverse of :meth:`to_canonical`: back into the leaf's layout."""
+    permutation = _permutation(self, role)
+    leaf = leaf_shape(self, role)
+    permuted = tuple(leaf[axis] for axis in permutation)
+    if tuple(array.shape) != permuted:
+      array = array.reshape(permuted)
+    if permutation != tuple(range(len(permutation))):
+      array = jnp.transpose(array, _inverse(permutation))
+    return array
+
+
+def _permutation(pair: PairInfo, role: Literal["a", "b"]) -> tuple[int, ...]:
+  dims = pair.dimension_numbers
+  return dims.a_permutation if role == "a" else dims.b_permutation
+
+
+def _inverse(permutation: Sequence[int]) -> tuple[int, ...]:
+  inverse = [0] * len(permutation)
+  for position, axis in enumerate(permutation):
+    inverse[axis] = position
+  return tuple(inverse)
+
+
+def canonical_shape(pair: PairInfo, role: Literal["a", "b"]) -> tuple[int, ...]:
+  """``(*lead, d_in, r)`` for ``a``, ``(*lead, r, d_out)`` for ``b``."""
+  tail = (pair.d_in, pair.rank) if role == "a" else (pair.rank, pair.d_out)
+  return (*pair.lead_shape, *tail)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,10 +335,6 @@ class PairGroup:
   def size(self) -> int:
     """Number of single pairs in the stacked group (members × lead axes)."""
     return len(self.members) * math.prod(self.lead_shape)
-
-
-def _canonical(array: jax.Array, transposed: bool) -> jax.Array:
-  return jnp.swapaxes(array, -1, -2) if transposed else array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -299,15 +436,15 @@ class LoRAPlan:
       leaves: flattened tree (see :meth:`leaves`).
       group: the group.
       role: which leaf of each pair.
-      factor_layout: the leaves are shaped like the factor itself (so torch
-        layout leaves are transposed to the canonical one); False for vectors
-        such as row/column statistics.
+      factor_layout: the leaves are shaped like the factor itself (so they
+        are brought into the canonical layout, :meth:`PairInfo.to_canonical`);
+        False for arrays already in it, such as row/column statistics.
     """
     arrays = []
     for pair in group.members:
       array = leaves[_role_index(pair, role)]
       if factor_layout:
-        array = _canonical(array, pair.transposed)
+        array = pair.to_canonical(array, role)
       arrays.append(array)
     stacked = arrays[0][None] if len(arrays) == 1 else jnp.stack(arrays)
     tail = stacked.shape[1 + len(group.lead_shape):]
@@ -347,7 +484,7 @@ class LoRAPlan:
             per_member, positions[position], keepdims=False
         )
       if factor_layout:
-        array = _canonical(array, pair.transposed)
+        array = pair.to_leaf(array, role)
       leaves[_role_index(pair, role)] = array
 
   def mirror(
@@ -416,7 +553,7 @@ def plan_pairs(
   flat, treedef = jax.tree_util.tree_flatten_with_path(params)
   names = [path_names(path) for path, _ in flat]
   paths = tuple(format_path(name) for name in names)
-  members: dict[str, dict[str, tuple[int, bool, Hashable]]] = {}
+  members: dict[str, dict[str, tuple[int, LoRARole]]] = {}
   others: list[int] = []
   for index, ((_, leaf), name) in enumerate(zip(flat, names)):
     found = pairing_fn(name, leaf)
@@ -435,7 +572,7 @@ def plan_pairs(
           f"LoRA pair {found.pair!r} has two {found.role!r} leaves: "
           f"'{paths[slots[found.role][0]]}' and '{paths[index]}'."
       )
-    slots[found.role] = (index, found.transposed, found.layout)
+    slots[found.role] = (index, found)
 
   if strict and others:
     listed = ", ".join(f"'{paths[i]}'" for i in others[:10])
@@ -477,8 +614,12 @@ def plan_pairs(
   # (second_moments, nonfinite_report) plan the pairs with the default.
   grouped: dict[tuple[Any, ...], list[PairInfo]] = {}
   for pair in pairs:
+    # Leaf shapes and dimension numbers too: members of a group share one
+    # leaf layout, so their state (and its stand-in, adaprelora_jax.sharding)
+    # is laid out alike.
     key = (pair.lead_shape, pair.d_in, pair.rank, pair.d_out, jnp.dtype(pair.dtype).name,
-           carries_statistics[pair.a_index], pair.layout)
+           carries_statistics[pair.a_index], pair.layout, pair.a_shape, pair.b_shape,
+           pair.dimension_numbers)
     grouped.setdefault(key, []).append(pair)
   groups = tuple(
       PairGroup(tuple(group), exact_statistics=group[0].has_statistics)
@@ -496,7 +637,7 @@ def plan_pairs(
 
 def _validate_pair(
     pair_name: str,
-    slots: dict[str, tuple[int, bool, Hashable]],
+    slots: dict[str, tuple[int, LoRARole]],
     flat: Sequence[tuple[Any, Any]],
     paths: Sequence[str],
 ) -> PairInfo:
@@ -508,8 +649,7 @@ def _validate_pair(
           f"no '{needed}' factor (lora_{needed}). Masked out, misnamed, or "
           "missing from the tree?"
       )
-  a_index, a_transposed, _ = slots["a"]
-  b_index, b_transposed, _ = slots["b"]
+  (a_index, a_role), (b_index, b_role) = slots["a"], slots["b"]
   a_leaf, b_leaf = flat[a_index][1], flat[b_index][1]
   a_path, b_path = paths[a_index], paths[b_index]
   for path, leaf in ((a_path, a_leaf), (b_path, b_leaf)):
@@ -533,38 +673,43 @@ def _validate_pair(
         f"but '{b_path}' is {jnp.dtype(b_leaf.dtype).name}; both factors of a "
         "pair must have the same dtype."
     )
-  if a_transposed != b_transposed:
+  if a_role.transposed != b_role.transposed:
     raise ValueError(
         f"LoRA pair {pair_name!r}: '{a_path}' and '{b_path}' use different "
         "layouts (one transposed, one not)."
     )
-  a_shape = tuple(a_leaf.shape)
-  b_shape = tuple(b_leaf.shape)
-  if a_transposed:
-    a_shape = (*a_shape[:-2], a_shape[-1], a_shape[-2])
-    b_shape = (*b_shape[:-2], b_shape[-1], b_shape[-2])
-  lead, (d_in, rank) = a_shape[:-2], a_shape[-2:]
-  if len(b_shape) != len(a_shape) or b_shape[:-2] != lead:
-    raise ValueError(
-        f"LoRA pair {pair_name!r}: leading (layer) axes differ between "
-        f"'{a_path}' {tuple(a_leaf.shape)} and '{b_path}' {tuple(b_leaf.shape)}."
-    )
-  if b_shape[-2] != rank:
-    layout = (
-        "lora_A (r, d_in), lora_B (d_out, r)" if a_transposed
-        else "lora_a (d_in, r), lora_b (r, d_out)"
-    )
-    raise ValueError(
-        f"LoRA pair {pair_name!r}: rank mismatch between '{a_path}' "
-        f"{tuple(a_leaf.shape)} and '{b_path}' {tuple(b_leaf.shape)} "
-        f"(expected {layout})."
-    )
-  d_out = b_shape[-1]
+  a_shape, b_shape = tuple(a_leaf.shape), tuple(b_leaf.shape)
+  where = f"LoRA pair {pair_name!r} ('{a_path}' {a_shape}, '{b_path}' {b_shape})"
+  declared = _agreed(pair_name, a_role, b_role, "dimension_numbers")
+  if declared is None:
+    dims = _infer(a_shape, b_shape, a_role.transposed, pair_name, a_path, b_path)
+  else:
+    dims = normalize_dimension_numbers(declared, a_shape, b_shape, where=where)
+    for a_axis, b_axis in zip(dims.a_batch_axes, dims.b_batch_axes):
+      if a_shape[a_axis] != b_shape[b_axis]:
+        raise ValueError(
+            f"{where}: batch axis {a_axis} of lora_a has size {a_shape[a_axis]} "
+            f"but batch axis {b_axis} of lora_b has size {b_shape[b_axis]}."
+        )
+    if a_shape[dims.a_rank_axis] != b_shape[dims.b_rank_axis]:
+      raise ValueError(
+          f"{where}: rank mismatch between lora_a axis {dims.a_rank_axis} "
+          f"({a_shape[dims.a_rank_axis]}) and lora_b axis {dims.b_rank_axis} "
+          f"({b_shape[dims.b_rank_axis]})."
+      )
+  dims = _sharded_axes_first(dims, declared, a_role, b_role, len(a_shape), len(b_shape))
+  scale = _agreed(pair_name, a_role, b_role, "scale")
+  scale = 1.0 if scale is None else scale
+  validation.check_positive(f"scale of LoRA pair {pair_name!r}", scale)
+  lead = tuple(a_shape[axis] for axis in dims.a_batch_axes)
+  d_in = math.prod(a_shape[axis] for axis in dims.a_in_axes)
+  d_out = math.prod(b_shape[axis] for axis in dims.b_out_axes)
   info = PairInfo(
       name=pair_name, a_index=a_index, b_index=b_index, a_path=a_path,
-      b_path=b_path, transposed=a_transposed, lead_shape=lead, d_in=d_in,
-      rank=rank, d_out=d_out, dtype=jnp.dtype(a_leaf.dtype),
-      layout=tuple(slots[role][2] if role in slots else None for role in ROLES),
+      b_path=b_path, transposed=a_role.transposed, lead_shape=lead, d_in=d_in,
+      rank=a_shape[dims.a_rank_axis], d_out=d_out, dtype=jnp.dtype(a_leaf.dtype),
+      layout=tuple(slots[role][1].layout if role in slots else None for role in ROLES),
+      a_shape=a_shape, b_shape=b_shape, dimension_numbers=dims, scale=float(scale),
   )
   has_rows, has_cols = "row_stats" in slots, "col_stats" in slots
   if has_rows != has_cols:
@@ -583,6 +728,281 @@ def _validate_pair(
         col_stats_index=slots["col_stats"][0],
     )
   return info
+
+
+def _agreed(pair_name: str, a_role: LoRARole, b_role: LoRARole, field: str) -> Any:
+  """A per-pair field given on either factor's role (both: must agree)."""
+  a_value, b_value = getattr(a_role, field), getattr(b_role, field)
+  if a_value is not None and b_value is not None and a_value != b_value:
+    raise ValueError(
+        f"LoRA pair {pair_name!r}: the pairing gives lora_a {field}={a_value!r} "
+        f"but lora_b {field}={b_value!r}."
+    )
+  return a_value if a_value is not None else b_value
+
+
+def normalize_dimension_numbers(
+    dims: LoRADimensionNumbers,
+    a_shape: Sequence[int],
+    b_shape: Sequence[int],
+    *,
+    where: str = "LoRA pair",
+) -> LoRADimensionNumbers:
+  """Dimension numbers with every field set and every axis non-negative.
+
+  Args:
+    dims: declared dimension numbers (None fields take their defaults).
+    a_shape: shape of the ``lora_a`` leaf.
+    b_shape: shape of the ``lora_b`` leaf.
+    where: what the pair is, for error messages.
+
+  Returns:
+    The normalized :class:`LoRADimensionNumbers`.
+
+  Raises:
+    ValueError: if an axis is out of range or used twice, the factors have
+      different numbers of batch axes, or ``d_in`` / ``d_out`` has no axis.
+  """
+  if not isinstance(dims, LoRADimensionNumbers):
+    raise TypeError(f"{where}: dimension_numbers must be a LoRADimensionNumbers, got {dims!r}.")
+
+  def axes(values, ndim, what):
+    out = []
+    for axis in values:
+      if not -ndim <= axis < ndim:
+        raise ValueError(f"{where}: {what} axis {axis} is out of range for a {ndim}-D factor.")
+      out.append(axis % ndim)
+    return tuple(out)
+
+  def side(batch, rank, rest, ndim, factor, first_rank):
+    batch = axes(batch, ndim, f"{factor} batch")
+    free = [axis for axis in range(ndim) if axis not in batch]
+    if rank is None:
+      if not free:
+        raise ValueError(f"{where}: {factor} has no axis left for the rank.")
+      rank = free[0] if first_rank else free[-1]
+    (rank,) = axes((rank,), ndim, f"{factor} rank")
+    rest = (tuple(axis for axis in free if axis != rank) if rest is None
+            else axes(rest, ndim, f"{factor} d_in/d_out"))
+    used = (*batch, rank, *rest)
+    if sorted(used) != list(range(ndim)):
+      raise ValueError(
+          f"{where}: the axes of {factor} must be split into batch, rank and "
+          f"d_in/d_out, each axis exactly once; got batch {batch}, rank {rank}, "
+          f"rest {rest} for a {ndim}-D factor."
+      )
+    if not rest:
+      raise ValueError(f"{where}: {factor} has no axis left for d_in/d_out.")
+    return batch, rank, rest
+
+  a_batch, a_rank, a_in = side(dims.a_batch_axes, dims.a_rank_axis, dims.a_in_axes,
+                               len(a_shape), "lora_a", first_rank=False)
+  b_batch, b_rank, b_out = side(dims.b_batch_axes, dims.b_rank_axis, dims.b_out_axes,
+                                len(b_shape), "lora_b", first_rank=True)
+  if len(a_batch) != len(b_batch):
+    raise ValueError(
+        f"{where}: lora_a has batch axes {a_batch} but lora_b has {b_batch}; "
+        "they are matched one to one."
+    )
+  return LoRADimensionNumbers(a_batch, a_rank, b_batch, b_rank, a_in, b_out)
+
+
+def _sharded_axes_first(
+    dims: LoRADimensionNumbers,
+    declared: Optional[LoRADimensionNumbers],
+    a_role: LoRARole,
+    b_role: LoRARole,
+    a_ndim: int,
+    b_ndim: int,
+) -> LoRADimensionNumbers:
+  """Flattens sharded axes first (stable), so a single sharded one is major.
+
+  Only the major axis of a reshape keeps its sharding: ``(C, N)`` with ``N``
+  sharded, flattened as is, is no block of ``C·N``, and XLA would gather the
+  factor to reshape it (docs/design.md §9). An order given explicitly
+  (``a_in_axes`` / ``b_out_axes``) is kept.
+  """
+  def order(axes, sharded, ndim):
+    sharded = {axis % ndim for axis in sharded}
+    return (*(axis for axis in axes if axis in sharded),
+            *(axis for axis in axes if axis not in sharded))
+
+  if declared is None or declared.a_in_axes is None:
+    dims = dims._replace(a_in_axes=order(dims.a_in_axes, a_role.sharded_axes, a_ndim))
+  if declared is None or declared.b_out_axes is None:
+    dims = dims._replace(b_out_axes=order(dims.b_out_axes, b_role.sharded_axes, b_ndim))
+  return dims
+
+
+def _readings(a_shape: tuple[int, ...], b_shape: tuple[int, ...]) -> list[LoRADimensionNumbers]:
+  """Every layout of docs/design.md §9 that the flax/qwix shapes fit.
+
+  ``lora_a`` ends with the rank; ``lora_b`` starts with it after ``k``
+  leading batch axes shared with ``lora_a`` (k = 0: flax 2-D and qwix
+  einsum factors; k ≥ 1: stacked layers, qwix batched dot_general). A
+  MaxText-style scan axis (``a (in, L, r)``, ``b (r, L, out)``) is listed as
+  a reading too, so that such shapes are reported as ambiguous rather than
+  read as one cross-layer matrix.
+  """
+  rank = a_shape[-1]
+  found = []
+  for k in range(min(len(a_shape), len(b_shape)) - 1):
+    if a_shape[:k] == b_shape[:k] and b_shape[k] == rank:
+      found.append(LoRADimensionNumbers(
+          tuple(range(k)), len(a_shape) - 1, tuple(range(k)), k,
+          tuple(range(k, len(a_shape) - 1)), tuple(range(k + 1, len(b_shape)))))
+  if (len(a_shape) >= 3 and len(b_shape) >= 3 and b_shape[0] == rank
+      and a_shape[-2] == b_shape[1]):
+    found.append(LoRADimensionNumbers(
+        (len(a_shape) - 2,), len(a_shape) - 1, (1,), 0,
+        tuple(range(len(a_shape) - 2)), tuple(range(2, len(b_shape)))))
+  return found
+
+
+def _describe(dims: LoRADimensionNumbers, a_shape, b_shape) -> str:
+  lead = tuple(a_shape[axis] for axis in dims.a_batch_axes)
+  d_in = math.prod(a_shape[axis] for axis in dims.a_in_axes)
+  d_out = math.prod(b_shape[axis] for axis in dims.b_out_axes)
+  return (f"LoRADimensionNumbers(a_batch_axes={tuple(dims.a_batch_axes)}, "
+          f"b_batch_axes={tuple(dims.b_batch_axes)}): {len(lead) and lead or 'no'} batch, "
+          f"d_in {d_in}, r {a_shape[dims.a_rank_axis]}, d_out {d_out}")
+
+
+def infer_dimension_numbers(
+    a_shape: Sequence[int], b_shape: Sequence[int], *, transposed: bool = False
+) -> LoRADimensionNumbers:
+  """The dimension numbers of a pair from its factor shapes (docs/design.md §9).
+
+  flax / qwix layouts (``transposed=False``): ``lora_a`` is
+  ``(*batch, *in, r)`` and ``lora_b`` is ``(*batch, r, *out)`` with the
+  batch axes leading both; that covers flax ``(d_in, r)`` / ``(r, d_out)``
+  with optional stacked-layer axes, qwix einsum factors (``a (D, r)``,
+  ``b (r, N, H)``; ``a (N, H, r)``, ``b (r, D)``; MoE ``a (E, D, r)``,
+  ``b (r, F)``) and qwix batched dot_general (``a (L, d, r)``,
+  ``b (L, r, d')``). When the shapes fit several such readings, the one
+  with every leading axis a batch axis (``a`` and ``b`` of one rank, today's
+  stacked-layer layout) is taken; otherwise the shapes are ambiguous.
+  peft layout (``transposed=True``): ``lora_A (*batch, r, d_in)``,
+  ``lora_B (*batch, d_out, r)``.
+
+  Args:
+    a_shape: shape of ``lora_a``.
+    b_shape: shape of ``lora_b``.
+    transposed: peft (PyTorch) layout.
+
+  Returns:
+    Normalized :class:`LoRADimensionNumbers`.
+
+  Raises:
+    ValueError: if no layout fits (rank mismatch, differing leading axes) or
+      several do; the message says how to declare the axes.
+  """
+  return _infer(tuple(a_shape), tuple(b_shape), transposed, "<pair>", "lora_a", "lora_b")
+
+
+def _infer(a_shape, b_shape, transposed, pair_name, a_path, b_path) -> LoRADimensionNumbers:
+  shapes = f"'{a_path}' {a_shape} and '{b_path}' {b_shape}"
+  if transposed:
+    lead = len(a_shape) - 2
+    if len(b_shape) != len(a_shape) or b_shape[:lead] != a_shape[:lead]:
+      raise ValueError(f"LoRA pair {pair_name!r}: leading (layer) axes differ between {shapes}.")
+    if a_shape[-2] != b_shape[-1]:
+      raise ValueError(
+          f"LoRA pair {pair_name!r}: rank mismatch between {shapes} "
+          "(expected lora_A (r, d_in), lora_B (d_out, r))."
+      )
+    batch = tuple(range(lead))
+    return LoRADimensionNumbers(batch, lead, batch, lead + 1, (lead + 1,), (lead,))
+  found = _readings(a_shape, b_shape)
+  if len(found) == 1:
+    return found[0]
+  stacked = [dims for dims in found if len(a_shape) == len(b_shape)
+             and tuple(dims.a_batch_axes) == tuple(range(len(a_shape) - 2))]
+  if stacked:
+    return stacked[0]
+  declare = (
+      "Declare the axes with a pairing: pairing=adaprelora_jax.pairing."
+      "annotate_pairing(dimension_numbers={" f"{pair_name!r}" ": "
+      "LoRADimensionNumbers(a_batch_axes=..., b_batch_axes=...)}), or return "
+      "LoRARole(..., dimension_numbers=...) from a pairing function "
+      "(docs/design.md §9)."
+  )
+  if not found:
+    if (len(a_shape) == len(b_shape) and b_shape[-2] == a_shape[-1]
+        and a_shape[:-2] != b_shape[:-2]):
+      raise ValueError(
+          f"LoRA pair {pair_name!r}: leading (layer) axes differ between "
+          f"{shapes}. {declare}"
+      )
+    raise ValueError(
+        f"LoRA pair {pair_name!r}: rank mismatch between {shapes} (expected "
+        "lora_a (d_in, r), lora_b (r, d_out): lora_a (..., r) ending with the "
+        "rank and lora_b (*batch, r, ...) starting with it after any leading "
+        f"batch axes shared with lora_a). {declare}"
+    )
+  readings = "; ".join(_describe(dims, a_shape, b_shape) for dims in found)
+  raise ValueError(
+      f"LoRA pair {pair_name!r}: the shapes {shapes} fit several layouts "
+      f"({readings}). {declare}"
+  )
+
+
+def annotate_pairing(
+    pairing: Pairing = "nnx",
+    *,
+    dimension_numbers: Union[
+        None, LoRADimensionNumbers, dict[str, LoRADimensionNumbers],
+        Callable[[str], Optional[LoRADimensionNumbers]]] = None,
+    scale: Union[None, float, dict[str, float], Callable[[str], Optional[float]]] = None,
+) -> PairingFn:
+  """A pairing that declares dimension numbers and/or LoRA scales per pair.
+
+  Example (a MaxText-style scanned model, layers at axis 1, qwix
+  ``alpha=16, rank=8``)::
+
+    pairing = adaprelora_jax.pairing.annotate_pairing(
+        dimension_numbers=LoRADimensionNumbers(a_batch_axes=(1,), b_batch_axes=(1,)),
+        scale=16 / 8)
+    tx = adaprelora_jax.adaprelora(1e-3, pairing=pairing)
+
+  Args:
+    pairing: how the pairs are found (preset name or callable).
+    dimension_numbers: for every pair (a :class:`LoRADimensionNumbers`), by
+      pair name (a dict; pairs not in it are inferred) or a callable
+      ``pair name -> LoRADimensionNumbers | None``.
+    scale: the pairs' LoRA scale (:attr:`LoRARole.scale`), given the same
+      ways.
+
+  Returns:
+    A pairing function (list it in ``static_args`` of
+    ``optax.inject_hyperparams``).
+  """
+  pairing_fn = resolve_pairing(pairing)
+
+  def lookup(spec, name):
+    if spec is None or isinstance(spec, (LoRADimensionNumbers, int, float)):
+      return spec
+    if isinstance(spec, dict):
+      return spec.get(name)
+    return spec(name)
+
+  def annotated(path: tuple[str, ...], leaf: Any) -> Optional[LoRARole]:
+    found = pairing_fn(path, leaf)
+    if found is None:
+      return None
+    found = LoRARole(*found)
+    if found.role not in ("a", "b"):
+      return found
+    updates = {}
+    declared = lookup(dimension_numbers, found.pair)
+    if declared is not None:
+      updates["dimension_numbers"] = declared
+    pair_scale = lookup(scale, found.pair)
+    if pair_scale is not None:
+      updates["scale"] = pair_scale
+    return found._replace(**updates)
+
+  return annotated
 
 
 def check_matching_tree(plan: LoRAPlan, tree: Any, what: str) -> list[Any]:
@@ -621,20 +1041,31 @@ def pair_axes(
 
   ``a_axes`` / ``b_axes`` hold one entry per axis of the ``lora_a`` /
   ``lora_b`` leaf (e.g. sharding names or partition-spec entries), in the
-  leaf's own layout; torch-layout pairs have their two trailing axes swapped.
+  leaf's own layout. The batch entries are ``lora_a``'s. A ``d_in`` formed
+  by several axes gets their mesh axes, major first (a tuple if more than
+  one): the layout of the flattened axis when only its major axis is
+  sharded, which :attr:`LoRARole.sharded_axes` arranges (docs/design.md §9).
   """
-  lead = tuple(a_axes[:len(pair.lead_shape)])
-  a_tail, b_tail = tuple(a_axes[len(lead):]), tuple(b_axes[len(lead):])
-  if pair.transposed:
-    a_tail, b_tail = a_tail[::-1], b_tail[::-1]
-  return lead, a_tail[0], b_tail[1]
+  dims = pair.dimension_numbers
+  lead = tuple(a_axes[axis] for axis in dims.a_batch_axes)
+  return (lead, _merged_entry([a_axes[axis] for axis in dims.a_in_axes]),
+          _merged_entry([b_axes[axis] for axis in dims.b_out_axes]))
+
+
+def _merged_entry(entries: Sequence[Any]) -> Any:
+  """The spec entry of a flattened axis from those of its axes, major first."""
+  if len(entries) == 1:
+    return entries[0]
+  names: list[Any] = []
+  for entry in entries:
+    if entry is None:
+      continue
+    names.extend(entry if isinstance(entry, tuple) else (entry,))
+  if not names:
+    return None
+  return names[0] if len(names) == 1 else tuple(names)
 
 
 def leaf_shape(pair: PairInfo, role: Role) -> tuple[int, ...]:
-  if role == "a":
-    shape = (pair.d_in, pair.rank)
-  else:
-    shape = (pair.rank, pair.d_out)
-  if pair.transposed:
-    shape = shape[::-1]
-  return (*pair.lead_shape, *shape)
+  """The shape of the pair's ``role`` factor leaf (``"a"`` or ``"b"``)."""
+  return pair.a_shape if role == "a" else pair.b_shape

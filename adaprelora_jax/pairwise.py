@@ -34,6 +34,7 @@ Kernels that need a reduction over *all* pairs before updating any
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple, Optional
 
@@ -59,6 +60,10 @@ class PairInputs(NamedTuple):
     row_stats: exact row means of ``G²`` (d_in,) when the pair carries
       statistics probes and the transform asked for them, else None.
     col_stats: likewise, column means (d_out,).
+    lora_scale: the pair's LoRA scale ``s`` from the pairing
+      (:attr:`adaprelora_jax.pairing.LoRARole.scale`, the model computes
+      ``x·(s·a·b)``), a float32 scalar; None when every pair of the group
+      has ``s = 1``.
   """
 
   lora_a: jax.Array
@@ -67,6 +72,7 @@ class PairInputs(NamedTuple):
   grad_b: jax.Array
   row_stats: Optional[jax.Array] = None
   col_stats: Optional[jax.Array] = None
+  lora_scale: Optional[jax.Array] = None
 
   def promoted(self) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """``(a, b, g_a, g_b)`` in :func:`adaprelora_jax.linalg.compute_dtype`."""
@@ -95,9 +101,14 @@ def _gather_inputs(
   if group.exact_statistics:
     row_stats = gather(grads, "row_stats", factor_layout=False)
     col_stats = gather(grads, "col_stats", factor_layout=False)
+  lora_scale = None
+  scales = [pair.scale for pair in group.members]
+  if any(scale != 1.0 for scale in scales):
+    # One entry per single pair, in gather's order (members, then lead axes).
+    lora_scale = jnp.repeat(jnp.asarray(scales, jnp.float32), math.prod(group.lead_shape))
   return PairInputs(
       gather(param_leaves, "a"), gather(param_leaves, "b"),
-      gather(grads, "a"), gather(grads, "b"), row_stats, col_stats,
+      gather(grads, "a"), gather(grads, "b"), row_stats, col_stats, lora_scale,
   )
 
 
@@ -204,7 +215,7 @@ def pairwise_transform(
     labels.check_uniform()
     return state_type(
         count=jnp.zeros([], jnp.int32),
-        non_lora=router.non_lora_transform(plan).init(params),
+        non_lora=nnx_metadata.unwrap_masked_nodes(router.non_lora_transform(plan).init(params)),
         pair_position=_init_positions(plan, labels),
         **{name: kind.init(plan, labels) for name, kind in kinds.items()},
         **absent,

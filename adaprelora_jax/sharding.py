@@ -48,6 +48,7 @@ Example::
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Iterator
 from typing import Any, Optional, Union
 
@@ -57,6 +58,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
 
 from adaprelora_jax import pairing as pairing_lib
+from adaprelora_jax.pairing import LoRARole
 
 # The spec entry of one array axis: a mesh axis name, a tuple of them, or None.
 AxisSpec = Union[None, str, tuple[str, ...]]
@@ -64,8 +66,12 @@ ShardingLike = Union[NamedSharding, PartitionSpec]
 
 # Stand-in sizes: ranks from a low range, all other axes from a high one, so a
 # stand-in rank never exceeds a stand-in d_in or d_out (rules may check r ≤ d).
+# The axes that together form one d_in or d_out of an N-D factor take sizes
+# from a middle range, so that their product (the flattened axis, also an
+# axis of the state) stays well inside int64.
 _FIRST_RANK = 2
 _FIRST_OTHER = 1_000_003
+_FIRST_SUB = 10_007
 
 
 def _axis_specs(sharding: Optional[ShardingLike], ndim: int, path: str) -> tuple[AxisSpec, ...]:
@@ -104,14 +110,31 @@ class _StandIn:
   def __init__(self, stride: int) -> None:
     self._ranks: Iterator[int] = itertools.count(_FIRST_RANK, stride)
     self._others: Iterator[int] = itertools.count(_FIRST_OTHER, stride)
+    self._subs: Iterator[int] = itertools.count(_FIRST_SUB, stride)
     self.specs: list[AxisSpec] = []
     self.axis_of_size: dict[int, int] = {}
 
-  def size(self, spec: AxisSpec, *, rank: bool = False) -> int:
-    size = next(self._ranks if rank else self._others)
+  def size(self, spec: AxisSpec, *, rank: bool = False, sub: bool = False) -> int:
+    size = next(self._ranks if rank else self._subs if sub else self._others)
+    return self.register(size, spec)
+
+  def register(self, size: int, spec: AxisSpec) -> int:
     self.axis_of_size[size] = len(self.specs)
     self.specs.append(spec)
     return size
+
+  def flattened(self, specs: list[AxisSpec], merged: AxisSpec) -> tuple[list[int], int]:
+    """Stand-in sizes of the axes that form one d_in (d_out), and of it.
+
+    One axis is the flattened axis itself (as for 2-D factors); several get
+    a size each (N-D factor-shaped state is laid out axis by axis) and their
+    product names the flattened axis (per-pair vectors along d_in).
+    """
+    if len(specs) == 1:
+      size = self.size(merged)
+      return [size], size
+    sizes = [self.size(spec, sub=True) for spec in specs]
+    return sizes, self.register(math.prod(sizes), merged)
 
 
 def _stand_in_state(
@@ -126,20 +149,28 @@ def _stand_in_state(
   new_shapes: list[Optional[tuple[int, ...]]] = [None] * plan.num_leaves
   # The pairs of a group share their stand-in sizes, so that the stand-in
   # params group (and their stacked state is shaped) as the real ones; the
-  # caller has checked that they are sharded alike.
+  # caller has checked that they are sharded alike, and members of a group
+  # have one leaf layout (pairing.plan_pairs).
   for group in plan.groups:
     first = group.members[0]
-    lead_specs, d_in_spec, d_out_spec = pairing_lib.pair_axes(
-        first, axis_specs[first.a_index], axis_specs[first.b_index])
-    lead = tuple(stand_in.size(spec) for spec in lead_specs)
-    d_in, rank, d_out = (stand_in.size(d_in_spec), stand_in.size(None, rank=True),
-                         stand_in.size(d_out_spec))
+    dims = first.dimension_numbers
+    a_specs, b_specs = axis_specs[first.a_index], axis_specs[first.b_index]
+    lead_specs, d_in_spec, d_out_spec = pairing_lib.pair_axes(first, a_specs, b_specs)
+    lead = [stand_in.size(spec) for spec in lead_specs]
+    in_sizes, d_in = stand_in.flattened([a_specs[axis] for axis in dims.a_in_axes], d_in_spec)
+    rank = stand_in.size(None, rank=True)
+    out_sizes, d_out = stand_in.flattened(
+        [b_specs[axis] for axis in dims.b_out_axes], d_out_spec)
+    a_shape, b_shape = [0] * len(first.a_shape), [0] * len(first.b_shape)
+    for axis, size in zip((*dims.a_batch_axes, *dims.a_in_axes, dims.a_rank_axis),
+                          (*lead, *in_sizes, rank)):
+      a_shape[axis] = size
+    for axis, size in zip((*dims.b_batch_axes, dims.b_rank_axis, *dims.b_out_axes),
+                          (*lead, rank, *out_sizes)):
+      b_shape[axis] = size
     for pair in group.members:
-      a_shape, b_shape = (d_in, rank), (rank, d_out)
-      if pair.transposed:
-        a_shape, b_shape = a_shape[::-1], b_shape[::-1]
-      new_shapes[pair.a_index] = (*lead, *a_shape)
-      new_shapes[pair.b_index] = (*lead, *b_shape)
+      new_shapes[pair.a_index] = tuple(a_shape)
+      new_shapes[pair.b_index] = tuple(b_shape)
       if pair.has_statistics:
         new_shapes[pair.row_stats_index] = (*lead, d_in)
         new_shapes[pair.col_stats_index] = (*lead, d_out)
@@ -168,6 +199,12 @@ def sharded_pairing(
   partition specs as :attr:`adaprelora_jax.pairing.LoRARole.layout`, so
   only pairs with equal specs share a stack. :func:`state_shardings`
   raises if the optimizer's pairing would stack differently sharded pairs.
+  It also reports each factor's sharded axes
+  (:attr:`adaprelora_jax.pairing.LoRARole.sharded_axes`): when several axes
+  of an N-D factor form its ``d_in`` or ``d_out`` (qwix's
+  ``'BTD,CNDH->CBTNH'`` gives ``lora_b (r, C, N, H)`` with ``N`` sharded),
+  the sharded one is flattened first, so the flattened factor keeps its
+  sharding and the update gathers no factor (docs/design.md §9).
 
   Example::
 
@@ -201,7 +238,11 @@ def sharded_pairing(
           f"sharded_pairing: no sharding given for LoRA factor '{name}' "
           "(param_shardings must be a tree like the params)."
       )
-    return found._replace(layout=_axis_specs(by_path[path], len(leaf.shape), name))
+    specs = _axis_specs(by_path[path], len(leaf.shape), name)
+    # The sharded axes also order the flattening of N-D factors, so that a
+    # sharded axis stays major (pairing.LoRARole.sharded_axes).
+    sharded = tuple(axis for axis, spec in enumerate(specs) if spec is not None)
+    return LoRARole(*found)._replace(layout=specs, sharded_axes=sharded)
 
   return pairing_with_layout
 

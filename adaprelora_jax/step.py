@@ -24,7 +24,7 @@ pair if anything is not finite (``docs/design.md`` §3–§6).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -97,6 +97,17 @@ class Hyperparams(NamedTuple):
   step_offset: Any
   decay_rate_fn: Callable[[jax.Array, Any], jax.Array]
   nonfinite: str
+  lora_scale: Optional[jax.typing.ArrayLike]
+
+
+def pair_lora_scale(
+    lora_scale: Optional[jax.typing.ArrayLike], pair_scale: Optional[jax.Array]
+) -> Optional[jax.Array]:
+  """A pair's LoRA scale: the optimizer's times the pairing's; None if neither
+  is set (then the step is exactly that of s = 1, with no extra ops)."""
+  if lora_scale is None:
+    return pair_scale
+  return lora_scale if pair_scale is None else lora_scale * pair_scale
 
 
 def _pair_statistics(
@@ -118,6 +129,12 @@ def update_pair(
   """One pair's AdaPreLoRA step (the kernel of :func:`scale_by_adaprelora`)."""
   del total
   a, b, g_a, g_b = pair.lora_a, pair.lora_b, pair.grad_a, pair.grad_b
+  # docs/design.md §9: for ΔW = s·a·b the factor gradients are s·J*(G);
+  # divided by s they are J*(G) of the unit map, and the unit map's step
+  # divided by s gives the same weight change s·J(δ) as the Adafactor step.
+  scale = pair_lora_scale(hyper.lora_scale, pair.lora_scale)
+  if scale is not None:
+    g_a, g_b = g_a / scale, g_b / scale
   if hyper.project_gradients:
     g_a, g_b = kernels.consistent_gradients(a, b, g_a, g_b)
   row_stats, col_stats = _pair_statistics(hyper, pair, a, b, g_a, g_b)
@@ -139,6 +156,8 @@ def update_pair(
   if hyper.clipping_threshold is not None:
     deltas = clip_by_weighted_rms(deltas, step.descent, row_scale, col_scale,
                                   hyper.clipping_threshold)
+  if scale is not None:
+    deltas = tuple(delta / scale for delta in deltas)
   if hyper.b1 is not None:
     moments["momentum"], deltas = momentum_step(state["momentum"], deltas, hyper.b1, count)
   skipped = jnp.array(False)

@@ -108,6 +108,7 @@ def scale_by_adaprelora(
     non_lora: Optional[optax.GradientTransformation] = None,
     strict: bool = False,
     nonfinite: NonFinitePolicy = "skip",
+    lora_scale: Optional[float] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Rescale LoRA factor gradients with the AdaPreLoRA closed-form step.
 
@@ -185,6 +186,14 @@ def scale_by_adaprelora(
       classifier head); default ``optax.scale_by_adam()``.
     strict: raise if the params contain leaves that are not LoRA factors.
     nonfinite: ``"skip"`` or ``"propagate"`` (above).
+    lora_scale: the LoRA scale ``s`` of a model computing ``x·(s·a·b)``
+      (qwix and peft: ``alpha / rank``); multiplies each pair's
+      :attr:`adaprelora_jax.pairing.LoRARole.scale`. The statistics are then
+      those of ``G = ∂L/∂W`` and the weight change ``s·(δa b + a δb)`` is the
+      projected Adafactor step, so the learning rate means the same step in
+      weight space whatever alpha and rank. Without it (None: ``s = 1``) the
+      weight-space step of a scaled model is ``s`` times that
+      (docs/design.md §9). Must be > 0 or None.
 
   Returns:
     The corresponding :class:`optax.GradientTransformationExtraArgs`.
@@ -215,10 +224,11 @@ def scale_by_adaprelora(
   validation.check_positive("damping_floor", damping_floor)
   validation.check_positive("clipping_threshold", clipping_threshold, allow_none=True)
   validation.check_positive("step_offset", step_offset, allow_zero=True)
+  validation.check_positive("lora_scale", lora_scale, allow_none=True)
   hyper = step.Hyperparams(
       decay_rate, eps, b1, damping, damping_floor, clipping_threshold, tie_breaker,
       project_gradients, step_offset,
-      decay_rate_pow if decay_rate_fn is None else decay_rate_fn, nonfinite,
+      decay_rate_pow if decay_rate_fn is None else decay_rate_fn, nonfinite, lora_scale,
   )
   return pairwise.pairwise_transform(
       functools.partial(step.update_pair, hyper),
@@ -255,6 +265,7 @@ def adaprelora(
     non_lora: Optional[optax.GradientTransformation] = None,
     strict: bool = False,
     nonfinite: NonFinitePolicy = "skip",
+    lora_scale: Optional[float] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""AdaPreLoRA: adaptive preconditioned optimizer for LoRA factors.
 
@@ -298,6 +309,8 @@ def adaprelora(
     non_lora: see :func:`scale_by_adaprelora`.
     strict: see :func:`scale_by_adaprelora`.
     nonfinite: see :func:`scale_by_adaprelora`.
+    lora_scale: see :func:`scale_by_adaprelora` (e.g. qwix's
+      ``alpha / rank``).
 
   Returns:
     The corresponding :class:`optax.GradientTransformationExtraArgs`.
@@ -319,7 +332,7 @@ def adaprelora(
           tie_breaker=tie_breaker, project_gradients=project_gradients,
           statistics=statistics, step_offset=step_offset,
           decay_rate_fn=decay_rate_fn, pairing=pairing, non_lora=non_lora,
-          strict=strict, nonfinite=nonfinite,
+          strict=strict, nonfinite=nonfinite, lora_scale=lora_scale,
       ),
       optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),

@@ -140,7 +140,8 @@ def test_custom_pairing_function():
      r"'layer/lora_a' has dtype int32"),
     ({"layer": {"lora_a": jnp.zeros((4, 2)), "lora_b": jnp.zeros((2, 5), jnp.bfloat16)}},
      r"'layer/lora_a' is float32 but 'layer/lora_b' is bfloat16"),
-    ({"layer": {"lora_a": jnp.zeros((3, 4, 2)), "lora_b": jnp.zeros((2, 2, 5))}},
+    # (3, 4, 2) with (2, 2, 5) would be a valid N-D layout (d_in 12, d_out 10).
+    ({"layer": {"lora_a": jnp.zeros((3, 4, 2)), "lora_b": jnp.zeros((5, 2, 5))}},
      r"leading \(layer\) axes differ between 'layer/lora_a'"),
     ({"layer": {"lora_a": jnp.zeros((4, 2)), "lora_b": jnp.zeros((2, 5)),
                 "grad_sq_rows": jnp.zeros(4)}},

@@ -1,0 +1,144 @@
+"""Tunix end to end: a Qwen3 model (random weights, tiny config) made LoRA by
+qwix and trained by ``tunix.sft.PeftTrainer`` with ``ap.adaprelora`` under
+``optax.inject_hyperparams``, with gradient accumulation (Tunix wraps the
+optimizer in ``optax.MultiSteps``) and Orbax checkpoints.
+
+Needs the ``integrations`` extra (google-tunix).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+
+import adaprelora_jax as ap
+
+pytest.importorskip("qwix")
+pytest.importorskip("tunix")
+import qwix  # noqa: E402
+from tunix.models.qwen3 import model as qwen3  # noqa: E402
+from tunix.sft import metrics_logger  # noqa: E402
+from tunix.sft import peft_trainer  # noqa: E402
+from tunix.sft import utils as sft_utils  # noqa: E402
+
+# Three PeftTrainers compile their steps: minutes on a loaded 2-core CPU. CI
+# runs it as its own step (pytest -m slow tests/test_tunix.py).
+pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"), pytest.mark.slow]
+
+RANK, ALPHA = 4, 8.0
+ACCUMULATION = 2
+VOCAB, SEQ, BATCH = 64, 8, 4
+
+
+def _mesh():
+  # Tunix's default sharding names: ("fsdp", "tp"); one CPU device each.
+  return jax.make_mesh((1, 1), ("fsdp", "tp"), axis_types=(jax.sharding.AxisType.Auto,) * 2,
+                       devices=jax.devices()[:1])
+
+
+def _lora_model():
+  config = qwen3.ModelConfig(
+      num_layers=1, vocab_size=VOCAB, embed_dim=32, hidden_dim=64, num_heads=4,
+      head_dim=8, num_kv_heads=2, rope_theta=10_000, norm_eps=1e-6)
+  model = qwen3.Qwen3(config, rngs=nnx.Rngs(0))
+  provider = qwix.LoraProvider(
+      module_path=".*q_proj|.*k_proj|.*v_proj|.*o_proj|.*gate_proj|.*up_proj|.*down_proj",
+      rank=RANK, alpha=ALPHA)
+  return qwix.apply_lora_to_model(model, provider, rngs=nnx.Rngs(1), **model.get_model_input())
+
+
+def _batches(count):
+  """A learnable sequence task: each token is the previous one plus one."""
+  rng = np.random.default_rng(0)
+  batches = []
+  for _ in range(count):
+    start = rng.integers(1, VOCAB - SEQ, size=(BATCH, 1))
+    tokens = (start + np.arange(SEQ)).astype(np.int32)
+    batches.append(peft_trainer.TrainingInput(input_tokens=tokens,
+                                              input_mask=np.ones_like(tokens, bool)))
+  return batches
+
+
+def _model_input(x):
+  # As tunix/cli/peft_main.py builds it.
+  pad_mask = x.input_tokens != 0
+  return {
+      "input_tokens": x.input_tokens,
+      "input_mask": x.input_mask,
+      "positions": sft_utils.build_positions_from_mask(pad_mask),
+      "attention_mask": sft_utils.make_causal_attn_mask(pad_mask),
+  }
+
+
+def _schedule():
+  return optax.linear_schedule(3e-2, 1e-2, transition_steps=6)
+
+
+def _trainer(model, tmp_path, max_steps):
+  # The recipe of the README: the scale qwix applies (alpha / rank) is given
+  # as lora_scale, so the learning rate is a weight-space step size.
+  optimizer = optax.inject_hyperparams(ap.adaprelora)(
+      learning_rate=_schedule(), lora_scale=ALPHA / RANK)
+  config = peft_trainer.TrainingConfig(
+      eval_every_n_steps=1000,
+      max_steps=max_steps,
+      gradient_accumulation_steps=ACCUMULATION,
+      checkpoint_root_directory=str(tmp_path / "checkpoints"),
+      checkpointing_options=ocp.CheckpointManagerOptions(save_interval_steps=2),
+      metrics_logging_options=metrics_logger.MetricsLoggerOptions(log_dir=str(tmp_path / "logs")),
+      pbar_description=None,
+  )
+  return peft_trainer.PeftTrainer(model, optimizer, config).with_gen_model_input_fn(_model_input)
+
+
+def _lora_params(model):
+  return jax.tree.map(np.asarray, nnx.as_pure(nnx.state(model, nnx.LoRAParam)))
+
+
+def test_peft_trainer_trains_and_resumes_bit_for_bit(tmp_path):
+  steps = 6
+  data = _batches(steps * ACCUMULATION)
+  with jax.set_mesh(_mesh()):
+    model = _lora_model()
+    plan = ap.plan_pairs(nnx.state(model, nnx.LoRAParam), strict=True)
+    # The 7 projections of the layer, all found (N-D einsum factors included).
+    assert len(plan.pairs) == 7
+    trainer = _trainer(model, tmp_path / "straight", steps)
+    trainer.train(data)
+    losses = trainer.metrics_logger.get_metric_history("", "loss", "train")
+    learning_rates = trainer.metrics_logger.get_metric_history("", "learning_rate", "train")
+    trainer.close()
+    straight = _lora_params(model)
+
+    # The same run, stopped after 2 steps and resumed from its checkpoint.
+    model = _lora_model()
+    first = _trainer(model, tmp_path / "resumed", 2)
+    first.train(data[:2 * ACCUMULATION])
+    first.close()
+    model = _lora_model()
+    second = _trainer(model, tmp_path / "resumed", steps)
+    assert second.train_steps == 2
+    # Tunix skips the examples the restored steps consumed: give it all.
+    second.train(data)
+    second.close()
+    resumed = _lora_params(model)
+
+  losses = np.asarray(losses)
+  assert losses.shape == (steps,) and np.all(np.isfinite(losses))
+  assert losses[-1] < 0.9 * losses[0], losses
+  # The logged learning rate is the schedule's, one per optimizer step
+  # (MultiSteps counts optimizer steps, not micro-batches); Tunix reads it
+  # from the state after the step, where inject_hyperparams holds the next
+  # step's value (for the last step, buffered, the value before it).
+  learning_rates = np.asarray(learning_rates)
+  assert learning_rates.shape == (steps,)
+  np.testing.assert_allclose(learning_rates[:-1],
+                             [_schedule()(step + 1) for step in range(steps - 1)], rtol=1e-6)
+  assert np.isclose(learning_rates[-1], [_schedule()(steps - 1), _schedule()(steps)]).any()
+  jax.tree.map(np.testing.assert_array_equal, resumed, straight)
+  # The factors moved (b starts at zero).
+  assert any(np.any(leaf != 0) for path, leaf in jax.tree_util.tree_leaves_with_path(straight)
+             if "lora_b" in jax.tree_util.keystr(path))
