@@ -239,12 +239,17 @@ def scale_by_adaprelora(
   def update_pair(pair, state, count, total):
     del total
     a, b, g_a, g_b = pair.lora_a, pair.lora_b, pair.grad_a, pair.grad_b
+    tangent = pair.row_stats is None
+    # One set of Grams for the projection, the tangent statistics and the
+    # step (docs/design.md §4-§5).
+    grams = kernels.pair_grams(a, b, g_a, g_b, gradient_grams=tangent)
+    inverses = kernels.gram_inverses(grams, damping=damping, damping_floor=damping_floor)
     if project_gradients:
-      g_a, g_b = kernels.consistent_gradients(a, b, g_a, g_b)
-    if pair.row_stats is None:
-      row_stats, col_stats = kernels.tangent_gradient_statistics(
-          a, b, g_a, g_b, damping=damping, damping_floor=damping_floor
-      )
+      g_a, g_b, grams = kernels.consistent_gradients_unless_identity(
+          a, b, g_a, g_b, grams, inverses)
+    if tangent:
+      row_stats, col_stats = kernels.tangent_statistics_from_grams(
+          a, b, g_a, g_b, grams, inverses)
     else:
       row_stats = pair.row_stats.astype(linalg.compute_dtype(pair.row_stats))
       col_stats = pair.col_stats.astype(linalg.compute_dtype(pair.col_stats))
@@ -256,6 +261,7 @@ def scale_by_adaprelora(
     step = kernels.factor_step(
         a, b, g_a, g_b, row_scale, col_scale,
         damping=damping, damping_floor=damping_floor, tie_breaker=tie_breaker,
+        cross=(grams.cross_a, grams.cross_b),
     )
     delta_a, delta_b = step.delta_a, step.delta_b
     if clipping_threshold is not None:
