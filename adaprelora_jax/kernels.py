@@ -472,8 +472,11 @@ def factor_step(
       psd_inverse(gram, damping=damping, damping_floor=damping_floor * jnp.mean(scale),
                   pseudo_inverse=pseudo_inverse)
       for gram, scale in ((gram_a, p), (gram_b, q)))
-  x_a = matmul(g_a / p[:, None], inverse_b)
-  x_b = matmul(inverse_a, g_b / q[None, :])
+  # (g_a S_b⁻¹) / p rather than (g_a / p) S_b⁻¹: the scaling then fuses into
+  # the element-wise consumers of X_a (⟨g_a, X_a⟩ and the gauge rule's
+  # δa = X_a − a C) instead of costing a pass that writes g_a / p.
+  x_a = matmul(g_a, inverse_b) / p[:, None]
+  x_b = matmul(inverse_a, g_b) / q[None, :]
   core_a = matmul(matmul(inverse_a, shared_a), inverse_b)
   core_b = matmul(matmul(inverse_a, shared_b), inverse_b)
   # u = tr(g_aᵀ diag(1/p) g_a S_b⁻¹) = ⟨g_a, X_a⟩,

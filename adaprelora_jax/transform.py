@@ -286,15 +286,17 @@ def scale_by_adaprelora(
     }
     skipped = jnp.array(False)
     if nonfinite == "skip":
-      # The step is checked, and exact statistics, but not the factor
-      # gradients: a non-finite gradient entry reaches a row or column of
-      # X_a or X_b, and the tangent statistics, through arithmetic that keeps
-      # NaN and ±inf (0·inf is NaN), so it always makes the step non-finite.
-      # A +inf statistic need not (it only zeroes its row or column of the
-      # step) and must not enter the moments. test_any_nonfinite_input_skips_the_pair
-      # covers every case; the two gradient reductions cost ~0.25 s of
-      # compile time at 224 pairs (experiments/bench_scale.py).
-      checked = [delta_a, delta_b] + ([] if pair.row_stats is None else [row_stats, col_stats])
+      # The step's descent u + v − w is checked, and exact statistics, but
+      # not the factor gradients or the step itself: a non-finite entry of
+      # g_a, g_b, a, b, p or q reaches X_a, X_b or the r×r inverses through
+      # arithmetic that keeps NaN and ±inf (0·inf is NaN), hence
+      # u = ⟨g_a, X_a⟩ or v = ⟨g_b, X_b⟩ (docs/design.md §6). A scalar check
+      # lets the select fuse into the pass that forms the step; a reduction
+      # over δa, δb cost two more passes over the factors. A +inf statistic
+      # need not make the step non-finite (it only zeroes its row or column)
+      # and must not enter the moments. test_any_nonfinite_input_skips_the_pair
+      # covers every case.
+      checked = [step.descent] + ([] if pair.row_stats is None else [row_stats, col_stats])
       ok = _all_finite(*checked)
       previous = {name: state[name] for name in moments}
       moments = jax.tree.map(lambda new, old: jnp.where(ok, new, old), moments, previous)
