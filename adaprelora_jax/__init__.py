@@ -41,8 +41,10 @@ from adaprelora_jax.baselines import scale_by_lora_rite
 from adaprelora_jax.baselines import scale_by_riemannian_preconditioner
 from adaprelora_jax.baselines import scaled_adamw
 from adaprelora_jax.baselines import scaled_gd
+from adaprelora_jax.dimension_numbers import LoRADimensionNumbers
 from adaprelora_jax.kernels import factor_update
 from adaprelora_jax.pairing import LoRARole
+from adaprelora_jax.pairing import annotate_pairing
 from adaprelora_jax.pairing import nnx_pairing
 from adaprelora_jax.pairing import peft_pairing
 from adaprelora_jax.pairing import plan_pairs
@@ -56,9 +58,11 @@ from adaprelora_jax.transform import ScaleByAdaPreLoRAState
 __version__ = "0.1.0"
 
 __all__ = (
+    "LoRADimensionNumbers",
     "LoRARole",
     "ScaleByAdaPreLoRAState",
     "adaprelora",
+    "annotate_pairing",
     "baselines",
     "decay_rate_pow",
     "factor_update",

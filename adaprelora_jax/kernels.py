@@ -31,21 +31,19 @@ only ops that lower on TPU (``cholesky``, ``triangular_solve``, ``eigh``).
 from __future__ import annotations
 
 import functools
-from typing import Literal, NamedTuple, Union
+from typing import Literal, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 
 from adaprelora_jax import gauge
 from adaprelora_jax import linalg
+from adaprelora_jax import tangent
 from adaprelora_jax.linalg import compute_dtype
 from adaprelora_jax.linalg import matmul
 
 TieBreaker = Literal["min_imbalance", "equal_norms", "half", "factor_norm", "second_order"]
 TIE_BREAKERS: tuple[str, ...] = tuple(gauge.RULES)
-# "auto": the pseudo-inverse where the damping is zero at run time, Cholesky
-# of the damped matrix elsewhere (for damping that may be traced).
-InverseMode = Union[bool, Literal["auto"]]
 
 
 class FactorStep(NamedTuple):
@@ -69,110 +67,6 @@ class FactorStep(NamedTuple):
   descent: jax.Array
 
 
-def psd_inverse(
-    gram: jax.Array,
-    *,
-    damping: jax.typing.ArrayLike = 0.0,
-    damping_floor: jax.typing.ArrayLike = 0.0,
-    pseudo_inverse: InverseMode = False,
-) -> jax.Array:
-  """Inverse of a symmetric PSD r×r matrix, damped or pseudo-inverted.
-
-  Args:
-    gram: symmetric positive semi-definite matrix (r, r).
-    damping: relative Tikhonov damping; ``damping * trace(gram) / r`` is added
-      to the diagonal (scale-free, ``docs/design.md`` §3).
-    damping_floor: absolute value added to the diagonal on top of the
-      relative damping; keeps the inverse bounded when ``gram`` vanishes
-      (e.g. ``lora_b = 0`` at LoRA init).
-    pseudo_inverse: if True, ignore the damping and return the Moore-Penrose
-      pseudo-inverse via ``eigh`` (eigenvalues below ``r·eps·λ_max`` are
-      treated as zero). Exact on rank-deficient Gram matrices. If
-      ``"auto"``, the pseudo-inverse where the total shift is zero and the
-      damped inverse elsewhere, decided at run time (so it is exact at a
-      traced damping of zero too).
-
-  Returns:
-    The (r, r) inverse.
-  """
-  if pseudo_inverse is True:
-    return linalg.damped_pseudo_inverse(*linalg.psd_eigh(gram), damping=0.0)
-  r = gram.shape[-1]
-  eye = jnp.eye(r, dtype=gram.dtype)
-  shift = damping * jnp.trace(gram) / r + damping_floor
-  # The Gram products are symmetric only up to rounding, but the Cholesky
-  # factorization reads only the lower triangle, so no symmetrization is
-  # needed (it would add two transposes per solve, which dominate the compile
-  # time of the whole optimizer step on CPU).
-  cholesky = jax.lax.linalg.cholesky(gram + shift * eye, symmetrize_input=False)
-  # A triangular solve gives L⁻¹, and L⁻ᵀL⁻¹ = (LLᵀ)⁻¹ without forming a
-  # general inverse.
-  inverse_cholesky = jax.lax.linalg.triangular_solve(
-      cholesky, eye, left_side=True, lower=True)
-  damped = matmul(inverse_cholesky.T, inverse_cholesky)
-  if pseudo_inverse == "auto":
-    # Where the shift is zero the Cholesky of a singular matrix is NaN; the
-    # select keeps only the branch that applies.
-    exact = linalg.damped_pseudo_inverse(*linalg.psd_eigh(gram), damping=0.0)
-    return jnp.where(shift == 0, exact, damped)
-  return damped
-
-
-def consistent_gradients(
-    lora_a: jax.Array, lora_b: jax.Array, grad_a: jax.Array, grad_b: jax.Array
-) -> tuple[jax.Array, jax.Array]:
-  r"""Euclidean projection of factor gradients onto those of some ``G``.
-
-  Backprop gives factor gradients ``(G bᵀ, aᵀ G)`` of one weight gradient.
-  Others (weight decay or noise added before the preconditioner in an
-  ``optax.chain``, per-leaf clipping) also have a component in the null space
-  of the Jacobian ``J(δa, δb) = δa b + a δb``, which moves no weight: the
-  normal equations ``J*HJ d = (g_a, g_b)`` then have no solution, and the
-  closed form would amplify that component by ``S_b⁻¹`` (``S_a⁻¹``) without
-  bound as ``b`` (``a``) vanishes. Their minimum-norm least-squares solution
-  is the solution for the gradients projected onto the orthogonal complement
-  of that null space, the range of ``J*`` (``docs/design.md`` §4). For the
-  gradients of one ``G`` the projection is the identity: the step is
-  unchanged.
-
-  With ``aᵀa = U diag(α) Uᵀ`` and ``b bᵀ = V diag(β) Vᵀ`` the null space is the
-  gauge family ``(a X, −X b)`` plus, where a factor is rank-deficient, every
-  ``δa`` with ``δa b = 0`` (``δa`` along ``β_j = 0``) and every ``δb`` with
-  ``a δb = 0``. These parts are orthogonal, so the projection removes
-  ``g_a``'s component along ``β_j = 0`` and ``g_b``'s along ``α_i = 0``, then
-  solves the Sylvester equation ``(aᵀa) Y + Y (b bᵀ) = aᵀ g_a − g_b bᵀ`` on the
-  remaining directions (``Y = U [T_ij / (α_i + β_j)] Vᵀ``), giving
-  ``(g_a Π_b − a Y, Π_a g_b + Y b)`` with ``Π`` the range projectors of the
-  Grams. Directions count as null as in
-  :func:`adaprelora_jax.linalg.numerical_rank_mask`.
-
-  Args:
-    lora_a: ``a`` (d_in, r).
-    lora_b: ``b`` (r, d_out).
-    grad_a: ``g_a`` (d_in, r).
-    grad_b: ``g_b`` (r, d_out).
-
-  Returns:
-    The projected ``(grad_a, grad_b)``, in :func:`compute_dtype` of the inputs.
-  """
-  dtype = compute_dtype(lora_a, lora_b, grad_a, grad_b)
-  a, b, g_a, g_b = (x.astype(dtype) for x in (lora_a, lora_b, grad_a, grad_b))
-  (alpha, u), (beta, v) = linalg.psd_eigh(matmul(a.T, a)), linalg.psd_eigh(matmul(b, b.T))
-  keep_a, keep_b = linalg.numerical_rank_mask(alpha), linalg.numerical_rank_mask(beta)
-  # In the eigenbases: columns of g_a V along β_j = 0 and rows of Uᵀ g_b along
-  # α_i = 0 lie in the null space; drop them. By multiplying, not selecting,
-  # so a non-finite gradient still makes the step non-finite (0·inf is NaN)
-  # and the optimizer's non-finite policy sees it.
-  rotated_a = matmul(g_a, v) * keep_b.astype(dtype)[None, :]
-  rotated_b = matmul(u.T, g_b) * keep_a.astype(dtype)[:, None]
-  mismatch = matmul(matmul(a, u).T, rotated_a) - matmul(rotated_b, matmul(v.T, b).T)
-  solvable = keep_a[:, None] & keep_b[None, :]
-  denominator = jnp.where(solvable, alpha[:, None] + beta[None, :], 1.0)
-  gauge_part = matmul(matmul(u, jnp.where(solvable, mismatch / denominator, 0.0)), v.T)
-  return (matmul(rotated_a, v.T) - matmul(a, gauge_part),
-          matmul(u, rotated_b) + matmul(gauge_part, b))
-
-
 def factor_step(
     lora_a: jax.Array,
     lora_b: jax.Array,
@@ -184,7 +78,8 @@ def factor_step(
     damping: jax.typing.ArrayLike = 0.0,
     damping_floor: jax.typing.ArrayLike = 0.0,
     tie_breaker: TieBreaker = "min_imbalance",
-    pseudo_inverse: InverseMode = False,
+    pseudo_inverse: linalg.InverseMode = False,
+    cross: Optional[tuple[jax.Array, jax.Array]] = None,
 ) -> FactorStep:
   """Closed-form AdaPreLoRA step of one pair, with diagnostics.
 
@@ -193,10 +88,13 @@ def factor_step(
   ``damping_floor · mean(p)`` and to ``S_b`` is ``damping_floor · mean(q)``, so
   it does not depend on how the Kronecker scale is split between ``p`` and
   ``q`` (``H`` is unchanged by ``(αp, q/α)``). The factor gradients are used
-  as given (see :func:`consistent_gradients`).
+  as given (see :func:`adaprelora_jax.tangent.consistent_gradients`).
 
   All inputs must be 2-D (a single pair) and of a floating dtype; the result is
-  in :func:`compute_dtype` of the inputs.
+  in :func:`compute_dtype` of the inputs. ``cross``, if given, is
+  ``(aᵀ g_a, g_b bᵀ)`` already computed for these inputs
+  (:attr:`PairGrams.cross_a`, :attr:`PairGrams.cross_b`); it saves two
+  passes over the factors.
   """
   dtype = compute_dtype(lora_a, lora_b, grad_a, grad_b, row_scale, col_scale)
   a, b, g_a, g_b, p, q = (
@@ -206,14 +104,19 @@ def factor_step(
   # docs/design.md §3.
   gram_a = matmul(a.T, p[:, None] * a)
   gram_b = matmul(b * q[None, :], b.T)
-  shared_a = matmul(a.T, g_a)
-  shared_b = matmul(g_b, b.T)
+  if cross is None:
+    shared_a, shared_b = matmul(a.T, g_a), matmul(g_b, b.T)
+  else:
+    shared_a, shared_b = (x.astype(dtype) for x in cross)
   inverse_a, inverse_b = (
-      psd_inverse(gram, damping=damping, damping_floor=damping_floor * jnp.mean(scale),
+      linalg.psd_inverse(gram, damping=damping, damping_floor=damping_floor * jnp.mean(scale),
                   pseudo_inverse=pseudo_inverse)
       for gram, scale in ((gram_a, p), (gram_b, q)))
-  x_a = matmul(g_a / p[:, None], inverse_b)
-  x_b = matmul(inverse_a, g_b / q[None, :])
+  # (g_a S_b⁻¹) / p rather than (g_a / p) S_b⁻¹: the scaling then fuses into
+  # the element-wise consumers of X_a (⟨g_a, X_a⟩ and the gauge rule's
+  # δa = X_a − a C) instead of costing a pass that writes g_a / p.
+  x_a = matmul(g_a, inverse_b) / p[:, None]
+  x_b = matmul(inverse_a, g_b) / q[None, :]
   core_a = matmul(matmul(inverse_a, shared_a), inverse_b)
   core_b = matmul(matmul(inverse_a, shared_b), inverse_b)
   # u = tr(g_aᵀ diag(1/p) g_a S_b⁻¹) = ⟨g_a, X_a⟩,
@@ -332,7 +235,7 @@ def factor_update(
       ``"second_order"`` (θ ∈ [0, 1] minimizing ``‖δa δb‖_H``, the only part
       of a finite step's weight change that the gauge affects).
     project_gradients: first remove the gauge component of factor gradients
-      that are not those of one ``G`` (:func:`consistent_gradients`); a no-op
+      that are not those of one ``G`` (:func:`adaprelora_jax.tangent.consistent_gradients`); a no-op
       for backprop gradients. Without it such gradients give steps that grow
       without bound as a factor vanishes.
 
@@ -368,7 +271,7 @@ def _mapped_factor_update(lora_a, lora_b, grad_a, grad_b, row_scale, col_scale,
 
   def single(a, b, g_a, g_b, p, q):
     if project_gradients:
-      g_a, g_b = consistent_gradients(a, b, g_a, g_b)
+      g_a, g_b = tangent.consistent_gradients(a, b, g_a, g_b)
     step = factor_step(
         a, b, g_a, g_b, p, q, damping=damping, damping_floor=damping_floor,
         tie_breaker=tie_breaker, pseudo_inverse=pseudo_inverse)
@@ -384,52 +287,6 @@ def _is_concrete_zero(value: jax.typing.ArrayLike) -> bool:
     return float(value) == 0.0
   except (TypeError, jax.errors.ConcretizationTypeError):
     return False
-
-
-def tangent_gradient_statistics(
-    lora_a: jax.Array,
-    lora_b: jax.Array,
-    grad_a: jax.Array,
-    grad_b: jax.Array,
-    *,
-    damping: jax.typing.ArrayLike,
-    damping_floor: jax.typing.ArrayLike,
-) -> tuple[jax.Array, jax.Array]:
-  r"""Row and column means of ``Ĝ²`` for the tangent estimate of ``G``.
-
-  ``Ĝ = P_a G + G P_b − P_a G P_b`` is the Euclidean projection of ``G`` onto
-  the tangent space (``docs/design.md`` §5, ``"tangent"`` mode), with
-  ``P_a = a (aᵀa)⁻¹ aᵀ`` and ``P_b = bᵀ (b bᵀ)⁻¹ b``. In terms of the factor
-  gradients ``g_a = G bᵀ``, ``g_b = aᵀ G`` (with ``Ψ_a = (aᵀa)⁻¹``,
-  ``Ψ_b = (bbᵀ)⁻¹``, ``K = aᵀ g_a``) it is a rank-2r product::
-
-    Ĝ = U W,   U = [a, g_a] (d_in, 2r),   W = [Ψ_a (g_b − K Ψ_b b); Ψ_b b] (2r, d_out)
-
-  so ``Σ_j Ĝ_ij² = u_i (W Wᵀ) u_iᵀ`` and ``Σ_i Ĝ_ij² = w_jᵀ (UᵀU) w_j``, in
-  O((d_in + d_out) r²), never forming ``Ĝ``. Both are squared norms of rows
-  and columns of the reconstructed ``Ĝ``, hence non-negative for *any* pair of
-  factor gradients: gradients that are not exactly those of one ``G`` (a
-  per-leaf transform earlier in an ``optax.chain``, noise, rounding) cannot
-  drive a statistic to zero, which would make ``H⁻¹`` explode on that row.
-  Inverses are damped as in :func:`psd_inverse` (the floor is in units of a
-  squared factor norm).
-
-  Returns:
-    ``(row_mean_sq (d_in,), col_mean_sq (d_out,))``, in float32 or wider.
-  """
-  dtype = compute_dtype(lora_a, lora_b, grad_a, grad_b)
-  a, b, g_a, g_b = (x.astype(dtype) for x in (lora_a, lora_b, grad_a, grad_b))
-  d_in, d_out = a.shape[0], b.shape[1]
-  inverse_a = psd_inverse(matmul(a.T, a), damping=damping, damping_floor=damping_floor)
-  inverse_b = psd_inverse(matmul(b, b.T), damping=damping, damping_floor=damping_floor)
-  coefficient_b = matmul(inverse_b, b)
-  coefficient_a = matmul(inverse_a, g_b - matmul(matmul(a.T, g_a), coefficient_b))
-  left = jnp.concatenate([a, g_a], axis=1)
-  right = jnp.concatenate([coefficient_a, coefficient_b], axis=0)
-  row_sums = jnp.sum(matmul(left, matmul(right, right.T)) * left, axis=1)
-  col_sums = jnp.sum(matmul(matmul(left.T, left), right) * right, axis=0)
-  # Rounding alone can take a quadratic form of a PSD matrix below zero.
-  return jnp.maximum(row_sums, 0.0) / d_out, jnp.maximum(col_sums, 0.0) / d_in
 
 
 def factored_scales(

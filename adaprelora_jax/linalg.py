@@ -21,6 +21,8 @@ promote to :func:`compute_dtype`) and uses only ops that lower on TPU
 
 from __future__ import annotations
 
+from typing import Literal, Union
+
 import jax
 import jax.numpy as jnp
 
@@ -114,3 +116,57 @@ def psd_sylvester(
   transformed = matmul(matmul(u.T, rhs), v)
   solution = jnp.where(solvable, transformed / jnp.where(solvable, denominator, 1.0), 0.0)
   return matmul(matmul(u, solution), v.T)
+
+
+# "auto": the pseudo-inverse where the damping is zero at run time, Cholesky
+# of the damped matrix elsewhere (for damping that may be traced).
+InverseMode = Union[bool, Literal["auto"]]
+
+
+def psd_inverse(
+    gram: jax.Array,
+    *,
+    damping: jax.typing.ArrayLike = 0.0,
+    damping_floor: jax.typing.ArrayLike = 0.0,
+    pseudo_inverse: InverseMode = False,
+) -> jax.Array:
+  """Inverse of a symmetric PSD r×r matrix, damped or pseudo-inverted.
+
+  Args:
+    gram: symmetric positive semi-definite matrix (r, r).
+    damping: relative Tikhonov damping; ``damping * trace(gram) / r`` is added
+      to the diagonal (scale-free, ``docs/design.md`` §3).
+    damping_floor: absolute value added to the diagonal on top of the
+      relative damping; keeps the inverse bounded when ``gram`` vanishes
+      (e.g. ``lora_b = 0`` at LoRA init).
+    pseudo_inverse: if True, ignore the damping and return the Moore-Penrose
+      pseudo-inverse via ``eigh`` (eigenvalues below ``r·eps·λ_max`` are
+      treated as zero). Exact on rank-deficient Gram matrices. If
+      ``"auto"``, the pseudo-inverse where the total shift is zero and the
+      damped inverse elsewhere, decided at run time (so it is exact at a
+      traced damping of zero too).
+
+  Returns:
+    The (r, r) inverse.
+  """
+  if pseudo_inverse is True:
+    return damped_pseudo_inverse(*psd_eigh(gram), damping=0.0)
+  r = gram.shape[-1]
+  eye = jnp.eye(r, dtype=gram.dtype)
+  shift = damping * jnp.trace(gram) / r + damping_floor
+  # The Gram products are symmetric only up to rounding, but the Cholesky
+  # factorization reads only the lower triangle, so no symmetrization is
+  # needed (it would add two transposes per solve, which dominate the compile
+  # time of the whole optimizer step on CPU).
+  cholesky = jax.lax.linalg.cholesky(gram + shift * eye, symmetrize_input=False)
+  # A triangular solve gives L⁻¹, and L⁻ᵀL⁻¹ = (LLᵀ)⁻¹ without forming a
+  # general inverse.
+  inverse_cholesky = jax.lax.linalg.triangular_solve(
+      cholesky, eye, left_side=True, lower=True)
+  damped = matmul(inverse_cholesky.T, inverse_cholesky)
+  if pseudo_inverse == "auto":
+    # Where the shift is zero the Cholesky of a singular matrix is NaN; the
+    # select keeps only the branch that applies.
+    exact = damped_pseudo_inverse(*psd_eigh(gram), damping=0.0)
+    return jnp.where(shift == 0, exact, damped)
+  return damped

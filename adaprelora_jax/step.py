@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from adaprelora_jax import kernels
+from adaprelora_jax import tangent
 from adaprelora_jax import linalg
 from adaprelora_jax import pairwise
 
@@ -111,13 +112,12 @@ def pair_lora_scale(
 
 
 def _pair_statistics(
-    hyper: Hyperparams, pair: pairwise.PairInputs, a: jax.Array, b: jax.Array,
-    g_a: jax.Array, g_b: jax.Array,
+    pair: pairwise.PairInputs, a: jax.Array, b: jax.Array, g_a: jax.Array, g_b: jax.Array,
+    grams: tangent.PairGrams, inverses: tangent.GramInverses,
 ) -> tuple[jax.Array, jax.Array]:
   """Row and column means of ``G²``: exact where the pair carries them."""
   if pair.row_stats is None:
-    return kernels.tangent_gradient_statistics(
-        a, b, g_a, g_b, damping=hyper.damping, damping_floor=hyper.damping_floor)
+    return tangent.tangent_statistics_from_grams(a, b, g_a, g_b, grams, inverses)
   return (pair.row_stats.astype(linalg.compute_dtype(pair.row_stats)),
           pair.col_stats.astype(linalg.compute_dtype(pair.col_stats)))
 
@@ -135,9 +135,16 @@ def update_pair(
   scale = pair_lora_scale(hyper.lora_scale, pair.lora_scale)
   if scale is not None:
     g_a, g_b = g_a / scale, g_b / scale
+  # One set of Grams for the projection, the tangent statistics and the
+  # step (docs/design.md §4-§5).
+  tangent_statistics = pair.row_stats is None
+  grams = tangent.pair_grams(a, b, g_a, g_b, gradient_grams=tangent_statistics)
+  inverses = tangent.gram_inverses(grams, damping=hyper.damping,
+                                   damping_floor=hyper.damping_floor)
   if hyper.project_gradients:
-    g_a, g_b = kernels.consistent_gradients(a, b, g_a, g_b)
-  row_stats, col_stats = _pair_statistics(hyper, pair, a, b, g_a, g_b)
+    g_a, g_b, grams = tangent.consistent_gradients_unless_identity(
+        a, b, g_a, g_b, grams, inverses)
+  row_stats, col_stats = _pair_statistics(pair, a, b, g_a, g_b, grams, inverses)
   beta2 = hyper.decay_rate_fn(count - hyper.step_offset, hyper.decay_rate)
   moments = {
       "row_second_moment": decayed_moment(state["row_second_moment"], row_stats, beta2,
@@ -151,6 +158,7 @@ def update_pair(
   step = kernels.factor_step(
       a, b, g_a, g_b, row_scale, col_scale, damping=hyper.damping,
       damping_floor=hyper.damping_floor, tie_breaker=hyper.tie_breaker,
+      cross=(grams.cross_a, grams.cross_b),
   )
   deltas = (step.delta_a, step.delta_b)
   if hyper.clipping_threshold is not None:
@@ -162,14 +170,16 @@ def update_pair(
     moments["momentum"], deltas = momentum_step(state["momentum"], deltas, hyper.b1, count)
   skipped = jnp.array(False)
   if hyper.nonfinite == "skip":
-    # The step is checked, and exact statistics, but not the factor
-    # gradients: a non-finite gradient entry reaches a row or column of X_a
-    # or X_b, and the tangent statistics, through arithmetic that keeps NaN
-    # and ±inf (0·inf is NaN), so it always makes the step non-finite. A +inf
-    # statistic need not (it only zeroes its row or column of the step) and
-    # must not enter the moments. Two fewer reductions over factor-sized
-    # arrays also compile faster (docs/design.md §10).
-    checked = [*deltas] + ([] if pair.row_stats is None else [row_stats, col_stats])
+    # The step's descent u + v − w is checked, and exact statistics, but
+    # not the factor gradients or the step itself: a non-finite entry of
+    # g_a, g_b, a, b, p or q reaches X_a, X_b or the r×r inverses through
+    # arithmetic that keeps NaN and ±inf (0·inf is NaN), hence
+    # u = ⟨g_a, X_a⟩ or v = ⟨g_b, X_b⟩ (docs/design.md §6). A scalar check
+    # lets the select fuse into the pass that forms the step; a reduction
+    # over δa, δb costs two more passes over the factors. A +inf statistic
+    # need not make the step non-finite (it only zeroes its row or column)
+    # and must not enter the moments.
+    checked = [step.descent] + ([] if pair.row_stats is None else [row_stats, col_stats])
     ok = all_finite(*checked)
     moments = keep_if_finite(ok, moments, {name: state[name] for name in moments})
     deltas = tuple(jnp.where(ok, delta, 0.0) for delta in deltas)

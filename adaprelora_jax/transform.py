@@ -168,7 +168,7 @@ def scale_by_adaprelora(
     project_gradients: remove the gauge component of factor gradients that
       are not those of one ``G`` (weight decay or noise added earlier in a
       chain) before the statistics and the step
-      (:func:`adaprelora_jax.kernels.consistent_gradients`); a no-op for
+      (:func:`adaprelora_jax.tangent.consistent_gradients`); a no-op for
       backprop gradients. Without it such gradients give factor steps that
       grow without bound as a factor vanishes, which clipping ``δW`` does not
       catch.

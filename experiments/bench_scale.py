@@ -20,6 +20,12 @@ whatever the number of layers, and per-layer leaves are cut out of the
 stacked results at positions read from the state (one compiled slice kernel
 per shape, not one per layer).
 
+Each row also gets its floor (``experiments/bench_step.py``: the optimizer's
+modelled flops over this machine's skinny-matmul throughput plus its bytes
+over its element-wise bandwidth, both measured in the same run for the
+setup's shapes) and measured / floor. The adaprelora rows use the tangent
+model (these trees carry no exact statistics).
+
 Writes ``experiments/results/bench_scale.json``.
 """
 
@@ -34,10 +40,13 @@ import numpy as np
 import optax
 
 import adaprelora_jax as ap
-from experiments.bench_step import RESULTS, make_lora_tree, time_step, tree_bytes
+from experiments.bench_step import (COST_MODELS, RESULTS, llama_lora_shapes, make_lora_tree,
+                                    measure_machine, model_work, time_step, tree_bytes)
 from experiments.run import environment
 
 OPTIMIZERS = {"adamw": lambda: optax.adamw(1e-4), "adaprelora": lambda: ap.adaprelora(1e-4)}
+# The cost model of each row (experiments/bench_step.py::COST_MODELS).
+MODELS = {"adamw": COST_MODELS["adamw"], "adaprelora": COST_MODELS["adaprelora (tangent)"]}
 
 
 def stacked(tree, layers: int):
@@ -61,6 +70,8 @@ def run(layer_counts: list[int], hidden: int, ffn: int, rank: int, repeats: int,
   rows = []
   for layers in layer_counts:
     params, grads = make_lora_tree(hidden, ffn, layers, rank)
+    shapes = list(llama_lora_shapes(hidden, ffn).values()) * layers
+    machine = measure_machine(shapes, rank, max(repeats, 5))
     for layout in ("per-layer", "stacked"):
       if layout == "stacked":
         params_in, grads_in = stacked(params, layers), stacked(grads, layers)
@@ -76,7 +87,12 @@ def run(layer_counts: list[int], hidden: int, ffn: int, rank: int, repeats: int,
       measured = {name: median_run(name_runs) for name, name_runs in runs.items()}
       base = measured["adamw"]
       for name, figures in measured.items():
+        work = model_work(MODELS[name], shapes, rank)
+        floor = (work["flops"] / machine["matmul_flops_per_second"]
+                 + work["bytes"] / machine["bytes_per_second"])
         row = {"pairs": 7 * layers, "layout": layout, "optimizer": name, **figures,
+               "machine": machine, "floor_seconds": floor,
+               "step_over_floor": figures["step_seconds"] / floor,
                "compile_ratio": figures["compile_seconds"] / base["compile_seconds"],
                "step_ratio": figures["step_seconds"] / base["step_seconds"],
                # adamw's update is element-wise and runs in place (≈ 0 scratch),
@@ -91,7 +107,8 @@ def run(layer_counts: list[int], hidden: int, ffn: int, rank: int, repeats: int,
 
 
 HEADER = (f"{'pairs':>5} {'layout':<9} {'optimizer':<10} {'compile s':>9} {'× adamw':>7} "
-          f"{'step ms':>8} {'× adamw':>7} {'temp MB':>8} {'× params':>8}")
+          f"{'step ms':>8} {'× adamw':>7} {'floor ms':>8} {'× floor':>7} {'temp MB':>8} "
+          f"{'× params':>8}")
 
 
 def format_row(row: dict) -> str:
@@ -100,6 +117,7 @@ def format_row(row: dict) -> str:
   return (f"{row['pairs']:>5} {row['layout']:<9} {row['optimizer']:<10} "
           f"{row['compile_seconds']:>9.2f} {row['compile_ratio']:>7.2f} "
           f"{row['step_seconds'] * 1e3:>8.2f} {row['step_ratio']:>7.2f} "
+          f"{row['floor_seconds'] * 1e3:>8.2f} {row['step_over_floor']:>7.2f} "
           f"{temp:>8.2f} {over_params:>8.2f}")
 
 

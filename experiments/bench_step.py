@@ -1,8 +1,8 @@
 """Optimizer step time and state size vs optax.adamw on a Llama-shaped LoRA tree.
 
-docs/design.md §7: one process, identical inputs, warm-up, median of repeats with
-``block_until_ready``; every figure is a ratio to ``optax.adamw`` measured in
-the same run. The pytree has the seven LoRA targets of a Llama block (q, k, v,
+docs/design.md §8: one process, identical inputs, warm-up, median of repeats with
+``block_until_ready`` (all steps are compiled first, then timed in interleaved
+rounds); every figure is a ratio to ``optax.adamw`` measured in the same run. The pytree has the seven LoRA targets of a Llama block (q, k, v,
 o: hidden→hidden; gate, up: hidden→ffn; down: ffn→hidden), scaled down for a
 CPU (default hidden 1024, ffn 2752, 8 layers = 56 pairs, rank 16).
 
@@ -10,12 +10,25 @@ Usage::
 
   python -m experiments.bench_step [--hidden 1024 --ffn 2752 --layers 8 --rank 16]
 
+Every row also gets a floor: this machine's lower bound for the optimizer's
+work, measured in the same run (:func:`measure_machine`). Each optimizer has an
+analytic cost model (:data:`COST_MODELS`): the d×r×r products its algorithm
+needs per pair (flops ``2 d r²`` each, counted per side: ``d = d_in`` for the
+``lora_a`` side, ``d_out`` for ``lora_b``) and the factor-sized arrays a fused
+implementation must read or write (bytes). r×r work (Cholesky, eigh, r³
+products) is not counted. The floor is ``flops / matmul throughput +
+bytes / bandwidth`` (no overlap of compute and memory; the overlapped floor,
+their maximum, is in the JSON too), with the throughput of skinny batched
+matmuls of the tree's shapes and the bandwidth of an element-wise stream over
+arrays of the tree's size.
+
 Writes ``experiments/results/bench_step.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import sys
@@ -71,8 +84,8 @@ def tree_bytes(tree) -> int:
   return int(sum(np.asarray(leaf).nbytes for leaf in jax.tree.leaves(tree)))
 
 
-def time_step(tx: optax.GradientTransformation, params, grads, repeats: int) -> dict:
-  """Median wall time of a jitted update + apply_updates, after warm-up."""
+def compile_step(tx: optax.GradientTransformation, params, grads) -> dict:
+  """A jitted update + apply_updates, compiled, with its inputs and static figures."""
   state = tx.init(params)
 
   # Gradients are arguments: closing over them would make them constants that
@@ -86,18 +99,37 @@ def time_step(tx: optax.GradientTransformation, params, grads, repeats: int) -> 
   compiled = step.lower(params, grads, state).compile()
   compile_seconds = time.perf_counter() - start
   memory = compiled.memory_analysis()
-  jax.block_until_ready(compiled(params, grads, state))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(compiled(params, grads, state))
-    times.append(time.perf_counter() - start)
-  return {"step_seconds": float(np.median(times)),
-          "step_seconds_iqr": [float(np.percentile(times, 25)), float(np.percentile(times, 75))],
-          "compile_seconds": compile_seconds,
-          "state_bytes": tree_bytes(state),
+  return {"compiled": compiled, "args": (params, grads, state),
+          "compile_seconds": compile_seconds, "state_bytes": tree_bytes(state),
           # Peak scratch memory of the step beyond its inputs and outputs.
           "temp_bytes": None if memory is None else int(memory.temp_size_in_bytes)}
+
+
+def time_interleaved(programs: dict[str, dict], repeats: int) -> dict[str, dict]:
+  """Median wall times of compiled steps, run in interleaved rounds after warm-up.
+
+  Each round runs every program once, so load that drifts on a shared machine
+  hits every row alike and the same-run ratios stay meaningful.
+  """
+  for program in programs.values():
+    jax.block_until_ready(program["compiled"](*program["args"]))
+  times = {name: [] for name in programs}
+  for _ in range(repeats):
+    for name, program in programs.items():
+      start = time.perf_counter()
+      jax.block_until_ready(program["compiled"](*program["args"]))
+      times[name].append(time.perf_counter() - start)
+  return {name: {"step_seconds": float(np.median(values)),
+                 "step_seconds_iqr": [float(np.percentile(values, 25)),
+                                      float(np.percentile(values, 75))],
+                 **{key: value for key, value in programs[name].items()
+                    if key not in ("compiled", "args")}}
+          for name, values in times.items()}
+
+
+def time_step(tx: optax.GradientTransformation, params, grads, repeats: int) -> dict:
+  """Median wall time of a jitted update + apply_updates, after warm-up."""
+  return time_interleaved({"step": compile_step(tx, params, grads)}, repeats)["step"]
 
 
 # name -> (factory, needs exact-statistics leaves in the tree)
@@ -116,6 +148,120 @@ OPTIMIZERS: dict[str, tuple[Callable[[], optax.GradientTransformation], bool]] =
 }
 
 
+@dataclasses.dataclass(frozen=True)
+class CostModel:
+  """Analytic work of one optimizer step (see the module docstring).
+
+  Attributes:
+    products_a: d_in×r×r products per pair on the ``lora_a`` side.
+    products_b: d_out×r×r products per pair on the ``lora_b`` side.
+    passes: factor-sized arrays (counted in units of all the LoRA factors)
+      read or written, including the parameters, gradients, state and the
+      applied update.
+    weight_products: d_in×d_out×r products per pair (full-weight methods).
+    weight_passes: d_in×d_out arrays read or written per pair.
+    note: how the counts were obtained.
+  """
+
+  products_a: float
+  products_b: float
+  passes: float
+  weight_products: float = 0.0
+  weight_passes: float = 0.0
+  note: str = ""
+
+
+# Counts from reading each algorithm (adaprelora_jax/kernels.py, baselines/):
+#   adamw: read p, g, m, v; write p, m, v (7 passes), no products.
+#   adaprelora, exact statistics: Grams aᵀa, aᵀg_a (bbᵀ, g_b bᵀ), then the step
+#     S_a = aᵀ diag(p) a, X_a = g_a S_b⁻¹ / p, δa = X_a − a C: 5 products per
+#     side; a Gram pass (read a, b, g) and a step pass (read a, b, g, write p).
+#   tangent: + g_aᵀg_a and the statistics' two quadratic forms (g_a M, a M'),
+#     8 per side; + a statistics pass (read a, g) and an S pass (read a).
+#   b1: + read and write the momentum.
+COST_MODELS: dict[str, CostModel] = {
+    "adamw": CostModel(0, 0, 7, note="element-wise: p, g, m, v in; p, m, v out"),
+    "adaprelora (tangent)": CostModel(8, 8, 8),
+    "adaprelora (exact)": CostModel(5, 5, 5),
+    "adaprelora (tangent, b1=0.9)": CostModel(8, 8, 10),
+    "lora_plus": CostModel(0, 0, 7, note="AdamW with a second learning rate"),
+    "scaled_gd": CostModel(2, 2, 4, note="Grams + one preconditioning product per side"),
+    "scaled_adamw": CostModel(2, 2, 8, note="scaled_gd + Adam moments"),
+    "lora_pro (efficient)": CostModel(4, 5, 8, note="projection + Sylvester gauge + Adam"),
+    "lora_pro (full)": CostModel(4, 5, 8, weight_products=4, weight_passes=5,
+                                 note="+ d_in×d_out Adam moments per pair"),
+    "lora_rite": CostModel(6, 6, 8, note="approximate: QR/SVD and basis transport not counted"),
+    "adafactor": CostModel(0, 0, 7, note="unfactored v at rank < 128; RMS clipping pass"),
+}
+
+
+def model_work(model: CostModel, shapes: list[tuple[int, int]], rank: int) -> dict:
+  """Flops and bytes of ``model`` for pairs of the given (d_in, d_out) shapes."""
+  factor_floats = sum((d_in + d_out) * rank for d_in, d_out in shapes)
+  flops = sum(2 * rank * rank * (model.products_a * d_in + model.products_b * d_out)
+              + 2 * rank * d_in * d_out * model.weight_products for d_in, d_out in shapes)
+  bytes_ = 4 * (model.passes * factor_floats
+                + model.weight_passes * sum(d_in * d_out for d_in, d_out in shapes))
+  return {"flops": float(flops), "bytes": float(bytes_)}
+
+
+def _median_seconds(fn, *args, repeats: int) -> float:
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return float(np.median(times))
+
+
+def measure_machine(shapes: list[tuple[int, int]], rank: int, repeats: int) -> dict:
+  """This machine's skinny-matmul throughput and element-wise bandwidth.
+
+  Throughput: the two product kinds of the closed form, batched over the
+  tree's pairs of each d: the Gram ``(L, d, r)ᵀ(L, d, r)`` and the skinny
+  ``(L, d, r)(L, r, r)``, at HIGHEST precision as the kernels run them; total
+  flops over total time. Bandwidth: ``x · s + y`` over float32 arrays as large
+  as all the LoRA factors (two arrays read, one written).
+  """
+  sides = {}
+  for d_in, d_out in shapes:
+    sides[d_in] = sides.get(d_in, 0) + 1
+    sides[d_out] = sides.get(d_out, 0) + 1
+  precision = jax.lax.Precision.HIGHEST
+  gram = jax.jit(lambda x, y: jnp.einsum("lik,lij->lkj", x, y, precision=precision))
+  skinny = jax.jit(lambda x, m: jnp.einsum("lik,lkj->lij", x, m, precision=precision))
+  key = jax.random.key(1)
+  flops = seconds = 0.0
+  for d, count in sides.items():
+    x = jax.random.normal(key, (count, d, rank))
+    m = jax.random.normal(key, (count, rank, rank))
+    seconds += _median_seconds(gram, x, x, repeats=repeats)
+    seconds += _median_seconds(skinny, x, m, repeats=repeats)
+    flops += 2 * (2 * count * d * rank * rank)
+  floats = sum((d_in + d_out) * rank for d_in, d_out in shapes)
+  x = jnp.ones((floats,), jnp.float32)
+  stream = jax.jit(lambda x, y: x * 0.5 + y)
+  stream_seconds = _median_seconds(stream, x, x, repeats=repeats)
+  return {"matmul_flops_per_second": flops / seconds,
+          "bytes_per_second": 3 * 4 * floats / stream_seconds}
+
+
+def add_floors(results: dict, machine: dict, shapes: list[tuple[int, int]], rank: int) -> None:
+  """Adds each row's modelled work, floor and measured / floor."""
+  for name, entry in results.items():
+    model = COST_MODELS.get(name)
+    if model is None:
+      continue
+    work = model_work(model, shapes, rank)
+    compute = work["flops"] / machine["matmul_flops_per_second"]
+    memory = work["bytes"] / machine["bytes_per_second"]
+    entry |= {"model_flops": work["flops"], "model_bytes": work["bytes"],
+              "floor_seconds": compute + memory,
+              "floor_seconds_overlapped": max(compute, memory),
+              "step_over_floor": entry["step_seconds"] / (compute + memory)}
+
+
 # Keeps d_in×d_out Adam moments per pair (40× adamw's state): seconds per step
 # at the default 56 pairs, so it is measured on one block (``--layers 1 --only
 # "lora_pro (full)"``) rather than by default.
@@ -126,25 +272,30 @@ def run(hidden: int, ffn: int, layers: int, rank: int, repeats: int,
         names: list[str] | None = None) -> dict:
   trees = {flag: make_lora_tree(hidden, ffn, layers, rank, exact_statistics=flag)
            for flag in (False, True)}
-  results = {}
+  programs = {}
   for name, (factory, exact) in OPTIMIZERS.items():
     selected = name in names if names else name not in FULL_WEIGHT_STATE
     if not selected and name != "adamw":
       continue
     params, grads = trees[exact]
-    results[name] = time_step(factory(), params, grads, repeats)
-    print(f"  {name}: step {1e3 * results[name]['step_seconds']:.2f} ms, compile "
-          f"{results[name]['compile_seconds']:.1f} s", file=sys.stderr, flush=True)
-    results[name]["param_bytes"] = tree_bytes({k: {r: v[r] for r in ("lora_a", "lora_b")}
-                                               for k, v in params.items()})
+    programs[name] = compile_step(factory(), params, grads)
+    programs[name]["param_bytes"] = tree_bytes({k: {r: v[r] for r in ("lora_a", "lora_b")}
+                                                for k, v in params.items()})
+    print(f"  {name}: compiled in {programs[name]['compile_seconds']:.1f} s",
+          file=sys.stderr, flush=True)
+  results = time_interleaved(programs, repeats)
   base = results["adamw"]
   for entry in results.values():
     entry["step_ratio_vs_adamw"] = entry["step_seconds"] / base["step_seconds"]
     entry["state_ratio_vs_adamw"] = entry["state_bytes"] / base["state_bytes"]
+  shapes = list(llama_lora_shapes(hidden, ffn).values()) * layers
+  machine = measure_machine(shapes, rank, repeats)
+  add_floors(results, machine, shapes, rank)
   return {
       "config": {"hidden": hidden, "ffn": ffn, "layers": layers, "rank": rank,
                  "pairs": layers * 7, "repeats": repeats,
                  "lora_params": trees[False][0] and tree_bytes(trees[False][0]) // 4},
+      "machine": machine,
       "results": results,
       "environment": {"jax": jax.__version__, "optax": optax.__version__,
                       "backend": jax.default_backend(),
@@ -154,11 +305,21 @@ def run(hidden: int, ffn: int, layers: int, rank: int, repeats: int,
 
 
 def format_table(report: dict) -> str:
-  lines = ["| optimizer | step (ms) | step / adamw | state (MB) | state / adamw |",
-           "|---|---:|---:|---:|---:|"]
+  machine = report.get("machine")
+  lines = []
+  if machine:
+    lines.append(f"machine: skinny matmuls {machine['matmul_flops_per_second'] / 1e9:.1f} GFLOP/s, "
+                 f"element-wise stream {machine['bytes_per_second'] / 1e9:.1f} GB/s")
+  lines += ["| optimizer | step (ms) | step / adamw | floor (ms) | step / floor | compile (s) "
+            "| state (MB) | state / adamw |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|"]
   for name, entry in report["results"].items():
+    floor = entry.get("floor_seconds")
+    floor_text = "" if floor is None else f"{1e3 * floor:.2f}"
+    ratio_text = "" if floor is None else f"{entry['step_over_floor']:.2f}"
     lines.append(f"| {name} | {1e3 * entry['step_seconds']:.2f} | "
-                 f"{entry['step_ratio_vs_adamw']:.2f} | {entry['state_bytes'] / 1e6:.2f} | "
+                 f"{entry['step_ratio_vs_adamw']:.2f} | {floor_text} | {ratio_text} | "
+                 f"{entry['compile_seconds']:.1f} | {entry['state_bytes'] / 1e6:.2f} | "
                  f"{entry['state_ratio_vs_adamw']:.3f} |")
   return "\n".join(lines)
 

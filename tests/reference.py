@@ -142,6 +142,25 @@ def tangent_projection(a, b, grad_w) -> np.ndarray:
   return proj_a @ grad_w + grad_w @ proj_b - proj_a @ grad_w @ proj_b
 
 
+def tangent_split_statistics(a, b, grad_a, grad_b):
+  """Row and column means of the squared tangent estimate, part by part.
+
+  For factor gradients of one ``G``: ``Ĝ = G P_b + P_a G (I − P_b)``, whose
+  parts have orthogonal rows, and ``Ĝ = P_a G + (I − P_a) G P_b``, whose parts
+  have orthogonal columns. Written with ``G P_b = g_a (bbᵀ)⁺ b`` and
+  ``P_a G = a (aᵀa)⁺ g_b``, the parts are defined for any factor gradients;
+  the statistics are the sums of the parts' squared row (column) norms.
+  """
+  proj_a = a @ np.linalg.pinv(a)
+  proj_b = np.linalg.pinv(b) @ b
+  grad_proj_b = grad_a @ np.linalg.pinv(b @ b.T) @ b
+  proj_a_grad = a @ np.linalg.pinv(a.T @ a) @ grad_b
+  eye_a, eye_b = np.eye(a.shape[0]), np.eye(b.shape[1])
+  rows = np.sum(grad_proj_b**2, axis=1) + np.sum((proj_a_grad @ (eye_b - proj_b))**2, axis=1)
+  cols = np.sum(proj_a_grad**2, axis=0) + np.sum(((eye_a - proj_a) @ grad_proj_b)**2, axis=0)
+  return rows / b.shape[1], cols / a.shape[0]
+
+
 def adafactor_scales(row_moment, col_moment):
   """p, q with p_i q_j = sqrt(v_row_i v_col_j / mean(v_row)) (Adafactor V̂)."""
   return np.sqrt(row_moment / row_moment.mean()), np.sqrt(col_moment)

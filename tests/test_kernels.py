@@ -9,6 +9,8 @@ import pytest
 
 from adaprelora_jax import factor_update
 from adaprelora_jax import kernels
+from adaprelora_jax import linalg
+from adaprelora_jax import tangent
 from tests import reference
 
 
@@ -308,37 +310,91 @@ def test_tangent_statistics_match_dense_projection(seed, deficient_b):
   if deficient_b:
     b[2] = 0.0
   grad_w = rng.normal(size=(d_in, d_out))
-  tangent = reference.tangent_projection(a, b, grad_w)
+  projected = reference.tangent_projection(a, b, grad_w)
   with jax.enable_x64(True):
-    rows, cols = kernels.tangent_gradient_statistics(
+    rows, cols = tangent.tangent_gradient_statistics(
         *(jnp.asarray(x) for x in (a, b, grad_w @ b.T, a.T @ grad_w)),
         damping=1e-12, damping_floor=1e-14)
   # The damped projector differs from the exact one by O(damping) only in
   # the directions that exist; the deficient direction has zero gradient.
-  np.testing.assert_allclose(np.asarray(rows), np.mean(tangent**2, axis=1), rtol=1e-6, atol=1e-10)
-  np.testing.assert_allclose(np.asarray(cols), np.mean(tangent**2, axis=0), rtol=1e-6, atol=1e-10)
+  np.testing.assert_allclose(np.asarray(rows), np.mean(projected**2, axis=1), rtol=1e-6, atol=1e-10)
+  np.testing.assert_allclose(np.asarray(cols), np.mean(projected**2, axis=0), rtol=1e-6, atol=1e-10)
 
 
-def test_tangent_statistics_of_inconsistent_gradients_are_those_of_the_reconstruction():
+def test_tangent_statistics_of_inconsistent_gradients_are_those_of_the_orthogonal_split():
   """Factor gradients of no single G (e.g. after a per-leaf transform).
 
-  The statistics are then those of the rank-2r reconstruction
-  ``Ĝ = P_a-part + P_b-part − overlap`` built from g_a, g_b; in float32 none
-  may collapse to zero (which made one row of H⁻¹ explode, 1e7-sized steps).
+  The statistics are then the row sums of the two parts ``G P_b`` and
+  ``P_a G (I − P_b)`` (columns: ``P_a G`` and ``(I − P_a) G P_b``) built from
+  g_a, g_b as for one ``G`` (tests/reference.py::tangent_split_statistics);
+  in float32 none may collapse to zero (which made one row of H⁻¹ explode,
+  1e7-sized steps).
   """
   rng = np.random.default_rng(11)
   d_in, d_out, rank = 256, 192, 4
   a, b = rng.normal(size=(d_in, rank)), 0.1 * rng.normal(size=(rank, d_out))
   g_a, g_b = rng.normal(size=(d_in, rank)), 0.1 * rng.normal(size=(rank, d_out))
-  inverse_a, inverse_b = np.linalg.inv(a.T @ a), np.linalg.inv(b @ b.T)
-  reconstruction = (a @ inverse_a @ g_b + g_a @ inverse_b @ b
-                    - a @ inverse_a @ (a.T @ g_a) @ inverse_b @ b)
-  rows, cols = kernels.tangent_gradient_statistics(
+  rows, cols = tangent.tangent_gradient_statistics(
       *(jnp.asarray(x, jnp.float32) for x in (a, b, g_a, g_b)), damping=1e-7, damping_floor=1e-12)
-  want_rows, want_cols = np.mean(reconstruction**2, axis=1), np.mean(reconstruction**2, axis=0)
+  want_rows, want_cols = reference.tangent_split_statistics(a, b, g_a, g_b)
   np.testing.assert_allclose(np.asarray(rows), want_rows, rtol=2e-2, atol=1e-3 * want_rows.mean())
   np.testing.assert_allclose(np.asarray(cols), want_cols, rtol=2e-2, atol=1e-3 * want_cols.mean())
   assert np.asarray(rows).min() > 0.1 * want_rows.min()
+  assert np.asarray(cols).min() > 0.1 * want_cols.min()
+
+
+def _rank_2r_statistics(a, b, g_a, g_b, damping, damping_floor):
+  """The former implementation: row and column norms of the rank-2r product."""
+  inverse_a = linalg.psd_inverse(a.T @ a, damping=damping, damping_floor=damping_floor)
+  inverse_b = linalg.psd_inverse(b @ b.T, damping=damping, damping_floor=damping_floor)
+  coefficient_b = inverse_b @ b
+  coefficient_a = inverse_a @ (g_b - (a.T @ g_a) @ coefficient_b)
+  left = jnp.concatenate([a, g_a], axis=1)
+  right = jnp.concatenate([coefficient_a, coefficient_b], axis=0)
+  rows = jnp.sum(left @ (right @ right.T) * left, axis=1) / b.shape[1]
+  cols = jnp.sum((left.T @ left) @ right * right, axis=0) / a.shape[0]
+  return rows, cols
+
+
+@hypothesis.settings(max_examples=30, deadline=None,
+                     suppress_health_check=[hypothesis.HealthCheck.too_slow])
+@hypothesis.given(
+    d_in=st.integers(2, 24), d_out=st.integers(2, 24), rank=st.integers(1, 8),
+    factor_condition=st.sampled_from([1.0, 10.0, 1e3]), seed=st.integers(0, 2**16),
+)
+def test_tangent_statistics_equal_the_rank_2r_form_for_consistent_gradients(
+    d_in, d_out, rank, factor_condition, seed):
+  """The orthogonal split gives the former rank-2r values for one G."""
+  hypothesis.assume(rank <= min(d_in, d_out))
+  rng = np.random.default_rng(seed)
+  a, b = reference.random_pair(rng, d_in, d_out, rank, factor_condition=factor_condition)
+  grad_w = rng.normal(size=(d_in, d_out))
+  with jax.enable_x64(True):
+    args = [jnp.asarray(x) for x in (a, b, grad_w @ b.T, a.T @ grad_w)]
+    got = tangent.tangent_gradient_statistics(*args, damping=0.0, damping_floor=0.0)
+    expected = _rank_2r_statistics(*args, 0.0, 0.0)
+  for x, y in zip(got, expected):
+    scale = float(np.max(np.asarray(y)))
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=1e-12 * scale * factor_condition**4)
+
+
+@hypothesis.settings(max_examples=30, deadline=None,
+                     suppress_health_check=[hypothesis.HealthCheck.too_slow])
+@hypothesis.given(
+    d_in=st.sampled_from([3, 17, 40]), d_out=st.sampled_from([2, 5, 33]),
+    rank=st.sampled_from([1, 2, 8]), factor_scale=st.sampled_from([0.0, 1e-6, 1.0, 1e3]),
+    grad_scale=st.sampled_from([0.0, 1e-6, 1.0, 1e6]), seed=st.integers(0, 2**16),
+)
+def test_tangent_statistics_are_non_negative_for_any_factor_gradients(
+    d_in, d_out, rank, factor_scale, grad_scale, seed):
+  rng = np.random.default_rng(seed)
+  a = rng.normal(size=(d_in, rank))
+  b = rng.normal(size=(rank, d_out)) * factor_scale
+  g_a, g_b = (rng.normal(size=x.shape) * grad_scale for x in (a, b))
+  rows, cols = tangent.tangent_gradient_statistics(
+      *(jnp.asarray(x, jnp.float32) for x in (a, b, g_a, g_b)), damping=1e-4, damping_floor=1e-8)
+  for x in (rows, cols):
+    assert np.all(np.isfinite(np.asarray(x))) and np.all(np.asarray(x) >= 0.0)
 
 
 def test_tangent_statistics_at_b_zero_are_those_of_p_a_g():
@@ -346,7 +402,7 @@ def test_tangent_statistics_at_b_zero_are_those_of_p_a_g():
   a, b = rng.normal(size=(6, 2)), np.zeros((2, 4))
   grad_w = rng.normal(size=(6, 4))
   projected = a @ np.linalg.pinv(a) @ grad_w
-  rows, cols = kernels.tangent_gradient_statistics(
+  rows, cols = tangent.tangent_gradient_statistics(
       *(jnp.asarray(x, jnp.float32) for x in (a, b, grad_w @ b.T, a.T @ grad_w)),
       damping=1e-4, damping_floor=1e-8)
   # Relative damping 1e-4 shrinks the projector by ~damping·tr(aᵀa)/σ_min².
@@ -374,14 +430,14 @@ def test_psd_inverse_modes():
   gram = jnp.asarray(x.T @ x)
   with jax.enable_x64(True):
     gram = jnp.asarray(x.T @ x)
-    np.testing.assert_allclose(np.asarray(kernels.psd_inverse(gram, pseudo_inverse=True)),
+    np.testing.assert_allclose(np.asarray(linalg.psd_inverse(gram, pseudo_inverse=True)),
                                np.linalg.inv(x.T @ x), rtol=1e-10)
-    damped = kernels.psd_inverse(gram, damping=0.1, damping_floor=0.5)
+    damped = linalg.psd_inverse(gram, damping=0.1, damping_floor=0.5)
     shift = 0.1 * np.trace(x.T @ x) / 3 + 0.5
     np.testing.assert_allclose(np.asarray(damped), np.linalg.inv(x.T @ x + shift * np.eye(3)),
                                rtol=1e-10)
     singular = jnp.zeros((3, 3))
-    assert np.all(np.asarray(kernels.psd_inverse(singular, pseudo_inverse=True)) == 0.0)
+    assert np.all(np.asarray(linalg.psd_inverse(singular, pseudo_inverse=True)) == 0.0)
 
 
 # Sizes come from small sets so that compiled shapes are reused across examples.
@@ -419,7 +475,7 @@ def test_no_tpu_unsafe_primitives_in_the_kernels():
     jaxpr = jax.make_jaxpr(lambda *x: kernels.factor_step(
         *x, damping=1e-4, damping_floor=1e-8, tie_breaker=tie_breaker))(*args)
     assert not forbidden & _primitives(jaxpr.jaxpr)
-  jaxpr = jax.make_jaxpr(lambda *x: kernels.tangent_gradient_statistics(
+  jaxpr = jax.make_jaxpr(lambda *x: tangent.tangent_gradient_statistics(
       *x, damping=1e-4, damping_floor=1e-8))(*args[:4])
   assert not forbidden & _primitives(jaxpr.jaxpr)
 
@@ -517,7 +573,7 @@ def test_consistent_gradients_is_the_dense_null_space_projection(seed, shape):
   a, b, grad_a, grad_b, _, _ = _random_problem(rng, d_in, d_out, rank, 1.0, consistent=False)
   expected = reference.consistent_projection(a, b, grad_a, grad_b)
   with jax.enable_x64(True):
-    got = kernels.consistent_gradients(*(jnp.asarray(x) for x in (a, b, grad_a, grad_b)))
+    got = tangent.consistent_gradients(*(jnp.asarray(x) for x in (a, b, grad_a, grad_b)))
   _close([np.asarray(x) for x in got], expected, 1e-9)
   projected_a, projected_b = expected
   np.testing.assert_allclose(a.T @ projected_a, projected_b @ b.T, atol=1e-9)
@@ -527,7 +583,7 @@ def test_consistent_gradients_leave_backprop_gradients_unchanged():
   rng = np.random.default_rng(7)
   a, b, grad_a, grad_b, _, _ = _random_problem(rng, 10, 8, 3, 1.0, consistent=True)
   with jax.enable_x64(True):
-    got = kernels.consistent_gradients(*(jnp.asarray(x) for x in (a, b, grad_a, grad_b)))
+    got = tangent.consistent_gradients(*(jnp.asarray(x) for x in (a, b, grad_a, grad_b)))
   _close([np.asarray(x) for x in got], (grad_a, grad_b), 1e-12)
 
 
@@ -577,7 +633,7 @@ def test_consistent_gradients_project_out_the_larger_null_space_of_deficient_fac
   grad_a, grad_b = rng.normal(size=a.shape), rng.normal(size=b.shape)
   expected = reference.consistent_projection(a, b, grad_a, grad_b)
   with jax.enable_x64(True):
-    got = kernels.consistent_gradients(*(jnp.asarray(x) for x in (a, b, grad_a, grad_b)))
+    got = tangent.consistent_gradients(*(jnp.asarray(x) for x in (a, b, grad_a, grad_b)))
   for x, y in zip(got, expected):
     np.testing.assert_allclose(np.asarray(x), y, atol=1e-10)
 
@@ -587,5 +643,5 @@ def test_consistent_gradients_keep_non_finite_entries_visible(value):
   """A dropped null-space component must not hide a NaN from the skip policy."""
   a, b = jnp.ones((4, 2)).at[0, 1].set(3.0), jnp.zeros((2, 3))
   grad_a = jnp.zeros((4, 2)).at[1, 0].set(value)
-  projected_a, _ = kernels.consistent_gradients(a, b, grad_a, jnp.ones((2, 3)))
+  projected_a, _ = tangent.consistent_gradients(a, b, grad_a, jnp.ones((2, 3)))
   assert not np.all(np.isfinite(np.asarray(projected_a)))

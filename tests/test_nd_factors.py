@@ -12,6 +12,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import adaprelora_jax as ap
+from adaprelora_jax import dimension_numbers
 from adaprelora_jax import pairing as pairing_lib
 from adaprelora_jax import sharding
 
@@ -35,9 +36,9 @@ def test_inference_recovers_leading_batch_layouts(rank, batch, inputs, outputs):
   scan_like = k == 0 and len(inputs) >= 2 and len(outputs) >= 2 and inputs[-1] == outputs[0]
   if scan_like:
     with pytest.raises(ValueError, match="fit several layouts.*annotate_pairing"):
-      pairing_lib.infer_dimension_numbers(a_shape, b_shape)
+      dimension_numbers.infer_dimension_numbers(a_shape, b_shape)
     return
-  dims = pairing_lib.infer_dimension_numbers(a_shape, b_shape)
+  dims = dimension_numbers.infer_dimension_numbers(a_shape, b_shape)
   assert dims == Dims(tuple(range(k)), len(a_shape) - 1, tuple(range(k)), k,
                       tuple(range(k, len(a_shape) - 1)), tuple(range(k + 1, len(b_shape))))
 

@@ -6,7 +6,6 @@ from pathlib import Path
 import jupytext
 import nbclient
 import nbformat
-import pytest
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 

@@ -12,9 +12,7 @@ import re
 
 import chex
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 

@@ -7,7 +7,6 @@ Needs the ``integrations`` extra (google-tunix).
 """
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp

@@ -5,10 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
-from flax import nnx
 
 from experiments import optimizers
 from experiments.tasks import TASKS

@@ -1,0 +1,237 @@
+"""End-to-end train step (forward + backward + update) on pretrained MiniLM-L6 with LoRA.
+
+docs/design.md §8: one process, identical inputs, warm-up, medians, every
+figure a ratio to ``optax.adamw`` measured in the same run. The model is
+all-MiniLM-L6-v2 (pretrained weights from ``experiments.assets``) with LoRA
+rank 8 on all six projections of all six blocks (36 pairs) and a linear head
+on the masked-mean pooled output; the loss is cross-entropy over 5 classes.
+Every optimizer of ``experiments/optimizers.py`` runs; the ones with
+``exact_statistics`` are built on ``adaprelora_jax.nn.LoRALinear`` layers
+(exact row/column statistics of ``G²`` from the custom VJP), the others on
+``flax.nnx.LoRALinear``. Token ids are drawn at random from the vocabulary with
+a fixed seed (timing does not depend on the text; the weights are the real
+ones).
+
+All steps of one shape are compiled first and then timed in interleaved
+rounds (each round runs every optimizer once), so that load drifting on a
+shared machine hits every row alike; the medians over rounds are reported.
+
+Besides the train step, the forward + backward alone (no update) is timed
+for the two layer kinds at every shape and at a large-token shape
+(``--large``), where the exact statistics' custom VJP forms ``G`` per layer
+(docs/design.md §5: ``O(T d_in d_out)`` once ``T`` exceeds ``d_in d_out /
+(d_in + d_out)``); its cost is reported as a ratio to the plain layers'.
+
+Usage::
+
+  python -m experiments.bench_train [--shapes 16x128 8x512] [--large 32x512] [--rounds 5]
+
+Writes ``experiments/results/bench_train.json`` and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from adaprelora_jax import nn as lora_nn
+from experiments import assets
+from experiments.models import bert
+from experiments.models.layers import PROJECTIONS, LoRAConfig
+from experiments.optimizers import OPTIMIZERS
+from experiments.run import environment
+
+RESULTS = Path(__file__).parent / "results"
+RANK = 8
+NUM_CLASSES = 5
+
+
+def build_model(exact_statistics: bool, *, seed: int = 0) -> bert.BertClassifier:
+  """Pretrained MiniLM-L6 with rank-8 LoRA on every projection of every block."""
+  layer = lora_nn.LoRALinear if exact_statistics else nnx.LoRALinear
+  lora = LoRAConfig(PROJECTIONS, rank=RANK, layer_class=layer)
+  return bert.BertClassifier.pretrained(assets.minilm_dir(), NUM_CLASSES, lora=lora,
+                                        rngs=nnx.Rngs(seed))
+
+
+def make_batch(model: bert.BertClassifier, batch: int, tokens: int, *, seed: int = 0):
+  """Random token ids, a full attention mask and labels (fixed seed)."""
+  rng = np.random.default_rng(seed)
+  vocab = model.encoder.config.vocab_size
+  ids = jnp.asarray(rng.integers(0, vocab, size=(batch, tokens)), jnp.int32)
+  mask = jnp.ones((batch, tokens), jnp.int32)
+  labels = jnp.asarray(rng.integers(0, NUM_CLASSES, size=(batch,)), jnp.int32)
+  return ids, mask, labels
+
+
+def _functional(model: bert.BertClassifier):
+  """The model split into a graph, its trainable state and the frozen rest."""
+  graphdef, trainable, rest = nnx.split(model, bert.TRAINABLE, ...)
+
+  def loss_fn(trainable, rest, batch):
+    ids, mask, labels = batch
+    logits = nnx.merge(graphdef, trainable, rest)(ids, mask)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+  return loss_fn, trainable, rest
+
+
+def compile_train_step(model, tx: optax.GradientTransformation, batch):
+  """The jitted fwd + bwd + update, compiled, with its inputs.
+
+  Returns:
+    ``(compiled, args, compile_seconds)``; ``compiled(*args)`` runs one step.
+  """
+  loss_fn, trainable, rest = _functional(model)
+  state = tx.init(trainable)
+
+  # Parameters, state and batch are arguments: closing over them would make
+  # them constants that XLA folds into the program.
+  @jax.jit
+  def step(trainable, state, rest, batch):
+    loss, grads = jax.value_and_grad(loss_fn)(trainable, rest, batch)
+    updates, state = tx.update(grads, state, trainable)
+    return optax.apply_updates(trainable, updates), state, loss
+
+  args = (trainable, state, rest, batch)
+  start = time.perf_counter()
+  compiled = step.lower(*args).compile()
+  return compiled, args, time.perf_counter() - start
+
+
+def compile_gradient(model, batch):
+  """The jitted fwd + bwd alone (no update), compiled, with its inputs."""
+  loss_fn, trainable, rest = _functional(model)
+  step = jax.jit(jax.value_and_grad(loss_fn))
+  args = (trainable, rest, batch)
+  start = time.perf_counter()
+  compiled = step.lower(*args).compile()
+  return compiled, args, time.perf_counter() - start
+
+
+def interleaved_medians(programs: dict, rounds: int) -> dict[str, dict]:
+  """Median and quartiles of each program's wall time over interleaved rounds."""
+  for compiled, args in programs.values():
+    jax.block_until_ready(compiled(*args))
+  times = {name: [] for name in programs}
+  for _ in range(rounds):
+    for name, (compiled, args) in programs.items():
+      start = time.perf_counter()
+      jax.block_until_ready(compiled(*args))
+      times[name].append(time.perf_counter() - start)
+  return {name: {"seconds": float(np.median(values)),
+                 "seconds_iqr": [float(np.percentile(values, 25)),
+                                 float(np.percentile(values, 75))]}
+          for name, values in times.items()}
+
+
+def parse_shape(text: str) -> tuple[int, int]:
+  batch, tokens = text.lower().split("x")
+  return int(batch), int(tokens)
+
+
+def run(shapes: list[tuple[int, int]], large: tuple[int, int] | None, rounds: int,
+        names: list[str] | None = None) -> dict:
+  names = names or list(OPTIMIZERS)
+  if "adamw" not in names:
+    names = ["adamw", *names]
+  models = {flag: build_model(flag) for flag in (False, True)}
+  train_rows, gradient_rows = [], []
+  for batch, tokens in shapes:
+    data = make_batch(models[False], batch, tokens)
+    programs, compile_seconds = {}, {}
+    for name in names:
+      spec = OPTIMIZERS[name]
+      compiled, args, seconds = compile_train_step(
+          models[spec.exact_statistics], spec.factory(spec.default_learning_rate), data)
+      programs[name], compile_seconds[name] = (compiled, args), seconds
+      print(f"  {batch}x{tokens} {name}: compiled in {seconds:.1f} s", file=sys.stderr, flush=True)
+    for flag in (False, True):
+      compiled, args, seconds = compile_gradient(models[flag], data)
+      programs[_gradient_name(flag)] = (compiled, args)
+      compile_seconds[_gradient_name(flag)] = seconds
+    measured = interleaved_medians(programs, rounds)
+    base = measured["adamw"]["seconds"]
+    for name in names:
+      train_rows.append({"batch": batch, "tokens": tokens, "optimizer": name,
+                         "exact_statistics": OPTIMIZERS[name].exact_statistics,
+                         **measured[name], "compile_seconds": compile_seconds[name],
+                         "ratio_vs_adamw": measured[name]["seconds"] / base})
+    gradient_rows.append(_gradient_row(batch, tokens, measured))
+  if large is not None:
+    batch, tokens = large
+    data = make_batch(models[False], batch, tokens)
+    programs = {}
+    for flag in (False, True):
+      compiled, args, _ = compile_gradient(models[flag], data)
+      programs[_gradient_name(flag)] = (compiled, args)
+    gradient_rows.append({**_gradient_row(batch, tokens, interleaved_medians(programs, rounds)),
+                          "large": True})
+  return {"config": {"rank": RANK, "blocks": 6, "targets": list(PROJECTIONS), "pairs": 36,
+                     "rounds": rounds, "model": "all-MiniLM-L6-v2"},
+          "train_step": train_rows, "backward": gradient_rows, "environment": environment()}
+
+
+def _gradient_name(exact_statistics: bool) -> str:
+  return "fwd+bwd (exact statistics)" if exact_statistics else "fwd+bwd (nnx.LoRALinear)"
+
+
+def _gradient_row(batch: int, tokens: int, measured: dict) -> dict:
+  plain = measured[_gradient_name(False)]["seconds"]
+  exact = measured[_gradient_name(True)]["seconds"]
+  return {"batch": batch, "tokens": tokens, "plain_seconds": plain, "exact_seconds": exact,
+          "exact_over_plain": exact / plain}
+
+
+def format_tables(report: dict) -> str:
+  shapes = sorted({(row["batch"], row["tokens"]) for row in report["train_step"]},
+                  key=lambda shape: shape[0] * shape[1])
+  names = list(dict.fromkeys(row["optimizer"] for row in report["train_step"]))
+  by_key = {(row["batch"], row["tokens"], row["optimizer"]): row for row in report["train_step"]}
+  header = "| optimizer | " + " | ".join(f"{b}×{t} step / adamw" for b, t in shapes) + " |"
+  lines = [header, "|---|" + "---:|" * len(shapes)]
+  adamw_ms = " | ".join(f"1.00 ({1e3 * by_key[(b, t, 'adamw')]['seconds']:.0f} ms)"
+                        for b, t in shapes)
+  lines.append(f"| adamw | {adamw_ms} |")
+  for name in names:
+    if name == "adamw":
+      continue
+    cells = " | ".join(f"{by_key[(b, t, name)]['ratio_vs_adamw']:.2f}" for b, t in shapes)
+    lines.append(f"| {name} | {cells} |")
+  lines += ["", "| batch×tokens | fwd+bwd, nnx.LoRALinear (ms) | fwd+bwd, exact statistics (ms) "
+            "| exact / plain |", "|---|---:|---:|---:|"]
+  for row in report["backward"]:
+    lines.append(f"| {row['batch']}×{row['tokens']} | {1e3 * row['plain_seconds']:.0f} | "
+                 f"{1e3 * row['exact_seconds']:.0f} | {row['exact_over_plain']:.2f} |")
+  return "\n".join(lines)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--shapes", nargs="+", default=["16x128", "8x512"],
+                      help="batch×tokens of the train steps")
+  parser.add_argument("--large", default="32x512",
+                      help="batch×tokens of the extra fwd+bwd comparison ('none' to skip)")
+  parser.add_argument("--rounds", type=int, default=5)
+  parser.add_argument("--only", nargs="*", help="optimizers to run besides adamw")
+  parser.add_argument("--output", type=Path, default=RESULTS / "bench_train.json")
+  args = parser.parse_args()
+  large = None if args.large.lower() == "none" else parse_shape(args.large)
+  report = run([parse_shape(shape) for shape in args.shapes], large, args.rounds, args.only)
+  print(format_tables(report))
+  args.output.parent.mkdir(parents=True, exist_ok=True)
+  args.output.write_text(json.dumps(report, indent=1) + "\n")
+  print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+  main()
