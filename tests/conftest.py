@@ -26,3 +26,21 @@ os.environ["XLA_FLAGS"] = " ".join(
 # Tests run on CPU; keep XLA from grabbing every core's worth of threads per
 # process when pytest-xdist runs workers in parallel.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import flax  # noqa: E402  (after the XLA flags: flax may start the backend)
+import pytest  # noqa: E402
+
+# Importing ``tunix.models`` turns off flax's ``flax_always_shard_variable``
+# for the whole process (tunix/utils/env_utils.py), and collecting
+# tests/test_tunix.py imports it: every nnx Variable created under a mesh
+# afterwards stays unsharded. Each test starts from flax's own value instead;
+# the Tunix test opts into Tunix's setting itself.
+_FLAX_ALWAYS_SHARD_VARIABLE = flax.config.flax_always_shard_variable
+
+
+@pytest.fixture(autouse=True)
+def _flax_variable_sharding_default():
+  before = flax.config.flax_always_shard_variable
+  flax.config.update("flax_always_shard_variable", _FLAX_ALWAYS_SHARD_VARIABLE)
+  yield
+  flax.config.update("flax_always_shard_variable", before)

@@ -22,6 +22,7 @@ from tunix.models.qwen3 import model as qwen3  # noqa: E402
 from tunix.sft import metrics_logger  # noqa: E402
 from tunix.sft import peft_trainer  # noqa: E402
 from tunix.sft import utils as sft_utils  # noqa: E402
+from tunix.utils import env_utils  # noqa: E402
 
 # Three PeftTrainers compile their steps: minutes on a loaded 2-core CPU. CI
 # runs it as its own step (pytest -m slow tests/test_tunix.py).
@@ -30,6 +31,13 @@ pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"), pytest.m
 RANK, ALPHA = 4, 8.0
 ACCUMULATION = 2
 VOCAB, SEQ, BATCH = 64, 8, 4
+
+
+@pytest.fixture(autouse=True)
+def _tunix_sharding_environment():
+  # What importing tunix.models does (tests/conftest.py resets flax's default
+  # before each test): the Tunix models shard their variables themselves.
+  env_utils.setup_sharding_environment()
 
 
 def _mesh():
