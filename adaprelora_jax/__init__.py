@@ -21,6 +21,8 @@ Main entry points:
 * :mod:`adaprelora_jax.nn` -- flax nnx LoRA layers with exact statistics.
 * :mod:`adaprelora_jax.sharding` -- optimizer-state shardings from the
   parameters' shardings (pjit / NamedSharding, flax nnx partitioning).
+* :func:`check_checkpoint_layout` -- checks a saved optimizer state's layout
+  version before an orbax restore (:mod:`adaprelora_jax.state_layout`).
 * :mod:`adaprelora_jax.baselines` -- the LoRA optimizers it is compared with:
   :func:`lora_plus`, :func:`scaled_gd`, :func:`scaled_adamw`,
   :func:`lora_pro`, :func:`lora_rite` (and their ``scale_by_*`` cores).
@@ -50,6 +52,10 @@ from adaprelora_jax.pairing import peft_pairing
 from adaprelora_jax.pairing import plan_pairs
 from adaprelora_jax.reports import nonfinite_report
 from adaprelora_jax.reports import second_moments
+from adaprelora_jax.state_layout import STATE_LAYOUT_VERSION
+from adaprelora_jax.state_layout import StateLayoutError
+from adaprelora_jax.state_layout import check_checkpoint_layout
+from adaprelora_jax.state_layout import check_state_layout
 from adaprelora_jax.transform import adaprelora
 from adaprelora_jax.transform import decay_rate_pow
 from adaprelora_jax.transform import scale_by_adaprelora
@@ -60,10 +66,14 @@ __version__ = "0.1.0"
 __all__ = (
     "LoRADimensionNumbers",
     "LoRARole",
+    "STATE_LAYOUT_VERSION",
     "ScaleByAdaPreLoRAState",
+    "StateLayoutError",
     "adaprelora",
     "annotate_pairing",
     "baselines",
+    "check_checkpoint_layout",
+    "check_state_layout",
     "decay_rate_pow",
     "factor_update",
     "kernels",

@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
+import chex
 import jax.numpy as jnp
 import optax
 
@@ -32,6 +33,7 @@ from adaprelora_jax import nnx_metadata
 from adaprelora_jax import pairing as pairing_lib
 from adaprelora_jax import routing
 from adaprelora_jax import slots as slots_lib
+from adaprelora_jax import state_layout
 
 
 class FactorwiseState(NamedTuple):
@@ -41,10 +43,13 @@ class FactorwiseState(NamedTuple):
     factors: state of the inner transform, over a tree shaped like the params
       with float32 (or wider) arrays at the LoRA factors and
       ``optax.MaskedNode()`` elsewhere.
+    layout_version: the state layout (int32,
+      :data:`adaprelora_jax.STATE_LAYOUT_VERSION`).
     non_lora: state of the transform applied to the other leaves.
   """
 
   factors: optax.OptState
+  layout_version: chex.Array
   non_lora: optax.OptState
 
 
@@ -89,6 +94,7 @@ def factorwise_transform(
     plan = router.plan(params)
     return FactorwiseState(
         factors=inner.init(_factor_tree(plan, plan.leaves(params))),
+        layout_version=state_layout.version_leaf(),
         non_lora=nnx_metadata.unwrap_masked_nodes(router.non_lora_transform(plan).init(params)),
     )
 
@@ -109,6 +115,6 @@ def factorwise_transform(
       for index in (pair.a_index, pair.b_index):
         out[index] = factor_leaves[index].astype(param_leaves[index].dtype)
     new_updates, non_lora_state = router.finish(plan, out, updates, state.non_lora, params)
-    return new_updates, FactorwiseState(factors_state, non_lora_state)
+    return new_updates, FactorwiseState(factors_state, state.layout_version, non_lora_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -47,6 +47,7 @@ from adaprelora_jax import nnx_metadata
 from adaprelora_jax import pairing as pairing_lib
 from adaprelora_jax import routing
 from adaprelora_jax import slots as slots_lib
+from adaprelora_jax import state_layout
 
 
 class PairInputs(NamedTuple):
@@ -192,12 +193,14 @@ def pairwise_transform(
       is a :class:`adaprelora_jax.slots.Slots`), or None (field absent; its
       state entry is None).
     state_type: called as ``state_type(count=..., non_lora=...,
-      pair_position=..., **entries)`` with one entry per field; normally the
-      transform's state NamedTuple. ``count`` and ``non_lora`` are as in
-      optax; ``pair_position`` is the engine's bookkeeping (each pair's place
-      in its group, at its ``lora_a``, int32): set by ``init``, never
-      changed; an edited position makes its group's updates NaN rather than
-      swapping pairs.
+      pair_position=..., layout_version=..., **entries)`` with one entry per
+      field; normally the transform's state NamedTuple. ``count`` and
+      ``non_lora`` are as in optax; ``pair_position`` is the engine's
+      bookkeeping (each pair's place in its group, at its ``lora_a``, int32):
+      set by ``init``, never changed; an edited position makes its group's
+      updates NaN rather than swapping pairs. ``layout_version`` is
+      :data:`adaprelora_jax.STATE_LAYOUT_VERSION`
+      (:mod:`adaprelora_jax.state_layout`).
     router: finds the pairs and routes the other leaves
       (:meth:`adaprelora_jax.routing.Router.create`).
     prepare_pair: optional first pass (above).
@@ -217,6 +220,7 @@ def pairwise_transform(
         count=jnp.zeros([], jnp.int32),
         non_lora=nnx_metadata.unwrap_masked_nodes(router.non_lora_transform(plan).init(params)),
         pair_position=_init_positions(plan, labels),
+        layout_version=state_layout.version_leaf(),
         **{name: kind.init(plan, labels) for name, kind in kinds.items()},
         **absent,
     )
@@ -253,6 +257,7 @@ def pairwise_transform(
         count=optax.safe_increment(state.count),
         non_lora=non_lora_state,
         pair_position=state.pair_position,
+        layout_version=state.layout_version,
         **entries,
         **absent,
     )

@@ -75,6 +75,8 @@ class ScaleByAdaPreLoRAState(NamedTuple):
       :func:`nonfinite_report`.
     pair_position: the engine's bookkeeping (see
       :func:`adaprelora_jax.pairwise.pairwise_transform`).
+    layout_version: the state layout (int32,
+      :data:`adaprelora_jax.STATE_LAYOUT_VERSION`).
     non_lora: state of the transform applied to the other leaves.
   """
 
@@ -84,6 +86,7 @@ class ScaleByAdaPreLoRAState(NamedTuple):
   momentum: Optional[optax.Updates]
   nonfinite_count: optax.Updates
   pair_position: optax.Updates
+  layout_version: chex.Array
   non_lora: optax.OptState
 
 

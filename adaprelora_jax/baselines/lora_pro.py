@@ -70,6 +70,8 @@ class ScaleByLoRAProState(NamedTuple):
     nu: likewise, the EMA of the squared equivalent gradient.
     pair_position: at each ``lora_a``: the pair's place in its group of
       same-shaped pairs (see :class:`adaprelora_jax.ScaleByAdaPreLoRAState`).
+    layout_version: the state layout (int32,
+      :data:`adaprelora_jax.STATE_LAYOUT_VERSION`).
     non_lora: state of the transform applied to the other leaves.
   """
 
@@ -77,6 +79,7 @@ class ScaleByLoRAProState(NamedTuple):
   mu: Optional[optax.Updates]
   nu: Optional[optax.Updates]
   pair_position: optax.Updates
+  layout_version: chex.Array
   non_lora: optax.OptState
 
 

@@ -68,6 +68,8 @@ class ScaleByLoRARiteState(NamedTuple):
     escape_mass: ``ρ``, (...) at each factor, or None without escape mass.
     pair_position: at each ``lora_a``: the pair's place in its group of
       same-shaped pairs (see :class:`adaprelora_jax.ScaleByAdaPreLoRAState`).
+    layout_version: the state layout (int32,
+      :data:`adaprelora_jax.STATE_LAYOUT_VERSION`).
     non_lora: state of the transform applied to the other leaves.
   """
 
@@ -77,6 +79,7 @@ class ScaleByLoRARiteState(NamedTuple):
   basis: optax.Updates
   escape_mass: Optional[optax.Updates]
   pair_position: optax.Updates
+  layout_version: chex.Array
   non_lora: optax.OptState
 
 

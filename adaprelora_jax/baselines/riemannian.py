@@ -46,11 +46,14 @@ class ScaleByRiemannianPreconditionerState(NamedTuple):
     count: number of updates so far (int32).
     pair_position: at each ``lora_a``: the pair's place in its group of
       same-shaped pairs (see :class:`adaprelora_jax.ScaleByAdaPreLoRAState`).
+    layout_version: the state layout (int32,
+      :data:`adaprelora_jax.STATE_LAYOUT_VERSION`).
     non_lora: state of the transform applied to the other leaves.
   """
 
   count: chex.Array
   pair_position: optax.Updates
+  layout_version: chex.Array
   non_lora: optax.OptState
 
 

@@ -1,0 +1,124 @@
+"""The optimizer-state layout version (adaprelora_jax/state_layout.py).
+
+``tests/fixtures/layout2_adaprelora_state`` is a real layout-2 checkpoint: an
+``ap.adaprelora(1e-2, b1=0.9)`` state after one update of
+``{"layer": {"lora_a": full((4, 2), 0.5), "lora_b": zeros((2, 3))}}``, saved
+with ``ocp.StandardCheckpointer`` by adaprelora_jax at commit e936038 (0.1.0
+layout, before the version leaf).
+"""
+
+from pathlib import Path
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+
+import adaprelora_jax as ap
+
+LAYOUT2_CHECKPOINT = Path(__file__).parent / "fixtures" / "layout2_adaprelora_state"
+
+OPTIMIZERS = {
+    "adaprelora": lambda: ap.adaprelora(1e-2, b1=0.9),
+    "lora_plus": lambda: ap.lora_plus(1e-2),
+    "scaled_gd": lambda: ap.scaled_gd(1e-2),
+    "scaled_adamw": lambda: ap.scaled_adamw(1e-2),
+    "lora_pro": lambda: ap.lora_pro(1e-2),
+    "lora_rite": lambda: ap.lora_rite(1e-2),
+}
+
+
+def _params():
+  return {"layer": {"lora_a": jnp.full((4, 2), 0.5), "lora_b": jnp.zeros((2, 3))}}
+
+
+def _versions(state):
+  return [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(state)
+          if jax.tree_util.keystr(path).endswith(".layout_version")]
+
+
+def _save(path, state):
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(path, state)
+  checkpointer.wait_until_finished()
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_every_state_carries_the_layout_version_through_updates(name):
+  tx = OPTIMIZERS[name]()
+  params = _params()
+  state = tx.init(params)
+  assert _versions(state), "no layout_version in the state"
+  _, state = jax.jit(tx.update)(params, state, params)
+  for version in _versions(state):
+    assert version.dtype == jnp.int32 and int(version) == ap.STATE_LAYOUT_VERSION
+
+
+def test_checkpoint_of_this_layout_passes_and_restores(tmp_path):
+  tx = ap.adaprelora(1e-2, b1=0.9)
+  params = _params()
+  state = tx.init(params)
+  _, state = tx.update(params, state, params)
+  _save(tmp_path / "state", state)
+  ap.check_checkpoint_layout(tmp_path / "state", state)
+  restored = ocp.StandardCheckpointer().restore(tmp_path / "state", tx.init(params))
+  chex.assert_trees_all_equal(restored, state)
+
+
+def test_real_layout2_checkpoint_is_named_instead_of_a_tree_mismatch():
+  target = ap.adaprelora(1e-2, b1=0.9).init(_params())
+  # Without the check, orbax fails on the tree structure.
+  with pytest.raises(ValueError) as orbax_error:
+    ocp.StandardCheckpointer().restore(LAYOUT2_CHECKPOINT, target)
+  assert "state layout" not in str(orbax_error.value)
+  with pytest.raises(ap.StateLayoutError) as error:
+    ap.check_checkpoint_layout(LAYOUT2_CHECKPOINT, target)
+  message = str(error.value)
+  assert "state layout 2 or older" in message
+  assert f"reads state layout {ap.STATE_LAYOUT_VERSION}" in message
+  assert str(LAYOUT2_CHECKPOINT) in message
+
+
+def test_a_saved_version_other_than_this_one_is_named_with_its_path(tmp_path):
+  tx = ap.lora_pro(1e-2)  # versions at two places: [0][0] and [0][1]
+  state = tx.init(_params())
+  older = jax.tree_util.tree_map_with_path(
+      lambda path, leaf: jnp.asarray(2, jnp.int32)
+      if jax.tree_util.keystr(path) == "[0][1].layout_version" else leaf, state)
+  _save(tmp_path / "state", older)
+  with pytest.raises(ap.StateLayoutError) as error:
+    ap.check_checkpoint_layout(tmp_path / "state", state)
+  assert str(error.value).startswith(
+      f"the checkpoint at {tmp_path / 'state'} holds optimizer state layout 2 "
+      "(at [0][1]['layout_version']); this adaprelora_jax reads state layout 3.")
+
+
+def test_check_on_trees_read_without_a_target():
+  state = ap.scale_by_adaprelora().init(_params())
+  ap.check_state_layout(state, state)
+  saved = state._asdict()  # as orbax gives back a NamedTuple: a dict
+  ap.check_state_layout(saved, state)
+  del saved["layout_version"]
+  with pytest.raises(ap.StateLayoutError, match="without a layout version"):
+    ap.check_state_layout(saved, state, source="my state")
+  # States of other libraries carry no version: nothing to check.
+  ap.check_state_layout({}, optax.adam(1e-3).init(_params()))
+
+
+def test_nnx_optimizer_checkpoint_is_checked(tmp_path):
+
+  class Model(nnx.Module):
+
+    def __init__(self, rngs):
+      self.dense = nnx.LoRALinear(4, 3, lora_rank=2, rngs=rngs)
+
+  optimizer = nnx.Optimizer(Model(nnx.Rngs(0)), ap.adaprelora(1e-2), wrt=nnx.LoRAParam)
+  opt_state = nnx.state(optimizer, nnx.OptState)
+  _save(tmp_path / "state", opt_state)
+  ap.check_checkpoint_layout(tmp_path / "state", opt_state)
+  ocp.StandardCheckpointer().restore(tmp_path / "state", opt_state)
+  with pytest.raises(ap.StateLayoutError, match="or older"):
+    ap.check_checkpoint_layout(LAYOUT2_CHECKPOINT, opt_state)
