@@ -20,6 +20,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from tqdm.auto import tqdm
 
+import adaprelora_jax as ap
 from experiments.optimizers import OptimizerSpec
 from experiments.tasks.base import Budget, Task
 
@@ -106,8 +107,11 @@ def _restore(manager, directory, model, optimizer, trainable, config):
   target = {"model": nnx.state(model, trainable), "optimizer": nnx.state(optimizer)}
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
   try:
+    ap.check_checkpoint_layout(Path(directory) / str(step) / "state", abstract)
     state = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract)))["state"]
+  except ap.StateLayoutError as error:
+    raise CheckpointError(str(error)) from error
   except Exception as error:
     raise CheckpointError(
         f"The checkpoint at {directory}/{step} does not match this run's model and "

@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import adaprelora_jax as ap
+from adaprelora_jax import state_layout
 from experiments import optimizers
 from experiments.tasks import TASKS
 from experiments.training import CheckpointError, RunConfig, train
@@ -23,6 +25,8 @@ _CHILD = """
 import json, sys
 import numpy as np, jax
 from flax import nnx
+import adaprelora_jax as ap
+from adaprelora_jax import state_layout
 from experiments import optimizers
 from experiments.tasks import TASKS
 from experiments.training import RunConfig, train
@@ -74,6 +78,17 @@ def test_checkpoint_with_another_state_structure_is_rejected(tmp_path):
   # Same run identity, but an optimizer whose state has no momentum.
   with pytest.raises(CheckpointError, match="does not match this run's model and optimizer"):
     train(TASK, optimizers.OPTIMIZERS["adaprelora"], CONFIG, BUDGET,
+          checkpoint_dir=tmp_path / "ckpt", resume=True, progress=False)
+
+
+def test_checkpoint_of_another_state_layout_names_both_layouts(tmp_path, monkeypatch):
+  _partial_run(tmp_path / "ckpt")
+  saved = ap.STATE_LAYOUT_VERSION
+  # A release with the next layout resumes this run.
+  monkeypatch.setattr(state_layout, "STATE_LAYOUT_VERSION", saved + 1)
+  with pytest.raises(CheckpointError, match=rf"holds optimizer state layout {saved} .*"
+                     rf"reads state layout {saved + 1}"):
+    train(TASK, optimizers.OPTIMIZERS["adaprelora_momentum"], CONFIG, BUDGET,
           checkpoint_dir=tmp_path / "ckpt", resume=True, progress=False)
 
 
