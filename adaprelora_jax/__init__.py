@@ -50,10 +50,10 @@ from adaprelora_jax.pairing import peft_pairing
 from adaprelora_jax.pairing import plan_pairs
 from adaprelora_jax.reports import nonfinite_report
 from adaprelora_jax.reports import second_moments
+from adaprelora_jax.transform import ScaleByAdaPreLoRAState
 from adaprelora_jax.transform import adaprelora
 from adaprelora_jax.transform import decay_rate_pow
 from adaprelora_jax.transform import scale_by_adaprelora
-from adaprelora_jax.transform import ScaleByAdaPreLoRAState
 
 __version__ = "0.1.0"
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 
 class LoRADimensionNumbers(NamedTuple):
@@ -58,11 +58,11 @@ class LoRADimensionNumbers(NamedTuple):
   """
 
   a_batch_axes: Sequence[int] = ()
-  a_rank_axis: Optional[int] = None
+  a_rank_axis: int | None = None
   b_batch_axes: Sequence[int] = ()
-  b_rank_axis: Optional[int] = None
-  a_in_axes: Optional[Sequence[int]] = None
-  b_out_axes: Optional[Sequence[int]] = None
+  b_rank_axis: int | None = None
+  a_in_axes: Sequence[int] | None = None
+  b_out_axes: Sequence[int] | None = None
 
   @property
   def a_permutation(self) -> tuple[int, ...]:

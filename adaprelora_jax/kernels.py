@@ -31,7 +31,7 @@ only ops that lower on TPU (``cholesky``, ``triangular_solve``, ``eigh``).
 from __future__ import annotations
 
 import functools
-from typing import Literal, NamedTuple, Optional
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -79,7 +79,7 @@ def factor_step(
     damping_floor: jax.typing.ArrayLike = 0.0,
     tie_breaker: TieBreaker = "min_imbalance",
     pseudo_inverse: linalg.InverseMode = False,
-    cross: Optional[tuple[jax.Array, jax.Array]] = None,
+    cross: tuple[jax.Array, jax.Array] | None = None,
 ) -> FactorStep:
   """Closed-form AdaPreLoRA step of one pair, with diagnostics.
 

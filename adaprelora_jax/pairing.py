@@ -43,7 +43,7 @@ import dataclasses
 import itertools
 import math
 from collections.abc import Callable, Hashable, Sequence
-from typing import Any, Literal, NamedTuple, Optional, Union, get_args
+from typing import Any, Literal, NamedTuple, get_args
 
 import jax
 import jax.numpy as jnp
@@ -96,13 +96,13 @@ class LoRARole(NamedTuple):
   role: Role
   transposed: bool = False
   layout: Hashable = None
-  dimension_numbers: Optional[LoRADimensionNumbers] = None
-  scale: Optional[float] = None
+  dimension_numbers: LoRADimensionNumbers | None = None
+  scale: float | None = None
   sharded_axes: tuple[int, ...] = ()
 
 
-PairingFn = Callable[[tuple[str, ...], Any], Union[LoRARole, None]]
-Pairing = Union[Literal["nnx", "peft"], PairingFn]
+PairingFn = Callable[[tuple[str, ...], Any], LoRARole | None]
+Pairing = Literal["nnx", "peft"] | PairingFn
 
 
 def _key_name(key: Any) -> str:
@@ -337,7 +337,7 @@ class LoRAPlan:
       ``{pair.a_index: slice}``, covering ``range(num_rows)``.
     """
     rows = {}
-    for group, group_rows in zip(self.groups, self.group_rows()):
+    for group, group_rows in zip(self.groups, self.group_rows(), strict=True):
       per_member = math.prod(group.lead_shape)
       for position, pair in enumerate(group.members):
         start = group_rows.start + position * per_member
@@ -347,7 +347,7 @@ class LoRAPlan:
   def group_rows(self) -> list[slice]:
     """Where each group's rows sit in a vector over all single pairs."""
     ends = itertools.accumulate(group.size for group in self.groups)
-    return [slice(end - group.size, end) for group, end in zip(self.groups, ends)]
+    return [slice(end - group.size, end) for group, end in zip(self.groups, ends, strict=True)]
 
   def check_uniform_layouts(self, leaf_layouts: Sequence[Hashable], source: str) -> None:
     """Raises if a group stacks pairs whose factors are laid out differently.
@@ -363,7 +363,7 @@ class LoRAPlan:
     for group in self.groups:
       layouts = [(leaf_layouts[pair.a_index], leaf_layouts[pair.b_index])
                  for pair in group.members]
-      for pair, layout in zip(group.members, layouts):
+      for pair, layout in zip(group.members, layouts, strict=True):
         if layout != layouts[0]:
           raise ValueError(
               f"LoRA pairs '{group.members[0].a_path}' and '{pair.a_path}' have "
@@ -508,7 +508,7 @@ def plan_pairs(
   paths = tuple(format_path(name) for name in names)
   members: dict[str, dict[str, tuple[int, LoRARole]]] = {}
   others: list[int] = []
-  for index, ((_, leaf), name) in enumerate(zip(flat, names)):
+  for index, ((_, leaf), name) in enumerate(zip(flat, names, strict=True)):
     found = pairing_fn(name, leaf)
     if found is None:
       others.append(index)
@@ -639,7 +639,7 @@ def _validate_pair(
         a_shape, b_shape, a_role.transposed, pair_name, a_path, b_path)
   else:
     dims = dimension_numbers.normalize_dimension_numbers(declared, a_shape, b_shape, where=where)
-    for a_axis, b_axis in zip(dims.a_batch_axes, dims.b_batch_axes):
+    for a_axis, b_axis in zip(dims.a_batch_axes, dims.b_batch_axes, strict=True):
       if a_shape[a_axis] != b_shape[b_axis]:
         raise ValueError(
             f"{where}: batch axis {a_axis} of lora_a has size {a_shape[a_axis]} "
@@ -697,7 +697,7 @@ def _agreed(pair_name: str, a_role: LoRARole, b_role: LoRARole, field: str) -> A
 
 def _sharded_axes_first(
     dims: LoRADimensionNumbers,
-    declared: Optional[LoRADimensionNumbers],
+    declared: LoRADimensionNumbers | None,
     a_role: LoRARole,
     b_role: LoRARole,
     a_ndim: int,
@@ -725,10 +725,10 @@ def _sharded_axes_first(
 def annotate_pairing(
     pairing: Pairing = "nnx",
     *,
-    dimension_numbers: Union[
-        None, LoRADimensionNumbers, dict[str, LoRADimensionNumbers],
-        Callable[[str], Optional[LoRADimensionNumbers]]] = None,
-    scale: Union[None, float, dict[str, float], Callable[[str], Optional[float]]] = None,
+    dimension_numbers: (
+        LoRADimensionNumbers | dict[str, LoRADimensionNumbers]
+        | Callable[[str], LoRADimensionNumbers | None] | None) = None,
+    scale: float | dict[str, float] | Callable[[str], float | None] | None = None,
 ) -> PairingFn:
   """A pairing that declares dimension numbers and/or LoRA scales per pair.
 
@@ -761,7 +761,7 @@ def annotate_pairing(
       return spec.get(name)
     return spec(name)
 
-  def annotated(path: tuple[str, ...], leaf: Any) -> Optional[LoRARole]:
+  def annotated(path: tuple[str, ...], leaf: Any) -> LoRARole | None:
     found = pairing_fn(path, leaf)
     if found is None:
       return None

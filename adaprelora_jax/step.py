@@ -24,15 +24,15 @@ pair if anything is not finite (``docs/design.md`` §3–§6).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from adaprelora_jax import kernels
-from adaprelora_jax import tangent
 from adaprelora_jax import linalg
 from adaprelora_jax import pairwise
+from adaprelora_jax import tangent
 
 
 def all_finite(*arrays: jax.Array) -> jax.Array:
@@ -79,7 +79,8 @@ def momentum_step(
     b1: jax.typing.ArrayLike, count: jax.Array,
 ) -> tuple[tuple[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]:
   """The new EMA of the factor steps, and the bias-corrected steps."""
-  new_momentum = tuple(b1 * old + (1.0 - b1) * delta for old, delta in zip(momentum, deltas))
+  new_momentum = tuple(b1 * old + (1.0 - b1) * delta
+                       for old, delta in zip(momentum, deltas, strict=True))
   bias_correction = 1.0 - b1 ** (count + 1).astype(deltas[0].dtype)
   return new_momentum, tuple(m / bias_correction for m in new_momentum)
 
@@ -98,12 +99,12 @@ class Hyperparams(NamedTuple):
   step_offset: Any
   decay_rate_fn: Callable[[jax.Array, Any], jax.Array]
   nonfinite: str
-  lora_scale: Optional[jax.typing.ArrayLike]
+  lora_scale: jax.typing.ArrayLike | None
 
 
 def pair_lora_scale(
-    lora_scale: Optional[jax.typing.ArrayLike], pair_scale: Optional[jax.Array]
-) -> Optional[jax.Array]:
+    lora_scale: jax.typing.ArrayLike | None, pair_scale: jax.Array | None
+) -> jax.Array | None:
   """A pair's LoRA scale: the optimizer's times the pairing's; None if neither
   is set (then the step is exactly that of s = 1, with no extra ops)."""
   if lora_scale is None:

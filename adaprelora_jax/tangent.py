@@ -28,7 +28,7 @@ All algebra runs in float32 or wider and uses only ops that lower on TPU.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -62,8 +62,8 @@ class PairGrams(NamedTuple):
   gram_b: jax.Array
   cross_a: jax.Array
   cross_b: jax.Array
-  grad_gram_a: Optional[jax.Array]
-  grad_gram_b: Optional[jax.Array]
+  grad_gram_a: jax.Array | None
+  grad_gram_b: jax.Array | None
   grad_sq_norm: jax.Array
 
 
@@ -159,7 +159,7 @@ def projection_is_identity(
     grams: PairGrams,
     inverses: GramInverses,
     *,
-    tolerance: Optional[jax.typing.ArrayLike] = None,
+    tolerance: jax.typing.ArrayLike | None = None,
 ) -> jax.Array:
   r"""Whether :func:`consistent_gradients` would leave the gradients as they are.
 
@@ -196,7 +196,8 @@ def projection_is_identity(
   traces = [jnp.trace(grams.gram_a), jnp.trace(grams.gram_b)]
   # numerical_rank_mask keeps λ > r·eps·λ_max, and λ_max ≤ tr.
   full_rank = [bound > gram.shape[-1] * info.eps * trace
-               for bound, gram, trace in zip(lower, (grams.gram_a, grams.gram_b), traces)]
+               for bound, gram, trace in zip(
+                   lower, (grams.gram_a, grams.gram_b), traces, strict=True)]
   mismatch = jnp.sqrt(jnp.sum(jnp.square(grams.cross_a - grams.cross_b)))
   correction = jnp.sqrt(traces[0] + traces[1]) * mismatch
   small = correction <= tolerance * jnp.sqrt(grams.grad_sq_norm) * (lower[0] + lower[1])
@@ -248,7 +249,7 @@ def consistent_gradients_unless_identity(
     grams: PairGrams,
     inverses: GramInverses,
     *,
-    tolerance: Optional[jax.typing.ArrayLike] = None,
+    tolerance: jax.typing.ArrayLike | None = None,
 ) -> tuple[jax.Array, jax.Array, PairGrams]:
   """:func:`consistent_gradients`, skipped where it is the identity.
 

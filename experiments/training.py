@@ -21,7 +21,8 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from experiments.optimizers import OptimizerSpec
-from experiments.tasks.base import Budget, Task
+from experiments.tasks.base import Budget
+from experiments.tasks.base import Task
 
 
 class CheckpointError(ValueError):

@@ -37,7 +37,7 @@ In the flax layout here (``ΔW = a @ b``, ``a = Aᵀ``, ``b = Bᵀ``, so ``BᵀB
 from __future__ import annotations
 
 import functools
-from typing import Any, Literal, NamedTuple, Optional
+from typing import Any, Literal, NamedTuple
 
 import chex
 import jax
@@ -74,8 +74,8 @@ class ScaleByLoRAProState(NamedTuple):
   """
 
   count: chex.Array
-  mu: Optional[optax.Updates]
-  nu: Optional[optax.Updates]
+  mu: optax.Updates | None
+  nu: optax.Updates | None
   pair_position: optax.Updates
   non_lora: optax.OptState
 
@@ -92,7 +92,7 @@ class _Projection(NamedTuple):
   inverse_scale_sq: jax.typing.ArrayLike
 
   @classmethod
-  def at(cls, a, b, *, damping, lora_scale) -> "_Projection":
+  def at(cls, a, b, *, damping, lora_scale) -> _Projection:
     # One eigh per Gram gives both its damped inverse and its part of the
     # Sylvester solve.
     eigen_a = linalg.psd_eigh(linalg.matmul(a.T, a))
@@ -172,7 +172,7 @@ def scale_by_lora_pro(
     lora_scale: jax.typing.ArrayLike = 1.0,
     damping: jax.typing.ArrayLike = 1e-8,
     pairing: pairing_lib.Pairing = "nnx",
-    non_lora: Optional[optax.GradientTransformation] = None,
+    non_lora: optax.GradientTransformation | None = None,
     strict: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Rescale LoRA factor gradients with LoRA-Pro's equivalent-gradient projection.
@@ -290,12 +290,12 @@ def lora_pro(
     eps: jax.typing.ArrayLike = 1e-8,
     eps_root: jax.typing.ArrayLike = 0.0,
     weight_decay: jax.typing.ArrayLike = 0.0,
-    mask: Optional[Any] = None,
+    mask: Any | None = None,
     *,
     lora_scale: jax.typing.ArrayLike = 1.0,
     damping: jax.typing.ArrayLike = 1e-8,
     pairing: pairing_lib.Pairing = "nnx",
-    non_lora: Optional[optax.GradientTransformation] = None,
+    non_lora: optax.GradientTransformation | None = None,
     strict: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""LoRA-Pro: equivalent-gradient projection with Adam.

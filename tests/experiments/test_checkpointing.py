@@ -10,7 +10,9 @@ import pytest
 
 from experiments import optimizers
 from experiments.tasks import TASKS
-from experiments.training import CheckpointError, RunConfig, train
+from experiments.training import CheckpointError
+from experiments.training import RunConfig
+from experiments.training import train
 
 ROOT = Path(__file__).resolve().parents[2]
 TASK = TASKS["digits"]
