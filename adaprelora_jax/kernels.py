@@ -35,6 +35,7 @@ from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from adaprelora_jax import gauge
 from adaprelora_jax import linalg
@@ -284,7 +285,8 @@ def _mapped_factor_update(lora_a, lora_b, grad_a, grad_b, row_scale, col_scale,
 
 def _is_concrete_zero(value: jax.typing.ArrayLike) -> bool:
   try:
-    return float(value) == 0.0
+    # Through numpy: a tracer raises TracerArrayConversionError, a TypeError.
+    return float(np.asarray(value)) == 0.0
   except (TypeError, jax.errors.ConcretizationTypeError):
     return False
 

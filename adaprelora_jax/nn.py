@@ -200,8 +200,10 @@ class LoRA(nnx.LoRA):
     x, lora_a, lora_b = self.promote_dtype(
         (x, self.lora_a[...], self.lora_b[...]), dtype=self.dtype
     )
+    # The statistics are set by name in __init__ (the names pairing reads).
     out = lora_product(
-        x, lora_a, lora_b, self.grad_sq_rows[...], self.grad_sq_cols[...]
+        x, lora_a, lora_b, getattr(self, pairing_lib.ROW_STATS_NAME)[...],
+        getattr(self, pairing_lib.COL_STATS_NAME)[...]
     )
     if self.base_module is not None:
       if not callable(self.base_module):

@@ -34,7 +34,9 @@ Kernels that need a reduction over *all* pairs before updating any
 
 from __future__ import annotations
 
+import functools
 import math
+import operator
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -76,9 +78,9 @@ class PairInputs(NamedTuple):
 
   def promoted(self) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """``(a, b, g_a, g_b)`` in :func:`adaprelora_jax.linalg.compute_dtype`."""
-    factors = (self.lora_a, self.lora_b, self.grad_a, self.grad_b)
-    dtype = linalg.compute_dtype(*factors)
-    return tuple(x.astype(dtype) for x in factors)
+    dtype = linalg.compute_dtype(self.lora_a, self.lora_b, self.grad_a, self.grad_b)
+    return (self.lora_a.astype(dtype), self.lora_b.astype(dtype), self.grad_a.astype(dtype),
+            self.grad_b.astype(dtype))
 
 
 # update_pair(inputs, state, count, total) -> (delta_a, delta_b, new_state):
@@ -157,7 +159,8 @@ def _run_kernels(
   if prepare_pair is not None:
     prepared = [jax.vmap(prepare_pair)(group_inputs) for group_inputs in inputs]
     inputs = [carry for carry, _ in prepared]
-    total = sum(jnp.sum(contribution) for _, contribution in prepared)
+    total = functools.reduce(operator.add,
+                             [jnp.sum(contribution) for _, contribution in prepared])
   kernel = jax.vmap(update_pair, in_axes=(0, 0, None, None))
   return [kernel(group_inputs, pair_state, count, total)
           for group_inputs, pair_state in zip(inputs, pair_states, strict=True)]

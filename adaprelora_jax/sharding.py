@@ -57,6 +57,7 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
 
+from adaprelora_jax import dimension_numbers
 from adaprelora_jax import pairing as pairing_lib
 from adaprelora_jax.pairing import LoRARole
 
@@ -153,7 +154,7 @@ def _stand_in_state(
   # have one leaf layout (pairing.plan_pairs).
   for group in plan.groups:
     first = group.members[0]
-    dims = first.dimension_numbers
+    dims = dimension_numbers.normalized(first.dimension_numbers)
     a_specs, b_specs = axis_specs[first.a_index], axis_specs[first.b_index]
     lead_specs, d_in_spec, d_out_spec = pairing_lib.pair_axes(first, a_specs, b_specs)
     lead = [stand_in.size(spec) for spec in lead_specs]
@@ -162,16 +163,14 @@ def _stand_in_state(
     out_sizes, d_out = stand_in.flattened(
         [b_specs[axis] for axis in dims.b_out_axes], d_out_spec)
     a_shape, b_shape = [0] * len(first.a_shape), [0] * len(first.b_shape)
-    for axis, size in zip((*dims.a_batch_axes, *dims.a_in_axes, dims.a_rank_axis),
-                          (*lead, *in_sizes, rank), strict=True):
+    for axis, size in zip(dims.a_permutation, (*lead, *in_sizes, rank), strict=True):
       a_shape[axis] = size
-    for axis, size in zip((*dims.b_batch_axes, dims.b_rank_axis, *dims.b_out_axes),
-                          (*lead, rank, *out_sizes), strict=True):
+    for axis, size in zip(dims.b_permutation, (*lead, rank, *out_sizes), strict=True):
       b_shape[axis] = size
     for pair in group.members:
       new_shapes[pair.a_index] = tuple(a_shape)
       new_shapes[pair.b_index] = tuple(b_shape)
-      if pair.has_statistics:
+      if pair.row_stats_index is not None and pair.col_stats_index is not None:
         new_shapes[pair.row_stats_index] = (*lead, d_in)
         new_shapes[pair.col_stats_index] = (*lead, d_out)
   for index, specs in enumerate(axis_specs):

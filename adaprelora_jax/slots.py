@@ -151,7 +151,7 @@ class Slots(NamedTuple):
   single: bool = False
 
   def init(self, plan: pairing_lib.LoRAPlan, labels: Labels) -> Any:
-    by_role = {slot.role: slot for slot in self.members}
+    by_role: dict[pairing_lib.Role, Slot] = {slot.role: slot for slot in self.members}
     tree = plan.mirror(lambda pair, role: by_role[role].zeros(pair), roles=tuple(by_role))
     return labels.mirrored(tree, self.members)
 

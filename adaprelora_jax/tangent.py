@@ -128,7 +128,7 @@ def gram_inverses(
 
   ``damping_floor`` is absolute here (the Euclidean metric has unit scales).
   """
-  shifts = [damping * jnp.trace(gram) / gram.shape[-1] + damping_floor
+  shifts = [jnp.trace(gram) * damping / gram.shape[-1] + damping_floor
             for gram in (grams.gram_a, grams.gram_b)]
   inverse_a, inverse_b = (
       psd_inverse(gram, damping=damping, damping_floor=damping_floor)
@@ -416,7 +416,14 @@ def tangent_statistics_from_grams(
 
   Returns:
     ``(row_mean_sq (d_in,), col_mean_sq (d_out,))``, in float32 or wider.
+
+  Raises:
+    ValueError: if ``grams`` lacks the gradient Grams.
   """
+  grad_gram_a, grad_gram_b = grams.grad_gram_a, grams.grad_gram_b
+  if grad_gram_a is None or grad_gram_b is None:
+    raise ValueError("Tangent statistics need the gradient Grams: "
+                     "pair_grams(..., gradient_grams=True).")
   dtype = compute_dtype(lora_a, lora_b, grad_a, grad_b)
   a, b, g_a, g_b = (x.astype(dtype) for x in (lora_a, lora_b, grad_a, grad_b))
   d_in, d_out = a.shape[0], b.shape[1]
@@ -425,12 +432,12 @@ def tangent_statistics_from_grams(
   # E_b E_bᵀ = g_b g_bᵀ − K_b Ψ_b K_bᵀ − (K_b Ψ_b K_bᵀ)ᵀ + K_b Ψ_b B Ψ_b K_bᵀ.
   weighted_b = matmul(cross_b, psi_b)
   overlap_b = matmul(weighted_b, cross_b.T)
-  residual_b = (grams.grad_gram_b - overlap_b - overlap_b.T
+  residual_b = (grad_gram_b - overlap_b - overlap_b.T
                 + matmul(matmul(weighted_b, gram_b), weighted_b.T))
   # E_aᵀ E_a = g_aᵀ g_a − K_aᵀ Ψ_a K_a − (·)ᵀ + K_aᵀ Ψ_a A Ψ_a K_a.
   weighted_a = matmul(psi_a, cross_a)
   overlap_a = matmul(cross_a.T, weighted_a)
-  residual_a = (grams.grad_gram_a - overlap_a - overlap_a.T
+  residual_a = (grad_gram_a - overlap_a - overlap_a.T
                 + matmul(matmul(weighted_a.T, gram_a), weighted_a))
   row_grad = matmul(matmul(psi_b, gram_b), psi_b)
   row_factor = matmul(matmul(psi_a, residual_b), psi_a)

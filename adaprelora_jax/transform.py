@@ -47,7 +47,8 @@ def decay_rate_pow(
   """
   # The default float dtype (float64 under x64) rather than a fixed float32.
   t = jnp.asarray(step, jnp.result_type(float)) + 1.0
-  return 1.0 - t ** (-exponent)
+  # -1 * rather than unary minus: ArrayLike admits numpy.bool, which has none.
+  return 1.0 - t ** (-1 * exponent)
 
 
 class ScaleByAdaPreLoRAState(NamedTuple):

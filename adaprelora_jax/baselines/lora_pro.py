@@ -108,15 +108,15 @@ class _Projection(NamedTuple):
     """Theorem 2.1 with ``X = 0``: ``(u_a P_b, P_a u_b (I − bᵀP_b b)) / s²``."""
     b = self.lora_b
     across_b = linalg.matmul(linalg.matmul(linalg.matmul(u_b, b.T), self.inverse_b), b)
-    delta_a = self.inverse_scale_sq * linalg.matmul(u_a, self.inverse_b)
-    delta_b = self.inverse_scale_sq * linalg.matmul(self.inverse_a, u_b - across_b)
+    delta_a = linalg.matmul(u_a, self.inverse_b) * self.inverse_scale_sq
+    delta_b = linalg.matmul(self.inverse_a, u_b - across_b) * self.inverse_scale_sq
     return delta_a, delta_b
 
   def directions(self, u_a: jax.Array, u_b: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Theorems 2.1 and 2.2: the projection with the Sylvester-optimal gauge."""
     a, b = self.lora_a, self.lora_b
     delta_a, delta_b = self.without_gauge(u_a, u_b)
-    rhs = -self.inverse_scale_sq * linalg.matmul(linalg.matmul(a.T, u_a), self.inverse_b)
+    rhs = -(linalg.matmul(linalg.matmul(a.T, u_a), self.inverse_b) * self.inverse_scale_sq)
     gauge = linalg.psd_sylvester(self.eigen_a, self.eigen_b, rhs)
     return delta_a + linalg.matmul(a, gauge), delta_b - linalg.matmul(gauge, b)
 
@@ -157,8 +157,8 @@ def _full_space_adam(
   mu_hat = optax.tree.bias_correction(mu, hyper.b1, count_inc)
   nu_hat = optax.tree.bias_correction(nu, hyper.b2, count_inc)
   direction = mu_hat / (jnp.sqrt(nu_hat + hyper.eps_root) + hyper.eps)
-  u_a = hyper.lora_scale * linalg.matmul(direction, b.T)
-  u_b = hyper.lora_scale * linalg.matmul(a.T, direction)
+  u_a = linalg.matmul(direction, b.T) * hyper.lora_scale
+  u_b = linalg.matmul(a.T, direction) * hyper.lora_scale
   return (*projection.directions(u_a, u_b), {"mu": mu, "nu": nu})
 
 

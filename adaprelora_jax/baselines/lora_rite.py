@@ -102,7 +102,7 @@ def _bias_corrected_decay(decay: jax.typing.ArrayLike, count: jax.Array) -> jax.
   observations.
   """
   t = count.astype(jnp.result_type(float)) + 1.0
-  return decay * (1.0 - decay ** (t - 1.0)) / (1.0 - decay**t)
+  return (1.0 - jnp.power(decay, t - 1.0)) * decay / (1.0 - jnp.power(decay, t))
 
 
 def _rms(x: jax.Array) -> jax.Array:
@@ -157,8 +157,9 @@ def _unmagnify(
       skip = jnp.isfinite(rms) & (rms > update_skipping)
       unmagnified = jnp.where(skip, 0.0, unmagnified)
     factors.append(_Factor(unmagnified, basis, inverse))
-  squared_norm = sum(jnp.sum(jnp.square(factor.grad)) for factor in factors)
-  return tuple(factors), squared_norm
+  factor_a, factor_b = factors
+  squared_norm = jnp.sum(jnp.square(factor_a.grad)) + jnp.sum(jnp.square(factor_b.grad))
+  return (factor_a, factor_b), squared_norm
 
 
 def _preconditioned_moments(
@@ -191,7 +192,7 @@ def _update_pair(
 ) -> tuple[jax.Array, jax.Array, dict[str, Any]]:
   """Both factors' steps from the first pass's results (the pairwise kernel)."""
   factor_a, factor_b = factors
-  clip_scale = 1.0
+  clip_scale: float | jax.Array = 1.0
   if hyper.clip_unmagnified_grad is not None:
     clip_scale = hyper.clip_unmagnified_grad / jnp.maximum(
         jnp.sqrt(total), hyper.clip_unmagnified_grad)
