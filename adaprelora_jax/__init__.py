@@ -56,10 +56,10 @@ from adaprelora_jax.state_layout import STATE_LAYOUT_VERSION
 from adaprelora_jax.state_layout import StateLayoutError
 from adaprelora_jax.state_layout import check_checkpoint_layout
 from adaprelora_jax.state_layout import check_state_layout
+from adaprelora_jax.transform import ScaleByAdaPreLoRAState
 from adaprelora_jax.transform import adaprelora
 from adaprelora_jax.transform import decay_rate_pow
 from adaprelora_jax.transform import scale_by_adaprelora
-from adaprelora_jax.transform import ScaleByAdaPreLoRAState
 
 __version__ = "0.1.0"
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 
 class LoRADimensionNumbers(NamedTuple):
@@ -58,23 +58,62 @@ class LoRADimensionNumbers(NamedTuple):
   """
 
   a_batch_axes: Sequence[int] = ()
-  a_rank_axis: Optional[int] = None
+  a_rank_axis: int | None = None
   b_batch_axes: Sequence[int] = ()
-  b_rank_axis: Optional[int] = None
-  a_in_axes: Optional[Sequence[int]] = None
-  b_out_axes: Optional[Sequence[int]] = None
+  b_rank_axis: int | None = None
+  a_in_axes: Sequence[int] | None = None
+  b_out_axes: Sequence[int] | None = None
 
   @property
   def a_permutation(self) -> tuple[int, ...]:
     """The transpose of ``lora_a`` into ``(*batch, *in, rank)`` (normalized
     dimension numbers only)."""
-    return (*self.a_batch_axes, *self.a_in_axes, self.a_rank_axis)
+    return normalized(self).a_permutation
 
   @property
   def b_permutation(self) -> tuple[int, ...]:
     """The transpose of ``lora_b`` into ``(*batch, rank, *out)`` (normalized
     dimension numbers only)."""
+    return normalized(self).b_permutation
+
+
+class NormalizedAxes(NamedTuple):
+  """The fields of normalized :class:`LoRADimensionNumbers`, every one set.
+
+  What the shape arithmetic reads (:func:`normalized`): the same values, with
+  the types that normalization guarantees (no None).
+  """
+
+  a_batch_axes: tuple[int, ...]
+  a_rank_axis: int
+  b_batch_axes: tuple[int, ...]
+  b_rank_axis: int
+  a_in_axes: tuple[int, ...]
+  b_out_axes: tuple[int, ...]
+
+  @property
+  def a_permutation(self) -> tuple[int, ...]:
+    """The transpose of ``lora_a`` into ``(*batch, *in, rank)``."""
+    return (*self.a_batch_axes, *self.a_in_axes, self.a_rank_axis)
+
+  @property
+  def b_permutation(self) -> tuple[int, ...]:
+    """The transpose of ``lora_b`` into ``(*batch, rank, *out)``."""
     return (*self.b_batch_axes, self.b_rank_axis, *self.b_out_axes)
+
+
+def normalized(dims: LoRADimensionNumbers | None) -> NormalizedAxes:
+  """The axes of normalized dimension numbers (as ``pairing.PairInfo`` holds them).
+
+  Raises:
+    ValueError: if ``dims`` is None or has an unset field, i.e. was not
+      normalized (:func:`normalize_dimension_numbers`).
+  """
+  if (dims is None or dims.a_rank_axis is None or dims.b_rank_axis is None
+      or dims.a_in_axes is None or dims.b_out_axes is None):
+    raise ValueError(f"Expected normalized dimension numbers (every field set), got {dims!r}.")
+  return NormalizedAxes(tuple(dims.a_batch_axes), dims.a_rank_axis, tuple(dims.b_batch_axes),
+                        dims.b_rank_axis, tuple(dims.a_in_axes), tuple(dims.b_out_axes))
 
 
 def normalize_dimension_numbers(
@@ -169,12 +208,13 @@ def _readings(a_shape: tuple[int, ...], b_shape: tuple[int, ...]) -> list[LoRADi
 
 
 def _describe(dims: LoRADimensionNumbers, a_shape, b_shape) -> str:
-  lead = tuple(a_shape[axis] for axis in dims.a_batch_axes)
-  d_in = math.prod(a_shape[axis] for axis in dims.a_in_axes)
-  d_out = math.prod(b_shape[axis] for axis in dims.b_out_axes)
-  return (f"LoRADimensionNumbers(a_batch_axes={tuple(dims.a_batch_axes)}, "
-          f"b_batch_axes={tuple(dims.b_batch_axes)}): {len(lead) and lead or 'no'} batch, "
-          f"d_in {d_in}, r {a_shape[dims.a_rank_axis]}, d_out {d_out}")
+  axes = normalized(dims)
+  lead = tuple(a_shape[axis] for axis in axes.a_batch_axes)
+  d_in = math.prod(a_shape[axis] for axis in axes.a_in_axes)
+  d_out = math.prod(b_shape[axis] for axis in axes.b_out_axes)
+  return (f"LoRADimensionNumbers(a_batch_axes={axes.a_batch_axes}, "
+          f"b_batch_axes={axes.b_batch_axes}): {len(lead) and lead or 'no'} batch, "
+          f"d_in {d_in}, r {a_shape[axes.a_rank_axis]}, d_out {d_out}")
 
 
 def infer_dimension_numbers(

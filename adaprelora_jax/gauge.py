@@ -291,7 +291,7 @@ def argmin_on_unit_interval(
     roots: jax.Array,
     *,
     absolute: bool,
-    relative_tolerance: float,
+    relative_tolerance: jax.typing.ArrayLike,
 ) -> jax.Array:
   """θ ∈ [0, 1] minimizing ``Σ_k coefficients[k] θ^k`` (or its absolute value).
 
@@ -309,7 +309,7 @@ def argmin_on_unit_interval(
   if absolute:
     values = jnp.abs(values)
   tiny = jnp.finfo(dtype).tiny
-  tolerance = relative_tolerance * jnp.sum(jnp.abs(coefficients)) + tiny
+  tolerance = jnp.sum(jnp.abs(coefficients)) * relative_tolerance + tiny
   best = jnp.min(values)
   distance = jnp.where(values <= best + tolerance, jnp.abs(candidates - 0.5), jnp.inf)
   return candidates[jnp.argmin(distance)]

@@ -31,10 +31,11 @@ only ops that lower on TPU (``cholesky``, ``triangular_solve``, ``eigh``).
 from __future__ import annotations
 
 import functools
-from typing import Literal, NamedTuple, Optional
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from adaprelora_jax import gauge
 from adaprelora_jax import linalg
@@ -79,7 +80,7 @@ def factor_step(
     damping_floor: jax.typing.ArrayLike = 0.0,
     tie_breaker: TieBreaker = "min_imbalance",
     pseudo_inverse: linalg.InverseMode = False,
-    cross: Optional[tuple[jax.Array, jax.Array]] = None,
+    cross: tuple[jax.Array, jax.Array] | None = None,
 ) -> FactorStep:
   """Closed-form AdaPreLoRA step of one pair, with diagnostics.
 
@@ -284,7 +285,8 @@ def _mapped_factor_update(lora_a, lora_b, grad_a, grad_b, row_scale, col_scale,
 
 def _is_concrete_zero(value: jax.typing.ArrayLike) -> bool:
   try:
-    return float(value) == 0.0
+    # Through numpy: a tracer raises TracerArrayConversionError, a TypeError.
+    return float(np.asarray(value)) == 0.0
   except (TypeError, jax.errors.ConcretizationTypeError):
     return False
 

@@ -21,7 +21,7 @@ promote to :func:`compute_dtype`) and uses only ops that lower on TPU
 
 from __future__ import annotations
 
-from typing import Literal, Union
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -120,7 +120,7 @@ def psd_sylvester(
 
 # "auto": the pseudo-inverse where the damping is zero at run time, Cholesky
 # of the damped matrix elsewhere (for damping that may be traced).
-InverseMode = Union[bool, Literal["auto"]]
+InverseMode = bool | Literal["auto"]
 
 
 def psd_inverse(

@@ -38,8 +38,11 @@ from types import MappingProxyType
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from flax.nnx.nn import dtypes, initializers
-from flax.typing import Dtype, Initializer, PromoteDtypeFn
+from flax.nnx.nn import dtypes
+from flax.nnx.nn import initializers
+from flax.typing import Dtype
+from flax.typing import Initializer
+from flax.typing import PromoteDtypeFn
 
 from adaprelora_jax import pairing as pairing_lib
 
@@ -169,12 +172,12 @@ class LoRA(nnx.LoRA):
       lora_rank: int,
       out_features: int,
       *,
-      base_module: tp.Optional[nnx.Module] = None,
-      dtype: tp.Optional[Dtype] = None,
+      base_module: nnx.Module | None = None,
+      dtype: Dtype | None = None,
       param_dtype: Dtype = jnp.float32,
       a_initializer: Initializer = default_a_initializer,
       b_initializer: Initializer = default_b_initializer,
-      lora_param_type: tp.Type[nnx.Variable] = nnx.LoRAParam,
+      lora_param_type: type[nnx.Variable] = nnx.LoRAParam,
       promote_dtype: PromoteDtypeFn = dtypes.promote_dtype,
       rngs: nnx.Rngs,
       a_metadata: tp.Mapping[str, tp.Any] = MappingProxyType({}),
@@ -197,8 +200,10 @@ class LoRA(nnx.LoRA):
     x, lora_a, lora_b = self.promote_dtype(
         (x, self.lora_a[...], self.lora_b[...]), dtype=self.dtype
     )
+    # The statistics are set by name in __init__ (the names pairing reads).
     out = lora_product(
-        x, lora_a, lora_b, self.grad_sq_rows[...], self.grad_sq_cols[...]
+        x, lora_a, lora_b, getattr(self, pairing_lib.ROW_STATS_NAME)[...],
+        getattr(self, pairing_lib.COL_STATS_NAME)[...]
     )
     if self.base_module is not None:
       if not callable(self.base_module):
@@ -235,11 +240,11 @@ class LoRALinear(nnx.Linear):
       out_features: int,
       *,
       lora_rank: int,
-      lora_dtype: tp.Optional[Dtype] = None,
+      lora_dtype: Dtype | None = None,
       lora_param_dtype: Dtype = jnp.float32,
       a_initializer: Initializer = default_a_initializer,
       b_initializer: Initializer = default_b_initializer,
-      lora_param_type: tp.Type[nnx.Variable] = nnx.LoRAParam,
+      lora_param_type: type[nnx.Variable] = nnx.LoRAParam,
       lora_promote_dtype: PromoteDtypeFn = dtypes.promote_dtype,
       rngs: nnx.Rngs,
       a_metadata: tp.Mapping[str, tp.Any] = MappingProxyType({}),

@@ -30,7 +30,7 @@ entry it builds; for params without ``Variable`` nodes it changes nothing.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, NamedTuple, Optional, Union
+from typing import Any, NamedTuple
 
 import jax
 import optax
@@ -75,7 +75,7 @@ def _labeled(node: Any, value: jax.Array, names: tuple[Any, ...]) -> Any:
 
 
 def slot_sharding(
-    pair: pairing_lib.PairInfo, slot: Union[slots_lib.Slot, slots_lib.GroupSlot],
+    pair: pairing_lib.PairInfo, slot: slots_lib.Slot | slots_lib.GroupSlot,
     a_names: Sequence[Any], b_names: Sequence[Any],
 ) -> tuple[Any, ...]:
   """Per-axis sharding names of a slot from those of the pair's factors."""
@@ -96,12 +96,12 @@ class StateLabels(NamedTuple):
   """
 
   plan: pairing_lib.LoRAPlan
-  nodes: Optional[list[Any]] = None
+  nodes: list[Any] | None = None
   treedef: Any = None
   specs: Sequence[tuple[Any, ...]] = ()
 
   @classmethod
-  def of(cls, plan: pairing_lib.LoRAPlan, params: Any) -> "StateLabels":
+  def of(cls, plan: pairing_lib.LoRAPlan, params: Any) -> StateLabels:
     """The labels for state built from ``params`` (a no-op without
     ``Variable`` nodes)."""
     nodes, treedef = jax.tree.flatten(params, is_leaf=is_variable)
@@ -149,7 +149,7 @@ class StateLabels(NamedTuple):
     if self.nodes is None:
       return arrays
     labeled = []
-    for group, array in zip(self.plan.groups, arrays):
+    for group, array in zip(self.plan.groups, arrays, strict=True):
       pair = group.members[0]
       node = self.nodes[pair.a_index if slot.role == "a" else pair.b_index]
       names = slot_sharding(pair, slot, self.specs[pair.a_index], self.specs[pair.b_index])

@@ -43,7 +43,7 @@ import dataclasses
 import itertools
 import math
 from collections.abc import Callable, Hashable, Sequence
-from typing import Any, Literal, NamedTuple, Optional, Union, get_args
+from typing import Any, Literal, NamedTuple, get_args
 
 import jax
 import jax.numpy as jnp
@@ -96,13 +96,13 @@ class LoRARole(NamedTuple):
   role: Role
   transposed: bool = False
   layout: Hashable = None
-  dimension_numbers: Optional[LoRADimensionNumbers] = None
-  scale: Optional[float] = None
+  dimension_numbers: LoRADimensionNumbers | None = None
+  scale: float | None = None
   sharded_axes: tuple[int, ...] = ()
 
 
-PairingFn = Callable[[tuple[str, ...], Any], Union[LoRARole, None]]
-Pairing = Union[Literal["nnx", "peft"], PairingFn]
+PairingFn = Callable[[tuple[str, ...], Any], LoRARole | None]
+Pairing = Literal["nnx", "peft"] | PairingFn
 
 
 def _key_name(key: Any) -> str:
@@ -169,7 +169,8 @@ def peft_pairing(path: tuple[str, ...], leaf: Any) -> LoRARole | None:
   """
   del leaf
   tokens = [token for name in path for token in name.split(".")]
-  for marker, role in (("lora_A", "a"), ("lora_B", "b")):
+  markers: tuple[tuple[str, Role], ...] = (("lora_A", "a"), ("lora_B", "b"))
+  for marker, role in markers:
     if marker in tokens:
       index = tokens.index(marker)
       pair = ".".join(tokens[:index] + ["lora_*"] + tokens[index + 1:])
@@ -255,8 +256,8 @@ class PairInfo:
 
 
 def _permutation(pair: PairInfo, role: Literal["a", "b"]) -> tuple[int, ...]:
-  dims = pair.dimension_numbers
-  return dims.a_permutation if role == "a" else dims.b_permutation
+  axes = dimension_numbers.normalized(pair.dimension_numbers)
+  return axes.a_permutation if role == "a" else axes.b_permutation
 
 
 def _inverse(permutation: Sequence[int]) -> tuple[int, ...]:
@@ -337,7 +338,7 @@ class LoRAPlan:
       ``{pair.a_index: slice}``, covering ``range(num_rows)``.
     """
     rows = {}
-    for group, group_rows in zip(self.groups, self.group_rows()):
+    for group, group_rows in zip(self.groups, self.group_rows(), strict=True):
       per_member = math.prod(group.lead_shape)
       for position, pair in enumerate(group.members):
         start = group_rows.start + position * per_member
@@ -347,7 +348,7 @@ class LoRAPlan:
   def group_rows(self) -> list[slice]:
     """Where each group's rows sit in a vector over all single pairs."""
     ends = itertools.accumulate(group.size for group in self.groups)
-    return [slice(end - group.size, end) for group, end in zip(self.groups, ends)]
+    return [slice(end - group.size, end) for group, end in zip(self.groups, ends, strict=True)]
 
   def check_uniform_layouts(self, leaf_layouts: Sequence[Hashable], source: str) -> None:
     """Raises if a group stacks pairs whose factors are laid out differently.
@@ -363,7 +364,7 @@ class LoRAPlan:
     for group in self.groups:
       layouts = [(leaf_layouts[pair.a_index], leaf_layouts[pair.b_index])
                  for pair in group.members]
-      for pair, layout in zip(group.members, layouts):
+      for pair, layout in zip(group.members, layouts, strict=True):
         if layout != layouts[0]:
           raise ValueError(
               f"LoRA pairs '{group.members[0].a_path}' and '{pair.a_path}' have "
@@ -397,7 +398,7 @@ class LoRAPlan:
     for pair in group.members:
       array = leaves[_role_index(pair, role)]
       if factor_layout:
-        array = pair.to_canonical(array, role)
+        array = pair.to_canonical(array, _factor_role(role))
       arrays.append(array)
     stacked = arrays[0][None] if len(arrays) == 1 else jnp.stack(arrays)
     tail = stacked.shape[1 + len(group.lead_shape):]
@@ -437,7 +438,7 @@ class LoRAPlan:
             per_member, positions[position], keepdims=False
         )
       if factor_layout:
-        array = pair.to_leaf(array, role)
+        array = pair.to_leaf(array, _factor_role(role))
       leaves[_role_index(pair, role)] = array
 
   def mirror(
@@ -460,6 +461,13 @@ class LoRAPlan:
     """Boolean tree: True at leaves that are not part of any LoRA pair."""
     other = set(self.other_indices)
     return self.unflatten([index in other for index in range(self.num_leaves)])
+
+
+def _factor_role(role: Role) -> Literal["a", "b"]:
+  """``role`` if it is a factor's: only factor-shaped leaves have a layout."""
+  if role in ("a", "b"):
+    return role
+  raise ValueError(f"Role {role!r} is not a factor's: its leaves need factor_layout=False.")
 
 
 def _role_index(pair: PairInfo, role: Role) -> int:
@@ -508,7 +516,7 @@ def plan_pairs(
   paths = tuple(format_path(name) for name in names)
   members: dict[str, dict[str, tuple[int, LoRARole]]] = {}
   others: list[int] = []
-  for index, ((_, leaf), name) in enumerate(zip(flat, names)):
+  for index, ((_, leaf), name) in enumerate(zip(flat, names, strict=True)):
     found = pairing_fn(name, leaf)
     if found is None:
       others.append(index)
@@ -542,7 +550,7 @@ def plan_pairs(
   for pair_name, slots in members.items():
     pair = _validate_pair(pair_name, slots, flat, paths)
     carries_statistics[pair.a_index] = pair.has_statistics
-    if pair.has_statistics:
+    if pair.row_stats_index is not None and pair.col_stats_index is not None:
       statistics_indices += [pair.row_stats_index, pair.col_stats_index]
       if statistics == "tangent":
         pair = dataclasses.replace(pair, row_stats_index=None, col_stats_index=None)
@@ -639,37 +647,39 @@ def _validate_pair(
         a_shape, b_shape, a_role.transposed, pair_name, a_path, b_path)
   else:
     dims = dimension_numbers.normalize_dimension_numbers(declared, a_shape, b_shape, where=where)
-    for a_axis, b_axis in zip(dims.a_batch_axes, dims.b_batch_axes):
+    axes = dimension_numbers.normalized(dims)
+    for a_axis, b_axis in zip(axes.a_batch_axes, axes.b_batch_axes, strict=True):
       if a_shape[a_axis] != b_shape[b_axis]:
         raise ValueError(
             f"{where}: batch axis {a_axis} of lora_a has size {a_shape[a_axis]} "
             f"but batch axis {b_axis} of lora_b has size {b_shape[b_axis]}."
         )
-    if a_shape[dims.a_rank_axis] != b_shape[dims.b_rank_axis]:
+    if a_shape[axes.a_rank_axis] != b_shape[axes.b_rank_axis]:
       raise ValueError(
-          f"{where}: rank mismatch between lora_a axis {dims.a_rank_axis} "
-          f"({a_shape[dims.a_rank_axis]}) and lora_b axis {dims.b_rank_axis} "
-          f"({b_shape[dims.b_rank_axis]})."
+          f"{where}: rank mismatch between lora_a axis {axes.a_rank_axis} "
+          f"({a_shape[axes.a_rank_axis]}) and lora_b axis {axes.b_rank_axis} "
+          f"({b_shape[axes.b_rank_axis]})."
       )
   dims = _sharded_axes_first(dims, declared, a_role, b_role, len(a_shape), len(b_shape))
+  axes = dimension_numbers.normalized(dims)
   scale = _agreed(pair_name, a_role, b_role, "scale")
   scale = 1.0 if scale is None else scale
   validation.check_positive(f"scale of LoRA pair {pair_name!r}", scale)
-  lead = tuple(a_shape[axis] for axis in dims.a_batch_axes)
-  d_in = math.prod(a_shape[axis] for axis in dims.a_in_axes)
-  d_out = math.prod(b_shape[axis] for axis in dims.b_out_axes)
+  lead = tuple(a_shape[axis] for axis in axes.a_batch_axes)
+  d_in = math.prod(a_shape[axis] for axis in axes.a_in_axes)
+  d_out = math.prod(b_shape[axis] for axis in axes.b_out_axes)
   info = PairInfo(
       name=pair_name, a_index=a_index, b_index=b_index, a_path=a_path,
       b_path=b_path, transposed=a_role.transposed, lead_shape=lead, d_in=d_in,
-      rank=a_shape[dims.a_rank_axis], d_out=d_out, dtype=jnp.dtype(a_leaf.dtype),
+      rank=a_shape[axes.a_rank_axis], d_out=d_out, dtype=jnp.dtype(a_leaf.dtype),
       layout=tuple(slots[role][1].layout if role in slots else None for role in ROLES),
       a_shape=a_shape, b_shape=b_shape, dimension_numbers=dims, scale=float(scale),
   )
   has_rows, has_cols = "row_stats" in slots, "col_stats" in slots
   if has_rows != has_cols:
-    present = slots["row_stats" if has_rows else "col_stats"][0]
+    present = slots["row_stats" if has_rows else "col_stats"]
     raise ValueError(
-        f"LoRA pair {pair_name!r}: statistics leaf '{paths[present]}' has no "
+        f"LoRA pair {pair_name!r}: statistics leaf '{paths[present[0]]}' has no "
         "partner (both row and column statistics are required)."
     )
   if has_rows:
@@ -697,7 +707,7 @@ def _agreed(pair_name: str, a_role: LoRARole, b_role: LoRARole, field: str) -> A
 
 def _sharded_axes_first(
     dims: LoRADimensionNumbers,
-    declared: Optional[LoRADimensionNumbers],
+    declared: LoRADimensionNumbers | None,
     a_role: LoRARole,
     b_role: LoRARole,
     a_ndim: int,
@@ -725,10 +735,10 @@ def _sharded_axes_first(
 def annotate_pairing(
     pairing: Pairing = "nnx",
     *,
-    dimension_numbers: Union[
-        None, LoRADimensionNumbers, dict[str, LoRADimensionNumbers],
-        Callable[[str], Optional[LoRADimensionNumbers]]] = None,
-    scale: Union[None, float, dict[str, float], Callable[[str], Optional[float]]] = None,
+    dimension_numbers: (
+        LoRADimensionNumbers | dict[str, LoRADimensionNumbers]
+        | Callable[[str], LoRADimensionNumbers | None] | None) = None,
+    scale: float | dict[str, float] | Callable[[str], float | None] | None = None,
 ) -> PairingFn:
   """A pairing that declares dimension numbers and/or LoRA scales per pair.
 
@@ -761,7 +771,7 @@ def annotate_pairing(
       return spec.get(name)
     return spec(name)
 
-  def annotated(path: tuple[str, ...], leaf: Any) -> Optional[LoRARole]:
+  def annotated(path: tuple[str, ...], leaf: Any) -> LoRARole | None:
     found = pairing_fn(path, leaf)
     if found is None:
       return None
@@ -821,10 +831,10 @@ def pair_axes(
   one): the layout of the flattened axis when only its major axis is
   sharded, which :attr:`LoRARole.sharded_axes` arranges (docs/design.md §9).
   """
-  dims = pair.dimension_numbers
-  lead = tuple(a_axes[axis] for axis in dims.a_batch_axes)
-  return (lead, _merged_entry([a_axes[axis] for axis in dims.a_in_axes]),
-          _merged_entry([b_axes[axis] for axis in dims.b_out_axes]))
+  axes = dimension_numbers.normalized(pair.dimension_numbers)
+  lead = tuple(a_axes[axis] for axis in axes.a_batch_axes)
+  return (lead, _merged_entry([a_axes[axis] for axis in axes.a_in_axes]),
+          _merged_entry([b_axes[axis] for axis in axes.b_out_axes]))
 
 
 def _merged_entry(entries: Sequence[Any]) -> Any:

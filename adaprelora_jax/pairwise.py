@@ -34,9 +34,11 @@ Kernels that need a reduction over *all* pairs before updating any
 
 from __future__ import annotations
 
+import functools
 import math
+import operator
 from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -71,15 +73,15 @@ class PairInputs(NamedTuple):
   lora_b: jax.Array
   grad_a: jax.Array
   grad_b: jax.Array
-  row_stats: Optional[jax.Array] = None
-  col_stats: Optional[jax.Array] = None
-  lora_scale: Optional[jax.Array] = None
+  row_stats: jax.Array | None = None
+  col_stats: jax.Array | None = None
+  lora_scale: jax.Array | None = None
 
   def promoted(self) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """``(a, b, g_a, g_b)`` in :func:`adaprelora_jax.linalg.compute_dtype`."""
-    factors = (self.lora_a, self.lora_b, self.grad_a, self.grad_b)
-    dtype = linalg.compute_dtype(*factors)
-    return tuple(x.astype(dtype) for x in factors)
+    dtype = linalg.compute_dtype(self.lora_a, self.lora_b, self.grad_a, self.grad_b)
+    return (self.lora_a.astype(dtype), self.lora_b.astype(dtype), self.grad_a.astype(dtype),
+            self.grad_b.astype(dtype))
 
 
 # update_pair(inputs, state, count, total) -> (delta_a, delta_b, new_state):
@@ -87,7 +89,7 @@ class PairInputs(NamedTuple):
 # dict of the pair's fields, ``count`` the number of previous updates and
 # ``total`` the sum over all pairs of prepare_pair's scalar (None without it).
 PairKernel = Callable[
-    [Any, dict[str, Any], jax.Array, Optional[jax.Array]],
+    [Any, dict[str, Any], jax.Array, jax.Array | None],
     tuple[jax.Array, jax.Array, dict[str, Any]],
 ]
 PreparePair = Callable[[PairInputs], tuple[Any, jax.Array]]
@@ -97,7 +99,9 @@ def _gather_inputs(
     plan: pairing_lib.LoRAPlan, group: pairing_lib.PairGroup,
     param_leaves: list[Any], grads: list[Any],
 ) -> PairInputs:
-  gather = lambda leaves, role, **kw: plan.gather(leaves, group, role, **kw)
+  def gather(leaves, role, **kw):
+    return plan.gather(leaves, group, role, **kw)
+
   row_stats = col_stats = None
   if group.exact_statistics:
     row_stats = gather(grads, "row_stats", factor_layout=False)
@@ -148,7 +152,7 @@ def _member_positions(
 
 
 def _run_kernels(
-    update_pair: PairKernel, prepare_pair: Optional[PreparePair],
+    update_pair: PairKernel, prepare_pair: PreparePair | None,
     inputs: list[PairInputs], pair_states: list[dict[str, Any]], count: jax.Array,
 ) -> list[tuple[jax.Array, jax.Array, dict[str, Any]]]:
   """The kernel vmapped over each group, after the optional first pass."""
@@ -156,19 +160,20 @@ def _run_kernels(
   if prepare_pair is not None:
     prepared = [jax.vmap(prepare_pair)(group_inputs) for group_inputs in inputs]
     inputs = [carry for carry, _ in prepared]
-    total = sum(jnp.sum(contribution) for _, contribution in prepared)
+    total = functools.reduce(operator.add,
+                             [jnp.sum(contribution) for _, contribution in prepared])
   kernel = jax.vmap(update_pair, in_axes=(0, 0, None, None))
   return [kernel(group_inputs, pair_state, count, total)
-          for group_inputs, pair_state in zip(inputs, pair_states)]
+          for group_inputs, pair_state in zip(inputs, pair_states, strict=True)]
 
 
 def pairwise_transform(
     update_pair: PairKernel,
     *,
-    fields: Mapping[str, Optional[slots_lib.Field]],
+    fields: Mapping[str, slots_lib.Field | None],
     state_type: Callable[..., Any],
     router: routing.Router,
-    prepare_pair: Optional[PreparePair] = None,
+    prepare_pair: PreparePair | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """An optax transform from a rule for one LoRA pair.
 
@@ -239,7 +244,7 @@ def pairwise_transform(
     out = list(grads)
     member_positions = _member_positions(plan, state.pair_position)
     for group, (delta_a, delta_b, _), (positions, valid) in zip(
-        plan.groups, results, member_positions):
+        plan.groups, results, member_positions, strict=True):
       dtype = group.members[0].dtype
       for role, delta in (("a", delta_a), ("b", delta_b)):
         # Wrong positions would silently swap the pairs' updates: make them NaN.

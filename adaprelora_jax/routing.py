@@ -24,7 +24,7 @@ leaves of :class:`adaprelora_jax.nn.LoRA` zero updates. Both engines,
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import jax.numpy as jnp
 import optax
@@ -33,7 +33,7 @@ from adaprelora_jax import pairing as pairing_lib
 
 
 def default_non_lora(
-    non_lora: Optional[optax.GradientTransformation],
+    non_lora: optax.GradientTransformation | None,
 ) -> optax.GradientTransformation:
   """The fallback for leaves that are not LoRA factors: Adam unless given."""
   return optax.scale_by_adam() if non_lora is None else non_lora
@@ -60,18 +60,18 @@ class Router(NamedTuple):
   non_lora: optax.GradientTransformation
   strict: bool
   statistics: pairing_lib.Statistics
-  check_pair: Optional[Callable[[pairing_lib.PairInfo], None]] = None
+  check_pair: Callable[[pairing_lib.PairInfo], None] | None = None
 
   @classmethod
   def create(
       cls,
       owner: str,
       pairing: pairing_lib.Pairing,
-      non_lora: Optional[optax.GradientTransformation],
+      non_lora: optax.GradientTransformation | None,
       strict: bool,
       statistics: pairing_lib.Statistics = "tangent",
-      check_pair: Optional[Callable[[pairing_lib.PairInfo], None]] = None,
-  ) -> "Router":
+      check_pair: Callable[[pairing_lib.PairInfo], None] | None = None,
+  ) -> Router:
     """A router; ``non_lora=None`` means :func:`default_non_lora`.
 
     Raises:

@@ -50,19 +50,20 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Iterator
-from typing import Any, Optional, Union
+from typing import Any
 
 import jax
 import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
 
+from adaprelora_jax import dimension_numbers
 from adaprelora_jax import pairing as pairing_lib
 from adaprelora_jax.pairing import LoRARole
 
 # The spec entry of one array axis: a mesh axis name, a tuple of them, or None.
-AxisSpec = Union[None, str, tuple[str, ...]]
-ShardingLike = Union[NamedSharding, PartitionSpec]
+AxisSpec = str | tuple[str, ...] | None
+ShardingLike = NamedSharding | PartitionSpec
 
 # Stand-in sizes: ranks from a low range, all other axes from a high one, so a
 # stand-in rank never exceeds a stand-in d_in or d_out (rules may check r ≤ d).
@@ -74,7 +75,7 @@ _FIRST_OTHER = 1_000_003
 _FIRST_SUB = 10_007
 
 
-def _axis_specs(sharding: Optional[ShardingLike], ndim: int, path: str) -> tuple[AxisSpec, ...]:
+def _axis_specs(sharding: ShardingLike | None, ndim: int, path: str) -> tuple[AxisSpec, ...]:
   """The spec entry of each of ``ndim`` axes (None: replicated)."""
   if sharding is None:
     return (None,) * ndim
@@ -87,7 +88,7 @@ def _axis_specs(sharding: Optional[ShardingLike], ndim: int, path: str) -> tuple
   return (*spec, *(None,) * (ndim - len(spec)))
 
 
-def _common_mesh(shardings: list[Optional[ShardingLike]]) -> Any:
+def _common_mesh(shardings: list[ShardingLike | None]) -> Any:
   meshes = {s.mesh for s in shardings if isinstance(s, NamedSharding)}
   if len(meshes) > 1:
     raise ValueError(
@@ -146,14 +147,14 @@ def _stand_in_state(
 ) -> tuple[Any, _StandIn]:
   """``optimizer.init`` traced abstractly on a stand-in of the parameters."""
   stand_in = _StandIn(stride)
-  new_shapes: list[Optional[tuple[int, ...]]] = [None] * plan.num_leaves
+  new_shapes: list[tuple[int, ...] | None] = [None] * plan.num_leaves
   # The pairs of a group share their stand-in sizes, so that the stand-in
   # params group (and their stacked state is shaped) as the real ones; the
   # caller has checked that they are sharded alike, and members of a group
   # have one leaf layout (pairing.plan_pairs).
   for group in plan.groups:
     first = group.members[0]
-    dims = first.dimension_numbers
+    dims = dimension_numbers.normalized(first.dimension_numbers)
     a_specs, b_specs = axis_specs[first.a_index], axis_specs[first.b_index]
     lead_specs, d_in_spec, d_out_spec = pairing_lib.pair_axes(first, a_specs, b_specs)
     lead = [stand_in.size(spec) for spec in lead_specs]
@@ -162,23 +163,22 @@ def _stand_in_state(
     out_sizes, d_out = stand_in.flattened(
         [b_specs[axis] for axis in dims.b_out_axes], d_out_spec)
     a_shape, b_shape = [0] * len(first.a_shape), [0] * len(first.b_shape)
-    for axis, size in zip((*dims.a_batch_axes, *dims.a_in_axes, dims.a_rank_axis),
-                          (*lead, *in_sizes, rank)):
+    for axis, size in zip(dims.a_permutation, (*lead, *in_sizes, rank), strict=True):
       a_shape[axis] = size
-    for axis, size in zip((*dims.b_batch_axes, dims.b_rank_axis, *dims.b_out_axes),
-                          (*lead, rank, *out_sizes)):
+    for axis, size in zip(dims.b_permutation, (*lead, rank, *out_sizes), strict=True):
       b_shape[axis] = size
     for pair in group.members:
       new_shapes[pair.a_index] = tuple(a_shape)
       new_shapes[pair.b_index] = tuple(b_shape)
-      if pair.has_statistics:
+      if pair.row_stats_index is not None and pair.col_stats_index is not None:
         new_shapes[pair.row_stats_index] = (*lead, d_in)
         new_shapes[pair.col_stats_index] = (*lead, d_out)
   for index, specs in enumerate(axis_specs):
     if new_shapes[index] is None:
       new_shapes[index] = tuple(stand_in.size(spec) for spec in specs)
   stand_in_params = plan.unflatten([
-      jax.ShapeDtypeStruct(shape, leaf.dtype) for shape, leaf in zip(new_shapes, leaves)])
+      jax.ShapeDtypeStruct(shape, leaf.dtype)
+      for shape, leaf in zip(new_shapes, leaves, strict=True)])
   return jax.eval_shape(optimizer.init, stand_in_params), stand_in
 
 
@@ -228,7 +228,7 @@ def sharded_pairing(
   flat, _ = jax.tree_util.tree_flatten_with_path(param_shardings, is_leaf=_is_sharding_leaf)
   by_path = {pairing_lib.path_names(path): sharding for path, sharding in flat}
 
-  def pairing_with_layout(path: tuple[str, ...], leaf: Any) -> Optional[pairing_lib.LoRARole]:
+  def pairing_with_layout(path: tuple[str, ...], leaf: Any) -> pairing_lib.LoRARole | None:
     found = pairing_fn(path, leaf)
     if found is None:
       return None
@@ -292,7 +292,7 @@ def state_shardings(
   shapes = [tuple(leaf.shape) for leaf in leaves]
   shardings = plan.leaves(param_shardings)
   axis_specs = [_axis_specs(sharding, len(shape), path)
-                for sharding, shape, path in zip(shardings, shapes, plan.paths)]
+                for sharding, shape, path in zip(shardings, shapes, plan.paths, strict=True)]
   mesh = _common_mesh(shardings)
   plan.check_uniform_layouts(axis_specs, "shardings")
 

@@ -39,7 +39,7 @@ sharding names) is done by the ``labels`` object the engine passes in (see
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal, NamedTuple, Protocol, Union
+from typing import Any, Literal, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -55,9 +55,9 @@ _FACTOR_DIMS = {"a": ("d_in", "rank"), "b": ("rank", "d_out")}
 class Labels(Protocol):
   """How a state entry's arrays are labelled for the parameters' framework."""
 
-  def mirrored(self, tree: Any, slots: Sequence["Slot"]) -> Any: ...
+  def mirrored(self, tree: Any, slots: Sequence[Slot]) -> Any: ...
 
-  def stacked(self, arrays: tuple[jax.Array, ...], slot: "GroupSlot") -> tuple[Any, ...]: ...
+  def stacked(self, arrays: tuple[jax.Array, ...], slot: GroupSlot) -> tuple[Any, ...]: ...
 
 
 def state_dtype(declared: Any, param_dtype: Any) -> jnp.dtype:
@@ -114,7 +114,7 @@ class Slot(NamedTuple):
   def factor_layout(self) -> bool:
     return self.dims == _FACTOR_DIMS[self.role]
 
-  def as_slots(self) -> "Slots":
+  def as_slots(self) -> Slots:
     return Slots((self,), single=True)
 
   def init(self, plan: pairing_lib.LoRAPlan, labels: Labels) -> Any:
@@ -151,7 +151,7 @@ class Slots(NamedTuple):
   single: bool = False
 
   def init(self, plan: pairing_lib.LoRAPlan, labels: Labels) -> Any:
-    by_role = {slot.role: slot for slot in self.members}
+    by_role: dict[pairing_lib.Role, Slot] = {slot.role: slot for slot in self.members}
     tree = plan.mirror(lambda pair, role: by_role[role].zeros(pair), roles=tuple(by_role))
     return labels.mirrored(tree, self.members)
 
@@ -168,10 +168,10 @@ class Slots(NamedTuple):
   def write(self, plan: pairing_lib.LoRAPlan, entry: Any, values: Sequence[Any],
             positions: Sequence[Sequence[jax.Array]], labels: Labels) -> Any:
     leaves = list(plan.leaves(entry))
-    for group, value, group_positions in zip(plan.groups, values, positions):
+    for group, value, group_positions in zip(plan.groups, values, positions, strict=True):
       arrays = (value,) if self.single else value
       dtype = _group_dtype(group)
-      for slot, array in zip(self.members, arrays):
+      for slot, array in zip(self.members, arrays, strict=True):
         # Kernels compute in float32 or wider (and with float64
         # hyperparameters under x64): cast back to the dtype of init.
         plan.scatter(leaves, group, slot.role, array.astype(state_dtype(slot.dtype, dtype)),
@@ -218,7 +218,7 @@ class GroupSlot(NamedTuple):
           "built for other params or another pairing."
       )
     return [array.reshape((group.size, *array.shape[1 + len(group.lead_shape):]))
-            for group, array in zip(plan.groups, entry)]
+            for group, array in zip(plan.groups, entry, strict=True)]
 
   def write(self, plan: pairing_lib.LoRAPlan, entry: Any, values: Sequence[jax.Array],
             positions: Sequence[Sequence[jax.Array]], labels: Labels) -> tuple[Any, ...]:
@@ -226,7 +226,7 @@ class GroupSlot(NamedTuple):
     return labels.stacked(tuple(
         value.reshape(self.group_shape(group)).astype(
             state_dtype(self.dtype, _group_dtype(group)))
-        for group, value in zip(plan.groups, values)), self)
+        for group, value in zip(plan.groups, values, strict=True)), self)
 
   def unstack(self, plan: pairing_lib.LoRAPlan, arrays: Sequence[jax.Array]) -> Any:
     """This field's entry (one plain array per group) as a tree like the params.
@@ -249,7 +249,8 @@ class GroupSlot(NamedTuple):
           f"but the params' groups of LoRA pairs need {expected}: pass the params "
           "(and pairing) the optimizer was initialized with."
       )
-    by_pair = {pair.a_index: array[position] for group, array in zip(plan.groups, arrays)
+    by_pair = {pair.a_index: array[position]
+               for group, array in zip(plan.groups, arrays, strict=True)
                for position, pair in enumerate(group.members)}
     return plan.mirror(lambda pair, role: by_pair[pair.a_index], roles=(self.role,))
 
@@ -288,8 +289,8 @@ class PairScalar(NamedTuple):
 
 # What a transform may declare per field: a plain tuple of slots stands for
 # :class:`Slots`.
-Field = Union[Slot, Slots, tuple[Slot, ...], GroupSlot, PairScalar]
-FieldKind = Union[Slot, Slots, GroupSlot, PairScalar]
+Field = Slot | Slots | tuple[Slot, ...] | GroupSlot | PairScalar
+FieldKind = Slot | Slots | GroupSlot | PairScalar
 
 
 def as_field(name: str, field: Field) -> FieldKind:

@@ -24,15 +24,15 @@ pair if anything is not finite (``docs/design.md`` §3–§6).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from adaprelora_jax import kernels
-from adaprelora_jax import tangent
 from adaprelora_jax import linalg
 from adaprelora_jax import pairwise
+from adaprelora_jax import tangent
 
 
 def all_finite(*arrays: jax.Array) -> jax.Array:
@@ -71,7 +71,8 @@ def clip_by_weighted_rms(
   weight_total = jnp.sum(row_scale) * jnp.sum(col_scale)
   rms = jnp.sqrt(jnp.maximum(descent, 0.0) / weight_total)
   scale = 1.0 / jnp.maximum(1.0, rms / threshold)
-  return tuple(delta * scale for delta in deltas)
+  delta_a, delta_b = deltas
+  return delta_a * scale, delta_b * scale
 
 
 def momentum_step(
@@ -79,9 +80,10 @@ def momentum_step(
     b1: jax.typing.ArrayLike, count: jax.Array,
 ) -> tuple[tuple[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]:
   """The new EMA of the factor steps, and the bias-corrected steps."""
-  new_momentum = tuple(b1 * old + (1.0 - b1) * delta for old, delta in zip(momentum, deltas))
-  bias_correction = 1.0 - b1 ** (count + 1).astype(deltas[0].dtype)
-  return new_momentum, tuple(m / bias_correction for m in new_momentum)
+  (old_a, old_b), (delta_a, delta_b) = momentum, deltas
+  new_a, new_b = old_a * b1 + delta_a * (1.0 - b1), old_b * b1 + delta_b * (1.0 - b1)
+  bias_correction = 1.0 - jnp.power(b1, (count + 1).astype(delta_a.dtype))
+  return (new_a, new_b), (new_a / bias_correction, new_b / bias_correction)
 
 
 class Hyperparams(NamedTuple):
@@ -93,17 +95,17 @@ class Hyperparams(NamedTuple):
   damping: Any
   damping_floor: Any
   clipping_threshold: Any
-  tie_breaker: str
+  tie_breaker: kernels.TieBreaker
   project_gradients: bool
   step_offset: Any
   decay_rate_fn: Callable[[jax.Array, Any], jax.Array]
   nonfinite: str
-  lora_scale: Optional[jax.typing.ArrayLike]
+  lora_scale: jax.typing.ArrayLike | None
 
 
 def pair_lora_scale(
-    lora_scale: Optional[jax.typing.ArrayLike], pair_scale: Optional[jax.Array]
-) -> Optional[jax.Array]:
+    lora_scale: jax.typing.ArrayLike | None, pair_scale: jax.Array | None
+) -> jax.typing.ArrayLike | None:
   """A pair's LoRA scale: the optimizer's times the pairing's; None if neither
   is set (then the step is exactly that of s = 1, with no extra ops)."""
   if lora_scale is None:
@@ -116,10 +118,12 @@ def _pair_statistics(
     grams: tangent.PairGrams, inverses: tangent.GramInverses,
 ) -> tuple[jax.Array, jax.Array]:
   """Row and column means of ``G²``: exact where the pair carries them."""
-  if pair.row_stats is None:
+  # Gathered together (pairwise.py): both or neither.
+  row_stats, col_stats = pair.row_stats, pair.col_stats
+  if row_stats is None or col_stats is None:
     return tangent.tangent_statistics_from_grams(a, b, g_a, g_b, grams, inverses)
-  return (pair.row_stats.astype(linalg.compute_dtype(pair.row_stats)),
-          pair.col_stats.astype(linalg.compute_dtype(pair.col_stats)))
+  return (row_stats.astype(linalg.compute_dtype(row_stats)),
+          col_stats.astype(linalg.compute_dtype(col_stats)))
 
 
 def update_pair(
@@ -146,15 +150,12 @@ def update_pair(
         a, b, g_a, g_b, grams, inverses)
   row_stats, col_stats = _pair_statistics(pair, a, b, g_a, g_b, grams, inverses)
   beta2 = hyper.decay_rate_fn(count - hyper.step_offset, hyper.decay_rate)
-  moments = {
-      "row_second_moment": decayed_moment(state["row_second_moment"], row_stats, beta2,
-                                          hyper.eps),
-      "col_second_moment": decayed_moment(state["col_second_moment"], col_stats, beta2,
-                                          hyper.eps),
-      "momentum": None,
+  row_moment = decayed_moment(state["row_second_moment"], row_stats, beta2, hyper.eps)
+  col_moment = decayed_moment(state["col_second_moment"], col_stats, beta2, hyper.eps)
+  moments: dict[str, Any] = {
+      "row_second_moment": row_moment, "col_second_moment": col_moment, "momentum": None,
   }
-  row_scale, col_scale = kernels.factored_scales(
-      moments["row_second_moment"], moments["col_second_moment"])
+  row_scale, col_scale = kernels.factored_scales(row_moment, col_moment)
   step = kernels.factor_step(
       a, b, g_a, g_b, row_scale, col_scale, damping=hyper.damping,
       damping_floor=hyper.damping_floor, tie_breaker=hyper.tie_breaker,
@@ -165,7 +166,7 @@ def update_pair(
     deltas = clip_by_weighted_rms(deltas, step.descent, row_scale, col_scale,
                                   hyper.clipping_threshold)
   if scale is not None:
-    deltas = tuple(delta / scale for delta in deltas)
+    deltas = (deltas[0] / scale, deltas[1] / scale)
   if hyper.b1 is not None:
     moments["momentum"], deltas = momentum_step(state["momentum"], deltas, hyper.b1, count)
   skipped = jnp.array(False)
@@ -182,7 +183,7 @@ def update_pair(
     checked = [step.descent] + ([] if pair.row_stats is None else [row_stats, col_stats])
     ok = all_finite(*checked)
     moments = keep_if_finite(ok, moments, {name: state[name] for name in moments})
-    deltas = tuple(jnp.where(ok, delta, 0.0) for delta in deltas)
+    deltas = (jnp.where(ok, deltas[0], 0.0), jnp.where(ok, deltas[1], 0.0))
     skipped = ~ok
   skips = state["nonfinite_count"] + skipped.astype(jnp.int32)
   return *deltas, {**moments, "nonfinite_count": skips}

@@ -28,7 +28,7 @@ All algebra runs in float32 or wider and uses only ops that lower on TPU.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -62,8 +62,8 @@ class PairGrams(NamedTuple):
   gram_b: jax.Array
   cross_a: jax.Array
   cross_b: jax.Array
-  grad_gram_a: Optional[jax.Array]
-  grad_gram_b: Optional[jax.Array]
+  grad_gram_a: jax.Array | None
+  grad_gram_b: jax.Array | None
   grad_sq_norm: jax.Array
 
 
@@ -128,7 +128,7 @@ def gram_inverses(
 
   ``damping_floor`` is absolute here (the Euclidean metric has unit scales).
   """
-  shifts = [damping * jnp.trace(gram) / gram.shape[-1] + damping_floor
+  shifts = [jnp.trace(gram) * damping / gram.shape[-1] + damping_floor
             for gram in (grams.gram_a, grams.gram_b)]
   inverse_a, inverse_b = (
       psd_inverse(gram, damping=damping, damping_floor=damping_floor)
@@ -159,7 +159,7 @@ def projection_is_identity(
     grams: PairGrams,
     inverses: GramInverses,
     *,
-    tolerance: Optional[jax.typing.ArrayLike] = None,
+    tolerance: jax.typing.ArrayLike | None = None,
 ) -> jax.Array:
   r"""Whether :func:`consistent_gradients` would leave the gradients as they are.
 
@@ -196,7 +196,8 @@ def projection_is_identity(
   traces = [jnp.trace(grams.gram_a), jnp.trace(grams.gram_b)]
   # numerical_rank_mask keeps λ > r·eps·λ_max, and λ_max ≤ tr.
   full_rank = [bound > gram.shape[-1] * info.eps * trace
-               for bound, gram, trace in zip(lower, (grams.gram_a, grams.gram_b), traces)]
+               for bound, gram, trace in zip(
+                   lower, (grams.gram_a, grams.gram_b), traces, strict=True)]
   mismatch = jnp.sqrt(jnp.sum(jnp.square(grams.cross_a - grams.cross_b)))
   correction = jnp.sqrt(traces[0] + traces[1]) * mismatch
   small = correction <= tolerance * jnp.sqrt(grams.grad_sq_norm) * (lower[0] + lower[1])
@@ -248,7 +249,7 @@ def consistent_gradients_unless_identity(
     grams: PairGrams,
     inverses: GramInverses,
     *,
-    tolerance: Optional[jax.typing.ArrayLike] = None,
+    tolerance: jax.typing.ArrayLike | None = None,
 ) -> tuple[jax.Array, jax.Array, PairGrams]:
   """:func:`consistent_gradients`, skipped where it is the identity.
 
@@ -415,7 +416,14 @@ def tangent_statistics_from_grams(
 
   Returns:
     ``(row_mean_sq (d_in,), col_mean_sq (d_out,))``, in float32 or wider.
+
+  Raises:
+    ValueError: if ``grams`` lacks the gradient Grams.
   """
+  grad_gram_a, grad_gram_b = grams.grad_gram_a, grams.grad_gram_b
+  if grad_gram_a is None or grad_gram_b is None:
+    raise ValueError("Tangent statistics need the gradient Grams: "
+                     "pair_grams(..., gradient_grams=True).")
   dtype = compute_dtype(lora_a, lora_b, grad_a, grad_b)
   a, b, g_a, g_b = (x.astype(dtype) for x in (lora_a, lora_b, grad_a, grad_b))
   d_in, d_out = a.shape[0], b.shape[1]
@@ -424,12 +432,12 @@ def tangent_statistics_from_grams(
   # E_b E_bᵀ = g_b g_bᵀ − K_b Ψ_b K_bᵀ − (K_b Ψ_b K_bᵀ)ᵀ + K_b Ψ_b B Ψ_b K_bᵀ.
   weighted_b = matmul(cross_b, psi_b)
   overlap_b = matmul(weighted_b, cross_b.T)
-  residual_b = (grams.grad_gram_b - overlap_b - overlap_b.T
+  residual_b = (grad_gram_b - overlap_b - overlap_b.T
                 + matmul(matmul(weighted_b, gram_b), weighted_b.T))
   # E_aᵀ E_a = g_aᵀ g_a − K_aᵀ Ψ_a K_a − (·)ᵀ + K_aᵀ Ψ_a A Ψ_a K_a.
   weighted_a = matmul(psi_a, cross_a)
   overlap_a = matmul(cross_a.T, weighted_a)
-  residual_a = (grams.grad_gram_a - overlap_a - overlap_a.T
+  residual_a = (grad_gram_a - overlap_a - overlap_a.T
                 + matmul(matmul(weighted_a.T, gram_a), weighted_a))
   row_grad = matmul(matmul(psi_b, gram_b), psi_b)
   row_factor = matmul(matmul(psi_a, residual_b), psi_a)

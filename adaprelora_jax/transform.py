@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any, Literal, NamedTuple, Optional, get_args
+from typing import Any, Literal, NamedTuple, get_args
 
 import chex
 import jax
@@ -47,7 +47,8 @@ def decay_rate_pow(
   """
   # The default float dtype (float64 under x64) rather than a fixed float32.
   t = jnp.asarray(step, jnp.result_type(float)) + 1.0
-  return 1.0 - t ** (-exponent)
+  # -1 * rather than unary minus: ArrayLike admits numpy.bool, which has none.
+  return 1.0 - t ** (-1 * exponent)
 
 
 class ScaleByAdaPreLoRAState(NamedTuple):
@@ -83,7 +84,7 @@ class ScaleByAdaPreLoRAState(NamedTuple):
   count: chex.Array
   row_second_moment: optax.Updates
   col_second_moment: optax.Updates
-  momentum: Optional[optax.Updates]
+  momentum: optax.Updates | None
   nonfinite_count: optax.Updates
   pair_position: optax.Updates
   layout_version: chex.Array
@@ -98,20 +99,20 @@ def scale_by_adaprelora(
     decay_rate: float = 0.8,
     eps: float = 1e-30,
     *,
-    b1: Optional[float] = None,
+    b1: float | None = None,
     damping: float = 1e-4,
     damping_floor: float = 1e-8,
-    clipping_threshold: Optional[float] = 1.0,
+    clipping_threshold: float | None = 1.0,
     tie_breaker: kernels.TieBreaker = "min_imbalance",
     project_gradients: bool = True,
     statistics: Statistics = "auto",
     step_offset: int = 0,
-    decay_rate_fn: Optional[Callable[[jax.Array, Any], jax.Array]] = None,
+    decay_rate_fn: Callable[[jax.Array, Any], jax.Array] | None = None,
     pairing: pairing_lib.Pairing = "nnx",
-    non_lora: Optional[optax.GradientTransformation] = None,
+    non_lora: optax.GradientTransformation | None = None,
     strict: bool = False,
     nonfinite: NonFinitePolicy = "skip",
-    lora_scale: Optional[float] = None,
+    lora_scale: float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Rescale LoRA factor gradients with the AdaPreLoRA closed-form step.
 
@@ -253,22 +254,22 @@ def adaprelora(
     decay_rate: float = 0.8,
     eps: float = 1e-30,
     *,
-    b1: Optional[float] = None,
+    b1: float | None = None,
     weight_decay: float = 0.0,
-    mask: Optional[Any] = None,
+    mask: Any | None = None,
     damping: float = 1e-4,
     damping_floor: float = 1e-8,
-    clipping_threshold: Optional[float] = 1.0,
+    clipping_threshold: float | None = 1.0,
     tie_breaker: kernels.TieBreaker = "min_imbalance",
     project_gradients: bool = True,
     statistics: Statistics = "auto",
     step_offset: int = 0,
-    decay_rate_fn: Optional[Callable[[jax.Array, Any], jax.Array]] = None,
+    decay_rate_fn: Callable[[jax.Array, Any], jax.Array] | None = None,
     pairing: pairing_lib.Pairing = "nnx",
-    non_lora: Optional[optax.GradientTransformation] = None,
+    non_lora: optax.GradientTransformation | None = None,
     strict: bool = False,
     nonfinite: NonFinitePolicy = "skip",
-    lora_scale: Optional[float] = None,
+    lora_scale: float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""AdaPreLoRA: adaptive preconditioned optimizer for LoRA factors.
 

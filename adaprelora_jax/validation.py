@@ -29,12 +29,12 @@ callables are schedules, evaluated only later.
 from __future__ import annotations
 
 from collections.abc import Collection
-from typing import Any, Optional
+from typing import Any
 
 import jax
 
 
-def _host_number(value: Any) -> Optional[float]:
+def _host_number(value: Any) -> float | None:
   """``value`` as a float if it is a number known on the host, else None."""
   if callable(value) or isinstance(value, jax.Array):
     return None
@@ -52,7 +52,7 @@ def _out_of_range(name: str, value: Any, requirement: str, allow_none: bool) -> 
 
 def _number_to_check(
     name: str, value: Any, requirement: str, allow_none: bool
-) -> Optional[float]:
+) -> float | None:
   """The number to compare with the bounds, or None if there is none to check."""
   if value is None:
     if allow_none:

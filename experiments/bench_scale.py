@@ -40,8 +40,14 @@ import numpy as np
 import optax
 
 import adaprelora_jax as ap
-from experiments.bench_step import (COST_MODELS, RESULTS, llama_lora_shapes, make_lora_tree,
-                                    measure_machine, model_work, time_step, tree_bytes)
+from experiments.bench_step import COST_MODELS
+from experiments.bench_step import RESULTS
+from experiments.bench_step import llama_lora_shapes
+from experiments.bench_step import make_lora_tree
+from experiments.bench_step import measure_machine
+from experiments.bench_step import model_work
+from experiments.bench_step import time_step
+from experiments.bench_step import tree_bytes
 from experiments.run import environment
 
 OPTIMIZERS = {"adamw": lambda: optax.adamw(1e-4), "adaprelora": lambda: ap.adaprelora(1e-4)}

@@ -2,9 +2,10 @@
 
 docs/design.md §8: one process, identical inputs, warm-up, median of repeats with
 ``block_until_ready`` (all steps are compiled first, then timed in interleaved
-rounds); every figure is a ratio to ``optax.adamw`` measured in the same run. The pytree has the seven LoRA targets of a Llama block (q, k, v,
-o: hidden→hidden; gate, up: hidden→ffn; down: ffn→hidden), scaled down for a
-CPU (default hidden 1024, ffn 2752, 8 layers = 56 pairs, rank 16).
+rounds); every figure is a ratio to ``optax.adamw`` measured in the same run.
+The pytree has the seven LoRA targets of a Llama block (q, k, v, o:
+hidden→hidden; gate, up: hidden→ffn; down: ffn→hidden), scaled down for a CPU
+(default hidden 1024, ffn 2752, 8 layers = 56 pairs, rank 16).
 
 Usage::
 

@@ -46,7 +46,8 @@ from flax import nnx
 from adaprelora_jax import nn as lora_nn
 from experiments import assets
 from experiments.models import bert
-from experiments.models.layers import PROJECTIONS, LoRAConfig
+from experiments.models.layers import PROJECTIONS
+from experiments.models.layers import LoRAConfig
 from experiments.optimizers import OPTIMIZERS
 from experiments.run import environment
 

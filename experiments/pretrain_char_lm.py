@@ -68,7 +68,9 @@ def _optimizer(config: PretrainConfig) -> optax.GradientTransformation:
       config.final_learning_rate)
   # Decay matrices only, as is usual for transformers: shrinking gains,
   # biases and LayerNorm parameters only hurts.
-  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+  def decay_mask(params):
+    return jax.tree.map(lambda p: p.ndim >= 2, params)
+
   return optax.chain(
       optax.clip_by_global_norm(config.clip_norm),
       optax.adamw(schedule, weight_decay=config.weight_decay, mask=decay_mask))
@@ -77,7 +79,9 @@ def _optimizer(config: PretrainConfig) -> optax.GradientTransformation:
 @nnx.jit
 def _train_step(model: char_lm.CharLM, optimizer: nnx.Optimizer,
                 windows: jax.Array) -> jax.Array:
-  loss_fn = lambda m: char_lm.next_token_nats(m, windows).mean()
+  def loss_fn(m):
+    return char_lm.next_token_nats(m, windows).mean()
+
   loss, grads = nnx.value_and_grad(loss_fn)(model)
   optimizer.update(model, grads)
   return loss

@@ -145,11 +145,13 @@ def plot(results: dict[str, Any], directory: Path) -> list[Path]:
     evaluated = np.asarray(curves[f"eval_{metric}"], dtype=float)
     eval_axis.errorbar(curves["eval_step"], evaluated.mean(0), yerr=evaluated.std(0),
                        label=name, capsize=2)
-  curve_axis.set_yscale("log"); curve_axis.set_xlabel("step")
+  curve_axis.set_yscale("log")
+  curve_axis.set_xlabel("step")
   curve_axis.set_ylabel("training loss (moving avg., seed range)")
   curve_axis.set_title(f"{task}: training loss at each optimizer's best lr")
   curve_axis.legend(fontsize=7)
-  eval_axis.set_xlabel("step"); eval_axis.set_ylabel(f"held-out {metric}")
+  eval_axis.set_xlabel("step")
+  eval_axis.set_ylabel(f"held-out {metric}")
   eval_axis.set_title(f"{task}: held-out {metric} at best lr")
   fig.tight_layout()
   curves_path = directory / f"{task}_curves.png"
@@ -162,7 +164,9 @@ def plot(results: dict[str, Any], directory: Path) -> list[Path]:
     axis.errorbar([float(lr) for lr in lrs], [entry["lrs"][lr]["mean"] for lr in lrs],
                   yerr=[entry["lrs"][lr]["std"] for lr in lrs], marker="o", capsize=2,
                   label=name)
-  axis.set_xscale("log"); axis.set_xlabel("learning rate"); axis.set_ylabel(f"final {metric}")
+  axis.set_xscale("log")
+  axis.set_xlabel("learning rate")
+  axis.set_ylabel(f"final {metric}")
   axis.set_title(f"{task}: final held-out {metric} vs learning rate")
   axis.legend(fontsize=7)
   fig.tight_layout()

@@ -36,9 +36,15 @@ from tqdm.auto import tqdm
 
 import adaprelora_jax
 from experiments import report
-from experiments.optimizers import CORE, OPTIMIZERS, PILOT_GRID, canonical_lr, sweep_grid
+from experiments.optimizers import CORE
+from experiments.optimizers import OPTIMIZERS
+from experiments.optimizers import PILOT_GRID
+from experiments.optimizers import canonical_lr
+from experiments.optimizers import sweep_grid
 from experiments.tasks import TASKS
-from experiments.training import RunConfig, enable_compilation_cache, train
+from experiments.training import RunConfig
+from experiments.training import enable_compilation_cache
+from experiments.training import train
 
 ROOT = Path(__file__).parent
 CACHE = ROOT / ".cache" / "runs"

@@ -420,9 +420,9 @@ def run_training(config: Config) -> dict[str, Any]:
     rules[rule] = {name: {"mean": np.mean(values, axis=-1).tolist(),
                           "std": np.std(values, axis=-1).tolist()}
                    for name, values in per_run.items()}
-  return {"task": "LoRA rank %d on a linear digits classifier (ridge base on digits 0-4, "
-                  "all ten digits; features/units rescaled by condition κ, loss by 1/ρ)"
-                  % config.rank,
+  return {"task": f"LoRA rank {config.rank} on a linear digits classifier (ridge base on "
+                  "digits 0-4, all ten digits; features/units rescaled by condition κ, loss "
+                  "by 1/ρ)",
           "conditions": list(config.train_conditions), "ratios": list(config.train_ratios),
           "learning_rates": list(config.learning_rates), "seeds": config.seeds,
           "steps": config.steps, "batch": BATCH,
@@ -486,7 +486,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
   widths = {rule: 4.0 if rule == DEFAULT_RULE else 1.3 for rule in RULES}
   fig, axes = plt.subplots(2, 3, figsize=(16, 9))
   norm = LogNorm(1e-3, 10.0)
-  for axis, rule in zip(axes[0, :2], (DEFAULT_RULE, "factor_norm")):
+  for axis, rule in zip(axes[0, :2], (DEFAULT_RULE, "factor_norm"), strict=True):
     values = np.maximum(np.asarray(rules[f"{rule}/float64"]["deviation"]["mean"]), 1e-3)
     image = axis.imshow(values, origin="lower", cmap="magma", norm=norm, aspect="auto")
     axis.set_xticks(range(len(ratios)), [f"{np.log10(r):.0f}" for r in ratios])
@@ -504,7 +504,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
                   markersize=3, label=f"{rule} ({dtype})")
   axis.axhline(CLAIM, color="k", linestyle="--", linewidth=0.8, label="4 % claim")
   axis.axvline(CLAIM_CONDITION, color="0.6", linewidth=0.8)
-  axis.set_xlabel("condition κ (ρ = 1)"); axis.set_ylabel("mean deviation")
+  axis.set_xlabel("condition κ (ρ = 1)")
+  axis.set_ylabel("mean deviation")
   axis.set_title("deviation from the best split vs κ")
   axis.legend(fontsize=7, ncol=2)
   axis = axes[1, 0]
@@ -512,19 +513,21 @@ def plot(results: dict[str, Any], path: Path) -> None:
     values = np.asarray(rules[f"{rule}/float64"]["excess"]["median"])[:, 0]
     axis.loglog(conditions, np.maximum(values, 1e-6), "-o", markersize=3, color=colors[rule],
                 linewidth=widths[rule], label=rule)
-  axis.set_xlabel("condition κ (ρ = 1)"); axis.set_ylabel("median ‖δaδb‖_H / best − 1")
+  axis.set_xlabel("condition κ (ρ = 1)")
+  axis.set_ylabel("median ‖δaδb‖_H / best − 1")
   axis.set_title("excess second-order error of the finite step")
   axis.legend(fontsize=8)
   axis = axes[1, 1]
   shown = range(0, len(conditions), max(1, len(conditions) // 3))
   # Shades of factor_norm's color, so that no curve reads as another rule.
-  for shade, i in zip(np.linspace(0.4, 1.0, len(shown)), shown):
+  for shade, i in zip(np.linspace(0.4, 1.0, len(shown)), shown, strict=True):
     values = np.asarray(rules["factor_norm/float64"]["deviation"]["mean"])[i]
     axis.semilogx(ratios, values, "-o", markersize=3, color=plt.get_cmap("Reds")(shade),
                   label=f"factor_norm, κ = {conditions[i]:g}")
   axis.semilogx(ratios, np.asarray(rules[f"{DEFAULT_RULE}/float64"]["deviation"]["mean"])[0],
                 "k--", label=f"{DEFAULT_RULE}, κ = 1 (exactly flat)")
-  axis.set_xlabel("magnitude ratio ρ"); axis.set_ylabel("mean deviation")
+  axis.set_xlabel("magnitude ratio ρ")
+  axis.set_ylabel("mean deviation")
   axis.set_title("bias from the magnitude ratio")
   axis.legend(fontsize=8)
   axis = axes[1, 2]

@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 
 import adaprelora_jax as ap
 from experiments.optimizers import OptimizerSpec
-from experiments.tasks.base import Budget, Task
+from experiments.tasks.base import Budget
+from experiments.tasks.base import Task
 
 
 class CheckpointError(ValueError):

@@ -65,10 +65,12 @@ grad_w = rng.normal(size=(d_in, d_out)) * np.exp(rng.normal(size=(d_in, 1)))  # 
 def jacobian(a, b):
   columns = []
   for k in range(a.size):
-    unit = np.zeros(a.size); unit[k] = 1.0
+    unit = np.zeros(a.size)
+    unit[k] = 1.0
     columns.append((unit.reshape(a.shape) @ b).ravel())
   for k in range(b.size):
-    unit = np.zeros(b.size); unit[k] = 1.0
+    unit = np.zeros(b.size)
+    unit[k] = 1.0
     columns.append((a @ unit.reshape(b.shape)).ravel())
   return np.stack(columns, axis=1)
 
@@ -83,7 +85,8 @@ print(f"parameters: {a.size + b.size}, rank of J: {np.linalg.matrix_rank(J)}, "
 # Adafactor keeps a row statistic and a column statistic of $G^2$ and preconditions with
 # $H^{-1}G = \operatorname{diag}(p)^{-1} G \operatorname{diag}(q)^{-1}$. AdaPreLoRA picks the
 # factor step whose weight change is the projection of $H^{-1}G$ onto $T$ in the metric
-# $\langle X, Y\rangle_H = \operatorname{tr}(X^\top \operatorname{diag}(p) Y \operatorname{diag}(q))$,
+# $\langle X, Y\rangle_H =
+# \operatorname{tr}(X^\top \operatorname{diag}(p) Y \operatorname{diag}(q))$,
 # from the factor gradients alone ($g_a = G b^\top$, $g_b = a^\top G$).
 
 # %%
@@ -103,8 +106,10 @@ def h_inner(x, y):
 residual = preconditioned - delta_w
 orthogonality = max(abs(h_inner(residual, J[:, k].reshape(d_in, d_out))) for k in range(J.shape[1]))
 print(f"max |<H⁻¹G − δW, tangent direction>_H| = {orthogonality:.1e}  (H-orthogonal projection)")
-print(f"share of ‖H⁻¹G‖²_H captured: {h_inner(delta_w, delta_w) / h_inner(preconditioned, preconditioned):.3f}")
-print(f"<G, δW> = {np.sum(grad_w * delta_w):.4f} = ‖δW‖²_H = {h_inner(delta_w, delta_w):.4f}  (a descent direction)")
+share = h_inner(delta_w, delta_w) / h_inner(preconditioned, preconditioned)
+print(f"share of ‖H⁻¹G‖²_H captured: {share:.3f}")
+print(f"<G, δW> = {np.sum(grad_w * delta_w):.4f} = ‖δW‖²_H = {h_inner(delta_w, delta_w):.4f}"
+      "  (a descent direction)")
 
 # %% [markdown]
 # ## 3. One weight change, a line of factor updates
@@ -124,7 +129,8 @@ print(f"<G, δW> = {np.sum(grad_w * delta_w):.4f} = ‖δW‖²_H = {h_inner(del
 
 # %%
 def factor_members(tie_breaker):
-  step = kernels.factor_step(*(jnp.asarray(x) for x in (a, b, grad_a, grad_b, row_scale, col_scale)),
+  inputs = (a, b, grad_a, grad_b, row_scale, col_scale)
+  step = kernels.factor_step(*(jnp.asarray(x) for x in inputs),
                              tie_breaker=tie_breaker, pseudo_inverse=True)
   return float(step.theta), np.asarray(step.delta_a), np.asarray(step.delta_b)
 
@@ -159,8 +165,8 @@ for theta in thetas:
   weight_error.append(np.abs(da @ b + a @ db - delta_w).max())
   second_order.append(np.sqrt(h_inner(da @ db, da @ db)))
 print(f"max deviation of δW along the family: {max(weight_error):.1e}")
-print(f"θ: paper's rule (min_imbalance) {theta_paper:.3f}, equal_norms (old reading) {theta_equal:.3f}, "
-      f"factor-norm rule {theta_norm:.3f}")
+print(f"θ: paper's rule (min_imbalance) {theta_paper:.3f}, "
+      f"equal_norms (old reading) {theta_equal:.3f}, factor-norm rule {theta_norm:.3f}")
 paper_gap = max(np.abs(paper_a - half_a).max(), np.abs(paper_b - half_b).max())
 print(f"min_imbalance step vs the θ = ½ member: max difference {paper_gap:.1e}")
 # Off the line too: no gauge move (δa + aX, δb − Xb), large or small, lowers the paper's
@@ -180,14 +186,17 @@ for value, style, name in ((theta_paper, "-", "paper's rule (min_imbalance)"),
                            (theta_equal, "-.", "equal_norms (old reading)"),
                            (theta_norm, "--", "factor-norm rule")):
   axes[0].axvline(value, color="k", linestyle=style, label=name)
-axes[0].set_xlabel("θ"); axes[0].set_ylabel("squared H-norm")
+axes[0].set_xlabel("θ")
+axes[0].set_ylabel("squared H-norm")
 axes[0].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
 axes[0].set_title("the two contributions to the same δW")
 axes[1].plot(thetas, second_order)
 axes[1].axvspan(0, 1, color="0.92")
-axes[1].set_xlabel("θ"); axes[1].set_ylabel(r"$\|\delta a\,\delta b\|_H$")
+axes[1].set_xlabel("θ")
+axes[1].set_ylabel(r"$\|\delta a\,\delta b\|_H$")
 axes[1].set_title("second-order term η²δaδb of a finite step")
-plt.tight_layout(); plt.show()
+plt.tight_layout()
+plt.show()
 
 # %% [markdown]
 # Along the line the difference of the two contributions is affine in $\theta$,
@@ -240,8 +249,9 @@ steps = {
 frobenius_a, frobenius_b = (np.asarray(x) for x in ap.factor_update(
     *(jnp.asarray(x) for x in (a, b, grad_a, grad_b, np.ones(d_in), np.ones(d_out)))))
 lora_pro_w = steps["LoRA-Pro (Frobenius proj.)"][0] @ b + a @ steps["LoRA-Pro (Frobenius proj.)"][1]
+frobenius_gap = lora_pro_w - frobenius_a @ b - a @ frobenius_b
 print(f"LoRA-Pro δW vs the H = I projection: relative difference "
-      f"{np.linalg.norm(lora_pro_w - frobenius_a @ b - a @ frobenius_b) / np.linalg.norm(lora_pro_w):.1e}")
+      f"{np.linalg.norm(frobenius_gap) / np.linalg.norm(lora_pro_w):.1e}")
 
 full_norm = np.sqrt(h_inner(preconditioned, preconditioned))
 scores = {}
@@ -250,20 +260,22 @@ for name, (da, db) in steps.items():
   norm = np.sqrt(h_inner(dw, dw))
   cosine = h_inner(dw, preconditioned) / (norm * full_norm)
   scores[name] = (cosine, norm / full_norm, cosine**2)
-  print(f"{name:27s} cos_H = {cosine:.3f}   ‖δW‖_H/‖H⁻¹G‖_H = {norm / full_norm:.3f}   share = {cosine**2:.3f}")
+  print(f"{name:27s} cos_H = {cosine:.3f}   ‖δW‖_H/‖H⁻¹G‖_H = {norm / full_norm:.3f}   "
+        f"share = {cosine**2:.3f}")
 print(f"largest share: {max(scores, key=lambda name: scores[name][2])}")
 
 fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
 names = list(scores)
-for axis, column, title in zip(axes, range(3), (r"cosine to $H^{-1}G$ ($H$ metric)",
-                                                r"$\|\delta W\|_H / \|H^{-1}G\|_H$",
-                                                r"share of $\|H^{-1}G\|_H^2$ captured")):
+titles = (r"cosine to $H^{-1}G$ ($H$ metric)", r"$\|\delta W\|_H / \|H^{-1}G\|_H$",
+          r"share of $\|H^{-1}G\|_H^2$ captured")
+for axis, column, title in zip(axes, range(3), titles, strict=True):
   axis.bar(range(len(names)), [scores[name][column] for name in names],
            color=["0.6", "C1", "C2", "C0"])
   axis.set_xticks(range(len(names)), [name.replace(" (", "\n(") for name in names], fontsize=8)
   axis.set_title(title)
 axes[1].set_yscale("log")
-plt.tight_layout(); plt.show()
+plt.tight_layout()
+plt.show()
 
 # %% [markdown]
 # AdaPreLoRA's direction is the $H$-orthogonal projection of $H^{-1}G$, so no tangent
@@ -352,7 +364,8 @@ x_target, y_target = jnp.asarray(images[target]), jnp.asarray(labels[target] - 5
 
 @nnx.jit
 def train_step(model, optimizer):
-  loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, trainable))(model, x_target, y_target)
+  loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, trainable))(
+      model, x_target, y_target)
   optimizer.update(model, grads)
   return loss
 
@@ -366,17 +379,22 @@ for _ in range(100):
     history["rows" + layer].append(np.sqrt(rows["hidden" + layer]["lora"]["lora_a"]))
     history["cols" + layer].append(np.sqrt(cols["hidden" + layer]["lora"]["lora_b"]))
 accuracy = float(jnp.mean(jnp.argmax(model(x_target), -1) == y_target))
-print(f"loss {history['loss'][0]:.3f} → {history['loss'][-1]:.4f}; training accuracy {accuracy:.3f}")
+print(f"loss {history['loss'][0]:.3f} → {history['loss'][-1]:.4f}; "
+      f"training accuracy {accuracy:.3f}")
 
 fig, axes = plt.subplots(1, 5, figsize=(16, 3.4), gridspec_kw={"width_ratios": [1.2, 1, 1, 1, 1]})
-axes[0].semilogy(history["loss"]); axes[0].set_xlabel("step"); axes[0].set_title("training loss")
+axes[0].semilogy(history["loss"])
+axes[0].set_xlabel("step")
+axes[0].set_title("training loss")
 for axis, key, title in zip(axes[1:], ("rows1", "cols1", "rows2", "cols2"),
                             ("hidden1 rows (pixels), exact", "hidden1 columns, exact",
-                             "hidden2 rows, tangent", "hidden2 columns, tangent")):
+                             "hidden2 rows, tangent", "hidden2 columns, tangent"), strict=True):
   image = axis.imshow(np.log10(np.asarray(history[key]).T + 1e-12), aspect="auto", cmap="viridis")
-  axis.set_xlabel("step"); axis.set_title(title, fontsize=9)
+  axis.set_xlabel("step")
+  axis.set_title(title, fontsize=9)
   fig.colorbar(image, ax=axis, label="log10 scale")
-plt.tight_layout(); plt.show()
+plt.tight_layout()
+plt.show()
 
 # %% [markdown]
 # The pixel statistics of the first layer are dominated by a handful of informative pixels
@@ -418,7 +436,7 @@ study = json.loads(Path("../experiments/results/tiebreak_bias.json").read_text()
 sweep, training, summary = study["sweep"], study["training"], study["training_summary"]
 kappas, ratios = np.asarray(sweep["conditions"]), np.asarray(sweep["ratios"])
 rules = ("min_imbalance", "equal_norms", "half", "factor_norm", "second_order")
-colors = dict(zip(rules, ("C0", "C4", "C2", "C3", "C1")))
+colors = dict(zip(rules, ("C0", "C4", "C2", "C3", "C1"), strict=True))
 # half takes the paper's step here (backprop gradients): the default is drawn wide
 # underneath, so that both curves stay visible.
 widths = {rule: 4.0 if rule == "min_imbalance" else 1.3 for rule in rules}
@@ -430,9 +448,10 @@ def deviation(rule):
 
 at_1e4, at_100 = list(kappas).index(1e4), list(ratios).index(1e2)
 for rule in rules:
-  print(f"{rule:13s} deviation from the best split: κ = 1 {deviation(rule)[0, 0]:.3f}, "
-        f"κ = 1e2 {deviation(rule)[2, at_100]:.3f}, κ = 1e4 ρ = 100 {deviation(rule)[at_1e4, at_100]:.3g}, "
-        f"κ = 1e8 {deviation(rule)[-1, at_100]:.3g}; change along ρ {np.ptp(deviation(rule), axis=1).max():.1e}")
+  cells = deviation(rule)
+  print(f"{rule:13s} deviation from the best split: κ = 1 {cells[0, 0]:.3f}, "
+        f"κ = 1e2 {cells[2, at_100]:.3f}, κ = 1e4 ρ = 100 {cells[at_1e4, at_100]:.3g}, "
+        f"κ = 1e8 {cells[-1, at_100]:.3g}; change along ρ {np.ptp(cells, axis=1).max():.1e}")
 
 # Training: realized deviation at ρ = 1 and the default rule's best learning rate.
 train_kappas = np.asarray(training["conditions"])
@@ -454,10 +473,11 @@ def final_loss(rule):
 
 
 for rule in rules:
-  print(f"{rule:13s} realized step deviation (training, κ = {', '.join(f'{k:g}' for k in train_kappas)}): "
+  listed_kappas = ", ".join(f"{k:g}" for k in train_kappas)
+  print(f"{rule:13s} realized step deviation (training, κ = {listed_kappas}): "
         + ", ".join(f"{x:.3f}" for x in realized(rule)))
   print(f"{'':13s} final training loss at its own best lr (± seed std): "
-        + ", ".join(f"{m:.3g} ± {s:.2g}" for m, s in zip(*final_loss(rule))))
+        + ", ".join(f"{m:.3g} ± {s:.2g}" for m, s in zip(*final_loss(rule), strict=True)))
 
 fig, axes = plt.subplots(1, 3, figsize=(16, 3.8))
 for rule in rules:
@@ -468,15 +488,16 @@ for rule in rules:
 for axis in (axes[0], axes[2]):
   axis.axhline(0.04, color="k", linestyle="--", linewidth=0.8, label="authors' 4 %")
   axis.axvline(1e4, color="0.7", linewidth=0.8)
-axes[0].set(xlabel="condition κ of p and of q (ρ = 100)", ylabel="mean deviation from the best split",
-            title="synthetic: deviation vs condition")
+axes[0].set(xlabel="condition κ of p and of q (ρ = 100)",
+            ylabel="mean deviation from the best split", title="synthetic: deviation vs condition")
 axes[1].set(xlabel="magnitude ratio ρ (κ = 1e4)", ylabel="mean deviation from the best split",
             title="synthetic: deviation vs magnitude ratio")
-axes[2].set(xlabel="condition κ of the rescaling (ρ = 1)", ylabel="mean ‖u_a u_b‖_H / ‖first order‖_H",
-            title="training: realized step deviation")
+axes[2].set(xlabel="condition κ of the rescaling (ρ = 1)",
+            ylabel="mean ‖u_a u_b‖_H / ‖first order‖_H", title="training: realized step deviation")
 for axis in axes:
   axis.legend(fontsize=7)
-plt.tight_layout(); plt.show()
+plt.tight_layout()
+plt.show()
 
 # %% [markdown]
 # **The answer** (numbers from the committed `experiments/results/tiebreak_bias.json`):
@@ -491,11 +512,12 @@ plt.tight_layout(); plt.show()
 #   The paper's rule lands 3.9 % (of $\|\delta W\|_H$) away from the best member at κ = 1,
 #   4.8 % at κ = 10, 7.1 % at κ = 1e2 (cond $H$ = 1e4) and 13.8 % at κ = 1e4, ρ = 100, the
 #   worst cell of the claimed range (28.9 % at κ = 1e8). The deviation grows with the
-#   condition, not the magnitude ratio: the best split sits at θ° ≈ 0.38 (median) at isotropic scales
-#   and drifts to 0.23 at κ = 1e8, away from the rule's ½. Its finite steps stray 1.6 %
-#   further (median) from the exact step than the best member's at κ = 1e4 (8.3 % at
-#   κ = 1e8). The old `equal_norms` reading was far worse: 19.5 % / 27.0 % / 36.4 % / 48.6 %
-#   at the same cells, clipped to an end of $[0, 1]$ on 97 % of isotropic pairs.
+#   condition, not the magnitude ratio: the best split sits at θ° ≈ 0.38 (median) at
+#   isotropic scales and drifts to 0.23 at κ = 1e8, away from the rule's ½. Its finite
+#   steps stray 1.6 % further (median) from the exact step than the best member's at
+#   κ = 1e4 (8.3 % at κ = 1e8). The old `equal_norms` reading was far worse: 19.5 % /
+#   27.0 % / 36.4 % / 48.6 % at the same cells, clipped to an end of $[0, 1]$ on 97 % of
+#   isotropic pairs.
 # * **For the realized step deviation in training it holds up to κ ≈ 1e2.** At the default
 #   rule's best learning rate the step departs from its exact preconditioned part by 3.7 %
 #   at κ = 1 (1.1–2.3 % at smaller learning rates), 3.9 % at κ = 1e2, 5.7 % at κ = 1e4,

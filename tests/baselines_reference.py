@@ -199,9 +199,10 @@ def lora_rite_steps(pairs, states, t, *, lr, b1, b2, eps, clip, skip, cap, escap
   beta1, beta2 = bias_corrected_decay(b1, t), bias_corrected_decay(b2, t)
 
   new_pairs = []
-  for (A, B, _), (grads, bases, rotations), factor_states in zip(pairs, prepared, states):
+  for (A, B, _), (grads, bases, rotations), factor_states in zip(
+      pairs, prepared, states, strict=True):
     new_factors = []
-    for side, (param, grad, state) in enumerate(zip((A, B), grads, factor_states)):
+    for side, (param, grad, state) in enumerate(zip((A, B), grads, factor_states, strict=True)):
       other_basis, other_rotation = bases[1 - side], rotations[1 - side]
       grad = clip_scale * grad
       if state.other_basis.shape[0]:

@@ -109,7 +109,8 @@ def consistent_projection(a, b, grad_a, grad_b):
   null = vt[np.sum(singular > tolerance):].T
   flat = np.concatenate([grad_a.ravel(), grad_b.ravel()])
   projected = flat - null @ (null.T @ flat)
-  return projected[:grad_a.size].reshape(grad_a.shape), projected[grad_a.size:].reshape(grad_b.shape)
+  return (projected[:grad_a.size].reshape(grad_a.shape),
+          projected[grad_a.size:].reshape(grad_b.shape))
 
 
 def contribution_imbalance(a, b, row_scale, col_scale):

@@ -75,7 +75,7 @@ def _run_torch_pair(tx, A, B, grads, scale=1.0):
 
 def _assert_trajectories_close(got, expected, rtol):
   assert len(got) == len(expected), (len(got), len(expected))
-  for step, ((a, b), (ea, eb)) in enumerate(zip(got, expected)):
+  for step, ((a, b), (ea, eb)) in enumerate(zip(got, expected, strict=True)):
     for x, y in ((a, ea), (b, eb)):
       error = np.linalg.norm(x - y) / np.linalg.norm(y)
       assert error < rtol, f"step {step}: relative error {error:.2e}"
@@ -98,7 +98,8 @@ def test_lora_plus_matches_the_reference():
 def test_lora_plus_with_ratio_one_is_optax_adamw():
   params, loss = _quadratic_problem()
   params["head"] = {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)}
-  full_loss = lambda p: loss(p) + jnp.sum(p["head"]["kernel"] ** 2) + jnp.sum(p["head"]["bias"])
+  def full_loss(p):
+    return loss(p) + jnp.sum(p["head"]["kernel"] ** 2) + jnp.sum(p["head"]["bias"])
   ours, theirs = ap.lora_plus(0.01, 1.0, weight_decay=0.05), optax.adamw(0.01, weight_decay=0.05)
   ours_state, theirs_state = ours.init(params), theirs.init(params)
   for _ in range(3):
@@ -220,7 +221,7 @@ def test_lora_rite_matches_the_reference(variant):
   rng = np.random.default_rng(5)
   shapes = ((7, 6, 2), (5, 8, 3))
   pairs = [(rng.normal(size=(m, r)), rng.normal(size=(n, r))) for m, n, r in shapes]
-  grads = [[rng.normal(size=(m, n)) * s for (m, n, _), s in zip(shapes, scales)]
+  grads = [[rng.normal(size=(m, n)) * s for (m, n, _), s in zip(shapes, scales, strict=True)]
            for _ in range(4)]
   with jax.enable_x64(True):
     tx = ap.lora_rite(
@@ -233,7 +234,7 @@ def test_lora_rite_matches_the_reference(variant):
   states = [(ref.RiteFactorState(m, r), ref.RiteFactorState(n, r)) for m, n, r in shapes]
   for t, step in enumerate(grads, start=1):
     pairs = ref.lora_rite_steps(
-        [(A, B, g) for (A, B), g in zip(pairs, step)], states, t, lr=0.01, b1=0.9,
+        [(A, B, g) for (A, B), g in zip(pairs, step, strict=True)], states, t, lr=0.01, b1=0.9,
         b2=0.999, eps=1e-6, **options)
     for i, (A, B) in enumerate(pairs):
       got = trajectory[t - 1][f"p{i}"]
@@ -282,7 +283,7 @@ def _weight_changes(tx, seed):
 ], ids=["lora_rite", "lora_rite_escape_capping", "scaled_gd"])
 def test_weight_updates_are_invariant_to_the_factorization(tx):
   original, transformed = _weight_changes(tx, 6)
-  for change, transformed_change in zip(original, transformed):
+  for change, transformed_change in zip(original, transformed, strict=True):
     np.testing.assert_allclose(transformed_change, change, rtol=1e-7, atol=1e-12)
 
 
@@ -391,10 +392,12 @@ def test_peft_layout_and_stacked_layers_equal_single_flax_pairs(name):
   b = rng.normal(size=(layers, rank, d_out)).astype(np.float32)
   g = rng.normal(size=(layers, d_in, d_out)).astype(np.float32)
   grad_a, grad_b = np.einsum("lij,lkj->lik", g, b), np.einsum("lia,lij->laj", a, g)
-  stacked = {"lora_A": jnp.asarray(a).transpose(0, 2, 1), "lora_B": jnp.asarray(b).transpose(0, 2, 1)}
+  stacked = {"lora_A": jnp.asarray(a).transpose(0, 2, 1),
+             "lora_B": jnp.asarray(b).transpose(0, 2, 1)}
   stacked_grads = {"lora_A": jnp.asarray(grad_a).transpose(0, 2, 1),
                    "lora_B": jnp.asarray(grad_b).transpose(0, 2, 1)}
-  split = {f"l{i}": {"lora_a": jnp.asarray(a[i]), "lora_b": jnp.asarray(b[i])} for i in range(layers)}
+  split = {f"l{i}": {"lora_a": jnp.asarray(a[i]), "lora_b": jnp.asarray(b[i])}
+           for i in range(layers)}
   split_grads = {f"l{i}": {"lora_a": jnp.asarray(grad_a[i]), "lora_b": jnp.asarray(grad_b[i])}
                  for i in range(layers)}
   peft_tx, flax_tx = _make(name, pairing="peft"), _make(name)
@@ -448,7 +451,8 @@ def test_bad_hyperparameters_raise(factory, kwargs, match):
 def test_chain_masked_and_training(name):
   params, loss = _quadratic_problem()
   params["frozen"] = {"lora_a": jnp.ones((3, 1)), "lora_b": jnp.ones((1, 2))}
-  full_loss = lambda p: loss(p) + jnp.sum(p["frozen"]["lora_a"] @ p["frozen"]["lora_b"])
+  def full_loss(p):
+    return loss(p) + jnp.sum(p["frozen"]["lora_a"] @ p["frozen"]["lora_b"])
   mask = {"layer": {"lora_a": True, "lora_b": True}, "frozen": {"lora_a": False, "lora_b": False}}
   tx = optax.chain(optax.clip_by_global_norm(10.0), optax.masked(_make(name), mask),
                    optax.masked(optax.set_to_zero(), jax.tree.map(lambda m: not m, mask)))
@@ -492,7 +496,7 @@ def test_schedules_set_the_step_size(name):
   for step in range(3):
     updates, s = scheduled.update(grads, s, params)
     raw, c = constant.update(grads, c, params)
-    chex_close(updates, jax.tree.map(lambda u: schedule(step) * u, raw), rtol=1e-5)
+    chex_close(updates, optax.tree.scale(schedule(step), raw), rtol=1e-5)
 
 
 @each_baseline

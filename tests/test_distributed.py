@@ -45,7 +45,7 @@ def test_two_processes_match_one(tmp_path):
       for other in processes:
         other.kill()
       raise
-  for process, log in zip(processes, logs):
+  for process, log in zip(processes, logs, strict=True):
     assert process.returncode == 0, log[-3000:]
   result = np.load(output)
   assert int(result["processes"]) == 2 and int(result["devices"]) == 8

@@ -10,8 +10,12 @@ from flax import nnx
 
 import adaprelora_jax as ap
 from adaprelora_jax import nn
-from experiments.tasks.digits import (TARGET, TRAINABLE, build_model, classification_loss,
-                                      digits_split, pretrained_base)
+from experiments.tasks.digits import TARGET
+from experiments.tasks.digits import TRAINABLE
+from experiments.tasks.digits import build_model
+from experiments.tasks.digits import classification_loss
+from experiments.tasks.digits import digits_split
+from experiments.tasks.digits import pretrained_base
 
 
 def _transfer_model(lora_layer):
@@ -69,7 +73,8 @@ def test_orbax_checkpoint_resumes_bit_for_bit(tmp_path):
   for _ in range(5):
     step(model, optimizer)
   checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(tmp_path / "ckpt", {"model": nnx.state(model), "optimizer": nnx.state(optimizer)})
+  checkpointer.save(tmp_path / "ckpt",
+                    {"model": nnx.state(model), "optimizer": nnx.state(optimizer)})
   checkpointer.wait_until_finished()
   for _ in range(4):
     step(model, optimizer)

@@ -1,5 +1,7 @@
 """adaprelora_jax.kernels against dense float64 oracles (tests/reference.py)."""
 
+import functools
+
 import hypothesis
 import hypothesis.strategies as st
 import jax
@@ -148,14 +150,15 @@ def test_second_order_tie_breaker_gives_the_closest_finite_step(condition):
                               p, q)
           for lr in (1e-3, 1e-1, 1.0)]
     for tie_breaker, values in deviations.items():
-      assert np.all(np.asarray(deviations["second_order"]) <= np.asarray(values) * (1 + 1e-9))
+      assert np.all(np.asarray(deviations["second_order"]) <= np.asarray(values) * (1 + 1e-9)), (
+          tie_breaker)
 
 
 def test_half_tie_breaker_is_theta_one_half():
   a, b, grad_w, p, q = _pair_problem(5, 6, 4, 2, condition=10.0)
   expected = reference.solution_family(a, b, grad_w @ b.T, a.T @ grad_w, p, q, 0.5)
   got = _update(a, b, grad_w, p, q, tie_breaker="half")
-  for x, y in zip(got, expected):
+  for x, y in zip(got, expected, strict=True):
     np.testing.assert_allclose(x, y, rtol=1e-9, atol=1e-12)
 
 
@@ -243,7 +246,7 @@ def test_zero_gradients_give_zero_update():
 def test_leading_axes_are_mapped():
   rng = np.random.default_rng(5)
   problems = [_pair_problem(s, 5, 4, 2, condition=10.0) for s in range(3)]
-  stacked = [np.stack(parts) for parts in zip(*problems)]
+  stacked = [np.stack(parts) for parts in zip(*problems, strict=True)]
   a, b, grad_w, p, q = stacked
   with jax.enable_x64(True):
     da, db = factor_update(jnp.asarray(a), jnp.asarray(b),
@@ -373,9 +376,10 @@ def test_tangent_statistics_equal_the_rank_2r_form_for_consistent_gradients(
     args = [jnp.asarray(x) for x in (a, b, grad_w @ b.T, a.T @ grad_w)]
     got = tangent.tangent_gradient_statistics(*args, damping=0.0, damping_floor=0.0)
     expected = _rank_2r_statistics(*args, 0.0, 0.0)
-  for x, y in zip(got, expected):
+  for x, y in zip(got, expected, strict=True):
     scale = float(np.max(np.asarray(y)))
-    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=1e-12 * scale * factor_condition**4)
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0,
+                               atol=1e-12 * scale * factor_condition**4)
 
 
 @hypothesis.settings(max_examples=30, deadline=None,
@@ -472,8 +476,8 @@ def test_no_tpu_unsafe_primitives_in_the_kernels():
   args = (a, b, a, b, jnp.ones(6), jnp.ones(5))
   forbidden = {"eig", "pure_callback", "io_callback", "callback", "debug_callback"}
   for tie_breaker in kernels.TIE_BREAKERS:
-    jaxpr = jax.make_jaxpr(lambda *x: kernels.factor_step(
-        *x, damping=1e-4, damping_floor=1e-8, tie_breaker=tie_breaker))(*args)
+    jaxpr = jax.make_jaxpr(functools.partial(
+        kernels.factor_step, damping=1e-4, damping_floor=1e-8, tie_breaker=tie_breaker))(*args)
     assert not forbidden & _primitives(jaxpr.jaxpr)
   jaxpr = jax.make_jaxpr(lambda *x: tangent.tangent_gradient_statistics(
       *x, damping=1e-4, damping_floor=1e-8))(*args[:4])
@@ -511,7 +515,7 @@ def _factor_update64(*arrays, **kwargs):
 
 
 def _close(got, expected, tolerance):
-  for x, y in zip(got, expected):
+  for x, y in zip(got, expected, strict=True):
     assert _relative_error(x, y) < tolerance, _relative_error(x, y)
 
 
@@ -610,12 +614,12 @@ def test_traced_zero_damping_is_exact():
   args = [jnp.asarray(x) for x in (a, b, grad_w @ b.T, a.T @ grad_w, np.ones(7), np.ones(5))]
   eager = factor_update(*args, damping=0.0, damping_floor=0.0)
   traced = jax.jit(lambda *x, d: factor_update(*x, damping=d, damping_floor=d))(*args, d=0.0)
-  for x, y in zip(traced, eager):
+  for x, y in zip(traced, eager, strict=True):
     assert np.all(np.isfinite(np.asarray(x)))
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
   damped = jax.jit(lambda *x, d: factor_update(*x, damping=d, damping_floor=d))(*args, d=1e-4)
   expected = factor_update(*args, damping=1e-4, damping_floor=1e-4)
-  for x, y in zip(damped, expected):
+  for x, y in zip(damped, expected, strict=True):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6)
 
 
@@ -634,7 +638,7 @@ def test_consistent_gradients_project_out_the_larger_null_space_of_deficient_fac
   expected = reference.consistent_projection(a, b, grad_a, grad_b)
   with jax.enable_x64(True):
     got = tangent.consistent_gradients(*(jnp.asarray(x) for x in (a, b, grad_a, grad_b)))
-  for x, y in zip(got, expected):
+  for x, y in zip(got, expected, strict=True):
     np.testing.assert_allclose(np.asarray(x), y, atol=1e-10)
 
 

@@ -79,7 +79,7 @@ def test_skip_is_sound(d_in, d_out, rank, factor_condition, noise, seed):
     if bool(tangent.projection_is_identity(grams, inverses, tolerance=tolerance)):
       projected = tangent.consistent_gradients(*arrays)
       moved = np.sqrt(sum(np.sum((np.asarray(x) - y) ** 2)
-                          for x, y in zip(projected, (grad_a, grad_b))))
+                          for x, y in zip(projected, (grad_a, grad_b), strict=True)))
       size = np.sqrt(np.sum(grad_a**2) + np.sum(grad_b**2))
       assert moved <= tolerance * size * (1 + 1e-6) + 1e-13 * size
 
@@ -91,7 +91,7 @@ def test_conditional_projection_decides_per_group_under_vmap():
   with jax.enable_x64(True):
 
     def run(pairs):
-      stacked = [jnp.asarray(np.stack(x)) for x in zip(*pairs)]
+      stacked = [jnp.asarray(np.stack(x)) for x in zip(*pairs, strict=True)]
 
       def one(a, b, g_a, g_b):
         grams = tangent.pair_grams(a, b, g_a, g_b, gradient_grams=True)
@@ -122,7 +122,7 @@ def test_conditional_projection_without_vmap_matches_the_projection():
     arrays, grams, inverses = _decide(*problem)
     got = tangent.consistent_gradients_unless_identity(*arrays, grams, inverses)[:2]
     want = reference.consistent_projection(*problem)
-  for x, y in zip(got, want):
+  for x, y in zip(got, want, strict=True):
     np.testing.assert_allclose(np.asarray(x), y, atol=1e-10)
 
 
@@ -147,7 +147,7 @@ def test_factor_step_with_shared_cross_products_is_unchanged(seed):
     grams = tangent.pair_grams(*args[:4])
     plain = kernels.factor_step(*args, **DAMPING)
     shared = kernels.factor_step(*args, **DAMPING, cross=(grams.cross_a, grams.cross_b))
-  for x, y in zip(plain, shared):
+  for x, y in zip(plain, shared, strict=True):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-12, atol=1e-14)
 
 
@@ -157,7 +157,7 @@ def test_consistent_gradients_from_grams_matches_the_dense_projection():
   with jax.enable_x64(True):
     arrays = [jnp.asarray(x) for x in problem]
     got = tangent.consistent_gradients_from_grams(*arrays, tangent.pair_grams(*arrays))
-  for x, y in zip(got, reference.consistent_projection(*problem)):
+  for x, y in zip(got, reference.consistent_projection(*problem), strict=True):
     np.testing.assert_allclose(np.asarray(x), y, atol=1e-10)
 
 

@@ -161,9 +161,11 @@ def _scan_problem(key, layers=3, d_in=16, rank=4, d_out=12):
   for step in range(3):
     g = jax.random.normal(jax.random.fold_in(keys[2], step), (layers, d_in, d_out))
     grads.append((g @ jnp.swapaxes(b, -1, -2), jnp.swapaxes(a, -1, -2) @ g))
-  leading = lambda x, y: {"layers": {"w_lora_a": x, "w_lora_b": y}}
-  scan = lambda x, y: {"layers": {"w_lora_a": jnp.moveaxis(x, 0, 1),
-                                  "w_lora_b": jnp.moveaxis(y, 0, 1)}}
+  def leading(x, y):
+    return {"layers": {"w_lora_a": x, "w_lora_b": y}}
+  def scan(x, y):
+    return {"layers": {"w_lora_a": jnp.moveaxis(x, 0, 1),
+                       "w_lora_b": jnp.moveaxis(y, 0, 1)}}
   return leading, scan, (a, b), grads
 
 
@@ -186,8 +188,9 @@ def test_declared_scan_axis_equals_the_leading_layer_layout():
                                 [scan(*g) for g in grads])
   (pair,) = ap.plan_pairs(scan(a, b), pairing).pairs
   assert pair.lead_shape == (3,)
-  back = lambda tree: leading(jnp.moveaxis(tree["layers"]["w_lora_a"], 1, 0),
-                              jnp.moveaxis(tree["layers"]["w_lora_b"], 1, 0))
+  def back(tree):
+    return leading(jnp.moveaxis(tree["layers"]["w_lora_a"], 1, 0),
+                   jnp.moveaxis(tree["layers"]["w_lora_b"], 1, 0))
   chex.assert_trees_all_close(back(got_updates), want_updates, rtol=1e-5, atol=1e-7)
   # Factor-shaped state (momentum) stays in the leaf's own layout.
   momentum = got_state[0].momentum["layers"]
@@ -242,8 +245,10 @@ def test_state_shardings_follow_nd_factor_axes(sharded):
     pairing = sharding.sharded_pairing(_ND_SPECS, pairing)
   tx = ap.scale_by_adaprelora(b1=0.9, pairing=pairing)
   state = sharding.state_shardings(tx, params, _ND_SPECS, pairing=pairing)
-  rows = lambda name: _group_entry(params, pairing, state.row_second_moment, name)
-  cols = lambda name: _group_entry(params, pairing, state.col_second_moment, name)
+  def rows(name):
+    return _group_entry(params, pairing, state.row_second_moment, name)
+  def cols(name):
+    return _group_entry(params, pairing, state.col_second_moment, name)
   # A flattened d_in / d_out is laid out like its sharded axis.
   assert rows("attn_vec") == P(None, "tp") and cols("attn_vec") == P(None, "fsdp")
   assert cols("kv") == P(None, "tp")
@@ -270,8 +275,9 @@ def test_full_lora_pro_state_on_nd_factors_is_sharded_like_both_factors():
   tx = ap.lora_pro(1e-3, mode="full", pairing=pairing)
   specs = sharding.state_shardings(tx, params, _ND_SPECS, pairing=pairing)
   abstract = jax.eval_shape(tx.init, params)
-  found = {leaf.shape: spec for leaf, spec in zip(
-      jax.tree.leaves(abstract), jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P)))}
+  spec_leaves = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P))
+  found = {leaf.shape: spec
+           for leaf, spec in zip(jax.tree.leaves(abstract), spec_leaves, strict=True)}
   assert found[(16, 64)] == P("fsdp", "tp")  # kv: d_in 16, d_out 2·4·8
   assert found[(32, 16)] == P("tp", "fsdp")  # attn_vec: d_in 4·8
   assert found[(3, 16, 24)] == P(None, "fsdp", "tp")  # scanned: per layer

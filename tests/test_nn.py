@@ -60,7 +60,8 @@ def test_lora_linear_matches_nnx_lora_linear():
                                 np.asarray(theirs.lora.lora_a[...]))
   x = jnp.asarray(np.random.default_rng(1).normal(size=(9, 6)), jnp.float32)
   np.testing.assert_allclose(np.asarray(ours(x)), np.asarray(theirs(x)), rtol=1e-6)
-  loss = lambda m: jnp.sum(jnp.sin(m(x)))
+  def loss(m):
+    return jnp.sum(jnp.sin(m(x)))
   ours_grads = nnx.grad(loss, argnums=nnx.DiffState(0, nnx.LoRAParam))(ours)
   theirs_grads = nnx.grad(loss, argnums=nnx.DiffState(0, nnx.LoRAParam))(theirs)
   for name in ("lora_a", "lora_b"):
@@ -76,7 +77,8 @@ def test_input_gradient_and_base_module_are_unchanged():
   theirs = nnx.LoRA(4, 2, 3, base_module=base, rngs=nnx.Rngs(1),
                     b_initializer=nnx.initializers.normal(1.0))
   x = jnp.asarray(np.random.default_rng(2).normal(size=(5, 4)), jnp.float32)
-  f = lambda m, x: jnp.sum(m(x) ** 3)
+  def f(m, x):
+    return jnp.sum(m(x) ** 3)
   np.testing.assert_allclose(np.asarray(jax.grad(lambda x: f(ours, x))(x)),
                              np.asarray(jax.grad(lambda x: f(theirs, x))(x)), rtol=1e-5)
 

@@ -70,7 +70,8 @@ def test_groups_split_by_shape_dtype_and_statistics():
 
 def test_groups_split_by_layout():
   """Pairs stack together only if their leaves report the same layout."""
-  pair = lambda: {"lora_a": jnp.zeros((8, 2)), "lora_b": jnp.zeros((2, 8))}
+  def pair():
+    return {"lora_a": jnp.zeros((8, 2)), "lora_b": jnp.zeros((2, 8))}
   params = {"q": pair(), "k": pair(), "o": pair()}
   layouts = {"q": "column", "k": "column", "o": "row"}
 
@@ -82,13 +83,14 @@ def test_groups_split_by_layout():
   assert sorted([pair.name for pair in group.members] for group in plan.groups) == [
       ["k", "q"], ["o"]]
   # Every leaf of a pair counts: a pair whose b alone differs is split off.
-  one_leaf = lambda path, leaf: pairing_lib.nnx_pairing(path, leaf)._replace(
-      layout=path == ("o", "lora_b"))
+  def one_leaf(path, leaf):
+    return pairing_lib.nnx_pairing(path, leaf)._replace(layout=path == ("o", "lora_b"))
   assert len(pairing_lib.plan_pairs(params, one_leaf).groups) == 2
 
 
 def test_uniform_layout_check_names_both_pairs():
-  pair = lambda: {"lora_a": jnp.zeros((8, 2)), "lora_b": jnp.zeros((2, 8))}
+  def pair():
+    return {"lora_a": jnp.zeros((8, 2)), "lora_b": jnp.zeros((2, 8))}
   plan = pairing_lib.plan_pairs({"q": pair(), "o": pair()})
   specs = {"o/lora_a": ("model", None)}
   layouts = [specs.get(path, (None, None)) for path in plan.paths]

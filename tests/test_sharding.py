@@ -50,8 +50,9 @@ def _mesh(layout):
 def _params(key):
   """Three single pairs, one stacked (LAYERS, ...) pair and a non-LoRA bias."""
   keys = iter(jax.random.split(key, 16))
-  pair = lambda *lead: {"lora_a": jax.random.normal(next(keys), (*lead, D_IN, RANK)),
-                        "lora_b": 0.3 * jax.random.normal(next(keys), (*lead, RANK, D_OUT))}
+  def pair(*lead):
+    return {"lora_a": jax.random.normal(next(keys), (*lead, D_IN, RANK)),
+            "lora_b": 0.3 * jax.random.normal(next(keys), (*lead, RANK, D_OUT))}
   return {"q": pair(), "k": pair(), "v": pair(), "stacked": pair(LAYERS),
           "bias": jax.random.normal(next(keys), (D_OUT,))}
 
@@ -162,7 +163,7 @@ def _leaf_pairs(tree, other):
   leaves of different positions.
   """
   chex.assert_trees_all_equal_structs(tree, other)
-  return list(zip(jax.tree.leaves(tree), jax.tree.leaves(other)))
+  return list(zip(jax.tree.leaves(tree), jax.tree.leaves(other), strict=True))
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
@@ -173,8 +174,10 @@ def test_state_follows_the_factor_axes(problem, layout):
   state = sharding.state_shardings(ap.scale_by_adaprelora(b1=0.9), params,
                                    _param_shardings(params, layout, mesh))
   # Second moments, stacked per group: the pair axis is replicated.
-  rows = lambda name: _group_entry(params, state.row_second_moment, name).spec
-  cols = lambda name: _group_entry(params, state.col_second_moment, name).spec
+  def rows(name):
+    return _group_entry(params, state.row_second_moment, name).spec
+  def cols(name):
+    return _group_entry(params, state.col_second_moment, name).spec
   assert rows("q") == P(None, spec_a[0]) and cols("q") == P(None, spec_b[1])
   assert rows("stacked") == P(None, None, spec_a[0])
   assert cols("stacked") == P(None, None, spec_b[1])
@@ -204,7 +207,8 @@ def test_partition_specs_in_partition_specs_out_through_wrappers(problem):
   tx = optax.chain(optax.clip_by_global_norm(1.0),
                    optax.inject_hyperparams(ap.adaprelora)(learning_rate=1e-2))
   out = sharding.state_shardings(tx, params, specs)
-  assert all(isinstance(leaf, P) for leaf in jax.tree.leaves(out, is_leaf=lambda x: isinstance(x, P)))
+  assert all(isinstance(leaf, P)
+             for leaf in jax.tree.leaves(out, is_leaf=lambda x: isinstance(x, P)))
   inner = out[1].inner_state[0]
   assert _group_entry(params, inner.row_second_moment, "v") == P(None, "data")
   assert _group_entry(params, inner.col_second_moment, "v") == P(None, "model")
@@ -282,7 +286,8 @@ def test_nnx_partitioning_metadata_shards_the_optimizer_state():
 
     @nnx.jit
     def train_step(model, optimizer, inputs):
-      loss_fn = lambda model: jnp.mean(model.dense(inputs) ** 2)
+      def loss_fn(model):
+        return jnp.mean(model.dense(inputs) ** 2)
       loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
       optimizer.update(model, grads)
       return loss
@@ -291,7 +296,8 @@ def test_nnx_partitioning_metadata_shards_the_optimizer_state():
   assert losses[-1] < losses[0]
   state = nnx.state(optimizer, nnx.OptState)["opt_state"][0]
   specs = nnx.get_partition_spec(state)
-  lora = lambda tree: tree["dense"]["lora"]
+  def lora(tree):
+    return tree["dense"]["lora"]
   # One group: the second moments are (1, d_in) and (1, d_out) arrays.
   assert specs["row_second_moment"][0].get_value() == P(None, "data")
   assert specs["col_second_moment"][0].get_value() == P(None, "model")
@@ -381,7 +387,8 @@ def test_nnx_metadata_of_mixed_tensor_parallelism():
 
     @nnx.jit
     def train_step(model, optimizer, inputs):
-      loss_fn = lambda model: jnp.mean((model(inputs) - inputs) ** 2)
+      def loss_fn(model):
+        return jnp.mean((model(inputs) - inputs) ** 2)
       loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
       optimizer.update(model, grads)
       return loss

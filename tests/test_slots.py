@@ -13,7 +13,8 @@ from adaprelora_jax import slots
 
 def _params():
   rng = np.random.default_rng(0)
-  normal = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
+  def normal(*shape):
+    return jnp.asarray(rng.normal(size=shape), jnp.float32)
   return {
       "q": {"lora_a": normal(6, 2), "lora_b": normal(2, 5)},
       "k": {"lora_a": normal(6, 2), "lora_b": normal(2, 5)},
@@ -59,8 +60,8 @@ def test_slots_give_the_kernel_a_tuple_in_declared_order():
                                      slots.Slot("a", ("d_in", "rank"))))
   b_values = _group_values(plan, lambda pair: (pair.rank, pair.d_out))
   a_values = _group_values(plan, lambda pair: (pair.d_in, pair.rank))
-  _, read = _write_then_read(kind, plan, list(zip(b_values, a_values)))
-  chex.assert_trees_all_close(read, list(zip(b_values, a_values)))
+  _, read = _write_then_read(kind, plan, list(zip(b_values, a_values, strict=True)))
+  chex.assert_trees_all_close(read, list(zip(b_values, a_values, strict=True)))
 
 
 def test_group_slot_is_stacked_per_group_and_unstacks_to_a_mirror():
@@ -71,7 +72,7 @@ def test_group_slot_is_stacked_per_group_and_unstacks_to_a_mirror():
   assert [array.shape for array in entry] == [kind.group_shape(g) for g in plan.groups]
   chex.assert_trees_all_close(read, values)
   tree = kind.unstack(plan, entry)
-  by_size = {group.size: value for group, value in zip(plan.groups, values)}
+  by_size = {group.size: value for group, value in zip(plan.groups, values, strict=True)}
   np.testing.assert_array_equal(tree["scan"]["lora_b"], by_size[3])
   with pytest.raises(ValueError, match="one array per group"):
     kind.read(plan, entry[:1], "col_second_moment")

@@ -47,7 +47,8 @@ DTYPES = {
 def _problem(dtype):
   """Two same-shaped LoRA pairs (one group of two) and a non-LoRA leaf."""
   keys = iter(jax.random.split(jax.random.key(0), 10))
-  normal = lambda *shape: jax.random.normal(next(keys), shape).astype(dtype)
+  def normal(*shape):
+    return jax.random.normal(next(keys), shape).astype(dtype)
   params = {name: {"lora_a": normal(8, 2), "lora_b": 0.1 * normal(2, 4)} for name in ("q", "v")}
   params["head"] = normal(4)
   grads = jax.tree.map(lambda p: 0.1 * normal(*p.shape), params)

@@ -31,16 +31,16 @@ Plain LoRA with AdamW or Adafactor is ``optax.adamw`` / ``optax.adafactor``.
 
 from adaprelora_jax.baselines.lora_plus import lora_plus
 from adaprelora_jax.baselines.lora_plus import scale_by_lora_plus
+from adaprelora_jax.baselines.lora_pro import ScaleByLoRAProState
 from adaprelora_jax.baselines.lora_pro import lora_pro
 from adaprelora_jax.baselines.lora_pro import scale_by_lora_pro
-from adaprelora_jax.baselines.lora_pro import ScaleByLoRAProState
+from adaprelora_jax.baselines.lora_rite import ScaleByLoRARiteState
 from adaprelora_jax.baselines.lora_rite import lora_rite
 from adaprelora_jax.baselines.lora_rite import scale_by_lora_rite
-from adaprelora_jax.baselines.lora_rite import ScaleByLoRARiteState
+from adaprelora_jax.baselines.riemannian import ScaleByRiemannianPreconditionerState
 from adaprelora_jax.baselines.riemannian import scale_by_riemannian_preconditioner
 from adaprelora_jax.baselines.riemannian import scaled_adamw
 from adaprelora_jax.baselines.riemannian import scaled_gd
-from adaprelora_jax.baselines.riemannian import ScaleByRiemannianPreconditionerState
 
 __all__ = (
     "ScaleByLoRAProState",

@@ -15,7 +15,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import optax
@@ -78,10 +78,10 @@ def lora_plus(
     eps: jax.typing.ArrayLike = 1e-8,
     eps_root: jax.typing.ArrayLike = 0.0,
     weight_decay: jax.typing.ArrayLike = 0.0,
-    mask: Optional[Any] = None,
+    mask: Any | None = None,
     *,
     pairing: pairing_lib.Pairing = "nnx",
-    non_lora: Optional[optax.GradientTransformation] = None,
+    non_lora: optax.GradientTransformation | None = None,
     strict: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""LoRA+: AdamW with the ``lora_b`` learning rate multiplied by ``lr_ratio``.
@@ -105,8 +105,9 @@ def lora_plus(
   * The reference puts *every one-dimensional* trainable parameter (biases,
     norm scales, DoRA magnitudes) into the B group with learning rate ``λ·η``
     (decayed only if the Trainer's decay list holds them); that follows from
-    an ``ndim == 1`` test, not from the paper, which scales ``B`` only. Here only ``lora_b`` leaves get ``λ·η``;
-    other leaves get ``η`` and the weight decay selected by ``mask``. To
+    an ``ndim == 1`` test, not from the paper, which scales ``B`` only. Here
+    only ``lora_b`` leaves get ``λ·η``; other leaves get ``η`` and the weight
+    decay selected by ``mask``. To
     reproduce the reference grouping, append
     ``optax.masked(optax.scale(lr_ratio), lambda p: jax.tree.map(lambda x:
     x.ndim == 1, p))`` to the chain (and mask their decay).

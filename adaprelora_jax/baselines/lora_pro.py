@@ -37,7 +37,7 @@ In the flax layout here (``ΔW = a @ b``, ``a = Aᵀ``, ``b = Bᵀ``, so ``BᵀB
 from __future__ import annotations
 
 import functools
-from typing import Any, Literal, NamedTuple, Optional
+from typing import Any, Literal, NamedTuple
 
 import chex
 import jax
@@ -76,8 +76,8 @@ class ScaleByLoRAProState(NamedTuple):
   """
 
   count: chex.Array
-  mu: Optional[optax.Updates]
-  nu: Optional[optax.Updates]
+  mu: optax.Updates | None
+  nu: optax.Updates | None
   pair_position: optax.Updates
   layout_version: chex.Array
   non_lora: optax.OptState
@@ -95,7 +95,7 @@ class _Projection(NamedTuple):
   inverse_scale_sq: jax.typing.ArrayLike
 
   @classmethod
-  def at(cls, a, b, *, damping, lora_scale) -> "_Projection":
+  def at(cls, a, b, *, damping, lora_scale) -> _Projection:
     # One eigh per Gram gives both its damped inverse and its part of the
     # Sylvester solve.
     eigen_a = linalg.psd_eigh(linalg.matmul(a.T, a))
@@ -111,15 +111,15 @@ class _Projection(NamedTuple):
     """Theorem 2.1 with ``X = 0``: ``(u_a P_b, P_a u_b (I − bᵀP_b b)) / s²``."""
     b = self.lora_b
     across_b = linalg.matmul(linalg.matmul(linalg.matmul(u_b, b.T), self.inverse_b), b)
-    delta_a = self.inverse_scale_sq * linalg.matmul(u_a, self.inverse_b)
-    delta_b = self.inverse_scale_sq * linalg.matmul(self.inverse_a, u_b - across_b)
+    delta_a = linalg.matmul(u_a, self.inverse_b) * self.inverse_scale_sq
+    delta_b = linalg.matmul(self.inverse_a, u_b - across_b) * self.inverse_scale_sq
     return delta_a, delta_b
 
   def directions(self, u_a: jax.Array, u_b: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Theorems 2.1 and 2.2: the projection with the Sylvester-optimal gauge."""
     a, b = self.lora_a, self.lora_b
     delta_a, delta_b = self.without_gauge(u_a, u_b)
-    rhs = -self.inverse_scale_sq * linalg.matmul(linalg.matmul(a.T, u_a), self.inverse_b)
+    rhs = -(linalg.matmul(linalg.matmul(a.T, u_a), self.inverse_b) * self.inverse_scale_sq)
     gauge = linalg.psd_sylvester(self.eigen_a, self.eigen_b, rhs)
     return delta_a + linalg.matmul(a, gauge), delta_b - linalg.matmul(gauge, b)
 
@@ -160,8 +160,8 @@ def _full_space_adam(
   mu_hat = optax.tree.bias_correction(mu, hyper.b1, count_inc)
   nu_hat = optax.tree.bias_correction(nu, hyper.b2, count_inc)
   direction = mu_hat / (jnp.sqrt(nu_hat + hyper.eps_root) + hyper.eps)
-  u_a = hyper.lora_scale * linalg.matmul(direction, b.T)
-  u_b = hyper.lora_scale * linalg.matmul(a.T, direction)
+  u_a = linalg.matmul(direction, b.T) * hyper.lora_scale
+  u_b = linalg.matmul(a.T, direction) * hyper.lora_scale
   return (*projection.directions(u_a, u_b), {"mu": mu, "nu": nu})
 
 
@@ -175,7 +175,7 @@ def scale_by_lora_pro(
     lora_scale: jax.typing.ArrayLike = 1.0,
     damping: jax.typing.ArrayLike = 1e-8,
     pairing: pairing_lib.Pairing = "nnx",
-    non_lora: Optional[optax.GradientTransformation] = None,
+    non_lora: optax.GradientTransformation | None = None,
     strict: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Rescale LoRA factor gradients with LoRA-Pro's equivalent-gradient projection.
@@ -293,12 +293,12 @@ def lora_pro(
     eps: jax.typing.ArrayLike = 1e-8,
     eps_root: jax.typing.ArrayLike = 0.0,
     weight_decay: jax.typing.ArrayLike = 0.0,
-    mask: Optional[Any] = None,
+    mask: Any | None = None,
     *,
     lora_scale: jax.typing.ArrayLike = 1.0,
     damping: jax.typing.ArrayLike = 1e-8,
     pairing: pairing_lib.Pairing = "nnx",
-    non_lora: Optional[optax.GradientTransformation] = None,
+    non_lora: optax.GradientTransformation | None = None,
     strict: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""LoRA-Pro: equivalent-gradient projection with Adam.

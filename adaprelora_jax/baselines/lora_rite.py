@@ -36,7 +36,7 @@ and symmetrically for ``B``. The weight step ``M̄_A R_B⁻ᵀ Bᵀ = M̄_A U_B�
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import chex
 import jax
@@ -77,7 +77,7 @@ class ScaleByLoRARiteState(NamedTuple):
   first_moment: optax.Updates
   second_moment: optax.Updates
   basis: optax.Updates
-  escape_mass: Optional[optax.Updates]
+  escape_mass: optax.Updates | None
   pair_position: optax.Updates
   layout_version: chex.Array
   non_lora: optax.OptState
@@ -94,7 +94,7 @@ class _Factor(NamedTuple):
 class _Moments(NamedTuple):
   first: jax.Array
   second: jax.Array
-  escape: Optional[jax.Array]
+  escape: jax.Array | None
 
 
 def _bias_corrected_decay(decay: jax.typing.ArrayLike, count: jax.Array) -> jax.Array:
@@ -105,7 +105,7 @@ def _bias_corrected_decay(decay: jax.typing.ArrayLike, count: jax.Array) -> jax.
   observations.
   """
   t = count.astype(jnp.result_type(float)) + 1.0
-  return decay * (1.0 - decay ** (t - 1.0)) / (1.0 - decay**t)
+  return (1.0 - jnp.power(decay, t - 1.0)) * decay / (1.0 - jnp.power(decay, t))
 
 
 def _rms(x: jax.Array) -> jax.Array:
@@ -127,9 +127,9 @@ class _RiteHyperparams(NamedTuple):
   b1: jax.typing.ArrayLike
   b2: jax.typing.ArrayLike
   eps: jax.typing.ArrayLike
-  clip_unmagnified_grad: Optional[float]
-  update_skipping: Optional[float]
-  update_capping: Optional[float]
+  clip_unmagnified_grad: float | None
+  update_skipping: float | None
+  update_capping: float | None
   escape_mass: bool
 
 
@@ -143,7 +143,7 @@ def _check_rank(pair: pairing_lib.PairInfo) -> None:
 
 
 def _unmagnify(
-    update_skipping: Optional[float], pair: pairwise.PairInputs
+    update_skipping: float | None, pair: pairwise.PairInputs
 ) -> tuple[tuple[_Factor, _Factor], jax.Array]:
   """First pass: QR bases, unmagnified gradients, their squared norm."""
   a, b, g_a, g_b = pair.promoted()
@@ -160,8 +160,9 @@ def _unmagnify(
       skip = jnp.isfinite(rms) & (rms > update_skipping)
       unmagnified = jnp.where(skip, 0.0, unmagnified)
     factors.append(_Factor(unmagnified, basis, inverse))
-  squared_norm = sum(jnp.sum(jnp.square(factor.grad)) for factor in factors)
-  return tuple(factors), squared_norm
+  factor_a, factor_b = factors
+  squared_norm = jnp.sum(jnp.square(factor_a.grad)) + jnp.sum(jnp.square(factor_b.grad))
+  return (factor_a, factor_b), squared_norm
 
 
 def _preconditioned_moments(
@@ -194,7 +195,7 @@ def _update_pair(
 ) -> tuple[jax.Array, jax.Array, dict[str, Any]]:
   """Both factors' steps from the first pass's results (the pairwise kernel)."""
   factor_a, factor_b = factors
-  clip_scale = 1.0
+  clip_scale: float | jax.Array = 1.0
   if hyper.clip_unmagnified_grad is not None:
     clip_scale = hyper.clip_unmagnified_grad / jnp.maximum(
         jnp.sqrt(total), hyper.clip_unmagnified_grad)
@@ -226,12 +227,12 @@ def scale_by_lora_rite(
     b2: jax.typing.ArrayLike = 0.999,
     eps: jax.typing.ArrayLike = 1e-6,
     *,
-    clip_unmagnified_grad: Optional[float] = 1.0,
-    update_skipping: Optional[float] = 1.0,
-    update_capping: Optional[float] = None,
+    clip_unmagnified_grad: float | None = 1.0,
+    update_skipping: float | None = 1.0,
+    update_capping: float | None = None,
     escape_mass: bool = False,
     pairing: pairing_lib.Pairing = "nnx",
-    non_lora: Optional[optax.GradientTransformation] = None,
+    non_lora: optax.GradientTransformation | None = None,
     strict: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Rescale LoRA factor gradients with LoRA-RITE (module docstring).
@@ -320,7 +321,7 @@ def scale_by_lora_rite(
                            update_capping, escape_mass)
 
   def both(*dims_a_b):
-    return tuple(slots.Slot(role, dims) for role, dims in zip("ab", dims_a_b))
+    return tuple(slots.Slot(role, dims) for role, dims in zip("ab", dims_a_b, strict=True))
 
   return pairwise.pairwise_transform(
       functools.partial(_update_pair, hyper),
@@ -343,14 +344,14 @@ def lora_rite(
     b2: jax.typing.ArrayLike = 0.999,
     eps: jax.typing.ArrayLike = 1e-6,
     weight_decay: jax.typing.ArrayLike = 0.0,
-    mask: Optional[Any] = None,
+    mask: Any | None = None,
     *,
-    clip_unmagnified_grad: Optional[float] = 1.0,
-    update_skipping: Optional[float] = 1.0,
-    update_capping: Optional[float] = None,
+    clip_unmagnified_grad: float | None = 1.0,
+    update_skipping: float | None = 1.0,
+    update_capping: float | None = None,
     escape_mass: bool = False,
     pairing: pairing_lib.Pairing = "nnx",
-    non_lora: Optional[optax.GradientTransformation] = None,
+    non_lora: optax.GradientTransformation | None = None,
     strict: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""LoRA-RITE: transformation-invariant adaptive optimizer for LoRA factors.

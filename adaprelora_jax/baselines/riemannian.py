@@ -25,7 +25,7 @@ its ``AAᵀ`` is ``aᵀ a``)::
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import chex
 import jax
@@ -81,7 +81,7 @@ def scale_by_riemannian_preconditioner(
     reg: jax.typing.ArrayLike = 1e-6,
     *,
     pairing: pairing_lib.Pairing = "nnx",
-    non_lora: Optional[optax.GradientTransformation] = None,
+    non_lora: optax.GradientTransformation | None = None,
     strict: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Precondition each LoRA factor's gradient by the other factor's Gram.
@@ -144,10 +144,10 @@ def scaled_gd(
     learning_rate: optax.ScalarOrSchedule,
     reg: jax.typing.ArrayLike = 1e-6,
     weight_decay: jax.typing.ArrayLike = 0.0,
-    mask: Optional[Any] = None,
+    mask: Any | None = None,
     *,
     pairing: pairing_lib.Pairing = "nnx",
-    non_lora: Optional[optax.GradientTransformation] = None,
+    non_lora: optax.GradientTransformation | None = None,
     strict: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Scaled GD for LoRA (Riemannian preconditioned SGD).
@@ -206,10 +206,10 @@ def scaled_adamw(
     eps: jax.typing.ArrayLike = 1e-6,
     eps_root: jax.typing.ArrayLike = 0.0,
     weight_decay: jax.typing.ArrayLike = 0.0,
-    mask: Optional[Any] = None,
+    mask: Any | None = None,
     *,
     pairing: pairing_lib.Pairing = "nnx",
-    non_lora: Optional[optax.GradientTransformation] = None,
+    non_lora: optax.GradientTransformation | None = None,
     strict: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Scaled AdamW for LoRA (Riemannian preconditioned AdamW).

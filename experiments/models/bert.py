@@ -37,8 +37,10 @@ import tokenizers
 from flax import nnx
 from safetensors.numpy import load_file
 
-from experiments.models.layers import FeedForward, LoRAConfig, masked_mean
+from experiments.models.layers import FeedForward
+from experiments.models.layers import LoRAConfig
 from experiments.models.layers import MultiHeadAttention
+from experiments.models.layers import masked_mean
 
 
 class HeadParam(nnx.Variable):

@@ -32,7 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from experiments.models.layers import FeedForward, LoRAConfig
+from experiments.models.layers import FeedForward
+from experiments.models.layers import LoRAConfig
 from experiments.models.layers import MultiHeadAttention
 
 _CONFIG_KEY = "__config__"
@@ -163,5 +164,5 @@ def load(path: Path, *, lora: LoRAConfig | None = None,
                      f"{sorted(set(arrays) - set(names))}")
   nnx.update(model, nnx.from_flat_state(
       [(key, jnp.asarray(arrays[name], jnp.float32))
-       for key, name in zip(keys, names)]))
+       for key, name in zip(keys, names, strict=True)]))
   return model, vocab_chars

@@ -3,7 +3,8 @@
 from experiments.tasks import digits
 from experiments.tasks import milton
 from experiments.tasks import minilm
-from experiments.tasks.base import Budget, Task
+from experiments.tasks.base import Budget
+from experiments.tasks.base import Task
 
 TASKS: dict[str, Task] = {
     task.name: task

@@ -16,7 +16,10 @@ import optax
 from flax import nnx
 
 from adaprelora_jax import nn as lora_nn
-from experiments.tasks.base import Budget, Task, example_order, limit
+from experiments.tasks.base import Budget
+from experiments.tasks.base import Task
+from experiments.tasks.base import example_order
+from experiments.tasks.base import limit
 
 HIDDEN = 128
 RANK = 4
@@ -49,7 +52,7 @@ def classification_loss(model: nnx.Module, batch) -> jax.Array:
   return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def digits_split(labels: tuple[int, ...]):
   """(train, test) arrays of the digits with the given labels, relabelled 0..k-1."""
   from sklearn.datasets import load_digits  # pylint: disable=import-outside-toplevel
@@ -66,7 +69,7 @@ def digits_split(labels: tuple[int, ...]):
 SOURCE, TARGET = (0, 1, 2, 3, 4), (5, 6, 7, 8, 9)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def pretrained_base() -> dict[str, np.ndarray]:
   """Hidden-layer weights of the MLP trained on digits 0-4 (deterministic)."""
   (x, y), _ = digits_split(SOURCE)

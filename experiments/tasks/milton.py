@@ -20,8 +20,11 @@ from adaprelora_jax import nn as lora_nn
 from experiments import assets
 from experiments import data
 from experiments.models import char_lm
-from experiments.models.layers import PROJECTIONS, LoRAConfig
-from experiments.tasks.base import Budget, Task, limit
+from experiments.models.layers import PROJECTIONS
+from experiments.models.layers import LoRAConfig
+from experiments.tasks.base import Budget
+from experiments.tasks.base import Task
+from experiments.tasks.base import limit
 
 RANK = 8
 SEQ_LEN = 128

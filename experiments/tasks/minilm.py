@@ -25,8 +25,12 @@ from adaprelora_jax import nn as lora_nn
 from experiments import assets
 from experiments import data
 from experiments.models import bert
-from experiments.models.layers import PROJECTIONS, LoRAConfig
-from experiments.tasks.base import Budget, Task, example_order, limit
+from experiments.models.layers import PROJECTIONS
+from experiments.models.layers import LoRAConfig
+from experiments.tasks.base import Budget
+from experiments.tasks.base import Task
+from experiments.tasks.base import example_order
+from experiments.tasks.base import limit
 
 NUM_BLOCKS = 6
 ADAPTED_BLOCKS = (5,)

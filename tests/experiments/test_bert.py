@@ -12,7 +12,9 @@ from flax import nnx
 import adaprelora_jax
 from experiments import assets
 from experiments.models import bert
-from experiments.models.layers import LoRAConfig, PROJECTIONS, masked_mean
+from experiments.models.layers import PROJECTIONS
+from experiments.models.layers import LoRAConfig
+from experiments.models.layers import masked_mean
 
 # ``transformers.BertModel`` outputs on all-MiniLM-L6-v2 for 5 sentences
 # padded to length 32 (see the fixture's keys).
@@ -105,7 +107,7 @@ def test_only_requested_adapters_and_head_are_trained(batch, layer_class):
                    model, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam)))))
   after = nnx.to_flat_state(nnx.state(model, bert.TRAINABLE))
   changed = {"/".join(map(str, key)) for (key, new), (_, old) in
-             zip(after, nnx.to_flat_state(trainable_before))
+             zip(after, nnx.to_flat_state(trainable_before), strict=True)
              if not np.array_equal(np.asarray(new), old)}
   # b factors move (their gradient is nonzero since a != 0); a factors do
   # not move on the first step (their gradient is proportional to b = 0).

@@ -12,7 +12,9 @@ import adaprelora_jax as ap
 from adaprelora_jax import state_layout
 from experiments import optimizers
 from experiments.tasks import TASKS
-from experiments.training import CheckpointError, RunConfig, train
+from experiments.training import CheckpointError
+from experiments.training import RunConfig
+from experiments.training import train
 
 ROOT = Path(__file__).resolve().parents[2]
 TASK = TASKS["digits"]

@@ -162,9 +162,9 @@ def test_shuffled_batches_are_seeded_epoch_permutations():
   for epoch in (batches[:3], batches[3:]):
     assert len(set(np.concatenate(epoch))) == 9
   again = _take(data.shuffled_batches(10, 3, seed=0), 6)
-  assert all((a == b).all() for a, b in zip(batches, again))
+  assert all((a == b).all() for a, b in zip(batches, again, strict=True))
   other = _take(data.shuffled_batches(10, 3, seed=1), 6)
-  assert any((a != b).any() for a, b in zip(batches, other))
+  assert any((a != b).any() for a, b in zip(batches, other, strict=True))
   with pytest.raises(ValueError):
     next(data.shuffled_batches(2, 3, seed=0))
 
@@ -183,7 +183,7 @@ def test_lm_batches_are_seeded_windows():
     assert w.shape == (4, 17)
     np.testing.assert_array_equal(np.diff(w, axis=1), 1)  # contiguous
   again = _take(data.lm_batches(tokens, 4, 16, seed=0), 3)
-  assert all((a == b).all() for a, b in zip(windows, again))
+  assert all((a == b).all() for a, b in zip(windows, again, strict=True))
 
 
 def test_lm_eval_windows_cover_targets_once():

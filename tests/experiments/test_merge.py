@@ -11,8 +11,10 @@ import sys
 
 import pytest
 
-from experiments import report, run
-from experiments.optimizers import PILOT_GRID, sweep_grid
+from experiments import report
+from experiments import run
+from experiments.optimizers import PILOT_GRID
+from experiments.optimizers import sweep_grid
 from experiments.training import RunConfig
 
 TASK = "digits"

@@ -6,7 +6,9 @@ import math
 import numpy as np
 import pytest
 
-from experiments import optimizers, report, run
+from experiments import optimizers
+from experiments import report
+from experiments import run
 from experiments.tasks import TASKS
 
 

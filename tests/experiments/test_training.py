@@ -2,9 +2,11 @@
 
 import dataclasses
 
-from experiments import optimizers, training
+from experiments import optimizers
+from experiments import training
 from experiments.tasks import TASKS
-from experiments.training import RunConfig, train
+from experiments.training import RunConfig
+from experiments.training import train
 
 TASK = TASKS["digits"]
 
