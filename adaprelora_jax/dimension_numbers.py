@@ -109,19 +109,30 @@ def normalized(dims: LoRADimensionNumbers | None) -> NormalizedAxes:
     ValueError: if ``dims`` is None or has an unset field, i.e. was not
       normalized (:func:`normalize_dimension_numbers`).
   """
-  if (dims is None or dims.a_rank_axis is None or dims.b_rank_axis is None
-      or dims.a_in_axes is None or dims.b_out_axes is None):
+  if (
+    dims is None
+    or dims.a_rank_axis is None
+    or dims.b_rank_axis is None
+    or dims.a_in_axes is None
+    or dims.b_out_axes is None
+  ):
     raise ValueError(f"Expected normalized dimension numbers (every field set), got {dims!r}.")
-  return NormalizedAxes(tuple(dims.a_batch_axes), dims.a_rank_axis, tuple(dims.b_batch_axes),
-                        dims.b_rank_axis, tuple(dims.a_in_axes), tuple(dims.b_out_axes))
+  return NormalizedAxes(
+    tuple(dims.a_batch_axes),
+    dims.a_rank_axis,
+    tuple(dims.b_batch_axes),
+    dims.b_rank_axis,
+    tuple(dims.a_in_axes),
+    tuple(dims.b_out_axes),
+  )
 
 
 def normalize_dimension_numbers(
-    dims: LoRADimensionNumbers,
-    a_shape: Sequence[int],
-    b_shape: Sequence[int],
-    *,
-    where: str = "LoRA pair",
+  dims: LoRADimensionNumbers,
+  a_shape: Sequence[int],
+  b_shape: Sequence[int],
+  *,
+  where: str = "LoRA pair",
 ) -> LoRADimensionNumbers:
   """Dimension numbers with every field set and every axis non-negative.
 
@@ -157,27 +168,32 @@ def normalize_dimension_numbers(
         raise ValueError(f"{where}: {factor} has no axis left for the rank.")
       rank = free[0] if first_rank else free[-1]
     (rank,) = axes((rank,), ndim, f"{factor} rank")
-    rest = (tuple(axis for axis in free if axis != rank) if rest is None
-            else axes(rest, ndim, f"{factor} d_in/d_out"))
+    rest = (
+      tuple(axis for axis in free if axis != rank)
+      if rest is None
+      else axes(rest, ndim, f"{factor} d_in/d_out")
+    )
     used = (*batch, rank, *rest)
     if sorted(used) != list(range(ndim)):
       raise ValueError(
-          f"{where}: the axes of {factor} must be split into batch, rank and "
-          f"d_in/d_out, each axis exactly once; got batch {batch}, rank {rank}, "
-          f"rest {rest} for a {ndim}-D factor."
+        f"{where}: the axes of {factor} must be split into batch, rank and "
+        f"d_in/d_out, each axis exactly once; got batch {batch}, rank {rank}, "
+        f"rest {rest} for a {ndim}-D factor."
       )
     if not rest:
       raise ValueError(f"{where}: {factor} has no axis left for d_in/d_out.")
     return batch, rank, rest
 
-  a_batch, a_rank, a_in = side(dims.a_batch_axes, dims.a_rank_axis, dims.a_in_axes,
-                               len(a_shape), "lora_a", first_rank=False)
-  b_batch, b_rank, b_out = side(dims.b_batch_axes, dims.b_rank_axis, dims.b_out_axes,
-                                len(b_shape), "lora_b", first_rank=True)
+  a_batch, a_rank, a_in = side(
+    dims.a_batch_axes, dims.a_rank_axis, dims.a_in_axes, len(a_shape), "lora_a", first_rank=False
+  )
+  b_batch, b_rank, b_out = side(
+    dims.b_batch_axes, dims.b_rank_axis, dims.b_out_axes, len(b_shape), "lora_b", first_rank=True
+  )
   if len(a_batch) != len(b_batch):
     raise ValueError(
-        f"{where}: lora_a has batch axes {a_batch} but lora_b has {b_batch}; "
-        "they are matched one to one."
+      f"{where}: lora_a has batch axes {a_batch} but lora_b has {b_batch}; "
+      "they are matched one to one."
     )
   return LoRADimensionNumbers(a_batch, a_rank, b_batch, b_rank, a_in, b_out)
 
@@ -196,14 +212,27 @@ def _readings(a_shape: tuple[int, ...], b_shape: tuple[int, ...]) -> list[LoRADi
   found = []
   for k in range(min(len(a_shape), len(b_shape)) - 1):
     if a_shape[:k] == b_shape[:k] and b_shape[k] == rank:
-      found.append(LoRADimensionNumbers(
-          tuple(range(k)), len(a_shape) - 1, tuple(range(k)), k,
-          tuple(range(k, len(a_shape) - 1)), tuple(range(k + 1, len(b_shape)))))
-  if (len(a_shape) >= 3 and len(b_shape) >= 3 and b_shape[0] == rank
-      and a_shape[-2] == b_shape[1]):
-    found.append(LoRADimensionNumbers(
-        (len(a_shape) - 2,), len(a_shape) - 1, (1,), 0,
-        tuple(range(len(a_shape) - 2)), tuple(range(2, len(b_shape)))))
+      found.append(
+        LoRADimensionNumbers(
+          tuple(range(k)),
+          len(a_shape) - 1,
+          tuple(range(k)),
+          k,
+          tuple(range(k, len(a_shape) - 1)),
+          tuple(range(k + 1, len(b_shape))),
+        )
+      )
+  if len(a_shape) >= 3 and len(b_shape) >= 3 and b_shape[0] == rank and a_shape[-2] == b_shape[1]:
+    found.append(
+      LoRADimensionNumbers(
+        (len(a_shape) - 2,),
+        len(a_shape) - 1,
+        (1,),
+        0,
+        tuple(range(len(a_shape) - 2)),
+        tuple(range(2, len(b_shape))),
+      )
+    )
   return found
 
 
@@ -212,13 +241,15 @@ def _describe(dims: LoRADimensionNumbers, a_shape, b_shape) -> str:
   lead = tuple(a_shape[axis] for axis in axes.a_batch_axes)
   d_in = math.prod(a_shape[axis] for axis in axes.a_in_axes)
   d_out = math.prod(b_shape[axis] for axis in axes.b_out_axes)
-  return (f"LoRADimensionNumbers(a_batch_axes={axes.a_batch_axes}, "
-          f"b_batch_axes={axes.b_batch_axes}): {len(lead) and lead or 'no'} batch, "
-          f"d_in {d_in}, r {a_shape[axes.a_rank_axis]}, d_out {d_out}")
+  return (
+    f"LoRADimensionNumbers(a_batch_axes={axes.a_batch_axes}, "
+    f"b_batch_axes={axes.b_batch_axes}): {len(lead) and lead or 'no'} batch, "
+    f"d_in {d_in}, r {a_shape[axes.a_rank_axis]}, d_out {d_out}"
+  )
 
 
 def infer_dimension_numbers(
-    a_shape: Sequence[int], b_shape: Sequence[int], *, transposed: bool = False
+  a_shape: Sequence[int], b_shape: Sequence[int], *, transposed: bool = False
 ) -> LoRADimensionNumbers:
   """The dimension numbers of a pair from its factor shapes (docs/design.md §9).
 
@@ -250,8 +281,12 @@ def infer_dimension_numbers(
 
 
 def infer_for_pair(
-    a_shape: tuple[int, ...], b_shape: tuple[int, ...], transposed: bool, pair_name: str,
-    a_path: str, b_path: str,
+  a_shape: tuple[int, ...],
+  b_shape: tuple[int, ...],
+  transposed: bool,
+  pair_name: str,
+  a_path: str,
+  b_path: str,
 ) -> LoRADimensionNumbers:
   """:func:`infer_dimension_numbers` for a named pair (errors name its paths)."""
   shapes = f"'{a_path}' {a_shape} and '{b_path}' {b_shape}"
@@ -261,40 +296,42 @@ def infer_for_pair(
       raise ValueError(f"LoRA pair {pair_name!r}: leading (layer) axes differ between {shapes}.")
     if a_shape[-2] != b_shape[-1]:
       raise ValueError(
-          f"LoRA pair {pair_name!r}: rank mismatch between {shapes} "
-          "(expected lora_A (r, d_in), lora_B (d_out, r))."
+        f"LoRA pair {pair_name!r}: rank mismatch between {shapes} "
+        "(expected lora_A (r, d_in), lora_B (d_out, r))."
       )
     batch = tuple(range(lead))
     return LoRADimensionNumbers(batch, lead, batch, lead + 1, (lead + 1,), (lead,))
   found = _readings(a_shape, b_shape)
   if len(found) == 1:
     return found[0]
-  stacked = [dims for dims in found if len(a_shape) == len(b_shape)
-             and tuple(dims.a_batch_axes) == tuple(range(len(a_shape) - 2))]
+  stacked = [
+    dims
+    for dims in found
+    if len(a_shape) == len(b_shape) and tuple(dims.a_batch_axes) == tuple(range(len(a_shape) - 2))
+  ]
   if stacked:
     return stacked[0]
   declare = (
-      "Declare the axes with a pairing: pairing=adaprelora_jax.pairing."
-      "annotate_pairing(dimension_numbers={" f"{pair_name!r}" ": "
-      "LoRADimensionNumbers(a_batch_axes=..., b_batch_axes=...)}), or return "
-      "LoRARole(..., dimension_numbers=...) from a pairing function "
-      "(docs/design.md §9)."
+    "Declare the axes with a pairing: pairing=adaprelora_jax.pairing."
+    "annotate_pairing(dimension_numbers={"
+    f"{pair_name!r}"
+    ": "
+    "LoRADimensionNumbers(a_batch_axes=..., b_batch_axes=...)}), or return "
+    "LoRARole(..., dimension_numbers=...) from a pairing function "
+    "(docs/design.md §9)."
   )
   if not found:
-    if (len(a_shape) == len(b_shape) and b_shape[-2] == a_shape[-1]
-        and a_shape[:-2] != b_shape[:-2]):
+    if len(a_shape) == len(b_shape) and b_shape[-2] == a_shape[-1] and a_shape[:-2] != b_shape[:-2]:
       raise ValueError(
-          f"LoRA pair {pair_name!r}: leading (layer) axes differ between "
-          f"{shapes}. {declare}"
+        f"LoRA pair {pair_name!r}: leading (layer) axes differ between {shapes}. {declare}"
       )
     raise ValueError(
-        f"LoRA pair {pair_name!r}: rank mismatch between {shapes} (expected "
-        "lora_a (d_in, r), lora_b (r, d_out): lora_a (..., r) ending with the "
-        "rank and lora_b (*batch, r, ...) starting with it after any leading "
-        f"batch axes shared with lora_a). {declare}"
+      f"LoRA pair {pair_name!r}: rank mismatch between {shapes} (expected "
+      "lora_a (d_in, r), lora_b (r, d_out): lora_a (..., r) ending with the "
+      "rank and lora_b (*batch, r, ...) starting with it after any leading "
+      f"batch axes shared with lora_a). {declare}"
     )
   readings = "; ".join(_describe(dims, a_shape, b_shape) for dims in found)
   raise ValueError(
-      f"LoRA pair {pair_name!r}: the shapes {shapes} fit several layouts "
-      f"({readings}). {declare}"
+    f"LoRA pair {pair_name!r}: the shapes {shapes} fit several layouts ({readings}). {declare}"
   )

@@ -65,9 +65,9 @@ def _factor_tree(plan: pairing_lib.LoRAPlan, leaves: Sequence[Any]) -> Any:
 
 
 def factorwise_transform(
-    inner: optax.GradientTransformation,
-    *,
-    router: routing.Router,
+  inner: optax.GradientTransformation,
+  *,
+  router: routing.Router,
 ) -> optax.GradientTransformationExtraArgs:
   """Applies ``inner`` to the LoRA factors and ``non_lora`` to other leaves.
 
@@ -93,9 +93,9 @@ def factorwise_transform(
   def init_fn(params):
     plan = router.plan(params)
     return FactorwiseState(
-        factors=inner.init(_factor_tree(plan, plan.leaves(params))),
-        layout_version=state_layout.version_leaf(),
-        non_lora=nnx_metadata.unwrap_masked_nodes(router.non_lora_transform(plan).init(params)),
+      factors=inner.init(_factor_tree(plan, plan.leaves(params))),
+      layout_version=state_layout.version_leaf(),
+      non_lora=nnx_metadata.unwrap_masked_nodes(router.non_lora_transform(plan).init(params)),
     )
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -103,8 +103,10 @@ def factorwise_transform(
     grads = pairing_lib.check_matching_tree(plan, updates, "gradient")
     param_leaves = plan.leaves(params)
     factor_updates, factors_state = inner.update(
-        _factor_tree(plan, grads), state.factors, _factor_tree(plan, param_leaves),
-        **extra_args,
+      _factor_tree(plan, grads),
+      state.factors,
+      _factor_tree(plan, param_leaves),
+      **extra_args,
     )
     # Float64 hyperparameters (NumPy scalars under x64) would widen float32
     # moments: keep the dtypes of init.

@@ -82,19 +82,22 @@ class SolutionFamily(NamedTuple):
 
   def member(self, theta: jax.Array) -> tuple[jax.Array, jax.Array]:
     """The θ-line member ``(X_a − θ·a N_a, X_b − (1 − θ)·N_a b)``."""
-    return (self.x_a - theta * matmul(self.lora_a, self.core_a),
-            self.x_b - (1.0 - theta) * matmul(self.core_a, self.lora_b))
+    return (
+      self.x_a - theta * matmul(self.lora_a, self.core_a),
+      self.x_b - (1.0 - theta) * matmul(self.core_a, self.lora_b),
+    )
 
 
 GaugeRule = Callable[[SolutionFamily], tuple[jax.Array, jax.Array, jax.Array]]
 
 
 def _on_theta_line(
-    select_theta: Callable[[SolutionFamily], jax.Array],
+  select_theta: Callable[[SolutionFamily], jax.Array],
 ) -> GaugeRule:
   def rule(family: SolutionFamily) -> tuple[jax.Array, jax.Array, jax.Array]:
     theta = select_theta(family)
     return (*family.member(theta), theta)
+
   rule.__doc__ = select_theta.__doc__
   return rule
 
@@ -156,8 +159,9 @@ def _factor_norm_theta(family: SolutionFamily) -> jax.Array:
   c2 = an_an - nb_nb
   c1 = -2.0 * xa_an - 2.0 * xb_nb + 2.0 * nb_nb
   c0 = xa_xa - xb_xb + 2.0 * xb_nb - nb_nb
-  return argmin_on_unit_interval(jnp.stack([c0, c1, c2]), quadratic_roots(c2, c1, c0),
-                                 absolute=True, relative_tolerance=1e-6)
+  return argmin_on_unit_interval(
+    jnp.stack([c0, c1, c2]), quadratic_roots(c2, c1, c0), absolute=True, relative_tolerance=1e-6
+  )
 
 
 def _second_order_theta(family: SolutionFamily) -> jax.Array:
@@ -192,33 +196,32 @@ def _second_order_theta(family: SolutionFamily) -> jax.Array:
   alpha = (gram_a(da0, da0), cross_a + cross_a.T, gram_a(da1, da1))
   beta = (gram_b(db0, db0), cross_b + cross_b.T, gram_b(db1, db1))
   # Coefficient k of tr(A B) = Σ_{i+j=k} tr(alpha[i] beta[j]).
-  coefficients = jnp.stack([
-      sum(jnp.sum(alpha[i] * beta[k - i]) for i in range(3) if 0 <= k - i <= 2)
-      for k in range(5)
-  ])
+  coefficients = jnp.stack(
+    [sum(jnp.sum(alpha[i] * beta[k - i]) for i in range(3) if 0 <= k - i <= 2) for k in range(5)]
+  )
   c1, c2, c3, c4 = coefficients[1:]
   roots = cubic_roots(4.0 * c4, 3.0 * c3, 2.0 * c2, c1)
   # The quartic is non-negative; near-ties are only rounding-level ones.
   return argmin_on_unit_interval(
-      coefficients, roots, absolute=False,
-      relative_tolerance=8.0 * jnp.finfo(coefficients.dtype).eps)
+    coefficients, roots, absolute=False, relative_tolerance=8.0 * jnp.finfo(coefficients.dtype).eps
+  )
 
 
 RULES: dict[str, GaugeRule] = {
-    "min_imbalance": min_imbalance,
-    "equal_norms": _on_theta_line(_equal_norms_theta),
-    "half": _on_theta_line(_half_theta),
-    "factor_norm": _on_theta_line(_factor_norm_theta),
-    "second_order": _on_theta_line(_second_order_theta),
+  "min_imbalance": min_imbalance,
+  "equal_norms": _on_theta_line(_equal_norms_theta),
+  "half": _on_theta_line(_half_theta),
+  "factor_norm": _on_theta_line(_factor_norm_theta),
+  "second_order": _on_theta_line(_second_order_theta),
 }
 
 # Names that once meant another rule: an old config must not silently change.
 RENAMED = {
-    "imbalance": (
-        "tie_breaker='imbalance' (equalize the two contributions' H-norms along "
-        "θ) was renamed 'equal_norms'; it is not the paper's rule, which is "
-        "'min_imbalance', now the default"
-    ),
+  "imbalance": (
+    "tie_breaker='imbalance' (equalize the two contributions' H-norms along "
+    "θ) was renamed 'equal_norms'; it is not the paper's rule, which is "
+    "'min_imbalance', now the default"
+  ),
 }
 
 
@@ -242,15 +245,13 @@ def quadratic_roots(c2: jax.Array, c1: jax.Array, c0: jax.Array) -> jax.Array:
   safe_c2 = jnp.where(quadratic, c2, 1.0)
   safe_c1 = jnp.where(jnp.abs(c1) > tiny, c1, 1.0)
   roots_quadratic = jnp.stack(
-      [(-c1 - sqrt_disc) / (2.0 * safe_c2), (-c1 + sqrt_disc) / (2.0 * safe_c2)]
+    [(-c1 - sqrt_disc) / (2.0 * safe_c2), (-c1 + sqrt_disc) / (2.0 * safe_c2)]
   )
   root_linear = -c0 / safe_c1
   return jnp.where(quadratic, roots_quadratic, jnp.stack([root_linear, root_linear]))
 
 
-def cubic_roots(
-    c3: jax.Array, c2: jax.Array, c1: jax.Array, c0: jax.Array
-) -> jax.Array:
+def cubic_roots(c3: jax.Array, c2: jax.Array, c1: jax.Array, c0: jax.Array) -> jax.Array:
   """Three candidates for the real roots of ``c3 t³ + c2 t² + c1 t + c0``.
 
   Closed form in real arithmetic (no ``eig``): the depressed cubic
@@ -276,8 +277,7 @@ def cubic_roots(
   k = jnp.arange(3, dtype=c0.dtype)
   three = 2.0 * m * jnp.cos(phi - 2.0 * jnp.pi * k / 3.0)
   # One real root.
-  w = jnp.cbrt(-q / 2.0 - jnp.where(q >= 0, 1.0, -1.0)
-               * jnp.sqrt(jnp.maximum(discriminant, 0.0)))
+  w = jnp.cbrt(-q / 2.0 - jnp.where(q >= 0, 1.0, -1.0) * jnp.sqrt(jnp.maximum(discriminant, 0.0)))
   safe_w = jnp.where(w != 0, w, 1.0)
   one = jnp.where(w != 0, w - p / (3.0 * safe_w), 0.0)
   roots_cubic = jnp.where(discriminant > 0, jnp.stack([one, one, one]), three) - b / 3.0
@@ -287,11 +287,11 @@ def cubic_roots(
 
 
 def argmin_on_unit_interval(
-    coefficients: jax.Array,
-    roots: jax.Array,
-    *,
-    absolute: bool,
-    relative_tolerance: jax.typing.ArrayLike,
+  coefficients: jax.Array,
+  roots: jax.Array,
+  *,
+  absolute: bool,
+  relative_tolerance: jax.typing.ArrayLike,
 ) -> jax.Array:
   """θ ∈ [0, 1] minimizing ``Σ_k coefficients[k] θ^k`` (or its absolute value).
 
@@ -301,9 +301,7 @@ def argmin_on_unit_interval(
   """
   dtype = coefficients.dtype
   roots = jnp.where(jnp.isfinite(roots), roots, 0.5)
-  candidates = jnp.concatenate(
-      [jnp.clip(roots, 0.0, 1.0), jnp.asarray([0.0, 1.0, 0.5], dtype)]
-  )
+  candidates = jnp.concatenate([jnp.clip(roots, 0.0, 1.0), jnp.asarray([0.0, 1.0, 0.5], dtype)])
   powers = candidates[:, None] ** jnp.arange(coefficients.shape[0], dtype=dtype)
   values = jnp.sum(powers * coefficients, axis=1)
   if absolute:

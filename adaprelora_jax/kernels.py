@@ -69,18 +69,18 @@ class FactorStep(NamedTuple):
 
 
 def factor_step(
-    lora_a: jax.Array,
-    lora_b: jax.Array,
-    grad_a: jax.Array,
-    grad_b: jax.Array,
-    row_scale: jax.Array,
-    col_scale: jax.Array,
-    *,
-    damping: jax.typing.ArrayLike = 0.0,
-    damping_floor: jax.typing.ArrayLike = 0.0,
-    tie_breaker: TieBreaker = "min_imbalance",
-    pseudo_inverse: linalg.InverseMode = False,
-    cross: tuple[jax.Array, jax.Array] | None = None,
+  lora_a: jax.Array,
+  lora_b: jax.Array,
+  grad_a: jax.Array,
+  grad_b: jax.Array,
+  row_scale: jax.Array,
+  col_scale: jax.Array,
+  *,
+  damping: jax.typing.ArrayLike = 0.0,
+  damping_floor: jax.typing.ArrayLike = 0.0,
+  tie_breaker: TieBreaker = "min_imbalance",
+  pseudo_inverse: linalg.InverseMode = False,
+  cross: tuple[jax.Array, jax.Array] | None = None,
 ) -> FactorStep:
   """Closed-form AdaPreLoRA step of one pair, with diagnostics.
 
@@ -99,7 +99,7 @@ def factor_step(
   """
   dtype = compute_dtype(lora_a, lora_b, grad_a, grad_b, row_scale, col_scale)
   a, b, g_a, g_b, p, q = (
-      x.astype(dtype) for x in (lora_a, lora_b, grad_a, grad_b, row_scale, col_scale)
+    x.astype(dtype) for x in (lora_a, lora_b, grad_a, grad_b, row_scale, col_scale)
   )
   # S_a = aᵀ diag(p) a, S_b = b diag(q) bᵀ, K_a = aᵀ g_a, K_b = g_b bᵀ:
   # docs/design.md §3.
@@ -110,9 +110,14 @@ def factor_step(
   else:
     shared_a, shared_b = (x.astype(dtype) for x in cross)
   inverse_a, inverse_b = (
-      linalg.psd_inverse(gram, damping=damping, damping_floor=damping_floor * jnp.mean(scale),
-                  pseudo_inverse=pseudo_inverse)
-      for gram, scale in ((gram_a, p), (gram_b, q)))
+    linalg.psd_inverse(
+      gram,
+      damping=damping,
+      damping_floor=damping_floor * jnp.mean(scale),
+      pseudo_inverse=pseudo_inverse,
+    )
+    for gram, scale in ((gram_a, p), (gram_b, q))
+  )
   # (g_a S_b⁻¹) / p rather than (g_a / p) S_b⁻¹: the scaling then fuses into
   # the element-wise consumers of X_a (⟨g_a, X_a⟩ and the gauge rule's
   # δa = X_a − a C) instead of costing a pass that writes g_a / p.
@@ -123,63 +128,76 @@ def factor_step(
   # u = tr(g_aᵀ diag(1/p) g_a S_b⁻¹) = ⟨g_a, X_a⟩,
   # v = tr(S_a⁻¹ g_b diag(1/q) g_bᵀ) = ⟨g_b, X_b⟩, w = tr(S_a⁻¹ K S_b⁻¹ Kᵀ).
   family = gauge.SolutionFamily(
-      lora_a=a, lora_b=b, row_scale=p, col_scale=q, x_a=x_a, x_b=x_b,
-      core_a=core_a, core_b=core_b, u=jnp.sum(g_a * x_a), v=jnp.sum(g_b * x_b),
-      w=jnp.sum(core_a * shared_a))
+    lora_a=a,
+    lora_b=b,
+    row_scale=p,
+    col_scale=q,
+    x_a=x_a,
+    x_b=x_b,
+    core_a=core_a,
+    core_b=core_b,
+    u=jnp.sum(g_a * x_a),
+    v=jnp.sum(g_b * x_b),
+    w=jnp.sum(core_a * shared_a),
+  )
   delta_a, delta_b, theta = gauge.RULES[tie_breaker](family)
   # ⟨G, δW⟩ = ⟨g_a, δa⟩ + ⟨g_b, δb⟩ = u + v − w for every member.
   return FactorStep(delta_a, delta_b, theta, family.u + family.v - family.w)
 
 
 def _check_pair_shapes(
-    lora_a: jax.Array,
-    lora_b: jax.Array,
-    grad_a: jax.Array,
-    grad_b: jax.Array,
-    row_scale: jax.Array,
-    col_scale: jax.Array,
+  lora_a: jax.Array,
+  lora_b: jax.Array,
+  grad_a: jax.Array,
+  grad_b: jax.Array,
+  row_scale: jax.Array,
+  col_scale: jax.Array,
 ) -> None:
   if lora_a.ndim < 2 or lora_b.ndim < 2:
     raise ValueError(
-        "lora_a and lora_b must have at least 2 dimensions ((..., d_in, r) and "
-        f"(..., r, d_out)); got {lora_a.shape} and {lora_b.shape}."
+      "lora_a and lora_b must have at least 2 dimensions ((..., d_in, r) and "
+      f"(..., r, d_out)); got {lora_a.shape} and {lora_b.shape}."
     )
   lead = lora_a.shape[:-2]
   d_in, rank = lora_a.shape[-2:]
   if lora_b.shape[:-2] != lead or lora_b.shape[-2] != rank:
     raise ValueError(
-        f"lora_b of shape {lora_b.shape} does not match lora_a of shape "
-        f"{lora_a.shape}: expected (..., {rank}, d_out) with leading axes {lead}."
+      f"lora_b of shape {lora_b.shape} does not match lora_a of shape "
+      f"{lora_a.shape}: expected (..., {rank}, d_out) with leading axes {lead}."
     )
   d_out = lora_b.shape[-1]
   for name, array, expected in (
-      ("grad_a", grad_a, lora_a.shape),
-      ("grad_b", grad_b, lora_b.shape),
-      ("row_scale", row_scale, (*lead, d_in)),
-      ("col_scale", col_scale, (*lead, d_out)),
+    ("grad_a", grad_a, lora_a.shape),
+    ("grad_b", grad_b, lora_b.shape),
+    ("row_scale", row_scale, (*lead, d_in)),
+    ("col_scale", col_scale, (*lead, d_out)),
   ):
     if array.shape != expected:
       raise ValueError(f"{name} has shape {array.shape}, expected {expected}.")
   for name, array in (
-      ("lora_a", lora_a), ("lora_b", lora_b), ("grad_a", grad_a),
-      ("grad_b", grad_b), ("row_scale", row_scale), ("col_scale", col_scale),
+    ("lora_a", lora_a),
+    ("lora_b", lora_b),
+    ("grad_a", grad_a),
+    ("grad_b", grad_b),
+    ("row_scale", row_scale),
+    ("col_scale", col_scale),
   ):
     if not jnp.issubdtype(array.dtype, jnp.floating):
       raise ValueError(f"{name} must have a floating dtype, got {array.dtype}.")
 
 
 def factor_update(
-    lora_a: jax.Array,
-    lora_b: jax.Array,
-    grad_a: jax.Array,
-    grad_b: jax.Array,
-    row_scale: jax.Array,
-    col_scale: jax.Array,
-    *,
-    damping: jax.typing.ArrayLike = 0.0,
-    damping_floor: jax.typing.ArrayLike = 0.0,
-    tie_breaker: TieBreaker = "min_imbalance",
-    project_gradients: bool = True,
+  lora_a: jax.Array,
+  lora_b: jax.Array,
+  grad_a: jax.Array,
+  grad_b: jax.Array,
+  row_scale: jax.Array,
+  col_scale: jax.Array,
+  *,
+  damping: jax.typing.ArrayLike = 0.0,
+  damping_floor: jax.typing.ArrayLike = 0.0,
+  tie_breaker: TieBreaker = "min_imbalance",
+  project_gradients: bool = True,
 ) -> tuple[jax.Array, jax.Array]:
   r"""The AdaPreLoRA closed-form factor update (``docs/design.md`` §3-§4).
 
@@ -257,25 +275,53 @@ def factor_update(
   # so a traced zero (damping under jit, a swept hyperparameter) is exact too.
   exact = _is_concrete_zero(damping) and _is_concrete_zero(damping_floor)
   delta_a, delta_b = _mapped_factor_update(
-      lora_a, lora_b, grad_a, grad_b, row_scale, col_scale, damping,
-      damping_floor, tie_breaker=tie_breaker, pseudo_inverse=True if exact else "auto",
-      project_gradients=project_gradients)
+    lora_a,
+    lora_b,
+    grad_a,
+    grad_b,
+    row_scale,
+    col_scale,
+    damping,
+    damping_floor,
+    tie_breaker=tie_breaker,
+    pseudo_inverse=True if exact else "auto",
+    project_gradients=project_gradients,
+  )
   return delta_a.astype(lora_a.dtype), delta_b.astype(lora_b.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("tie_breaker", "pseudo_inverse",
-                                             "project_gradients"))
-def _mapped_factor_update(lora_a, lora_b, grad_a, grad_b, row_scale, col_scale,
-                          damping, damping_floor, *, tie_breaker, pseudo_inverse,
-                          project_gradients):
+@functools.partial(jax.jit, static_argnames=("tie_breaker", "pseudo_inverse", "project_gradients"))
+def _mapped_factor_update(
+  lora_a,
+  lora_b,
+  grad_a,
+  grad_b,
+  row_scale,
+  col_scale,
+  damping,
+  damping_floor,
+  *,
+  tie_breaker,
+  pseudo_inverse,
+  project_gradients,
+):
   """:func:`factor_step` mapped over the leading (layer) axes."""
 
   def single(a, b, g_a, g_b, p, q):
     if project_gradients:
       g_a, g_b = tangent.consistent_gradients(a, b, g_a, g_b)
     step = factor_step(
-        a, b, g_a, g_b, p, q, damping=damping, damping_floor=damping_floor,
-        tie_breaker=tie_breaker, pseudo_inverse=pseudo_inverse)
+      a,
+      b,
+      g_a,
+      g_b,
+      p,
+      q,
+      damping=damping,
+      damping_floor=damping_floor,
+      tie_breaker=tie_breaker,
+      pseudo_inverse=pseudo_inverse,
+    )
     return step.delta_a, step.delta_b
 
   for _ in range(lora_a.ndim - 2):
@@ -292,7 +338,7 @@ def _is_concrete_zero(value: jax.typing.ArrayLike) -> bool:
 
 
 def factored_scales(
-    row_second_moment: jax.Array, col_second_moment: jax.Array
+  row_second_moment: jax.Array, col_second_moment: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
   """Row and column scales ``(p, q)`` of ``H`` from Adafactor statistics.
 

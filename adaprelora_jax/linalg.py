@@ -72,7 +72,7 @@ def numerical_rank_mask(eigenvalues: jax.Array) -> jax.Array:
 
 
 def damped_pseudo_inverse(
-    eigenvalues: jax.Array, eigenvectors: jax.Array, damping: jax.typing.ArrayLike
+  eigenvalues: jax.Array, eigenvectors: jax.Array, damping: jax.typing.ArrayLike
 ) -> jax.Array:
   """``(S + δI)⁻¹`` on the numerical range of the PSD matrix ``S``, 0 off it.
 
@@ -87,9 +87,9 @@ def damped_pseudo_inverse(
 
 
 def psd_sylvester(
-    left: tuple[jax.Array, jax.Array],
-    right: tuple[jax.Array, jax.Array],
-    rhs: jax.Array,
+  left: tuple[jax.Array, jax.Array],
+  right: tuple[jax.Array, jax.Array],
+  rhs: jax.Array,
 ) -> jax.Array:
   """Solves ``S_l X + X S_r = C`` for symmetric PSD ``S_l``, ``S_r``.
 
@@ -124,11 +124,11 @@ InverseMode = bool | Literal["auto"]
 
 
 def psd_inverse(
-    gram: jax.Array,
-    *,
-    damping: jax.typing.ArrayLike = 0.0,
-    damping_floor: jax.typing.ArrayLike = 0.0,
-    pseudo_inverse: InverseMode = False,
+  gram: jax.Array,
+  *,
+  damping: jax.typing.ArrayLike = 0.0,
+  damping_floor: jax.typing.ArrayLike = 0.0,
+  pseudo_inverse: InverseMode = False,
 ) -> jax.Array:
   """Inverse of a symmetric PSD r×r matrix, damped or pseudo-inverted.
 
@@ -161,8 +161,7 @@ def psd_inverse(
   cholesky = jax.lax.linalg.cholesky(gram + shift * eye, symmetrize_input=False)
   # A triangular solve gives L⁻¹, and L⁻ᵀL⁻¹ = (LLᵀ)⁻¹ without forming a
   # general inverse.
-  inverse_cholesky = jax.lax.linalg.triangular_solve(
-      cholesky, eye, left_side=True, lower=True)
+  inverse_cholesky = jax.lax.linalg.triangular_solve(cholesky, eye, left_side=True, lower=True)
   damped = matmul(inverse_cholesky.T, inverse_cholesky)
   if pseudo_inverse == "auto":
     # Where the shift is zero the Cholesky of a singular matrix is NaN; the

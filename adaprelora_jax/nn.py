@@ -58,9 +58,7 @@ class GradientStatistic(nnx.LoRAParam):
   """
 
 
-def gradient_statistics(
-    inputs: jax.Array, output_grads: jax.Array
-) -> tuple[jax.Array, jax.Array]:
+def gradient_statistics(inputs: jax.Array, output_grads: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Row and column means of ``G²`` for ``G = inputsᵀ @ output_grads``.
 
   Args:
@@ -95,11 +93,11 @@ def gradient_statistics(
 
 @jax.custom_vjp
 def lora_product(
-    x: jax.Array,
-    lora_a: jax.Array,
-    lora_b: jax.Array,
-    grad_sq_rows: jax.Array,
-    grad_sq_cols: jax.Array,
+  x: jax.Array,
+  lora_a: jax.Array,
+  lora_b: jax.Array,
+  grad_sq_rows: jax.Array,
+  grad_sq_cols: jax.Array,
 ) -> jax.Array:
   """``x @ lora_a @ lora_b``; the probes' cotangents are the G² statistics."""
   del grad_sq_rows, grad_sq_cols
@@ -123,16 +121,13 @@ def _lora_product_bwd(residuals, output_grad):
   grad_a = (tokens_x.T @ hidden_grad.reshape(-1, rank)).astype(lora_a.dtype)
   grad_b = (hidden.reshape(-1, rank).T @ tokens_grad).astype(lora_b.dtype)
   rows, cols = gradient_statistics(tokens_x, tokens_grad)
-  return (x_grad, grad_a, grad_b, rows.astype(grad_sq_rows.dtype),
-          cols.astype(grad_sq_cols.dtype))
+  return (x_grad, grad_a, grad_b, rows.astype(grad_sq_rows.dtype), cols.astype(grad_sq_cols.dtype))
 
 
 lora_product.defvjp(_lora_product_fwd, _lora_product_bwd)
 
 
-def _statistics_metadata(
-    factor_metadata: tp.Mapping[str, tp.Any], axis: int
-) -> dict[str, tp.Any]:
+def _statistics_metadata(factor_metadata: tp.Mapping[str, tp.Any], axis: int) -> dict[str, tp.Any]:
   """Sharding metadata of a statistics vector, taken from one factor axis."""
   metadata = {}
   # flax renamed the partitioning annotation over time; accept each spelling.
@@ -167,43 +162,64 @@ class LoRA(nnx.LoRA):
   """
 
   def __init__(
-      self,
-      in_features: int,
-      lora_rank: int,
-      out_features: int,
-      *,
-      base_module: nnx.Module | None = None,
-      dtype: Dtype | None = None,
-      param_dtype: Dtype = jnp.float32,
-      a_initializer: Initializer = default_a_initializer,
-      b_initializer: Initializer = default_b_initializer,
-      lora_param_type: type[nnx.Variable] = nnx.LoRAParam,
-      promote_dtype: PromoteDtypeFn = dtypes.promote_dtype,
-      rngs: nnx.Rngs,
-      a_metadata: tp.Mapping[str, tp.Any] = MappingProxyType({}),
-      b_metadata: tp.Mapping[str, tp.Any] = MappingProxyType({}),
+    self,
+    in_features: int,
+    lora_rank: int,
+    out_features: int,
+    *,
+    base_module: nnx.Module | None = None,
+    dtype: Dtype | None = None,
+    param_dtype: Dtype = jnp.float32,
+    a_initializer: Initializer = default_a_initializer,
+    b_initializer: Initializer = default_b_initializer,
+    lora_param_type: type[nnx.Variable] = nnx.LoRAParam,
+    promote_dtype: PromoteDtypeFn = dtypes.promote_dtype,
+    rngs: nnx.Rngs,
+    a_metadata: tp.Mapping[str, tp.Any] = MappingProxyType({}),
+    b_metadata: tp.Mapping[str, tp.Any] = MappingProxyType({}),
   ):
     super().__init__(
-        in_features, lora_rank, out_features, base_module=base_module,
-        dtype=dtype, param_dtype=param_dtype, a_initializer=a_initializer,
-        b_initializer=b_initializer, lora_param_type=lora_param_type,
-        promote_dtype=promote_dtype, rngs=rngs, a_metadata=a_metadata,
-        b_metadata=b_metadata,
+      in_features,
+      lora_rank,
+      out_features,
+      base_module=base_module,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      a_initializer=a_initializer,
+      b_initializer=b_initializer,
+      lora_param_type=lora_param_type,
+      promote_dtype=promote_dtype,
+      rngs=rngs,
+      a_metadata=a_metadata,
+      b_metadata=b_metadata,
     )
     # Statistics are float32 whatever the parameter dtype.
-    setattr(self, pairing_lib.ROW_STATS_NAME, GradientStatistic(
-        jnp.zeros((in_features,), jnp.float32), **_statistics_metadata(a_metadata, 0)))
-    setattr(self, pairing_lib.COL_STATS_NAME, GradientStatistic(
-        jnp.zeros((out_features,), jnp.float32), **_statistics_metadata(b_metadata, 1)))
+    setattr(
+      self,
+      pairing_lib.ROW_STATS_NAME,
+      GradientStatistic(
+        jnp.zeros((in_features,), jnp.float32), **_statistics_metadata(a_metadata, 0)
+      ),
+    )
+    setattr(
+      self,
+      pairing_lib.COL_STATS_NAME,
+      GradientStatistic(
+        jnp.zeros((out_features,), jnp.float32), **_statistics_metadata(b_metadata, 1)
+      ),
+    )
 
   def __call__(self, x: jax.Array, **kwargs: tp.Any) -> jax.Array:
     x, lora_a, lora_b = self.promote_dtype(
-        (x, self.lora_a[...], self.lora_b[...]), dtype=self.dtype
+      (x, self.lora_a[...], self.lora_b[...]), dtype=self.dtype
     )
     # The statistics are set by name in __init__ (the names pairing reads).
     out = lora_product(
-        x, lora_a, lora_b, getattr(self, pairing_lib.ROW_STATS_NAME)[...],
-        getattr(self, pairing_lib.COL_STATS_NAME)[...]
+      x,
+      lora_a,
+      lora_b,
+      getattr(self, pairing_lib.ROW_STATS_NAME)[...],
+      getattr(self, pairing_lib.COL_STATS_NAME)[...],
     )
     if self.base_module is not None:
       if not callable(self.base_module):
@@ -235,29 +251,36 @@ class LoRALinear(nnx.Linear):
   """
 
   def __init__(
-      self,
-      in_features: int,
-      out_features: int,
-      *,
-      lora_rank: int,
-      lora_dtype: Dtype | None = None,
-      lora_param_dtype: Dtype = jnp.float32,
-      a_initializer: Initializer = default_a_initializer,
-      b_initializer: Initializer = default_b_initializer,
-      lora_param_type: type[nnx.Variable] = nnx.LoRAParam,
-      lora_promote_dtype: PromoteDtypeFn = dtypes.promote_dtype,
-      rngs: nnx.Rngs,
-      a_metadata: tp.Mapping[str, tp.Any] = MappingProxyType({}),
-      b_metadata: tp.Mapping[str, tp.Any] = MappingProxyType({}),
-      **kwargs: tp.Any,
+    self,
+    in_features: int,
+    out_features: int,
+    *,
+    lora_rank: int,
+    lora_dtype: Dtype | None = None,
+    lora_param_dtype: Dtype = jnp.float32,
+    a_initializer: Initializer = default_a_initializer,
+    b_initializer: Initializer = default_b_initializer,
+    lora_param_type: type[nnx.Variable] = nnx.LoRAParam,
+    lora_promote_dtype: PromoteDtypeFn = dtypes.promote_dtype,
+    rngs: nnx.Rngs,
+    a_metadata: tp.Mapping[str, tp.Any] = MappingProxyType({}),
+    b_metadata: tp.Mapping[str, tp.Any] = MappingProxyType({}),
+    **kwargs: tp.Any,
   ):
     super().__init__(in_features, out_features, rngs=rngs, **kwargs)
     self.lora = LoRA(
-        in_features, lora_rank, out_features, dtype=lora_dtype,
-        param_dtype=lora_param_dtype, a_initializer=a_initializer,
-        b_initializer=b_initializer, lora_param_type=lora_param_type,
-        promote_dtype=lora_promote_dtype, rngs=rngs, a_metadata=a_metadata,
-        b_metadata=b_metadata,
+      in_features,
+      lora_rank,
+      out_features,
+      dtype=lora_dtype,
+      param_dtype=lora_param_dtype,
+      a_initializer=a_initializer,
+      b_initializer=b_initializer,
+      lora_param_type=lora_param_type,
+      promote_dtype=lora_promote_dtype,
+      rngs=rngs,
+      a_metadata=a_metadata,
+      b_metadata=b_metadata,
     )
 
   def __call__(self, x: jax.Array, out_sharding=None) -> jax.Array:

@@ -59,6 +59,7 @@ def unwrap_masked_nodes(tree: Any) -> Any:
   tree whose structure differs from the shardings'. The bare node has the
   same (no) leaves, so the state is unchanged.
   """
+
   def unwrap(node: Any) -> Any:
     if is_variable(node) and isinstance(node.get_value(), optax.MaskedNode):
       return optax.MaskedNode()
@@ -75,8 +76,10 @@ def _labeled(node: Any, value: jax.Array, names: tuple[Any, ...]) -> Any:
 
 
 def slot_sharding(
-    pair: pairing_lib.PairInfo, slot: slots_lib.Slot | slots_lib.GroupSlot,
-    a_names: Sequence[Any], b_names: Sequence[Any],
+  pair: pairing_lib.PairInfo,
+  slot: slots_lib.Slot | slots_lib.GroupSlot,
+  a_names: Sequence[Any],
+  b_names: Sequence[Any],
 ) -> tuple[Any, ...]:
   """Per-axis sharding names of a slot from those of the pair's factors."""
   lead, d_in, d_out = pairing_lib.pair_axes(pair, a_names, b_names)
@@ -136,14 +139,14 @@ class StateLabels(NamedTuple):
       for slot in slots:
         index = pair.a_index if slot.role == "a" else pair.b_index
         if is_variable(nodes[index]) and not slot.factor_layout:
-          nodes[index] = _labeled(nodes[index], nodes[index].get_value(),
-                                  slot_sharding(pair, slot, a_names, b_names))
+          nodes[index] = _labeled(
+            nodes[index], nodes[index].get_value(), slot_sharding(pair, slot, a_names, b_names)
+          )
     # Masked positions as bare MaskedNodes, so that Orbax restores against
     # nnx.get_named_sharding work (unwrap_masked_nodes).
     return unwrap_masked_nodes(self.treedef.unflatten(nodes))
 
-  def stacked(self, arrays: tuple[jax.Array, ...],
-              slot: slots_lib.GroupSlot) -> tuple[Any, ...]:
+  def stacked(self, arrays: tuple[jax.Array, ...], slot: slots_lib.GroupSlot) -> tuple[Any, ...]:
     """Each group's array in a ``Variable`` laid out like its first member's
     factor axes (the member axis replicated)."""
     if self.nodes is None:

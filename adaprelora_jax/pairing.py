@@ -129,8 +129,10 @@ def format_path(names: Sequence[str]) -> str:
 
 
 _NNX_ROLES: dict[str, Role] = {
-    "lora_a": "a", "lora_b": "b", ROW_STATS_NAME: "row_stats",
-    COL_STATS_NAME: "col_stats",
+  "lora_a": "a",
+  "lora_b": "b",
+  ROW_STATS_NAME: "row_stats",
+  COL_STATS_NAME: "col_stats",
 }
 # qwix (``qwix.LoraProvider``) names the factors of a weight ``w`` (``kernel``
 # for ``nnx.Linear``) ``w_lora_a`` / ``w_lora_b``, next to ``w``.
@@ -156,7 +158,7 @@ def nnx_pairing(path: tuple[str, ...], leaf: Any) -> LoRARole | None:
     return LoRARole(format_path(path[:-1]), role)
   for suffix, role in _QWIX_SUFFIXES:
     if name.endswith(suffix) and len(name) > len(suffix):
-      return LoRARole(format_path((*path[:-1], name[:-len(suffix)])), role)
+      return LoRARole(format_path((*path[:-1], name[: -len(suffix)])), role)
   return None
 
 
@@ -173,7 +175,7 @@ def peft_pairing(path: tuple[str, ...], leaf: Any) -> LoRARole | None:
   for marker, role in markers:
     if marker in tokens:
       index = tokens.index(marker)
-      pair = ".".join(tokens[:index] + ["lora_*"] + tokens[index + 1:])
+      pair = ".".join(tokens[:index] + ["lora_*"] + tokens[index + 1 :])
       return LoRARole(pair, role, transposed=True)
   return None
 
@@ -186,8 +188,8 @@ def resolve_pairing(pairing: Pairing) -> PairingFn:
   if isinstance(pairing, str):
     if pairing not in _PRESETS:
       raise ValueError(
-          f"Unknown pairing preset {pairing!r}; use one of {sorted(_PRESETS)} "
-          "or a callable (path, leaf) -> LoRARole | None."
+        f"Unknown pairing preset {pairing!r}; use one of {sorted(_PRESETS)} "
+        "or a callable (path, leaf) -> LoRARole | None."
       )
     return _PRESETS[pairing]
   if not callable(pairing):
@@ -362,27 +364,26 @@ class LoRAPlan:
       ValueError: naming two pairs of one group whose factors' layouts differ.
     """
     for group in self.groups:
-      layouts = [(leaf_layouts[pair.a_index], leaf_layouts[pair.b_index])
-                 for pair in group.members]
+      layouts = [(leaf_layouts[pair.a_index], leaf_layouts[pair.b_index]) for pair in group.members]
       for pair, layout in zip(group.members, layouts, strict=True):
         if layout != layouts[0]:
           raise ValueError(
-              f"LoRA pairs '{group.members[0].a_path}' and '{pair.a_path}' have "
-              f"the same shape but different {source} ({layouts[0]} vs "
-              f"{layout}). Same-shaped pairs are stacked and updated together, "
-              "so XLA would gather their factors into one layout on every "
-              "step. Build the optimizer (and call state_shardings, "
-              "second_moments and nonfinite_report) with "
-              "pairing=adaprelora_jax.sharding.sharded_pairing(param_shardings)."
+            f"LoRA pairs '{group.members[0].a_path}' and '{pair.a_path}' have "
+            f"the same shape but different {source} ({layouts[0]} vs "
+            f"{layout}). Same-shaped pairs are stacked and updated together, "
+            "so XLA would gather their factors into one layout on every "
+            "step. Build the optimizer (and call state_shardings, "
+            "second_moments and nonfinite_report) with "
+            "pairing=adaprelora_jax.sharding.sharded_pairing(param_shardings)."
           )
 
   def gather(
-      self,
-      leaves: Sequence[Any],
-      group: PairGroup,
-      role: Role,
-      *,
-      factor_layout: bool = True,
+    self,
+    leaves: Sequence[Any],
+    group: PairGroup,
+    role: Role,
+    *,
+    factor_layout: bool = True,
   ) -> jax.Array:
     """Stacks one role's leaves of a group into (group.size, ...).
 
@@ -401,18 +402,18 @@ class LoRAPlan:
         array = pair.to_canonical(array, _factor_role(role))
       arrays.append(array)
     stacked = arrays[0][None] if len(arrays) == 1 else jnp.stack(arrays)
-    tail = stacked.shape[1 + len(group.lead_shape):]
+    tail = stacked.shape[1 + len(group.lead_shape) :]
     return stacked.reshape((group.size, *tail))
 
   def scatter(
-      self,
-      leaves: list[Any],
-      group: PairGroup,
-      role: Role,
-      stacked: jax.Array,
-      *,
-      factor_layout: bool = True,
-      positions: Sequence[jax.Array] | None = None,
+    self,
+    leaves: list[Any],
+    group: PairGroup,
+    role: Role,
+    stacked: jax.Array,
+    *,
+    factor_layout: bool = True,
+    positions: Sequence[jax.Array] | None = None,
   ) -> None:
     """Writes ``stacked`` (group.size, ...) back into ``leaves`` in place.
 
@@ -434,18 +435,16 @@ class LoRAPlan:
       if positions is None or len(group.members) == 1:
         array = per_member[position]
       else:
-        array = jax.lax.dynamic_index_in_dim(
-            per_member, positions[position], keepdims=False
-        )
+        array = jax.lax.dynamic_index_in_dim(per_member, positions[position], keepdims=False)
       if factor_layout:
         array = pair.to_leaf(array, _factor_role(role))
       leaves[_role_index(pair, role)] = array
 
   def mirror(
-      self,
-      by_role: Callable[[PairInfo, Role], Any],
-      roles: Sequence[Role] = ("a", "b"),
-      fill: Any = None,
+    self,
+    by_role: Callable[[PairInfo, Role], Any],
+    roles: Sequence[Role] = ("a", "b"),
+    fill: Any = None,
   ) -> Any:
     """A tree shaped like the params with ``by_role(pair, role)`` at each
     factor position of ``roles`` and ``fill`` (default ``MaskedNode``)
@@ -472,10 +471,10 @@ def _factor_role(role: Role) -> Literal["a", "b"]:
 
 def _role_index(pair: PairInfo, role: Role) -> int:
   index = {
-      "a": pair.a_index,
-      "b": pair.b_index,
-      "row_stats": pair.row_stats_index,
-      "col_stats": pair.col_stats_index,
+    "a": pair.a_index,
+    "b": pair.b_index,
+    "row_stats": pair.row_stats_index,
+    "col_stats": pair.col_stats_index,
   }[role]
   if index is None:
     raise ValueError(f"LoRA pair {pair.name!r} has no {role!r} leaf.")
@@ -483,11 +482,11 @@ def _role_index(pair: PairInfo, role: Role) -> int:
 
 
 def plan_pairs(
-    params: Any,
-    pairing: Pairing = "nnx",
-    *,
-    strict: bool = False,
-    statistics: Statistics = "auto",
+  params: Any,
+  pairing: Pairing = "nnx",
+  *,
+  strict: bool = False,
+  statistics: Statistics = "auto",
 ) -> LoRAPlan:
   """Finds and validates the LoRA pairs of a parameter tree.
 
@@ -524,24 +523,23 @@ def plan_pairs(
     found = LoRARole(*found)
     if found.role not in ROLES:
       raise ValueError(
-          f"Pairing returned role {found.role!r} for '{paths[index]}'; "
-          f"expected one of {ROLES}."
+        f"Pairing returned role {found.role!r} for '{paths[index]}'; expected one of {ROLES}."
       )
     slots = members.setdefault(found.pair, {})
     if found.role in slots:
       raise ValueError(
-          f"LoRA pair {found.pair!r} has two {found.role!r} leaves: "
-          f"'{paths[slots[found.role][0]]}' and '{paths[index]}'."
+        f"LoRA pair {found.pair!r} has two {found.role!r} leaves: "
+        f"'{paths[slots[found.role][0]]}' and '{paths[index]}'."
       )
     slots[found.role] = (index, found)
 
   if strict and others:
     listed = ", ".join(f"'{paths[i]}'" for i in others[:10])
     raise ValueError(
-        f"strict=True but {len(others)} leaves are not LoRA factors: {listed}"
-        + (" ..." if len(others) > 10 else "")
-        + ". Train them with another optimizer (e.g. optax.partition) or pass "
-        "strict=False to use the fallback transform."
+      f"strict=True but {len(others)} leaves are not LoRA factors: {listed}"
+      + (" ..." if len(others) > 10 else "")
+      + ". Train them with another optimizer (e.g. optax.partition) or pass "
+      "strict=False to use the fallback transform."
     )
 
   pairs: list[PairInfo] = []
@@ -556,17 +554,17 @@ def plan_pairs(
         pair = dataclasses.replace(pair, row_stats_index=None, col_stats_index=None)
     elif statistics == "exact":
       raise ValueError(
-          f"statistics='exact' but LoRA pair {pair_name!r} ('{pair.a_path}', "
-          f"'{pair.b_path}') carries no exact gradient statistics "
-          f"('{ROW_STATS_NAME}'/'{COL_STATS_NAME}' leaves, written by "
-          "adaprelora_jax.nn.LoRA). Use statistics='auto' or 'tangent'."
+        f"statistics='exact' but LoRA pair {pair_name!r} ('{pair.a_path}', "
+        f"'{pair.b_path}') carries no exact gradient statistics "
+        f"('{ROW_STATS_NAME}'/'{COL_STATS_NAME}' leaves, written by "
+        "adaprelora_jax.nn.LoRA). Use statistics='auto' or 'tangent'."
       )
     pairs.append(pair)
   if not pairs:
     raise ValueError(
-        "No LoRA pairs found in the parameters "
-        f"(pairing={pairing!r}; {len(paths)} leaves, e.g. "
-        f"{', '.join(repr(p) for p in paths[:5])})."
+      "No LoRA pairs found in the parameters "
+      f"(pairing={pairing!r}; {len(paths)} leaves, e.g. "
+      f"{', '.join(repr(p) for p in paths[:5])})."
     )
 
   # Whether a pair carries statistics leaves splits groups even when they are
@@ -578,37 +576,45 @@ def plan_pairs(
     # Leaf shapes and dimension numbers too: members of a group share one
     # leaf layout, so their state (and its stand-in, adaprelora_jax.sharding)
     # is laid out alike.
-    key = (pair.lead_shape, pair.d_in, pair.rank, pair.d_out, jnp.dtype(pair.dtype).name,
-           carries_statistics[pair.a_index], pair.layout, pair.a_shape, pair.b_shape,
-           pair.dimension_numbers)
+    key = (
+      pair.lead_shape,
+      pair.d_in,
+      pair.rank,
+      pair.d_out,
+      jnp.dtype(pair.dtype).name,
+      carries_statistics[pair.a_index],
+      pair.layout,
+      pair.a_shape,
+      pair.b_shape,
+      pair.dimension_numbers,
+    )
     grouped.setdefault(key, []).append(pair)
   groups = tuple(
-      PairGroup(tuple(group), exact_statistics=group[0].has_statistics)
-      for group in grouped.values()
+    PairGroup(tuple(group), exact_statistics=group[0].has_statistics) for group in grouped.values()
   )
   return LoRAPlan(
-      treedef=treedef,
-      paths=paths,
-      pairs=tuple(pairs),
-      groups=groups,
-      other_indices=tuple(others),
-      statistics_indices=tuple(statistics_indices),
+    treedef=treedef,
+    paths=paths,
+    pairs=tuple(pairs),
+    groups=groups,
+    other_indices=tuple(others),
+    statistics_indices=tuple(statistics_indices),
   )
 
 
 def _validate_pair(
-    pair_name: str,
-    slots: dict[str, tuple[int, LoRARole]],
-    flat: Sequence[tuple[Any, Any]],
-    paths: Sequence[str],
+  pair_name: str,
+  slots: dict[str, tuple[int, LoRARole]],
+  flat: Sequence[tuple[Any, Any]],
+  paths: Sequence[str],
 ) -> PairInfo:
   for needed, other in (("a", "b"), ("b", "a")):
     if needed not in slots:
       present = slots.get(other) or next(iter(slots.values()))
       raise ValueError(
-          f"Unpaired LoRA factor '{paths[present[0]]}': pair {pair_name!r} has "
-          f"no '{needed}' factor (lora_{needed}). Masked out, misnamed, or "
-          "missing from the tree?"
+        f"Unpaired LoRA factor '{paths[present[0]]}': pair {pair_name!r} has "
+        f"no '{needed}' factor (lora_{needed}). Masked out, misnamed, or "
+        "missing from the tree?"
       )
   (a_index, a_role), (b_index, b_role) = slots["a"], slots["b"]
   a_leaf, b_leaf = flat[a_index][1], flat[b_index][1]
@@ -620,45 +626,45 @@ def _validate_pair(
       raise ValueError(f"LoRA factor '{path}' is not an array: {type(leaf).__name__}.")
     if len(shape) < 2:
       raise ValueError(
-          f"LoRA factor '{path}' has shape {tuple(shape)}; factors need at "
-          "least 2 dimensions."
+        f"LoRA factor '{path}' has shape {tuple(shape)}; factors need at least 2 dimensions."
       )
     if not jnp.issubdtype(dtype, jnp.floating):
       raise ValueError(
-          f"LoRA factor '{path}' has dtype {jnp.dtype(dtype).name}; LoRA "
-          "factors must be floating point."
+        f"LoRA factor '{path}' has dtype {jnp.dtype(dtype).name}; LoRA "
+        "factors must be floating point."
       )
   if jnp.dtype(a_leaf.dtype) != jnp.dtype(b_leaf.dtype):
     raise ValueError(
-        f"LoRA pair {pair_name!r}: '{a_path}' is {jnp.dtype(a_leaf.dtype).name} "
-        f"but '{b_path}' is {jnp.dtype(b_leaf.dtype).name}; both factors of a "
-        "pair must have the same dtype."
+      f"LoRA pair {pair_name!r}: '{a_path}' is {jnp.dtype(a_leaf.dtype).name} "
+      f"but '{b_path}' is {jnp.dtype(b_leaf.dtype).name}; both factors of a "
+      "pair must have the same dtype."
     )
   if a_role.transposed != b_role.transposed:
     raise ValueError(
-        f"LoRA pair {pair_name!r}: '{a_path}' and '{b_path}' use different "
-        "layouts (one transposed, one not)."
+      f"LoRA pair {pair_name!r}: '{a_path}' and '{b_path}' use different "
+      "layouts (one transposed, one not)."
     )
   a_shape, b_shape = tuple(a_leaf.shape), tuple(b_leaf.shape)
   where = f"LoRA pair {pair_name!r} ('{a_path}' {a_shape}, '{b_path}' {b_shape})"
   declared = _agreed(pair_name, a_role, b_role, "dimension_numbers")
   if declared is None:
     dims = dimension_numbers.infer_for_pair(
-        a_shape, b_shape, a_role.transposed, pair_name, a_path, b_path)
+      a_shape, b_shape, a_role.transposed, pair_name, a_path, b_path
+    )
   else:
     dims = dimension_numbers.normalize_dimension_numbers(declared, a_shape, b_shape, where=where)
     axes = dimension_numbers.normalized(dims)
     for a_axis, b_axis in zip(axes.a_batch_axes, axes.b_batch_axes, strict=True):
       if a_shape[a_axis] != b_shape[b_axis]:
         raise ValueError(
-            f"{where}: batch axis {a_axis} of lora_a has size {a_shape[a_axis]} "
-            f"but batch axis {b_axis} of lora_b has size {b_shape[b_axis]}."
+          f"{where}: batch axis {a_axis} of lora_a has size {a_shape[a_axis]} "
+          f"but batch axis {b_axis} of lora_b has size {b_shape[b_axis]}."
         )
     if a_shape[axes.a_rank_axis] != b_shape[axes.b_rank_axis]:
       raise ValueError(
-          f"{where}: rank mismatch between lora_a axis {axes.a_rank_axis} "
-          f"({a_shape[axes.a_rank_axis]}) and lora_b axis {axes.b_rank_axis} "
-          f"({b_shape[axes.b_rank_axis]})."
+        f"{where}: rank mismatch between lora_a axis {axes.a_rank_axis} "
+        f"({a_shape[axes.a_rank_axis]}) and lora_b axis {axes.b_rank_axis} "
+        f"({b_shape[axes.b_rank_axis]})."
       )
   dims = _sharded_axes_first(dims, declared, a_role, b_role, len(a_shape), len(b_shape))
   axes = dimension_numbers.normalized(dims)
@@ -669,27 +675,42 @@ def _validate_pair(
   d_in = math.prod(a_shape[axis] for axis in axes.a_in_axes)
   d_out = math.prod(b_shape[axis] for axis in axes.b_out_axes)
   info = PairInfo(
-      name=pair_name, a_index=a_index, b_index=b_index, a_path=a_path,
-      b_path=b_path, transposed=a_role.transposed, lead_shape=lead, d_in=d_in,
-      rank=a_shape[axes.a_rank_axis], d_out=d_out, dtype=jnp.dtype(a_leaf.dtype),
-      layout=tuple(slots[role][1].layout if role in slots else None for role in ROLES),
-      a_shape=a_shape, b_shape=b_shape, dimension_numbers=dims, scale=float(scale),
+    name=pair_name,
+    a_index=a_index,
+    b_index=b_index,
+    a_path=a_path,
+    b_path=b_path,
+    transposed=a_role.transposed,
+    lead_shape=lead,
+    d_in=d_in,
+    rank=a_shape[axes.a_rank_axis],
+    d_out=d_out,
+    dtype=jnp.dtype(a_leaf.dtype),
+    layout=tuple(slots[role][1].layout if role in slots else None for role in ROLES),
+    a_shape=a_shape,
+    b_shape=b_shape,
+    dimension_numbers=dims,
+    scale=float(scale),
   )
   has_rows, has_cols = "row_stats" in slots, "col_stats" in slots
   if has_rows != has_cols:
     present = slots["row_stats" if has_rows else "col_stats"]
     raise ValueError(
-        f"LoRA pair {pair_name!r}: statistics leaf '{paths[present[0]]}' has no "
-        "partner (both row and column statistics are required)."
+      f"LoRA pair {pair_name!r}: statistics leaf '{paths[present[0]]}' has no "
+      "partner (both row and column statistics are required)."
     )
   if has_rows:
     for role, size in (("row_stats", d_in), ("col_stats", d_out)):
       index = slots[role][0]
-      _check_floating_array(flat[index][1], (*lead, size),
-                            f"LoRA statistics leaf '{paths[index]}' of pair {pair_name!r}")
+      _check_floating_array(
+        flat[index][1],
+        (*lead, size),
+        f"LoRA statistics leaf '{paths[index]}' of pair {pair_name!r}",
+      )
     info = dataclasses.replace(
-        info, row_stats_index=slots["row_stats"][0],
-        col_stats_index=slots["col_stats"][0],
+      info,
+      row_stats_index=slots["row_stats"][0],
+      col_stats_index=slots["col_stats"][0],
     )
   return info
 
@@ -699,19 +720,19 @@ def _agreed(pair_name: str, a_role: LoRARole, b_role: LoRARole, field: str) -> A
   a_value, b_value = getattr(a_role, field), getattr(b_role, field)
   if a_value is not None and b_value is not None and a_value != b_value:
     raise ValueError(
-        f"LoRA pair {pair_name!r}: the pairing gives lora_a {field}={a_value!r} "
-        f"but lora_b {field}={b_value!r}."
+      f"LoRA pair {pair_name!r}: the pairing gives lora_a {field}={a_value!r} "
+      f"but lora_b {field}={b_value!r}."
     )
   return a_value if a_value is not None else b_value
 
 
 def _sharded_axes_first(
-    dims: LoRADimensionNumbers,
-    declared: LoRADimensionNumbers | None,
-    a_role: LoRARole,
-    b_role: LoRARole,
-    a_ndim: int,
-    b_ndim: int,
+  dims: LoRADimensionNumbers,
+  declared: LoRADimensionNumbers | None,
+  a_role: LoRARole,
+  b_role: LoRARole,
+  a_ndim: int,
+  b_ndim: int,
 ) -> LoRADimensionNumbers:
   """Flattens sharded axes first (stable), so a single sharded one is major.
 
@@ -720,10 +741,13 @@ def _sharded_axes_first(
   factor to reshape it (docs/design.md §9). An order given explicitly
   (``a_in_axes`` / ``b_out_axes``) is kept.
   """
+
   def order(axes, sharded, ndim):
     sharded = {axis % ndim for axis in sharded}
-    return (*(axis for axis in axes if axis in sharded),
-            *(axis for axis in axes if axis not in sharded))
+    return (
+      *(axis for axis in axes if axis in sharded),
+      *(axis for axis in axes if axis not in sharded),
+    )
 
   if declared is None or declared.a_in_axes is None:
     dims = dims._replace(a_in_axes=order(dims.a_in_axes, a_role.sharded_axes, a_ndim))
@@ -733,12 +757,15 @@ def _sharded_axes_first(
 
 
 def annotate_pairing(
-    pairing: Pairing = "nnx",
-    *,
-    dimension_numbers: (
-        LoRADimensionNumbers | dict[str, LoRADimensionNumbers]
-        | Callable[[str], LoRADimensionNumbers | None] | None) = None,
-    scale: float | dict[str, float] | Callable[[str], float | None] | None = None,
+  pairing: Pairing = "nnx",
+  *,
+  dimension_numbers: (
+    LoRADimensionNumbers
+    | dict[str, LoRADimensionNumbers]
+    | Callable[[str], LoRADimensionNumbers | None]
+    | None
+  ) = None,
+  scale: float | dict[str, float] | Callable[[str], float | None] | None = None,
 ) -> PairingFn:
   """A pairing that declares dimension numbers and/or LoRA scales per pair.
 
@@ -799,13 +826,14 @@ def check_matching_tree(plan: LoRAPlan, tree: Any, what: str) -> list[Any]:
     leaves = plan.leaves(tree)
   except (ValueError, TypeError) as error:
     raise ValueError(
-        f"The {what} tree does not match the parameter tree structure: {error}"
+      f"The {what} tree does not match the parameter tree structure: {error}"
     ) from error
   for pair in plan.pairs:
     for role in ("a", "b"):
       index = _role_index(pair, role)
-      _check_floating_array(leaves[index], leaf_shape(pair, role),
-                            f"{what} for '{plan.paths[index]}'")
+      _check_floating_array(
+        leaves[index], leaf_shape(pair, role), f"{what} for '{plan.paths[index]}'"
+      )
   return leaves
 
 
@@ -815,12 +843,12 @@ def _check_floating_array(leaf: Any, expected_shape: tuple[int, ...], descriptio
     raise ValueError(f"{description} has shape {shape}, expected {expected_shape}.")
   if not jnp.issubdtype(leaf.dtype, jnp.floating):
     raise ValueError(
-        f"{description} has dtype {jnp.dtype(leaf.dtype).name}; expected a floating dtype."
+      f"{description} has dtype {jnp.dtype(leaf.dtype).name}; expected a floating dtype."
     )
 
 
 def pair_axes(
-    pair: PairInfo, a_axes: Sequence[Any], b_axes: Sequence[Any]
+  pair: PairInfo, a_axes: Sequence[Any], b_axes: Sequence[Any]
 ) -> tuple[tuple[Any, ...], Any, Any]:
   """``(lead, d_in, d_out)`` entries of a pair from its factors' per-axis entries.
 
@@ -833,8 +861,11 @@ def pair_axes(
   """
   axes = dimension_numbers.normalized(pair.dimension_numbers)
   lead = tuple(a_axes[axis] for axis in axes.a_batch_axes)
-  return (lead, _merged_entry([a_axes[axis] for axis in axes.a_in_axes]),
-          _merged_entry([b_axes[axis] for axis in axes.b_out_axes]))
+  return (
+    lead,
+    _merged_entry([a_axes[axis] for axis in axes.a_in_axes]),
+    _merged_entry([b_axes[axis] for axis in axes.b_out_axes]),
+  )
 
 
 def _merged_entry(entries: Sequence[Any]) -> Any:

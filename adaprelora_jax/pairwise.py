@@ -80,8 +80,12 @@ class PairInputs(NamedTuple):
   def promoted(self) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """``(a, b, g_a, g_b)`` in :func:`adaprelora_jax.linalg.compute_dtype`."""
     dtype = linalg.compute_dtype(self.lora_a, self.lora_b, self.grad_a, self.grad_b)
-    return (self.lora_a.astype(dtype), self.lora_b.astype(dtype), self.grad_a.astype(dtype),
-            self.grad_b.astype(dtype))
+    return (
+      self.lora_a.astype(dtype),
+      self.lora_b.astype(dtype),
+      self.grad_a.astype(dtype),
+      self.grad_b.astype(dtype),
+    )
 
 
 # update_pair(inputs, state, count, total) -> (delta_a, delta_b, new_state):
@@ -89,15 +93,17 @@ class PairInputs(NamedTuple):
 # dict of the pair's fields, ``count`` the number of previous updates and
 # ``total`` the sum over all pairs of prepare_pair's scalar (None without it).
 PairKernel = Callable[
-    [Any, dict[str, Any], jax.Array, jax.Array | None],
-    tuple[jax.Array, jax.Array, dict[str, Any]],
+  [Any, dict[str, Any], jax.Array, jax.Array | None],
+  tuple[jax.Array, jax.Array, dict[str, Any]],
 ]
 PreparePair = Callable[[PairInputs], tuple[Any, jax.Array]]
 
 
 def _gather_inputs(
-    plan: pairing_lib.LoRAPlan, group: pairing_lib.PairGroup,
-    param_leaves: list[Any], grads: list[Any],
+  plan: pairing_lib.LoRAPlan,
+  group: pairing_lib.PairGroup,
+  param_leaves: list[Any],
+  grads: list[Any],
 ) -> PairInputs:
   def gather(leaves, role, **kw):
     return plan.gather(leaves, group, role, **kw)
@@ -112,8 +118,13 @@ def _gather_inputs(
     # One entry per single pair, in gather's order (members, then lead axes).
     lora_scale = jnp.repeat(jnp.asarray(scales, jnp.float32), math.prod(group.lead_shape))
   return PairInputs(
-      gather(param_leaves, "a"), gather(param_leaves, "b"),
-      gather(grads, "a"), gather(grads, "b"), row_stats, col_stats, lora_scale,
+    gather(param_leaves, "a"),
+    gather(param_leaves, "b"),
+    gather(grads, "a"),
+    gather(grads, "b"),
+    row_stats,
+    col_stats,
+    lora_scale,
   )
 
 
@@ -128,17 +139,18 @@ POSITION_SLOT = slots_lib.Slot("a", (), jnp.int32)
 
 
 def _init_positions(plan: pairing_lib.LoRAPlan, labels: nnx_metadata.StateLabels) -> Any:
-  member_position = {pair.a_index: position for group in plan.groups
-                     for position, pair in enumerate(group.members)}
+  member_position = {
+    pair.a_index: position for group in plan.groups for position, pair in enumerate(group.members)
+  }
   positions = plan.mirror(
-      lambda pair, role: jnp.full(pair.lead_shape, member_position[pair.a_index], jnp.int32),
-      roles=("a",),
+    lambda pair, role: jnp.full(pair.lead_shape, member_position[pair.a_index], jnp.int32),
+    roles=("a",),
   )
   return labels.mirrored(positions, (POSITION_SLOT,))
 
 
 def _member_positions(
-    plan: pairing_lib.LoRAPlan, entry: Any
+  plan: pairing_lib.LoRAPlan, entry: Any
 ) -> list[tuple[list[jax.Array], jax.Array]]:
   """Per group, the members' positions from the state and whether they are
   ``0, 1, ...`` (False for a state that was edited)."""
@@ -152,28 +164,32 @@ def _member_positions(
 
 
 def _run_kernels(
-    update_pair: PairKernel, prepare_pair: PreparePair | None,
-    inputs: list[PairInputs], pair_states: list[dict[str, Any]], count: jax.Array,
+  update_pair: PairKernel,
+  prepare_pair: PreparePair | None,
+  inputs: list[PairInputs],
+  pair_states: list[dict[str, Any]],
+  count: jax.Array,
 ) -> list[tuple[jax.Array, jax.Array, dict[str, Any]]]:
   """The kernel vmapped over each group, after the optional first pass."""
   total = None
   if prepare_pair is not None:
     prepared = [jax.vmap(prepare_pair)(group_inputs) for group_inputs in inputs]
     inputs = [carry for carry, _ in prepared]
-    total = functools.reduce(operator.add,
-                             [jnp.sum(contribution) for _, contribution in prepared])
+    total = functools.reduce(operator.add, [jnp.sum(contribution) for _, contribution in prepared])
   kernel = jax.vmap(update_pair, in_axes=(0, 0, None, None))
-  return [kernel(group_inputs, pair_state, count, total)
-          for group_inputs, pair_state in zip(inputs, pair_states, strict=True)]
+  return [
+    kernel(group_inputs, pair_state, count, total)
+    for group_inputs, pair_state in zip(inputs, pair_states, strict=True)
+  ]
 
 
 def pairwise_transform(
-    update_pair: PairKernel,
-    *,
-    fields: Mapping[str, slots_lib.Field | None],
-    state_type: Callable[..., Any],
-    router: routing.Router,
-    prepare_pair: PreparePair | None = None,
+  update_pair: PairKernel,
+  *,
+  fields: Mapping[str, slots_lib.Field | None],
+  state_type: Callable[..., Any],
+  router: routing.Router,
+  prepare_pair: PreparePair | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """An optax transform from a rule for one LoRA pair.
 
@@ -213,8 +229,9 @@ def pairwise_transform(
   Returns:
     The :class:`optax.GradientTransformationExtraArgs`.
   """
-  kinds = {name: slots_lib.as_field(name, field)
-           for name, field in fields.items() if field is not None}
+  kinds = {
+    name: slots_lib.as_field(name, field) for name, field in fields.items() if field is not None
+  }
   absent = {name: None for name in fields if name not in kinds}
 
   def init_fn(params):
@@ -222,12 +239,12 @@ def pairwise_transform(
     labels = nnx_metadata.StateLabels.of(plan, params)
     labels.check_uniform()
     return state_type(
-        count=jnp.zeros([], jnp.int32),
-        non_lora=nnx_metadata.unwrap_masked_nodes(router.non_lora_transform(plan).init(params)),
-        pair_position=_init_positions(plan, labels),
-        layout_version=state_layout.version_leaf(),
-        **{name: kind.init(plan, labels) for name, kind in kinds.items()},
-        **absent,
+      count=jnp.zeros([], jnp.int32),
+      non_lora=nnx_metadata.unwrap_masked_nodes(router.non_lora_transform(plan).init(params)),
+      pair_position=_init_positions(plan, labels),
+      layout_version=state_layout.version_leaf(),
+      **{name: kind.init(plan, labels) for name, kind in kinds.items()},
+      **absent,
     )
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -237,14 +254,17 @@ def pairwise_transform(
     param_leaves = plan.leaves(params)
     inputs = [_gather_inputs(plan, group, param_leaves, grads) for group in plan.groups]
     read = {name: kind.read(plan, getattr(state, name), name) for name, kind in kinds.items()}
-    pair_states = [{**{name: values[index] for name, values in read.items()}, **absent}
-                   for index in range(len(plan.groups))]
+    pair_states = [
+      {**{name: values[index] for name, values in read.items()}, **absent}
+      for index in range(len(plan.groups))
+    ]
     results = _run_kernels(update_pair, prepare_pair, inputs, pair_states, state.count)
 
     out = list(grads)
     member_positions = _member_positions(plan, state.pair_position)
     for group, (delta_a, delta_b, _), (positions, valid) in zip(
-        plan.groups, results, member_positions, strict=True):
+      plan.groups, results, member_positions, strict=True
+    ):
       dtype = group.members[0].dtype
       for role, delta in (("a", delta_a), ("b", delta_b)):
         # Wrong positions would silently swap the pairs' updates: make them NaN.
@@ -253,18 +273,19 @@ def pairwise_transform(
     labels = nnx_metadata.StateLabels.of(plan, params)
     all_positions = [positions for positions, _ in member_positions]
     entries = {
-        name: kind.write(plan, getattr(state, name), [new[name] for *_, new in results],
-                         all_positions, labels)
-        for name, kind in kinds.items()
+      name: kind.write(
+        plan, getattr(state, name), [new[name] for *_, new in results], all_positions, labels
+      )
+      for name, kind in kinds.items()
     }
     new_updates, non_lora_state = router.finish(plan, out, updates, state.non_lora, params)
     return new_updates, state_type(
-        count=optax.safe_increment(state.count),
-        non_lora=non_lora_state,
-        pair_position=state.pair_position,
-        layout_version=state.layout_version,
-        **entries,
-        **absent,
+      count=optax.safe_increment(state.count),
+      non_lora=non_lora_state,
+      pair_position=state.pair_position,
+      layout_version=state.layout_version,
+      **entries,
+      **absent,
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

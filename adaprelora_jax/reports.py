@@ -30,9 +30,9 @@ from adaprelora_jax.transform import ScaleByAdaPreLoRAState
 def _adaprelora_states(state: Any) -> list[ScaleByAdaPreLoRAState]:
   """Every :class:`ScaleByAdaPreLoRAState` inside an optimizer state."""
   found = [
-      node for node in jax.tree.leaves(
-          state, is_leaf=lambda x: isinstance(x, ScaleByAdaPreLoRAState))
-      if isinstance(node, ScaleByAdaPreLoRAState)
+    node
+    for node in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, ScaleByAdaPreLoRAState))
+    if isinstance(node, ScaleByAdaPreLoRAState)
   ]
   if not found:
     raise ValueError("No ScaleByAdaPreLoRAState found in the optimizer state.")
@@ -40,7 +40,7 @@ def _adaprelora_states(state: Any) -> list[ScaleByAdaPreLoRAState]:
 
 
 def second_moments(
-    state: Any, params: Any, pairing: pairing_lib.Pairing = "nnx"
+  state: Any, params: Any, pairing: pairing_lib.Pairing = "nnx"
 ) -> tuple[Any, Any]:
   """The factored second moments of every LoRA pair, as trees like the params.
 
@@ -72,18 +72,21 @@ def second_moments(
   found = _adaprelora_states(state)
   if len(found) > 1:
     raise ValueError(
-        f"The optimizer state holds {len(found)} ScaleByAdaPreLoRAStates; pass "
-        "the one whose second moments you want."
+      f"The optimizer state holds {len(found)} ScaleByAdaPreLoRAStates; pass "
+      "the one whose second moments you want."
     )
   plan = pairing_lib.plan_pairs(params, pairing)
   return tuple(
-      slot.unstack(plan, [nnx_metadata.unwrap(array) for array in entry])
-      for slot, entry in ((ROW_SECOND_MOMENT, found[0].row_second_moment),
-                          (COL_SECOND_MOMENT, found[0].col_second_moment)))
+    slot.unstack(plan, [nnx_metadata.unwrap(array) for array in entry])
+    for slot, entry in (
+      (ROW_SECOND_MOMENT, found[0].row_second_moment),
+      (COL_SECOND_MOMENT, found[0].col_second_moment),
+    )
+  )
 
 
 def nonfinite_report(
-    state: Any, params: Any, pairing: pairing_lib.Pairing = "nnx"
+  state: Any, params: Any, pairing: pairing_lib.Pairing = "nnx"
 ) -> dict[str, int]:
   """Host-side report of skipped (non-finite) steps per LoRA pair.
 
@@ -104,9 +107,9 @@ def nonfinite_report(
     counts = np.asarray(inner.nonfinite_count)
     if counts.shape != (plan.num_rows,):
       raise ValueError(
-          f"nonfinite_count has shape {counts.shape} but the params have "
-          f"{plan.num_rows} LoRA pairs (counting stacked layers): pass the "
-          "params the optimizer was initialized with."
+        f"nonfinite_count has shape {counts.shape} but the params have "
+        f"{plan.num_rows} LoRA pairs (counting stacked layers): pass the "
+        "params the optimizer was initialized with."
       )
     for pair in plan.pairs:
       skipped = int(counts[rows[pair.a_index]].sum())

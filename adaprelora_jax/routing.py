@@ -33,7 +33,7 @@ from adaprelora_jax import pairing as pairing_lib
 
 
 def default_non_lora(
-    non_lora: optax.GradientTransformation | None,
+  non_lora: optax.GradientTransformation | None,
 ) -> optax.GradientTransformation:
   """The fallback for leaves that are not LoRA factors: Adam unless given."""
   return optax.scale_by_adam() if non_lora is None else non_lora
@@ -64,31 +64,36 @@ class Router(NamedTuple):
 
   @classmethod
   def create(
-      cls,
-      owner: str,
-      pairing: pairing_lib.Pairing,
-      non_lora: optax.GradientTransformation | None,
-      strict: bool,
-      statistics: pairing_lib.Statistics = "tangent",
-      check_pair: Callable[[pairing_lib.PairInfo], None] | None = None,
+    cls,
+    owner: str,
+    pairing: pairing_lib.Pairing,
+    non_lora: optax.GradientTransformation | None,
+    strict: bool,
+    statistics: pairing_lib.Statistics = "tangent",
+    check_pair: Callable[[pairing_lib.PairInfo], None] | None = None,
   ) -> Router:
     """A router; ``non_lora=None`` means :func:`default_non_lora`.
 
     Raises:
       ValueError: for an unknown pairing preset name.
     """
-    return cls(owner, pairing_lib.resolve_pairing(pairing), default_non_lora(non_lora),
-               strict, statistics, check_pair)
+    return cls(
+      owner,
+      pairing_lib.resolve_pairing(pairing),
+      default_non_lora(non_lora),
+      strict,
+      statistics,
+      check_pair,
+    )
 
   def plan(self, params: Any) -> pairing_lib.LoRAPlan:
     """The validated pairs of ``params`` (errors name the parameter paths)."""
     if params is None:
       raise ValueError(
-          f"{self.owner} needs the params to find the LoRA pairs: call "
-          "update(grads, state, params)."
+        f"{self.owner} needs the params to find the LoRA pairs: call update(grads, state, params)."
       )
     plan = pairing_lib.plan_pairs(
-        params, self.pairing, strict=self.strict, statistics=self.statistics
+      params, self.pairing, strict=self.strict, statistics=self.statistics
     )
     if self.check_pair is not None:
       for pair in plan.pairs:
@@ -99,12 +104,12 @@ class Router(NamedTuple):
     return optax.masked(self.non_lora, plan.other_mask())
 
   def finish(
-      self,
-      plan: pairing_lib.LoRAPlan,
-      out: list[Any],
-      updates: Any,
-      non_lora_state: optax.OptState,
-      params: Any,
+    self,
+    plan: pairing_lib.LoRAPlan,
+    out: list[Any],
+    updates: Any,
+    non_lora_state: optax.OptState,
+    params: Any,
   ) -> tuple[Any, optax.OptState]:
     """Zero updates for statistics probes and the fallback for other leaves.
 
@@ -123,7 +128,7 @@ class Router(NamedTuple):
       out[index] = jnp.zeros_like(out[index])
     if plan.other_indices:
       other_updates, non_lora_state = self.non_lora_transform(plan).update(
-          updates, non_lora_state, params
+        updates, non_lora_state, params
       )
       other_leaves = plan.leaves(other_updates)
       for index in plan.other_indices:

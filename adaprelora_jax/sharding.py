@@ -82,8 +82,8 @@ def _axis_specs(sharding: ShardingLike | None, ndim: int, path: str) -> tuple[Ax
   spec = sharding.spec if isinstance(sharding, NamedSharding) else sharding
   if len(spec) > ndim:
     raise ValueError(
-        f"The sharding of parameter '{path}' has {len(spec)} axes but the "
-        f"parameter has {ndim}: {spec}."
+      f"The sharding of parameter '{path}' has {len(spec)} axes but the "
+      f"parameter has {ndim}: {spec}."
     )
   return (*spec, *(None,) * (ndim - len(spec)))
 
@@ -92,8 +92,8 @@ def _common_mesh(shardings: list[ShardingLike | None]) -> Any:
   meshes = {s.mesh for s in shardings if isinstance(s, NamedSharding)}
   if len(meshes) > 1:
     raise ValueError(
-        "The parameter shardings use more than one mesh; state_shardings needs "
-        "them all on the same mesh."
+      "The parameter shardings use more than one mesh; state_shardings needs "
+      "them all on the same mesh."
     )
   return meshes.pop() if meshes else None
 
@@ -139,11 +139,11 @@ class _StandIn:
 
 
 def _stand_in_state(
-    optimizer: optax.GradientTransformation,
-    plan: pairing_lib.LoRAPlan,
-    leaves: list[Any],
-    axis_specs: list[tuple[AxisSpec, ...]],
-    stride: int,
+  optimizer: optax.GradientTransformation,
+  plan: pairing_lib.LoRAPlan,
+  leaves: list[Any],
+  axis_specs: list[tuple[AxisSpec, ...]],
+  stride: int,
 ) -> tuple[Any, _StandIn]:
   """``optimizer.init`` traced abstractly on a stand-in of the parameters."""
   stand_in = _StandIn(stride)
@@ -160,8 +160,7 @@ def _stand_in_state(
     lead = [stand_in.size(spec) for spec in lead_specs]
     in_sizes, d_in = stand_in.flattened([a_specs[axis] for axis in dims.a_in_axes], d_in_spec)
     rank = stand_in.size(None, rank=True)
-    out_sizes, d_out = stand_in.flattened(
-        [b_specs[axis] for axis in dims.b_out_axes], d_out_spec)
+    out_sizes, d_out = stand_in.flattened([b_specs[axis] for axis in dims.b_out_axes], d_out_spec)
     a_shape, b_shape = [0] * len(first.a_shape), [0] * len(first.b_shape)
     for axis, size in zip(dims.a_permutation, (*lead, *in_sizes, rank), strict=True):
       a_shape[axis] = size
@@ -176,9 +175,12 @@ def _stand_in_state(
   for index, specs in enumerate(axis_specs):
     if new_shapes[index] is None:
       new_shapes[index] = tuple(stand_in.size(spec) for spec in specs)
-  stand_in_params = plan.unflatten([
+  stand_in_params = plan.unflatten(
+    [
       jax.ShapeDtypeStruct(shape, leaf.dtype)
-      for shape, leaf in zip(new_shapes, leaves, strict=True)])
+      for shape, leaf in zip(new_shapes, leaves, strict=True)
+    ]
+  )
   return jax.eval_shape(optimizer.init, stand_in_params), stand_in
 
 
@@ -187,7 +189,7 @@ def _is_sharding_leaf(node: Any) -> bool:
 
 
 def sharded_pairing(
-    param_shardings: Any, pairing: pairing_lib.Pairing = "nnx"
+  param_shardings: Any, pairing: pairing_lib.Pairing = "nnx"
 ) -> pairing_lib.PairingFn:
   """A pairing that stacks same-shaped LoRA pairs only if they are sharded alike.
 
@@ -235,8 +237,8 @@ def sharded_pairing(
     name = pairing_lib.format_path(path)
     if path not in by_path:
       raise ValueError(
-          f"sharded_pairing: no sharding given for LoRA factor '{name}' "
-          "(param_shardings must be a tree like the params)."
+        f"sharded_pairing: no sharding given for LoRA factor '{name}' "
+        "(param_shardings must be a tree like the params)."
       )
     specs = _axis_specs(by_path[path], len(leaf.shape), name)
     # The sharded axes also order the flattening of N-D factors, so that a
@@ -248,11 +250,11 @@ def sharded_pairing(
 
 
 def state_shardings(
-    optimizer: optax.GradientTransformation,
-    params: Any,
-    param_shardings: Any,
-    *,
-    pairing: pairing_lib.Pairing = "nnx",
+  optimizer: optax.GradientTransformation,
+  params: Any,
+  param_shardings: Any,
+  *,
+  pairing: pairing_lib.Pairing = "nnx",
 ) -> Any:
   """Shardings for ``optimizer``'s state, laid out like the parameters.
 
@@ -291,13 +293,16 @@ def state_shardings(
   leaves = plan.leaves(params)
   shapes = [tuple(leaf.shape) for leaf in leaves]
   shardings = plan.leaves(param_shardings)
-  axis_specs = [_axis_specs(sharding, len(shape), path)
-                for sharding, shape, path in zip(shardings, shapes, plan.paths, strict=True)]
+  axis_specs = [
+    _axis_specs(sharding, len(shape), path)
+    for sharding, shape, path in zip(shardings, shapes, plan.paths, strict=True)
+  ]
   mesh = _common_mesh(shardings)
   plan.check_uniform_layouts(axis_specs, "shardings")
 
   (state, stand_in), (check_state, check_stand_in) = (
-      _stand_in_state(optimizer, plan, leaves, axis_specs, stride) for stride in (1, 2))
+    _stand_in_state(optimizer, plan, leaves, axis_specs, stride) for stride in (1, 2)
+  )
 
   def axis_spec(size: int, check_size: int) -> AxisSpec:
     axis = stand_in.axis_of_size.get(size)

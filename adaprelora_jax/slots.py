@@ -123,8 +123,14 @@ class Slot(NamedTuple):
   def read(self, plan: pairing_lib.LoRAPlan, entry: Any, name: str) -> list[Any]:
     return self.as_slots().read(plan, entry, name)
 
-  def write(self, plan: pairing_lib.LoRAPlan, entry: Any, values: Sequence[Any],
-            positions: Sequence[Sequence[jax.Array]], labels: Labels) -> Any:
+  def write(
+    self,
+    plan: pairing_lib.LoRAPlan,
+    entry: Any,
+    values: Sequence[Any],
+    positions: Sequence[Sequence[jax.Array]],
+    labels: Labels,
+  ) -> Any:
     return self.as_slots().write(plan, entry, values, positions, labels)
 
   def zeros(self, pair: pairing_lib.PairInfo) -> jax.Array:
@@ -160,13 +166,21 @@ class Slots(NamedTuple):
     leaves = plan.leaves(entry)
     values = []
     for group in plan.groups:
-      arrays = tuple(plan.gather(leaves, group, slot.role, factor_layout=slot.factor_layout)
-                     for slot in self.members)
+      arrays = tuple(
+        plan.gather(leaves, group, slot.role, factor_layout=slot.factor_layout)
+        for slot in self.members
+      )
       values.append(arrays[0] if self.single else arrays)
     return values
 
-  def write(self, plan: pairing_lib.LoRAPlan, entry: Any, values: Sequence[Any],
-            positions: Sequence[Sequence[jax.Array]], labels: Labels) -> Any:
+  def write(
+    self,
+    plan: pairing_lib.LoRAPlan,
+    entry: Any,
+    values: Sequence[Any],
+    positions: Sequence[Sequence[jax.Array]],
+    labels: Labels,
+  ) -> Any:
     leaves = list(plan.leaves(entry))
     for group, value, group_positions in zip(plan.groups, values, positions, strict=True):
       arrays = (value,) if self.single else value
@@ -174,8 +188,14 @@ class Slots(NamedTuple):
       for slot, array in zip(self.members, arrays, strict=True):
         # Kernels compute in float32 or wider (and with float64
         # hyperparameters under x64): cast back to the dtype of init.
-        plan.scatter(leaves, group, slot.role, array.astype(state_dtype(slot.dtype, dtype)),
-                     factor_layout=slot.factor_layout, positions=group_positions)
+        plan.scatter(
+          leaves,
+          group,
+          slot.role,
+          array.astype(state_dtype(slot.dtype, dtype)),
+          factor_layout=slot.factor_layout,
+          positions=group_positions,
+        )
     return labels.mirrored(plan.unflatten(leaves), self.members)
 
 
@@ -205,28 +225,43 @@ class GroupSlot(NamedTuple):
     return (len(group.members), *pair_shape(group.members[0], self.dims))
 
   def init(self, plan: pairing_lib.LoRAPlan, labels: Labels) -> tuple[Any, ...]:
-    return labels.stacked(tuple(
+    return labels.stacked(
+      tuple(
         jnp.zeros(self.group_shape(group), state_dtype(self.dtype, _group_dtype(group)))
-        for group in plan.groups), self)
+        for group in plan.groups
+      ),
+      self,
+    )
 
   def read(self, plan: pairing_lib.LoRAPlan, entry: Any, name: str) -> list[jax.Array]:
     if not isinstance(entry, tuple) or len(entry) != len(plan.groups):
       raise ValueError(
-          f"State field {name!r} should hold one array per group of same-shaped "
-          f"LoRA pairs ({len(plan.groups)}), got {type(entry).__name__} of "
-          f"{len(entry) if isinstance(entry, (tuple, list)) else 1}: the state was "
-          "built for other params or another pairing."
+        f"State field {name!r} should hold one array per group of same-shaped "
+        f"LoRA pairs ({len(plan.groups)}), got {type(entry).__name__} of "
+        f"{len(entry) if isinstance(entry, (tuple, list)) else 1}: the state was "
+        "built for other params or another pairing."
       )
-    return [array.reshape((group.size, *array.shape[1 + len(group.lead_shape):]))
-            for group, array in zip(plan.groups, entry, strict=True)]
+    return [
+      array.reshape((group.size, *array.shape[1 + len(group.lead_shape) :]))
+      for group, array in zip(plan.groups, entry, strict=True)
+    ]
 
-  def write(self, plan: pairing_lib.LoRAPlan, entry: Any, values: Sequence[jax.Array],
-            positions: Sequence[Sequence[jax.Array]], labels: Labels) -> tuple[Any, ...]:
+  def write(
+    self,
+    plan: pairing_lib.LoRAPlan,
+    entry: Any,
+    values: Sequence[jax.Array],
+    positions: Sequence[Sequence[jax.Array]],
+    labels: Labels,
+  ) -> tuple[Any, ...]:
     del positions  # Stacked like the kernel's results: nothing to cut out.
-    return labels.stacked(tuple(
-        value.reshape(self.group_shape(group)).astype(
-            state_dtype(self.dtype, _group_dtype(group)))
-        for group, value in zip(plan.groups, values, strict=True)), self)
+    return labels.stacked(
+      tuple(
+        value.reshape(self.group_shape(group)).astype(state_dtype(self.dtype, _group_dtype(group)))
+        for group, value in zip(plan.groups, values, strict=True)
+      ),
+      self,
+    )
 
   def unstack(self, plan: pairing_lib.LoRAPlan, arrays: Sequence[jax.Array]) -> Any:
     """This field's entry (one plain array per group) as a tree like the params.
@@ -245,13 +280,15 @@ class GroupSlot(NamedTuple):
     expected = [self.group_shape(group) for group in plan.groups]
     if [tuple(jnp.shape(array)) for array in arrays] != expected:
       raise ValueError(
-          f"The state entry has arrays of shapes {[jnp.shape(a) for a in arrays]} "
-          f"but the params' groups of LoRA pairs need {expected}: pass the params "
-          "(and pairing) the optimizer was initialized with."
+        f"The state entry has arrays of shapes {[jnp.shape(a) for a in arrays]} "
+        f"but the params' groups of LoRA pairs need {expected}: pass the params "
+        "(and pairing) the optimizer was initialized with."
       )
-    by_pair = {pair.a_index: array[position]
-               for group, array in zip(plan.groups, arrays, strict=True)
-               for position, pair in enumerate(group.members)}
+    by_pair = {
+      pair.a_index: array[position]
+      for group, array in zip(plan.groups, arrays, strict=True)
+      for position, pair in enumerate(group.members)
+    }
     return plan.mirror(lambda pair, role: by_pair[pair.a_index], roles=(self.role,))
 
 
@@ -279,8 +316,14 @@ class PairScalar(NamedTuple):
     del name
     return [entry[rows] for rows in plan.group_rows()]
 
-  def write(self, plan: pairing_lib.LoRAPlan, entry: Any, values: Sequence[jax.Array],
-            positions: Sequence[Sequence[jax.Array]], labels: Labels) -> jax.Array:
+  def write(
+    self,
+    plan: pairing_lib.LoRAPlan,
+    entry: Any,
+    values: Sequence[jax.Array],
+    positions: Sequence[Sequence[jax.Array]],
+    labels: Labels,
+  ) -> jax.Array:
     del plan, positions, labels
     if not values:
       return entry
@@ -301,12 +344,14 @@ def as_field(name: str, field: Field) -> FieldKind:
   """
   if isinstance(field, tuple) and not isinstance(field, (Slot, Slots, GroupSlot, PairScalar)):
     field = Slots(tuple(field))
-  members = field.members if isinstance(field, Slots) else (
-      (field,) if isinstance(field, (Slot, GroupSlot)) else ())
+  members = (
+    field.members
+    if isinstance(field, Slots)
+    else ((field,) if isinstance(field, (Slot, GroupSlot)) else ())
+  )
   roles = [slot.role for slot in members]
   if len(set(roles)) != len(roles) or not set(roles) <= {"a", "b"}:
     raise ValueError(
-        f"State field {name!r} needs at most one slot per factor role, got "
-        f"roles {roles}."
+      f"State field {name!r} needs at most one slot per factor role, got roles {roles}."
     )
   return field

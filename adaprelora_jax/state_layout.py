@@ -64,8 +64,11 @@ def _is_version_path(path: tuple[Any, ...]) -> bool:
 
 def _versions(tree: Any) -> dict[str, Any]:
   leaves = jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda x: x is None)
-  return {jax.tree_util.keystr(path): leaf for path, leaf in leaves
-          if leaf is not None and _is_version_path(path)}
+  return {
+    jax.tree_util.keystr(path): leaf
+    for path, leaf in leaves
+    if leaf is not None and _is_version_path(path)
+  }
 
 
 def check_state_layout(saved: Any, target: Any, *, source: str = "the saved state") -> None:
@@ -91,17 +94,22 @@ def check_state_layout(saved: Any, target: Any, *, source: str = "the saved stat
   if found == [STATE_LAYOUT_VERSION]:
     return
   if not found:
-    held = (f"an optimizer state without a layout version, i.e. state layout "
-            f"{_LAST_UNVERSIONED_LAYOUT} or older")
+    held = (
+      f"an optimizer state without a layout version, i.e. state layout "
+      f"{_LAST_UNVERSIONED_LAYOUT} or older"
+    )
   else:
     held = "optimizer state layout " + ", ".join(
-        f"{version} (at {path})" for path, version in sorted(saved_versions.items())
-        if version != STATE_LAYOUT_VERSION)
+      f"{version} (at {path})"
+      for path, version in sorted(saved_versions.items())
+      if version != STATE_LAYOUT_VERSION
+    )
   raise StateLayoutError(
-      f"{source} holds {held}; this adaprelora_jax reads state layout "
-      f"{STATE_LAYOUT_VERSION}. CHANGELOG.md lists the layouts under 'State layout'. "
-      "Restore it with the release that saved it, or start the optimizer from "
-      "optimizer.init(params) and keep only the parameters.")
+    f"{source} holds {held}; this adaprelora_jax reads state layout "
+    f"{STATE_LAYOUT_VERSION}. CHANGELOG.md lists the layouts under 'State layout'. "
+    "Restore it with the release that saved it, or start the optimizer from "
+    "optimizer.init(params) and keep only the parameters."
+  )
 
 
 def check_checkpoint_layout(directory: str | os.PathLike[str], target: Any) -> None:
@@ -128,13 +136,19 @@ def check_checkpoint_layout(directory: str | os.PathLike[str], target: Any) -> N
 
   checkpointer = ocp.PyTreeCheckpointer()
   metadata = checkpointer.metadata(directory).item_metadata.tree
+
   # Every other leaf is a placeholder: orbax leaves it unread. The versions
   # are read as NumPy scalars, whatever devices the state was saved from.
   def only_versions(value: Any) -> Any:
     return jax.tree_util.tree_map_with_path(
-        lambda path, _: value if _is_version_path(path) else ocp.PLACEHOLDER, metadata)
+      lambda path, _: value if _is_version_path(path) else ocp.PLACEHOLDER, metadata
+    )
 
-  saved = checkpointer.restore(directory, args=ocp.args.PyTreeRestore(
+  saved = checkpointer.restore(
+    directory,
+    args=ocp.args.PyTreeRestore(
       item=only_versions(np.zeros((), np.int32)),
-      restore_args=only_versions(ocp.RestoreArgs(restore_type=np.ndarray))))
+      restore_args=only_versions(ocp.RestoreArgs(restore_type=np.ndarray)),
+    ),
+  )
   check_state_layout(saved, target, source=f"the checkpoint at {os.fspath(directory)}")

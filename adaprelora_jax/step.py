@@ -52,15 +52,19 @@ def keep_if_finite(ok: jax.Array, new: Any, old: Any) -> Any:
   return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
 
 
-def decayed_moment(moment: jax.Array, statistic: jax.Array, beta2: jax.Array,
-                   eps: jax.typing.ArrayLike) -> jax.Array:
+def decayed_moment(
+  moment: jax.Array, statistic: jax.Array, beta2: jax.Array, eps: jax.typing.ArrayLike
+) -> jax.Array:
   """Adafactor's decayed second moment ``β2 v + (1 − β2)(mean(G²) + eps)``."""
   return beta2 * moment + (1.0 - beta2) * (statistic + eps)
 
 
 def clip_by_weighted_rms(
-    deltas: tuple[jax.Array, jax.Array], descent: jax.Array, row_scale: jax.Array,
-    col_scale: jax.Array, threshold: jax.typing.ArrayLike,
+  deltas: tuple[jax.Array, jax.Array],
+  descent: jax.Array,
+  row_scale: jax.Array,
+  col_scale: jax.Array,
+  threshold: jax.typing.ArrayLike,
 ) -> tuple[jax.Array, jax.Array]:
   """Scales the factor steps so the H-weighted RMS of ``δW`` is <= ``threshold``.
 
@@ -76,8 +80,10 @@ def clip_by_weighted_rms(
 
 
 def momentum_step(
-    momentum: tuple[jax.Array, jax.Array], deltas: tuple[jax.Array, jax.Array],
-    b1: jax.typing.ArrayLike, count: jax.Array,
+  momentum: tuple[jax.Array, jax.Array],
+  deltas: tuple[jax.Array, jax.Array],
+  b1: jax.typing.ArrayLike,
+  count: jax.Array,
 ) -> tuple[tuple[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]:
   """The new EMA of the factor steps, and the bias-corrected steps."""
   (old_a, old_b), (delta_a, delta_b) = momentum, deltas
@@ -104,7 +110,7 @@ class Hyperparams(NamedTuple):
 
 
 def pair_lora_scale(
-    lora_scale: jax.typing.ArrayLike | None, pair_scale: jax.Array | None
+  lora_scale: jax.typing.ArrayLike | None, pair_scale: jax.Array | None
 ) -> jax.typing.ArrayLike | None:
   """A pair's LoRA scale: the optimizer's times the pairing's; None if neither
   is set (then the step is exactly that of s = 1, with no extra ops)."""
@@ -114,21 +120,31 @@ def pair_lora_scale(
 
 
 def _pair_statistics(
-    pair: pairwise.PairInputs, a: jax.Array, b: jax.Array, g_a: jax.Array, g_b: jax.Array,
-    grams: tangent.PairGrams, inverses: tangent.GramInverses,
+  pair: pairwise.PairInputs,
+  a: jax.Array,
+  b: jax.Array,
+  g_a: jax.Array,
+  g_b: jax.Array,
+  grams: tangent.PairGrams,
+  inverses: tangent.GramInverses,
 ) -> tuple[jax.Array, jax.Array]:
   """Row and column means of ``G²``: exact where the pair carries them."""
   # Gathered together (pairwise.py): both or neither.
   row_stats, col_stats = pair.row_stats, pair.col_stats
   if row_stats is None or col_stats is None:
     return tangent.tangent_statistics_from_grams(a, b, g_a, g_b, grams, inverses)
-  return (row_stats.astype(linalg.compute_dtype(row_stats)),
-          col_stats.astype(linalg.compute_dtype(col_stats)))
+  return (
+    row_stats.astype(linalg.compute_dtype(row_stats)),
+    col_stats.astype(linalg.compute_dtype(col_stats)),
+  )
 
 
 def update_pair(
-    hyper: Hyperparams, pair: pairwise.PairInputs, state: dict[str, Any],
-    count: jax.Array, total: None,
+  hyper: Hyperparams,
+  pair: pairwise.PairInputs,
+  state: dict[str, Any],
+  count: jax.Array,
+  total: None,
 ) -> tuple[jax.Array, jax.Array, dict[str, Any]]:
   """One pair's AdaPreLoRA step (the kernel of :func:`scale_by_adaprelora`)."""
   del total
@@ -143,28 +159,36 @@ def update_pair(
   # step (docs/design.md §4-§5).
   tangent_statistics = pair.row_stats is None
   grams = tangent.pair_grams(a, b, g_a, g_b, gradient_grams=tangent_statistics)
-  inverses = tangent.gram_inverses(grams, damping=hyper.damping,
-                                   damping_floor=hyper.damping_floor)
+  inverses = tangent.gram_inverses(grams, damping=hyper.damping, damping_floor=hyper.damping_floor)
   if hyper.project_gradients:
-    g_a, g_b, grams = tangent.consistent_gradients_unless_identity(
-        a, b, g_a, g_b, grams, inverses)
+    g_a, g_b, grams = tangent.consistent_gradients_unless_identity(a, b, g_a, g_b, grams, inverses)
   row_stats, col_stats = _pair_statistics(pair, a, b, g_a, g_b, grams, inverses)
   beta2 = hyper.decay_rate_fn(count - hyper.step_offset, hyper.decay_rate)
   row_moment = decayed_moment(state["row_second_moment"], row_stats, beta2, hyper.eps)
   col_moment = decayed_moment(state["col_second_moment"], col_stats, beta2, hyper.eps)
   moments: dict[str, Any] = {
-      "row_second_moment": row_moment, "col_second_moment": col_moment, "momentum": None,
+    "row_second_moment": row_moment,
+    "col_second_moment": col_moment,
+    "momentum": None,
   }
   row_scale, col_scale = kernels.factored_scales(row_moment, col_moment)
   step = kernels.factor_step(
-      a, b, g_a, g_b, row_scale, col_scale, damping=hyper.damping,
-      damping_floor=hyper.damping_floor, tie_breaker=hyper.tie_breaker,
-      cross=(grams.cross_a, grams.cross_b),
+    a,
+    b,
+    g_a,
+    g_b,
+    row_scale,
+    col_scale,
+    damping=hyper.damping,
+    damping_floor=hyper.damping_floor,
+    tie_breaker=hyper.tie_breaker,
+    cross=(grams.cross_a, grams.cross_b),
   )
   deltas = (step.delta_a, step.delta_b)
   if hyper.clipping_threshold is not None:
-    deltas = clip_by_weighted_rms(deltas, step.descent, row_scale, col_scale,
-                                  hyper.clipping_threshold)
+    deltas = clip_by_weighted_rms(
+      deltas, step.descent, row_scale, col_scale, hyper.clipping_threshold
+    )
   if scale is not None:
     deltas = (deltas[0] / scale, deltas[1] / scale)
   if hyper.b1 is not None:

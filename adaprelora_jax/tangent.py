@@ -68,12 +68,12 @@ class PairGrams(NamedTuple):
 
 
 def pair_grams(
-    lora_a: jax.Array,
-    lora_b: jax.Array,
-    grad_a: jax.Array,
-    grad_b: jax.Array,
-    *,
-    gradient_grams: bool = False,
+  lora_a: jax.Array,
+  lora_b: jax.Array,
+  grad_a: jax.Array,
+  grad_b: jax.Array,
+  *,
+  gradient_grams: bool = False,
 ) -> PairGrams:
   """The :class:`PairGrams` of one pair.
 
@@ -97,9 +97,14 @@ def pair_grams(
   else:
     grad_sq_norm = jnp.sum(g_a * g_a) + jnp.sum(g_b * g_b)
   return PairGrams(
-      gram_a=matmul(a.T, a), gram_b=matmul(b, b.T), cross_a=matmul(a.T, g_a),
-      cross_b=matmul(g_b, b.T), grad_gram_a=grad_gram_a, grad_gram_b=grad_gram_b,
-      grad_sq_norm=grad_sq_norm)
+    gram_a=matmul(a.T, a),
+    gram_b=matmul(b, b.T),
+    cross_a=matmul(a.T, g_a),
+    cross_b=matmul(g_b, b.T),
+    grad_gram_a=grad_gram_a,
+    grad_gram_b=grad_gram_b,
+    grad_sq_norm=grad_sq_norm,
+  )
 
 
 class GramInverses(NamedTuple):
@@ -119,31 +124,33 @@ class GramInverses(NamedTuple):
 
 
 def gram_inverses(
-    grams: PairGrams,
-    *,
-    damping: jax.typing.ArrayLike,
-    damping_floor: jax.typing.ArrayLike,
+  grams: PairGrams,
+  *,
+  damping: jax.typing.ArrayLike,
+  damping_floor: jax.typing.ArrayLike,
 ) -> GramInverses:
   """Damped inverses of ``aᵀa`` and ``b bᵀ``, as :func:`psd_inverse`.
 
   ``damping_floor`` is absolute here (the Euclidean metric has unit scales).
   """
-  shifts = [jnp.trace(gram) * damping / gram.shape[-1] + damping_floor
-            for gram in (grams.gram_a, grams.gram_b)]
+  shifts = [
+    jnp.trace(gram) * damping / gram.shape[-1] + damping_floor
+    for gram in (grams.gram_a, grams.gram_b)
+  ]
   inverse_a, inverse_b = (
-      psd_inverse(gram, damping=damping, damping_floor=damping_floor)
-      for gram in (grams.gram_a, grams.gram_b))
+    psd_inverse(gram, damping=damping, damping_floor=damping_floor)
+    for gram in (grams.gram_a, grams.gram_b)
+  )
   return GramInverses(inverse_a, inverse_b, *shifts)
 
 
 # The skip test reads eigenvalue bounds off damped inverses; they are reliable
 # only if the damping keeps the Cholesky well conditioned (relative shift at
 # least 2⁻¹⁶, i.e. cond ≲ 6.5e4·r, ~1e-2 relative rounding in float32).
-_MIN_RELATIVE_SHIFT = 2.0 ** -16
+_MIN_RELATIVE_SHIFT = 2.0**-16
 
 
-def _smallest_eigenvalue_bound(gram: jax.Array, inverse: jax.Array,
-                               shift: jax.Array) -> jax.Array:
+def _smallest_eigenvalue_bound(gram: jax.Array, inverse: jax.Array, shift: jax.Array) -> jax.Array:
   """A lower bound on ``λ_min(gram)`` from ``inverse = (gram + shift·I)⁻¹``.
 
   ``λ_max(inverse) ≤ ‖inverse‖_F``, so ``λ_min(gram) ≥ 1/‖inverse‖_F − shift``.
@@ -156,10 +163,10 @@ def _smallest_eigenvalue_bound(gram: jax.Array, inverse: jax.Array,
 
 
 def projection_is_identity(
-    grams: PairGrams,
-    inverses: GramInverses,
-    *,
-    tolerance: jax.typing.ArrayLike | None = None,
+  grams: PairGrams,
+  inverses: GramInverses,
+  *,
+  tolerance: jax.typing.ArrayLike | None = None,
 ) -> jax.Array:
   r"""Whether :func:`consistent_gradients` would leave the gradients as they are.
 
@@ -190,14 +197,19 @@ def projection_is_identity(
   info = jnp.finfo(dtype)
   if tolerance is None:
     tolerance = float(np.sqrt(info.eps))
-  lower = [_smallest_eigenvalue_bound(gram, inverse, shift) for gram, inverse, shift in (
+  lower = [
+    _smallest_eigenvalue_bound(gram, inverse, shift)
+    for gram, inverse, shift in (
       (grams.gram_a, inverses.inverse_a, inverses.shift_a),
-      (grams.gram_b, inverses.inverse_b, inverses.shift_b))]
+      (grams.gram_b, inverses.inverse_b, inverses.shift_b),
+    )
+  ]
   traces = [jnp.trace(grams.gram_a), jnp.trace(grams.gram_b)]
   # numerical_rank_mask keeps λ > r·eps·λ_max, and λ_max ≤ tr.
-  full_rank = [bound > gram.shape[-1] * info.eps * trace
-               for bound, gram, trace in zip(
-                   lower, (grams.gram_a, grams.gram_b), traces, strict=True)]
+  full_rank = [
+    bound > gram.shape[-1] * info.eps * trace
+    for bound, gram, trace in zip(lower, (grams.gram_a, grams.gram_b), traces, strict=True)
+  ]
   mismatch = jnp.sqrt(jnp.sum(jnp.square(grams.cross_a - grams.cross_b)))
   correction = jnp.sqrt(traces[0] + traces[1]) * mismatch
   small = correction <= tolerance * jnp.sqrt(grams.grad_sq_norm) * (lower[0] + lower[1])
@@ -205,11 +217,11 @@ def projection_is_identity(
 
 
 def consistent_gradients_from_grams(
-    lora_a: jax.Array,
-    lora_b: jax.Array,
-    grad_a: jax.Array,
-    grad_b: jax.Array,
-    grams: PairGrams,
+  lora_a: jax.Array,
+  lora_b: jax.Array,
+  grad_a: jax.Array,
+  grad_b: jax.Array,
+  grams: PairGrams,
 ) -> tuple[jax.Array, jax.Array]:
   """:func:`consistent_gradients` given the pair's :class:`PairGrams`.
 
@@ -232,24 +244,27 @@ def consistent_gradients_from_grams(
   # non-finite policy sees it.
   range_a = matmul(u * keep_a[None, :], u.T)
   range_b = matmul(v * keep_b[None, :], v.T)
-  mismatch = (matmul(matmul(u.T, grams.cross_a), v) * keep_b[None, :]
-              - keep_a[:, None] * matmul(matmul(u.T, grams.cross_b), v))
+  mismatch = matmul(matmul(u.T, grams.cross_a), v) * keep_b[None, :] - keep_a[:, None] * matmul(
+    matmul(u.T, grams.cross_b), v
+  )
   solvable = (keep_a[:, None] > 0) & (keep_b[None, :] > 0)
   denominator = jnp.where(solvable, alpha[:, None] + beta[None, :], 1.0)
   gauge_part = matmul(matmul(u, jnp.where(solvable, mismatch / denominator, 0.0)), v.T)
-  return (matmul(g_a, range_b) - matmul(a, gauge_part),
-          matmul(range_a, g_b) + matmul(gauge_part, b))
+  return (
+    matmul(g_a, range_b) - matmul(a, gauge_part),
+    matmul(range_a, g_b) + matmul(gauge_part, b),
+  )
 
 
 def consistent_gradients_unless_identity(
-    lora_a: jax.Array,
-    lora_b: jax.Array,
-    grad_a: jax.Array,
-    grad_b: jax.Array,
-    grams: PairGrams,
-    inverses: GramInverses,
-    *,
-    tolerance: jax.typing.ArrayLike | None = None,
+  lora_a: jax.Array,
+  lora_b: jax.Array,
+  grad_a: jax.Array,
+  grad_b: jax.Array,
+  grams: PairGrams,
+  inverses: GramInverses,
+  *,
+  tolerance: jax.typing.ArrayLike | None = None,
 ) -> tuple[jax.Array, jax.Array, PairGrams]:
   """:func:`consistent_gradients`, skipped where it is the identity.
 
@@ -300,16 +315,17 @@ def _project_unless_vmap(axis_size, in_batched, skip, *args):
   # would be lowered to a select of both branches.
   skip_batched, *args_batched = in_batched
   args = jax.tree.map(
-      lambda x, batched: x if batched else jnp.broadcast_to(x, (axis_size, *x.shape)),
-      list(args), args_batched)
+    lambda x, batched: x if batched else jnp.broadcast_to(x, (axis_size, *x.shape)),
+    list(args),
+    args_batched,
+  )
   skip_all = jnp.all(skip) if skip_batched else skip
   out = jax.lax.cond(skip_all, jax.vmap(_kept), jax.vmap(_projected), *args)
   return out, jax.tree.map(lambda _: True, out)
 
 
-
 def consistent_gradients(
-    lora_a: jax.Array, lora_b: jax.Array, grad_a: jax.Array, grad_b: jax.Array
+  lora_a: jax.Array, lora_b: jax.Array, grad_a: jax.Array, grad_b: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
   r"""Euclidean projection of factor gradients onto those of some ``G``.
 
@@ -346,17 +362,18 @@ def consistent_gradients(
     The projected ``(grad_a, grad_b)``, in :func:`compute_dtype` of the inputs.
   """
   return consistent_gradients_from_grams(
-      lora_a, lora_b, grad_a, grad_b, pair_grams(lora_a, lora_b, grad_a, grad_b))
+    lora_a, lora_b, grad_a, grad_b, pair_grams(lora_a, lora_b, grad_a, grad_b)
+  )
 
 
 def tangent_gradient_statistics(
-    lora_a: jax.Array,
-    lora_b: jax.Array,
-    grad_a: jax.Array,
-    grad_b: jax.Array,
-    *,
-    damping: jax.typing.ArrayLike,
-    damping_floor: jax.typing.ArrayLike,
+  lora_a: jax.Array,
+  lora_b: jax.Array,
+  grad_a: jax.Array,
+  grad_b: jax.Array,
+  *,
+  damping: jax.typing.ArrayLike,
+  damping_floor: jax.typing.ArrayLike,
 ) -> tuple[jax.Array, jax.Array]:
   r"""Row and column means of ``Ĝ²`` for the tangent estimate of ``G``.
 
@@ -377,12 +394,12 @@ def tangent_gradient_statistics(
 
 
 def tangent_statistics_from_grams(
-    lora_a: jax.Array,
-    lora_b: jax.Array,
-    grad_a: jax.Array,
-    grad_b: jax.Array,
-    grams: PairGrams,
-    inverses: GramInverses,
+  lora_a: jax.Array,
+  lora_b: jax.Array,
+  grad_a: jax.Array,
+  grad_b: jax.Array,
+  grams: PairGrams,
+  inverses: GramInverses,
 ) -> tuple[jax.Array, jax.Array]:
   r""":func:`tangent_gradient_statistics` given the pair's Grams.
 
@@ -422,8 +439,9 @@ def tangent_statistics_from_grams(
   """
   grad_gram_a, grad_gram_b = grams.grad_gram_a, grams.grad_gram_b
   if grad_gram_a is None or grad_gram_b is None:
-    raise ValueError("Tangent statistics need the gradient Grams: "
-                     "pair_grams(..., gradient_grams=True).")
+    raise ValueError(
+      "Tangent statistics need the gradient Grams: pair_grams(..., gradient_grams=True)."
+    )
   dtype = compute_dtype(lora_a, lora_b, grad_a, grad_b)
   a, b, g_a, g_b = (x.astype(dtype) for x in (lora_a, lora_b, grad_a, grad_b))
   d_in, d_out = a.shape[0], b.shape[1]
@@ -432,20 +450,24 @@ def tangent_statistics_from_grams(
   # E_b E_bᵀ = g_b g_bᵀ − K_b Ψ_b K_bᵀ − (K_b Ψ_b K_bᵀ)ᵀ + K_b Ψ_b B Ψ_b K_bᵀ.
   weighted_b = matmul(cross_b, psi_b)
   overlap_b = matmul(weighted_b, cross_b.T)
-  residual_b = (grad_gram_b - overlap_b - overlap_b.T
-                + matmul(matmul(weighted_b, gram_b), weighted_b.T))
+  residual_b = (
+    grad_gram_b - overlap_b - overlap_b.T + matmul(matmul(weighted_b, gram_b), weighted_b.T)
+  )
   # E_aᵀ E_a = g_aᵀ g_a − K_aᵀ Ψ_a K_a − (·)ᵀ + K_aᵀ Ψ_a A Ψ_a K_a.
   weighted_a = matmul(psi_a, cross_a)
   overlap_a = matmul(cross_a.T, weighted_a)
-  residual_a = (grad_gram_a - overlap_a - overlap_a.T
-                + matmul(matmul(weighted_a.T, gram_a), weighted_a))
+  residual_a = (
+    grad_gram_a - overlap_a - overlap_a.T + matmul(matmul(weighted_a.T, gram_a), weighted_a)
+  )
   row_grad = matmul(matmul(psi_b, gram_b), psi_b)
   row_factor = matmul(matmul(psi_a, residual_b), psi_a)
   col_grad = matmul(matmul(psi_a, gram_a), psi_a)
   col_factor = matmul(matmul(psi_b, residual_a), psi_b)
-  row_sums = (jnp.sum(g_a * matmul(g_a, row_grad), axis=1)
-              + jnp.sum(a * matmul(a, row_factor), axis=1))
-  col_sums = (jnp.sum(g_b * matmul(col_grad, g_b), axis=0)
-              + jnp.sum(b * matmul(col_factor, b), axis=0))
+  row_sums = jnp.sum(g_a * matmul(g_a, row_grad), axis=1) + jnp.sum(
+    a * matmul(a, row_factor), axis=1
+  )
+  col_sums = jnp.sum(g_b * matmul(col_grad, g_b), axis=0) + jnp.sum(
+    b * matmul(col_factor, b), axis=0
+  )
   # Rounding alone can take a quadratic form of a PSD matrix below zero.
   return jnp.maximum(row_sums, 0.0) / d_out, jnp.maximum(col_sums, 0.0) / d_in

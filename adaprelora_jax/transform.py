@@ -37,9 +37,7 @@ Statistics = pairing_lib.Statistics
 NonFinitePolicy = Literal["skip", "propagate"]
 
 
-def decay_rate_pow(
-    step: jax.typing.ArrayLike, exponent: jax.typing.ArrayLike = 0.8
-) -> jax.Array:
+def decay_rate_pow(step: jax.typing.ArrayLike, exponent: jax.typing.ArrayLike = 0.8) -> jax.Array:
   """Adafactor's second-moment decay ``β2_t = 1 − (t + 1)^(−exponent)``.
 
   Zero at the first step (t = 0), so the first statistics are the first
@@ -96,23 +94,23 @@ COL_SECOND_MOMENT = slots.GroupSlot("b", ("d_out",))
 
 
 def scale_by_adaprelora(
-    decay_rate: float = 0.8,
-    eps: float = 1e-30,
-    *,
-    b1: float | None = None,
-    damping: float = 1e-4,
-    damping_floor: float = 1e-8,
-    clipping_threshold: float | None = 1.0,
-    tie_breaker: kernels.TieBreaker = "min_imbalance",
-    project_gradients: bool = True,
-    statistics: Statistics = "auto",
-    step_offset: int = 0,
-    decay_rate_fn: Callable[[jax.Array, Any], jax.Array] | None = None,
-    pairing: pairing_lib.Pairing = "nnx",
-    non_lora: optax.GradientTransformation | None = None,
-    strict: bool = False,
-    nonfinite: NonFinitePolicy = "skip",
-    lora_scale: float | None = None,
+  decay_rate: float = 0.8,
+  eps: float = 1e-30,
+  *,
+  b1: float | None = None,
+  damping: float = 1e-4,
+  damping_floor: float = 1e-8,
+  clipping_threshold: float | None = 1.0,
+  tie_breaker: kernels.TieBreaker = "min_imbalance",
+  project_gradients: bool = True,
+  statistics: Statistics = "auto",
+  step_offset: int = 0,
+  decay_rate_fn: Callable[[jax.Array, Any], jax.Array] | None = None,
+  pairing: pairing_lib.Pairing = "nnx",
+  non_lora: optax.GradientTransformation | None = None,
+  strict: bool = False,
+  nonfinite: NonFinitePolicy = "skip",
+  lora_scale: float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Rescale LoRA factor gradients with the AdaPreLoRA closed-form step.
 
@@ -230,46 +228,55 @@ def scale_by_adaprelora(
   validation.check_positive("step_offset", step_offset, allow_zero=True)
   validation.check_positive("lora_scale", lora_scale, allow_none=True)
   hyper = step.Hyperparams(
-      decay_rate, eps, b1, damping, damping_floor, clipping_threshold, tie_breaker,
-      project_gradients, step_offset,
-      decay_rate_pow if decay_rate_fn is None else decay_rate_fn, nonfinite, lora_scale,
+    decay_rate,
+    eps,
+    b1,
+    damping,
+    damping_floor,
+    clipping_threshold,
+    tie_breaker,
+    project_gradients,
+    step_offset,
+    decay_rate_pow if decay_rate_fn is None else decay_rate_fn,
+    nonfinite,
+    lora_scale,
   )
   return pairwise.pairwise_transform(
-      functools.partial(step.update_pair, hyper),
-      fields={
-          "row_second_moment": ROW_SECOND_MOMENT,
-          "col_second_moment": COL_SECOND_MOMENT,
-          "momentum": None if b1 is None else (
-              slots.Slot("a", ("d_in", "rank")), slots.Slot("b", ("rank", "d_out"))),
-          "nonfinite_count": slots.PairScalar(jnp.int32),
-      },
-      state_type=ScaleByAdaPreLoRAState,
-      router=routing.Router.create(
-          "scale_by_adaprelora", pairing, non_lora, strict, statistics),
+    functools.partial(step.update_pair, hyper),
+    fields={
+      "row_second_moment": ROW_SECOND_MOMENT,
+      "col_second_moment": COL_SECOND_MOMENT,
+      "momentum": None
+      if b1 is None
+      else (slots.Slot("a", ("d_in", "rank")), slots.Slot("b", ("rank", "d_out"))),
+      "nonfinite_count": slots.PairScalar(jnp.int32),
+    },
+    state_type=ScaleByAdaPreLoRAState,
+    router=routing.Router.create("scale_by_adaprelora", pairing, non_lora, strict, statistics),
   )
 
 
 def adaprelora(
-    learning_rate: optax.ScalarOrSchedule,
-    decay_rate: float = 0.8,
-    eps: float = 1e-30,
-    *,
-    b1: float | None = None,
-    weight_decay: float = 0.0,
-    mask: Any | None = None,
-    damping: float = 1e-4,
-    damping_floor: float = 1e-8,
-    clipping_threshold: float | None = 1.0,
-    tie_breaker: kernels.TieBreaker = "min_imbalance",
-    project_gradients: bool = True,
-    statistics: Statistics = "auto",
-    step_offset: int = 0,
-    decay_rate_fn: Callable[[jax.Array, Any], jax.Array] | None = None,
-    pairing: pairing_lib.Pairing = "nnx",
-    non_lora: optax.GradientTransformation | None = None,
-    strict: bool = False,
-    nonfinite: NonFinitePolicy = "skip",
-    lora_scale: float | None = None,
+  learning_rate: optax.ScalarOrSchedule,
+  decay_rate: float = 0.8,
+  eps: float = 1e-30,
+  *,
+  b1: float | None = None,
+  weight_decay: float = 0.0,
+  mask: Any | None = None,
+  damping: float = 1e-4,
+  damping_floor: float = 1e-8,
+  clipping_threshold: float | None = 1.0,
+  tie_breaker: kernels.TieBreaker = "min_imbalance",
+  project_gradients: bool = True,
+  statistics: Statistics = "auto",
+  step_offset: int = 0,
+  decay_rate_fn: Callable[[jax.Array, Any], jax.Array] | None = None,
+  pairing: pairing_lib.Pairing = "nnx",
+  non_lora: optax.GradientTransformation | None = None,
+  strict: bool = False,
+  nonfinite: NonFinitePolicy = "skip",
+  lora_scale: float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""AdaPreLoRA: adaptive preconditioned optimizer for LoRA factors.
 
@@ -330,14 +337,24 @@ def adaprelora(
   # The other hyperparameters are checked by scale_by_adaprelora.
   validation.check_positive("weight_decay", weight_decay, allow_zero=True)
   return optax.chain(
-      scale_by_adaprelora(
-          decay_rate=decay_rate, eps=eps, b1=b1, damping=damping,
-          damping_floor=damping_floor, clipping_threshold=clipping_threshold,
-          tie_breaker=tie_breaker, project_gradients=project_gradients,
-          statistics=statistics, step_offset=step_offset,
-          decay_rate_fn=decay_rate_fn, pairing=pairing, non_lora=non_lora,
-          strict=strict, nonfinite=nonfinite, lora_scale=lora_scale,
-      ),
-      optax.add_decayed_weights(weight_decay, mask),
-      optax.scale_by_learning_rate(learning_rate),
+    scale_by_adaprelora(
+      decay_rate=decay_rate,
+      eps=eps,
+      b1=b1,
+      damping=damping,
+      damping_floor=damping_floor,
+      clipping_threshold=clipping_threshold,
+      tie_breaker=tie_breaker,
+      project_gradients=project_gradients,
+      statistics=statistics,
+      step_offset=step_offset,
+      decay_rate_fn=decay_rate_fn,
+      pairing=pairing,
+      non_lora=non_lora,
+      strict=strict,
+      nonfinite=nonfinite,
+      lora_scale=lora_scale,
+    ),
+    optax.add_decayed_weights(weight_decay, mask),
+    optax.scale_by_learning_rate(learning_rate),
   )

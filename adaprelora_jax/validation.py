@@ -46,13 +46,11 @@ def _host_number(value: Any) -> float | None:
 
 def _out_of_range(name: str, value: Any, requirement: str, allow_none: bool) -> ValueError:
   return ValueError(
-      f"{name} must be {requirement}{' or None' if allow_none else ''}, got {value!r}."
+    f"{name} must be {requirement}{' or None' if allow_none else ''}, got {value!r}."
   )
 
 
-def _number_to_check(
-    name: str, value: Any, requirement: str, allow_none: bool
-) -> float | None:
+def _number_to_check(name: str, value: Any, requirement: str, allow_none: bool) -> float | None:
   """The number to compare with the bounds, or None if there is none to check."""
   if value is None:
     if allow_none:
@@ -62,7 +60,7 @@ def _number_to_check(
 
 
 def check_positive(
-    name: str, value: Any, *, allow_zero: bool = False, allow_none: bool = False
+  name: str, value: Any, *, allow_zero: bool = False, allow_none: bool = False
 ) -> None:
   """Raises if ``value`` is not ``> 0`` (``>= 0`` with ``allow_zero``).
 
@@ -84,14 +82,14 @@ def check_positive(
 
 
 def check_in_range(
-    name: str,
-    value: Any,
-    low: float,
-    high: float,
-    *,
-    include_low: bool = True,
-    include_high: bool = False,
-    allow_none: bool = False,
+  name: str,
+  value: Any,
+  low: float,
+  high: float,
+  *,
+  include_low: bool = True,
+  include_high: bool = False,
+  allow_none: bool = False,
 ) -> None:
   """Raises if ``value`` is not in the interval from ``low`` to ``high``.
 

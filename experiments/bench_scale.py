@@ -58,21 +58,27 @@ MODELS = {"adamw": COST_MODELS["adamw"], "adaprelora": COST_MODELS["adaprelora (
 def stacked(tree, layers: int):
   """``layers_<i>/<target>`` leaves stacked into one leaf per target."""
   targets = sorted({name.split("/", 1)[1] for name in tree})
-  return {target: jax.tree.map(lambda *xs: jax.numpy.stack(xs),
-                               *(tree[f"layers_{i}/{target}"] for i in range(layers)))
-          for target in targets}
+  return {
+    target: jax.tree.map(
+      lambda *xs: jax.numpy.stack(xs), *(tree[f"layers_{i}/{target}"] for i in range(layers))
+    )
+    for target in targets
+  }
 
 
 def median_run(runs: list[dict]) -> dict:
   """Median compile and step time over repeated measurements of one setup."""
-  return {**runs[0],
-          "compile_seconds": float(np.median([run["compile_seconds"] for run in runs])),
-          "compile_seconds_all": [run["compile_seconds"] for run in runs],
-          "step_seconds": float(np.median([run["step_seconds"] for run in runs]))}
+  return {
+    **runs[0],
+    "compile_seconds": float(np.median([run["compile_seconds"] for run in runs])),
+    "compile_seconds_all": [run["compile_seconds"] for run in runs],
+    "step_seconds": float(np.median([run["step_seconds"] for run in runs])),
+  }
 
 
-def run(layer_counts: list[int], hidden: int, ffn: int, rank: int, repeats: int,
-        trials: int) -> dict:
+def run(
+  layer_counts: list[int], hidden: int, ffn: int, rank: int, repeats: int, trials: int
+) -> dict:
   rows = []
   for layers in layer_counts:
     params, grads = make_lora_tree(hidden, ffn, layers, rank)
@@ -94,37 +100,56 @@ def run(layer_counts: list[int], hidden: int, ffn: int, rank: int, repeats: int,
       base = measured["adamw"]
       for name, figures in measured.items():
         work = model_work(MODELS[name], shapes, rank)
-        floor = (work["flops"] / machine["matmul_flops_per_second"]
-                 + work["bytes"] / machine["bytes_per_second"])
-        row = {"pairs": 7 * layers, "layout": layout, "optimizer": name, **figures,
-               "machine": machine, "floor_seconds": floor,
-               "step_over_floor": figures["step_seconds"] / floor,
-               "compile_ratio": figures["compile_seconds"] / base["compile_seconds"],
-               "step_ratio": figures["step_seconds"] / base["step_seconds"],
-               # adamw's update is element-wise and runs in place (≈ 0 scratch),
-               # so scratch is reported relative to the parameters instead.
-               "temp_over_params": (None if figures["temp_bytes"] is None
-                                    else figures["temp_bytes"] / tree_bytes(params_in))}
+        floor = (
+          work["flops"] / machine["matmul_flops_per_second"]
+          + work["bytes"] / machine["bytes_per_second"]
+        )
+        row = {
+          "pairs": 7 * layers,
+          "layout": layout,
+          "optimizer": name,
+          **figures,
+          "machine": machine,
+          "floor_seconds": floor,
+          "step_over_floor": figures["step_seconds"] / floor,
+          "compile_ratio": figures["compile_seconds"] / base["compile_seconds"],
+          "step_ratio": figures["step_seconds"] / base["step_seconds"],
+          # adamw's update is element-wise and runs in place (≈ 0 scratch),
+          # so scratch is reported relative to the parameters instead.
+          "temp_over_params": (
+            None if figures["temp_bytes"] is None else figures["temp_bytes"] / tree_bytes(params_in)
+          ),
+        }
         rows.append(row)
         print(format_row(row), flush=True)
-  return {"hidden": hidden, "ffn": ffn, "rank": rank, "repeats": repeats, "trials": trials,
-          "rows": rows,
-          "environment": environment()}
+  return {
+    "hidden": hidden,
+    "ffn": ffn,
+    "rank": rank,
+    "repeats": repeats,
+    "trials": trials,
+    "rows": rows,
+    "environment": environment(),
+  }
 
 
-HEADER = (f"{'pairs':>5} {'layout':<9} {'optimizer':<10} {'compile s':>9} {'× adamw':>7} "
-          f"{'step ms':>8} {'× adamw':>7} {'floor ms':>8} {'× floor':>7} {'temp MB':>8} "
-          f"{'× params':>8}")
+HEADER = (
+  f"{'pairs':>5} {'layout':<9} {'optimizer':<10} {'compile s':>9} {'× adamw':>7} "
+  f"{'step ms':>8} {'× adamw':>7} {'floor ms':>8} {'× floor':>7} {'temp MB':>8} "
+  f"{'× params':>8}"
+)
 
 
 def format_row(row: dict) -> str:
   temp = row["temp_bytes"] / 2**20 if row["temp_bytes"] is not None else float("nan")
   over_params = row["temp_over_params"] if row["temp_over_params"] is not None else float("nan")
-  return (f"{row['pairs']:>5} {row['layout']:<9} {row['optimizer']:<10} "
-          f"{row['compile_seconds']:>9.2f} {row['compile_ratio']:>7.2f} "
-          f"{row['step_seconds'] * 1e3:>8.2f} {row['step_ratio']:>7.2f} "
-          f"{row['floor_seconds'] * 1e3:>8.2f} {row['step_over_floor']:>7.2f} "
-          f"{temp:>8.2f} {over_params:>8.2f}")
+  return (
+    f"{row['pairs']:>5} {row['layout']:<9} {row['optimizer']:<10} "
+    f"{row['compile_seconds']:>9.2f} {row['compile_ratio']:>7.2f} "
+    f"{row['step_seconds'] * 1e3:>8.2f} {row['step_ratio']:>7.2f} "
+    f"{row['floor_seconds'] * 1e3:>8.2f} {row['step_over_floor']:>7.2f} "
+    f"{temp:>8.2f} {over_params:>8.2f}"
+  )
 
 
 def main() -> None:
@@ -134,8 +159,9 @@ def main() -> None:
   parser.add_argument("--ffn", type=int, default=688)
   parser.add_argument("--rank", type=int, default=16)
   parser.add_argument("--repeats", type=int, default=5)
-  parser.add_argument("--trials", type=int, default=3,
-                      help="compilations per optimizer and setup (median reported)")
+  parser.add_argument(
+    "--trials", type=int, default=3, help="compilations per optimizer and setup (median reported)"
+  )
   parser.add_argument("--output", type=Path, default=RESULTS / "bench_scale.json")
   args = parser.parse_args()
   print(HEADER, flush=True)

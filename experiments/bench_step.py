@@ -49,14 +49,20 @@ RESULTS = Path(__file__).parent / "results"
 
 def llama_lora_shapes(hidden: int, ffn: int) -> dict[str, tuple[int, int]]:
   """(d_in, d_out) of the seven LoRA targets of one Llama block."""
-  return {"q_proj": (hidden, hidden), "k_proj": (hidden, hidden),
-          "v_proj": (hidden, hidden), "o_proj": (hidden, hidden),
-          "gate_proj": (hidden, ffn), "up_proj": (hidden, ffn),
-          "down_proj": (ffn, hidden)}
+  return {
+    "q_proj": (hidden, hidden),
+    "k_proj": (hidden, hidden),
+    "v_proj": (hidden, hidden),
+    "o_proj": (hidden, hidden),
+    "gate_proj": (hidden, ffn),
+    "up_proj": (hidden, ffn),
+    "down_proj": (ffn, hidden),
+  }
 
 
-def make_lora_tree(hidden: int, ffn: int, layers: int, rank: int, *, seed: int = 0,
-                   exact_statistics: bool = False):
+def make_lora_tree(
+  hidden: int, ffn: int, layers: int, rank: int, *, seed: int = 0, exact_statistics: bool = False
+):
   """Params and gradients (consistent with a dense G) for every LoRA pair."""
   key = jax.random.key(seed)
   params, grads = {}, {}
@@ -74,8 +80,10 @@ def make_lora_tree(hidden: int, ffn: int, layers: int, rank: int, *, seed: int =
       pair_grads = {"lora_a": grad_a, "lora_b": grad_b}
       if exact_statistics:
         pair |= {"grad_sq_rows": jnp.zeros(d_in), "grad_sq_cols": jnp.zeros(d_out)}
-        pair_grads |= {"grad_sq_rows": jnp.mean(left**2, axis=1) * 1e-3,
-                       "grad_sq_cols": jnp.mean(right**2, axis=0) * 8}
+        pair_grads |= {
+          "grad_sq_rows": jnp.mean(left**2, axis=1) * 1e-3,
+          "grad_sq_cols": jnp.mean(right**2, axis=0) * 8,
+        }
       params[f"layers_{layer}/{name}"] = pair
       grads[f"layers_{layer}/{name}"] = pair_grads
   return params, grads
@@ -100,10 +108,14 @@ def compile_step(tx: optax.GradientTransformation, params, grads) -> dict:
   compiled = step.lower(params, grads, state).compile()
   compile_seconds = time.perf_counter() - start
   memory = compiled.memory_analysis()
-  return {"compiled": compiled, "args": (params, grads, state),
-          "compile_seconds": compile_seconds, "state_bytes": tree_bytes(state),
-          # Peak scratch memory of the step beyond its inputs and outputs.
-          "temp_bytes": None if memory is None else int(memory.temp_size_in_bytes)}
+  return {
+    "compiled": compiled,
+    "args": (params, grads, state),
+    "compile_seconds": compile_seconds,
+    "state_bytes": tree_bytes(state),
+    # Peak scratch memory of the step beyond its inputs and outputs.
+    "temp_bytes": None if memory is None else int(memory.temp_size_in_bytes),
+  }
 
 
 def time_interleaved(programs: dict[str, dict], repeats: int) -> dict[str, dict]:
@@ -120,12 +132,14 @@ def time_interleaved(programs: dict[str, dict], repeats: int) -> dict[str, dict]
       start = time.perf_counter()
       jax.block_until_ready(program["compiled"](*program["args"]))
       times[name].append(time.perf_counter() - start)
-  return {name: {"step_seconds": float(np.median(values)),
-                 "step_seconds_iqr": [float(np.percentile(values, 25)),
-                                      float(np.percentile(values, 75))],
-                 **{key: value for key, value in programs[name].items()
-                    if key not in ("compiled", "args")}}
-          for name, values in times.items()}
+  return {
+    name: {
+      "step_seconds": float(np.median(values)),
+      "step_seconds_iqr": [float(np.percentile(values, 25)), float(np.percentile(values, 75))],
+      **{key: value for key, value in programs[name].items() if key not in ("compiled", "args")},
+    }
+    for name, values in times.items()
+  }
 
 
 def time_step(tx: optax.GradientTransformation, params, grads, repeats: int) -> dict:
@@ -135,17 +149,17 @@ def time_step(tx: optax.GradientTransformation, params, grads, repeats: int) -> 
 
 # name -> (factory, needs exact-statistics leaves in the tree)
 OPTIMIZERS: dict[str, tuple[Callable[[], optax.GradientTransformation], bool]] = {
-    "adamw": (lambda: optax.adamw(1e-4), False),
-    "adaprelora (tangent)": (lambda: ap.adaprelora(1e-4), False),
-    "adaprelora (exact)": (lambda: ap.adaprelora(1e-4), True),
-    "adaprelora (tangent, b1=0.9)": (lambda: ap.adaprelora(1e-4, b1=0.9), False),
-    "lora_plus": (lambda: ap.lora_plus(1e-4), False),
-    "scaled_gd": (lambda: ap.scaled_gd(1e-4), False),
-    "scaled_adamw": (lambda: ap.scaled_adamw(1e-4), False),
-    "lora_pro (efficient)": (lambda: ap.lora_pro(1e-4), False),
-    "lora_pro (full)": (lambda: ap.lora_pro(1e-4, mode="full"), False),
-    "lora_rite": (lambda: ap.lora_rite(1e-4), False),
-    "adafactor": (lambda: optax.adafactor(1e-4), False),
+  "adamw": (lambda: optax.adamw(1e-4), False),
+  "adaprelora (tangent)": (lambda: ap.adaprelora(1e-4), False),
+  "adaprelora (exact)": (lambda: ap.adaprelora(1e-4), True),
+  "adaprelora (tangent, b1=0.9)": (lambda: ap.adaprelora(1e-4, b1=0.9), False),
+  "lora_plus": (lambda: ap.lora_plus(1e-4), False),
+  "scaled_gd": (lambda: ap.scaled_gd(1e-4), False),
+  "scaled_adamw": (lambda: ap.scaled_adamw(1e-4), False),
+  "lora_pro (efficient)": (lambda: ap.lora_pro(1e-4), False),
+  "lora_pro (full)": (lambda: ap.lora_pro(1e-4, mode="full"), False),
+  "lora_rite": (lambda: ap.lora_rite(1e-4), False),
+  "adafactor": (lambda: optax.adafactor(1e-4), False),
 }
 
 
@@ -181,28 +195,33 @@ class CostModel:
 #     8 per side; + a statistics pass (read a, g) and an S pass (read a).
 #   b1: + read and write the momentum.
 COST_MODELS: dict[str, CostModel] = {
-    "adamw": CostModel(0, 0, 7, note="element-wise: p, g, m, v in; p, m, v out"),
-    "adaprelora (tangent)": CostModel(8, 8, 8),
-    "adaprelora (exact)": CostModel(5, 5, 5),
-    "adaprelora (tangent, b1=0.9)": CostModel(8, 8, 10),
-    "lora_plus": CostModel(0, 0, 7, note="AdamW with a second learning rate"),
-    "scaled_gd": CostModel(2, 2, 4, note="Grams + one preconditioning product per side"),
-    "scaled_adamw": CostModel(2, 2, 8, note="scaled_gd + Adam moments"),
-    "lora_pro (efficient)": CostModel(4, 5, 8, note="projection + Sylvester gauge + Adam"),
-    "lora_pro (full)": CostModel(4, 5, 8, weight_products=4, weight_passes=5,
-                                 note="+ d_in×d_out Adam moments per pair"),
-    "lora_rite": CostModel(6, 6, 8, note="approximate: QR/SVD and basis transport not counted"),
-    "adafactor": CostModel(0, 0, 7, note="unfactored v at rank < 128; RMS clipping pass"),
+  "adamw": CostModel(0, 0, 7, note="element-wise: p, g, m, v in; p, m, v out"),
+  "adaprelora (tangent)": CostModel(8, 8, 8),
+  "adaprelora (exact)": CostModel(5, 5, 5),
+  "adaprelora (tangent, b1=0.9)": CostModel(8, 8, 10),
+  "lora_plus": CostModel(0, 0, 7, note="AdamW with a second learning rate"),
+  "scaled_gd": CostModel(2, 2, 4, note="Grams + one preconditioning product per side"),
+  "scaled_adamw": CostModel(2, 2, 8, note="scaled_gd + Adam moments"),
+  "lora_pro (efficient)": CostModel(4, 5, 8, note="projection + Sylvester gauge + Adam"),
+  "lora_pro (full)": CostModel(
+    4, 5, 8, weight_products=4, weight_passes=5, note="+ d_in×d_out Adam moments per pair"
+  ),
+  "lora_rite": CostModel(6, 6, 8, note="approximate: QR/SVD and basis transport not counted"),
+  "adafactor": CostModel(0, 0, 7, note="unfactored v at rank < 128; RMS clipping pass"),
 }
 
 
 def model_work(model: CostModel, shapes: list[tuple[int, int]], rank: int) -> dict:
   """Flops and bytes of ``model`` for pairs of the given (d_in, d_out) shapes."""
   factor_floats = sum((d_in + d_out) * rank for d_in, d_out in shapes)
-  flops = sum(2 * rank * rank * (model.products_a * d_in + model.products_b * d_out)
-              + 2 * rank * d_in * d_out * model.weight_products for d_in, d_out in shapes)
-  bytes_ = 4 * (model.passes * factor_floats
-                + model.weight_passes * sum(d_in * d_out for d_in, d_out in shapes))
+  flops = sum(
+    2 * rank * rank * (model.products_a * d_in + model.products_b * d_out)
+    + 2 * rank * d_in * d_out * model.weight_products
+    for d_in, d_out in shapes
+  )
+  bytes_ = 4 * (
+    model.passes * factor_floats + model.weight_passes * sum(d_in * d_out for d_in, d_out in shapes)
+  )
   return {"flops": float(flops), "bytes": float(bytes_)}
 
 
@@ -244,8 +263,10 @@ def measure_machine(shapes: list[tuple[int, int]], rank: int, repeats: int) -> d
   x = jnp.ones((floats,), jnp.float32)
   stream = jax.jit(lambda x, y: x * 0.5 + y)
   stream_seconds = _median_seconds(stream, x, x, repeats=repeats)
-  return {"matmul_flops_per_second": flops / seconds,
-          "bytes_per_second": 3 * 4 * floats / stream_seconds}
+  return {
+    "matmul_flops_per_second": flops / seconds,
+    "bytes_per_second": 3 * 4 * floats / stream_seconds,
+  }
 
 
 def add_floors(results: dict, machine: dict, shapes: list[tuple[int, int]], rank: int) -> None:
@@ -257,10 +278,13 @@ def add_floors(results: dict, machine: dict, shapes: list[tuple[int, int]], rank
     work = model_work(model, shapes, rank)
     compute = work["flops"] / machine["matmul_flops_per_second"]
     memory = work["bytes"] / machine["bytes_per_second"]
-    entry |= {"model_flops": work["flops"], "model_bytes": work["bytes"],
-              "floor_seconds": compute + memory,
-              "floor_seconds_overlapped": max(compute, memory),
-              "step_over_floor": entry["step_seconds"] / (compute + memory)}
+    entry |= {
+      "model_flops": work["flops"],
+      "model_bytes": work["bytes"],
+      "floor_seconds": compute + memory,
+      "floor_seconds_overlapped": max(compute, memory),
+      "step_over_floor": entry["step_seconds"] / (compute + memory),
+    }
 
 
 # Keeps d_in×d_out Adam moments per pair (40× adamw's state): seconds per step
@@ -269,10 +293,12 @@ def add_floors(results: dict, machine: dict, shapes: list[tuple[int, int]], rank
 FULL_WEIGHT_STATE = ("lora_pro (full)",)
 
 
-def run(hidden: int, ffn: int, layers: int, rank: int, repeats: int,
-        names: list[str] | None = None) -> dict:
-  trees = {flag: make_lora_tree(hidden, ffn, layers, rank, exact_statistics=flag)
-           for flag in (False, True)}
+def run(
+  hidden: int, ffn: int, layers: int, rank: int, repeats: int, names: list[str] | None = None
+) -> dict:
+  trees = {
+    flag: make_lora_tree(hidden, ffn, layers, rank, exact_statistics=flag) for flag in (False, True)
+  }
   programs = {}
   for name, (factory, exact) in OPTIMIZERS.items():
     selected = name in names if names else name not in FULL_WEIGHT_STATE
@@ -280,10 +306,14 @@ def run(hidden: int, ffn: int, layers: int, rank: int, repeats: int,
       continue
     params, grads = trees[exact]
     programs[name] = compile_step(factory(), params, grads)
-    programs[name]["param_bytes"] = tree_bytes({k: {r: v[r] for r in ("lora_a", "lora_b")}
-                                                for k, v in params.items()})
-    print(f"  {name}: compiled in {programs[name]['compile_seconds']:.1f} s",
-          file=sys.stderr, flush=True)
+    programs[name]["param_bytes"] = tree_bytes(
+      {k: {r: v[r] for r in ("lora_a", "lora_b")} for k, v in params.items()}
+    )
+    print(
+      f"  {name}: compiled in {programs[name]['compile_seconds']:.1f} s",
+      file=sys.stderr,
+      flush=True,
+    )
   results = time_interleaved(programs, repeats)
   base = results["adamw"]
   for entry in results.values():
@@ -293,15 +323,25 @@ def run(hidden: int, ffn: int, layers: int, rank: int, repeats: int,
   machine = measure_machine(shapes, rank, repeats)
   add_floors(results, machine, shapes, rank)
   return {
-      "config": {"hidden": hidden, "ffn": ffn, "layers": layers, "rank": rank,
-                 "pairs": layers * 7, "repeats": repeats,
-                 "lora_params": trees[False][0] and tree_bytes(trees[False][0]) // 4},
-      "machine": machine,
-      "results": results,
-      "environment": {"jax": jax.__version__, "optax": optax.__version__,
-                      "backend": jax.default_backend(),
-                      "devices": [str(d) for d in jax.devices()],
-                      "machine": platform.machine(), "python": platform.python_version()},
+    "config": {
+      "hidden": hidden,
+      "ffn": ffn,
+      "layers": layers,
+      "rank": rank,
+      "pairs": layers * 7,
+      "repeats": repeats,
+      "lora_params": trees[False][0] and tree_bytes(trees[False][0]) // 4,
+    },
+    "machine": machine,
+    "results": results,
+    "environment": {
+      "jax": jax.__version__,
+      "optax": optax.__version__,
+      "backend": jax.default_backend(),
+      "devices": [str(d) for d in jax.devices()],
+      "machine": platform.machine(),
+      "python": platform.python_version(),
+    },
   }
 
 
@@ -309,19 +349,25 @@ def format_table(report: dict) -> str:
   machine = report.get("machine")
   lines = []
   if machine:
-    lines.append(f"machine: skinny matmuls {machine['matmul_flops_per_second'] / 1e9:.1f} GFLOP/s, "
-                 f"element-wise stream {machine['bytes_per_second'] / 1e9:.1f} GB/s")
-  lines += ["| optimizer | step (ms) | step / adamw | floor (ms) | step / floor | compile (s) "
-            "| state (MB) | state / adamw |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines.append(
+      f"machine: skinny matmuls {machine['matmul_flops_per_second'] / 1e9:.1f} GFLOP/s, "
+      f"element-wise stream {machine['bytes_per_second'] / 1e9:.1f} GB/s"
+    )
+  lines += [
+    "| optimizer | step (ms) | step / adamw | floor (ms) | step / floor | compile (s) "
+    "| state (MB) | state / adamw |",
+    "|---|---:|---:|---:|---:|---:|---:|---:|",
+  ]
   for name, entry in report["results"].items():
     floor = entry.get("floor_seconds")
     floor_text = "" if floor is None else f"{1e3 * floor:.2f}"
     ratio_text = "" if floor is None else f"{entry['step_over_floor']:.2f}"
-    lines.append(f"| {name} | {1e3 * entry['step_seconds']:.2f} | "
-                 f"{entry['step_ratio_vs_adamw']:.2f} | {floor_text} | {ratio_text} | "
-                 f"{entry['compile_seconds']:.1f} | {entry['state_bytes'] / 1e6:.2f} | "
-                 f"{entry['state_ratio_vs_adamw']:.3f} |")
+    lines.append(
+      f"| {name} | {1e3 * entry['step_seconds']:.2f} | "
+      f"{entry['step_ratio_vs_adamw']:.2f} | {floor_text} | {ratio_text} | "
+      f"{entry['compile_seconds']:.1f} | {entry['state_bytes'] / 1e6:.2f} | "
+      f"{entry['state_ratio_vs_adamw']:.3f} |"
+    )
   return "\n".join(lines)
 
 
@@ -337,9 +383,11 @@ def main() -> None:
   args = parser.parse_args()
   report = run(args.hidden, args.ffn, args.layers, args.rank, args.repeats, args.only)
   config = report["config"]
-  print(f"LoRA tree: {config['pairs']} pairs (hidden {config['hidden']}, ffn {config['ffn']}, "
-        f"rank {config['rank']}), {config['lora_params'] / 1e6:.2f}M LoRA params, "
-        f"backend {report['environment']['backend']}")
+  print(
+    f"LoRA tree: {config['pairs']} pairs (hidden {config['hidden']}, ffn {config['ffn']}, "
+    f"rank {config['rank']}), {config['lora_params'] / 1e6:.2f}M LoRA params, "
+    f"backend {report['environment']['backend']}"
+  )
   print(format_table(report))
   args.output.parent.mkdir(parents=True, exist_ok=True)
   args.output.write_text(json.dumps(report, indent=2) + "\n")

@@ -60,8 +60,9 @@ def build_model(exact_statistics: bool, *, seed: int = 0) -> bert.BertClassifier
   """Pretrained MiniLM-L6 with rank-8 LoRA on every projection of every block."""
   layer = lora_nn.LoRALinear if exact_statistics else nnx.LoRALinear
   lora = LoRAConfig(PROJECTIONS, rank=RANK, layer_class=layer)
-  return bert.BertClassifier.pretrained(assets.minilm_dir(), NUM_CLASSES, lora=lora,
-                                        rngs=nnx.Rngs(seed))
+  return bert.BertClassifier.pretrained(
+    assets.minilm_dir(), NUM_CLASSES, lora=lora, rngs=nnx.Rngs(seed)
+  )
 
 
 def make_batch(model: bert.BertClassifier, batch: int, tokens: int, *, seed: int = 0):
@@ -129,10 +130,13 @@ def interleaved_medians(programs: dict, rounds: int) -> dict[str, dict]:
       start = time.perf_counter()
       jax.block_until_ready(compiled(*args))
       times[name].append(time.perf_counter() - start)
-  return {name: {"seconds": float(np.median(values)),
-                 "seconds_iqr": [float(np.percentile(values, 25)),
-                                 float(np.percentile(values, 75))]}
-          for name, values in times.items()}
+  return {
+    name: {
+      "seconds": float(np.median(values)),
+      "seconds_iqr": [float(np.percentile(values, 25)), float(np.percentile(values, 75))],
+    }
+    for name, values in times.items()
+  }
 
 
 def parse_shape(text: str) -> tuple[int, int]:
@@ -140,8 +144,12 @@ def parse_shape(text: str) -> tuple[int, int]:
   return int(batch), int(tokens)
 
 
-def run(shapes: list[tuple[int, int]], large: tuple[int, int] | None, rounds: int,
-        names: list[str] | None = None) -> dict:
+def run(
+  shapes: list[tuple[int, int]],
+  large: tuple[int, int] | None,
+  rounds: int,
+  names: list[str] | None = None,
+) -> dict:
   names = names or list(OPTIMIZERS)
   if "adamw" not in names:
     names = ["adamw", *names]
@@ -153,7 +161,8 @@ def run(shapes: list[tuple[int, int]], large: tuple[int, int] | None, rounds: in
     for name in names:
       spec = OPTIMIZERS[name]
       compiled, args, seconds = compile_train_step(
-          models[spec.exact_statistics], spec.factory(spec.default_learning_rate), data)
+        models[spec.exact_statistics], spec.factory(spec.default_learning_rate), data
+      )
       programs[name], compile_seconds[name] = (compiled, args), seconds
       print(f"  {batch}x{tokens} {name}: compiled in {seconds:.1f} s", file=sys.stderr, flush=True)
     for flag in (False, True):
@@ -163,10 +172,17 @@ def run(shapes: list[tuple[int, int]], large: tuple[int, int] | None, rounds: in
     measured = interleaved_medians(programs, rounds)
     base = measured["adamw"]["seconds"]
     for name in names:
-      train_rows.append({"batch": batch, "tokens": tokens, "optimizer": name,
-                         "exact_statistics": OPTIMIZERS[name].exact_statistics,
-                         **measured[name], "compile_seconds": compile_seconds[name],
-                         "ratio_vs_adamw": measured[name]["seconds"] / base})
+      train_rows.append(
+        {
+          "batch": batch,
+          "tokens": tokens,
+          "optimizer": name,
+          "exact_statistics": OPTIMIZERS[name].exact_statistics,
+          **measured[name],
+          "compile_seconds": compile_seconds[name],
+          "ratio_vs_adamw": measured[name]["seconds"] / base,
+        }
+      )
     gradient_rows.append(_gradient_row(batch, tokens, measured))
   if large is not None:
     batch, tokens = large
@@ -175,11 +191,22 @@ def run(shapes: list[tuple[int, int]], large: tuple[int, int] | None, rounds: in
     for flag in (False, True):
       compiled, args, _ = compile_gradient(models[flag], data)
       programs[_gradient_name(flag)] = (compiled, args)
-    gradient_rows.append({**_gradient_row(batch, tokens, interleaved_medians(programs, rounds)),
-                          "large": True})
-  return {"config": {"rank": RANK, "blocks": 6, "targets": list(PROJECTIONS), "pairs": 36,
-                     "rounds": rounds, "model": "all-MiniLM-L6-v2"},
-          "train_step": train_rows, "backward": gradient_rows, "environment": environment()}
+    gradient_rows.append(
+      {**_gradient_row(batch, tokens, interleaved_medians(programs, rounds)), "large": True}
+    )
+  return {
+    "config": {
+      "rank": RANK,
+      "blocks": 6,
+      "targets": list(PROJECTIONS),
+      "pairs": 36,
+      "rounds": rounds,
+      "model": "all-MiniLM-L6-v2",
+    },
+    "train_step": train_rows,
+    "backward": gradient_rows,
+    "environment": environment(),
+  }
 
 
 def _gradient_name(exact_statistics: bool) -> str:
@@ -189,39 +216,57 @@ def _gradient_name(exact_statistics: bool) -> str:
 def _gradient_row(batch: int, tokens: int, measured: dict) -> dict:
   plain = measured[_gradient_name(False)]["seconds"]
   exact = measured[_gradient_name(True)]["seconds"]
-  return {"batch": batch, "tokens": tokens, "plain_seconds": plain, "exact_seconds": exact,
-          "exact_over_plain": exact / plain}
+  return {
+    "batch": batch,
+    "tokens": tokens,
+    "plain_seconds": plain,
+    "exact_seconds": exact,
+    "exact_over_plain": exact / plain,
+  }
 
 
 def format_tables(report: dict) -> str:
-  shapes = sorted({(row["batch"], row["tokens"]) for row in report["train_step"]},
-                  key=lambda shape: shape[0] * shape[1])
+  shapes = sorted(
+    {(row["batch"], row["tokens"]) for row in report["train_step"]},
+    key=lambda shape: shape[0] * shape[1],
+  )
   names = list(dict.fromkeys(row["optimizer"] for row in report["train_step"]))
   by_key = {(row["batch"], row["tokens"], row["optimizer"]): row for row in report["train_step"]}
   header = "| optimizer | " + " | ".join(f"{b}×{t} step / adamw" for b, t in shapes) + " |"
   lines = [header, "|---|" + "---:|" * len(shapes)]
-  adamw_ms = " | ".join(f"1.00 ({1e3 * by_key[(b, t, 'adamw')]['seconds']:.0f} ms)"
-                        for b, t in shapes)
+  adamw_ms = " | ".join(
+    f"1.00 ({1e3 * by_key[(b, t, 'adamw')]['seconds']:.0f} ms)" for b, t in shapes
+  )
   lines.append(f"| adamw | {adamw_ms} |")
   for name in names:
     if name == "adamw":
       continue
     cells = " | ".join(f"{by_key[(b, t, name)]['ratio_vs_adamw']:.2f}" for b, t in shapes)
     lines.append(f"| {name} | {cells} |")
-  lines += ["", "| batch×tokens | fwd+bwd, nnx.LoRALinear (ms) | fwd+bwd, exact statistics (ms) "
-            "| exact / plain |", "|---|---:|---:|---:|"]
+  lines += [
+    "",
+    "| batch×tokens | fwd+bwd, nnx.LoRALinear (ms) | fwd+bwd, exact statistics (ms) "
+    "| exact / plain |",
+    "|---|---:|---:|---:|",
+  ]
   for row in report["backward"]:
-    lines.append(f"| {row['batch']}×{row['tokens']} | {1e3 * row['plain_seconds']:.0f} | "
-                 f"{1e3 * row['exact_seconds']:.0f} | {row['exact_over_plain']:.2f} |")
+    lines.append(
+      f"| {row['batch']}×{row['tokens']} | {1e3 * row['plain_seconds']:.0f} | "
+      f"{1e3 * row['exact_seconds']:.0f} | {row['exact_over_plain']:.2f} |"
+    )
   return "\n".join(lines)
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--shapes", nargs="+", default=["16x128", "8x512"],
-                      help="batch×tokens of the train steps")
-  parser.add_argument("--large", default="32x512",
-                      help="batch×tokens of the extra fwd+bwd comparison ('none' to skip)")
+  parser.add_argument(
+    "--shapes", nargs="+", default=["16x128", "8x512"], help="batch×tokens of the train steps"
+  )
+  parser.add_argument(
+    "--large",
+    default="32x512",
+    help="batch×tokens of the extra fwd+bwd comparison ('none' to skip)",
+  )
   parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--only", nargs="*", help="optimizers to run besides adamw")
   parser.add_argument("--output", type=Path, default=RESULTS / "bench_train.json")

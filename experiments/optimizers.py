@@ -59,40 +59,61 @@ class OptimizerSpec:
 
 
 OPTIMIZERS: dict[str, OptimizerSpec] = {
-    "adaprelora": OptimizerSpec(
-        lambda lr: ap.adaprelora(lr), 1e-2, exact_statistics=True,
-        description="AdaPreLoRA, exact statistics from the LoRA layers, no momentum, "
-                    "the paper's gauge rule (default)"),
-    "adaprelora_tangent": OptimizerSpec(
-        lambda lr: ap.adaprelora(lr), 1e-2,
-        description="AdaPreLoRA, statistics estimated from the factor gradients, "
-                    "the paper's gauge rule (default)"),
-    "adaprelora_equal_norms": OptimizerSpec(
-        lambda lr: ap.adaprelora(lr, tie_breaker="equal_norms"), 1e-2, exact_statistics=True,
-        description="AdaPreLoRA, exact statistics, the earlier equal-norms gauge rule "
-                    "(not the paper's)"),
-    "adaprelora_tangent_equal_norms": OptimizerSpec(
-        lambda lr: ap.adaprelora(lr, tie_breaker="equal_norms"), 1e-2,
-        description="AdaPreLoRA, tangent statistics, the earlier equal-norms gauge rule "
-                    "(not the paper's)"),
-    "adaprelora_momentum": OptimizerSpec(
-        lambda lr: ap.adaprelora(lr, b1=0.9), 1e-2, exact_statistics=True,
-        description="AdaPreLoRA, exact statistics, momentum b1=0.9"),
-    "adamw": OptimizerSpec(
-        lambda lr: optax.adamw(lr, weight_decay=0.0), 1e-3,
-        description="AdamW on the factors (optax)"),
-    "lora_plus": OptimizerSpec(
-        lambda lr: ap.lora_plus(lr, lr_ratio=16.0), 1e-3,
-        description="LoRA+: AdamW with the B learning rate x16"),
-    "scaled_adamw": OptimizerSpec(
-        lambda lr: ap.scaled_adamw(lr), 1e-3,
-        description="Riemannian preconditioned LoRA (scaled AdamW)"),
-    "lora_pro": OptimizerSpec(
-        lambda lr: ap.lora_pro(lr, mode="efficient"), 1e-3,
-        description="LoRA-Pro, efficient mode (Sylvester gauge, factor-space AdamW)"),
-    "lora_rite": OptimizerSpec(
-        lambda lr: ap.lora_rite(lr), 1e-3,
-        description="LoRA-RITE: transformation-invariant adaptive update"),
+  "adaprelora": OptimizerSpec(
+    lambda lr: ap.adaprelora(lr),
+    1e-2,
+    exact_statistics=True,
+    description="AdaPreLoRA, exact statistics from the LoRA layers, no momentum, "
+    "the paper's gauge rule (default)",
+  ),
+  "adaprelora_tangent": OptimizerSpec(
+    lambda lr: ap.adaprelora(lr),
+    1e-2,
+    description="AdaPreLoRA, statistics estimated from the factor gradients, "
+    "the paper's gauge rule (default)",
+  ),
+  "adaprelora_equal_norms": OptimizerSpec(
+    lambda lr: ap.adaprelora(lr, tie_breaker="equal_norms"),
+    1e-2,
+    exact_statistics=True,
+    description="AdaPreLoRA, exact statistics, the earlier equal-norms gauge rule "
+    "(not the paper's)",
+  ),
+  "adaprelora_tangent_equal_norms": OptimizerSpec(
+    lambda lr: ap.adaprelora(lr, tie_breaker="equal_norms"),
+    1e-2,
+    description="AdaPreLoRA, tangent statistics, the earlier equal-norms gauge rule "
+    "(not the paper's)",
+  ),
+  "adaprelora_momentum": OptimizerSpec(
+    lambda lr: ap.adaprelora(lr, b1=0.9),
+    1e-2,
+    exact_statistics=True,
+    description="AdaPreLoRA, exact statistics, momentum b1=0.9",
+  ),
+  "adamw": OptimizerSpec(
+    lambda lr: optax.adamw(lr, weight_decay=0.0), 1e-3, description="AdamW on the factors (optax)"
+  ),
+  "lora_plus": OptimizerSpec(
+    lambda lr: ap.lora_plus(lr, lr_ratio=16.0),
+    1e-3,
+    description="LoRA+: AdamW with the B learning rate x16",
+  ),
+  "scaled_adamw": OptimizerSpec(
+    lambda lr: ap.scaled_adamw(lr),
+    1e-3,
+    description="Riemannian preconditioned LoRA (scaled AdamW)",
+  ),
+  "lora_pro": OptimizerSpec(
+    lambda lr: ap.lora_pro(lr, mode="efficient"),
+    1e-3,
+    description="LoRA-Pro, efficient mode (Sylvester gauge, factor-space AdamW)",
+  ),
+  "lora_rite": OptimizerSpec(
+    lambda lr: ap.lora_rite(lr),
+    1e-3,
+    description="LoRA-RITE: transformation-invariant adaptive update",
+  ),
 }
 
 # The six optimizers of the protocol; the others above are additional variants.

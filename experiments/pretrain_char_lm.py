@@ -64,21 +64,22 @@ class PretrainConfig:
 @functools.cache
 def _optimizer(config: PretrainConfig) -> optax.GradientTransformation:
   schedule = optax.warmup_cosine_decay_schedule(
-      0.0, config.peak_learning_rate, config.warmup_steps, config.steps,
-      config.final_learning_rate)
+    0.0, config.peak_learning_rate, config.warmup_steps, config.steps, config.final_learning_rate
+  )
+
   # Decay matrices only, as is usual for transformers: shrinking gains,
   # biases and LayerNorm parameters only hurts.
   def decay_mask(params):
     return jax.tree.map(lambda p: p.ndim >= 2, params)
 
   return optax.chain(
-      optax.clip_by_global_norm(config.clip_norm),
-      optax.adamw(schedule, weight_decay=config.weight_decay, mask=decay_mask))
+    optax.clip_by_global_norm(config.clip_norm),
+    optax.adamw(schedule, weight_decay=config.weight_decay, mask=decay_mask),
+  )
 
 
 @nnx.jit
-def _train_step(model: char_lm.CharLM, optimizer: nnx.Optimizer,
-                windows: jax.Array) -> jax.Array:
+def _train_step(model: char_lm.CharLM, optimizer: nnx.Optimizer, windows: jax.Array) -> jax.Array:
   def loss_fn(m):
     return char_lm.next_token_nats(m, windows).mean()
 
@@ -87,8 +88,7 @@ def _train_step(model: char_lm.CharLM, optimizer: nnx.Optimizer,
   return loss
 
 
-def pretrain(model_config: char_lm.CharLMConfig, config: PretrainConfig,
-             output: Path) -> dict:
+def pretrain(model_config: char_lm.CharLMConfig, config: PretrainConfig, output: Path) -> dict:
   """Trains, evaluates and saves; returns the JSON record written."""
   corpus = data.shakespeare_chars()
   if model_config.vocab_size != corpus.vocab.size:
@@ -96,31 +96,40 @@ def pretrain(model_config: char_lm.CharLMConfig, config: PretrainConfig,
   val_windows = data.lm_eval_windows(corpus.test, model_config.max_length)
   model = char_lm.CharLM(model_config, rngs=nnx.Rngs(config.seed))
   optimizer = nnx.Optimizer(model, _optimizer(config), wrt=nnx.Param)
-  batches = data.lm_batches(corpus.train, config.batch_size,
-                            model_config.max_length, seed=config.seed)
+  batches = data.lm_batches(
+    corpus.train, config.batch_size, model_config.max_length, seed=config.seed
+  )
   start, losses, history = time.perf_counter(), [], []
   for step in range(1, config.steps + 1):
     losses.append(float(_train_step(model, optimizer, next(batches))))
     if step % config.eval_every == 0 or step == config.steps:
       val_bpc = char_lm.bits_per_char(model, val_windows)
-      train_bpc = float(np.mean(losses[-config.eval_every:]) / np.log(2))
-      history.append({"step": step, "train_bpc": round(train_bpc, 4),
-                      "val_bpc": round(val_bpc, 4),
-                      "seconds": round(time.perf_counter() - start, 1)})
+      train_bpc = float(np.mean(losses[-config.eval_every :]) / np.log(2))
+      history.append(
+        {
+          "step": step,
+          "train_bpc": round(train_bpc, 4),
+          "val_bpc": round(val_bpc, 4),
+          "seconds": round(time.perf_counter() - start, 1),
+        }
+      )
       print(json.dumps(history[-1]), flush=True)
   char_lm.save(model, output, corpus.vocab.chars)
   record = {
-      "model": dataclasses.asdict(model_config),
-      "training": dataclasses.asdict(config),
-      "final_val_bpc": history[-1]["val_bpc"],
-      "history": history,
-      "data": {"corpus": "experiments.data.shakespeare_chars()",
-               "train_chars": int(corpus.train.size),
-               "val_chars": int(corpus.test.size),
-               "sha256": corpus.sha256()},
-      "seconds": history[-1]["seconds"],
-      "versions": {name: importlib.metadata.version(name)
-                   for name in ("jax", "jaxlib", "flax", "optax", "numpy")},
+    "model": dataclasses.asdict(model_config),
+    "training": dataclasses.asdict(config),
+    "final_val_bpc": history[-1]["val_bpc"],
+    "history": history,
+    "data": {
+      "corpus": "experiments.data.shakespeare_chars()",
+      "train_chars": int(corpus.train.size),
+      "val_chars": int(corpus.test.size),
+      "sha256": corpus.sha256(),
+    },
+    "seconds": history[-1]["seconds"],
+    "versions": {
+      name: importlib.metadata.version(name) for name in ("jax", "jaxlib", "flax", "optax", "numpy")
+    },
   }
   output.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
   return record
@@ -133,19 +142,21 @@ def main() -> None:
   parser.add_argument("--output", type=Path, default=assets.CHAR_LM_CHECKPOINT)
   for field in dataclasses.fields(char_lm.CharLMConfig):
     if field.name != "vocab_size":
-      parser.add_argument(f"--{field.name}", type=int,
-                          default=getattr(defaults_model, field.name))
+      parser.add_argument(f"--{field.name}", type=int, default=getattr(defaults_model, field.name))
   for field in dataclasses.fields(PretrainConfig):
     value = getattr(defaults, field.name)
     parser.add_argument(f"--{field.name}", type=type(value), default=value)
   args = vars(parser.parse_args())
   output = args.pop("output")
   model_config = char_lm.CharLMConfig(
-      vocab_size=data.char_vocab().size,
-      **{f.name: args[f.name] for f in dataclasses.fields(char_lm.CharLMConfig)
-         if f.name != "vocab_size"})
-  config = PretrainConfig(**{f.name: args[f.name]
-                             for f in dataclasses.fields(PretrainConfig)})
+    vocab_size=data.char_vocab().size,
+    **{
+      f.name: args[f.name]
+      for f in dataclasses.fields(char_lm.CharLMConfig)
+      if f.name != "vocab_size"
+    },
+  )
+  config = PretrainConfig(**{f.name: args[f.name] for f in dataclasses.fields(PretrainConfig)})
   output.parent.mkdir(parents=True, exist_ok=True)
   pretrain(model_config, config, output)
 

@@ -37,8 +37,9 @@ def score(mean: float, higher_is_better: bool) -> float:
   return mean if higher_is_better else -mean
 
 
-def lr_window(lrs: dict[str, dict], best_lr: str, higher_is_better: bool,
-              within: float = WINDOW) -> dict[str, Any]:
+def lr_window(
+  lrs: dict[str, dict], best_lr: str, higher_is_better: bool, within: float = WINDOW
+) -> dict[str, Any]:
   """The contiguous run of grid learning rates around the best one whose mean is
   within ``within`` (relative) of the best mean."""
   ordered = sorted(lrs, key=float)
@@ -56,13 +57,18 @@ def lr_window(lrs: dict[str, dict], best_lr: str, higher_is_better: bool,
     low -= 1
   while high < len(ordered) - 1 and good(ordered[high + 1]):
     high += 1
-  window = [float(lr) for lr in ordered[low:high + 1]]
-  return {"within": within, "learning_rates": window, "points": len(window),
-          "decades": float(np.log10(window[-1] / window[0]))}
+  window = [float(lr) for lr in ordered[low : high + 1]]
+  return {
+    "within": within,
+    "learning_rates": window,
+    "points": len(window),
+    "decades": float(np.log10(window[-1] / window[0])),
+  }
 
 
-def summarize_optimizer(runs: dict[str, list[dict]], higher_is_better: bool,
-                        description: str) -> dict[str, Any]:
+def summarize_optimizer(
+  runs: dict[str, list[dict]], higher_is_better: bool, description: str
+) -> dict[str, Any]:
   """``runs``: {lr string: [per-seed run records]} → the optimizer's entry."""
   lrs = {}
   for lr, records in sorted(runs.items(), key=lambda item: float(item[0])):
@@ -74,12 +80,21 @@ def summarize_optimizer(runs: dict[str, list[dict]], higher_is_better: bool,
           curves[name] = values
         else:
           curves.setdefault(name, []).append(values)
-    lrs[lr] = {"seeds": finals, "mean": float(np.mean(finals)),
-               "std": float(np.std(finals)), "curves": curves}
+    lrs[lr] = {
+      "seeds": finals,
+      "mean": float(np.mean(finals)),
+      "std": float(np.std(finals)),
+      "curves": curves,
+    }
   best_lr = max(lrs, key=lambda lr: score(lrs[lr]["mean"], higher_is_better))
-  return {"description": description, "best_lr": float(best_lr),
-          "best_mean": lrs[best_lr]["mean"], "best_std": lrs[best_lr]["std"],
-          "lr_window": lr_window(lrs, best_lr, higher_is_better), "lrs": lrs}
+  return {
+    "description": description,
+    "best_lr": float(best_lr),
+    "best_mean": lrs[best_lr]["mean"],
+    "best_std": lrs[best_lr]["std"],
+    "lr_window": lr_window(lrs, best_lr, higher_is_better),
+    "lrs": lrs,
+  }
 
 
 def provenance(results: dict[str, Any]) -> dict[str, dict[str, str]]:
@@ -95,25 +110,36 @@ def provenance_line(results: dict[str, Any]) -> str:
   groups: dict[tuple[str, str], list[str]] = {}
   for name, source in provenance(results).items():
     groups.setdefault((source["commit"][:7] or "unknown commit", source["date"]), []).append(name)
-  return "Runs: " + "; ".join(f"{', '.join(names)} at {commit} ({date})"
-                              for (commit, date), names in groups.items()) + "."
+  return (
+    "Runs: "
+    + "; ".join(
+      f"{', '.join(names)} at {commit} ({date})" for (commit, date), names in groups.items()
+    )
+    + "."
+  )
 
 
 def results_table(results: dict[str, Any]) -> str:
   """Markdown table: each optimizer at its best learning rate."""
   metric = results["metric"]
   arrow = "↑" if results["higher_is_better"] else "↓"
-  lines = [f"| optimizer | best lr | {metric} {arrow} (mean ± std) | seeds | "
-           f"lr window within {int(100 * WINDOW)} % (points, decades) |",
-           "|---|---:|---:|---:|---:|"]
-  ranked = sorted(results["optimizers"].items(),
-                  key=lambda item: -score(item[1]["best_mean"], results["higher_is_better"]))
+  lines = [
+    f"| optimizer | best lr | {metric} {arrow} (mean ± std) | seeds | "
+    f"lr window within {int(100 * WINDOW)} % (points, decades) |",
+    "|---|---:|---:|---:|---:|",
+  ]
+  ranked = sorted(
+    results["optimizers"].items(),
+    key=lambda item: -score(item[1]["best_mean"], results["higher_is_better"]),
+  )
   for name, entry in ranked:
     seeds = len(entry["lrs"][_lr_key(entry)]["seeds"])
     window = entry["lr_window"]
-    lines.append(f"| {name} | {entry['best_lr']:g} | {entry['best_mean']:.4f} ± "
-                 f"{entry['best_std']:.4f} | {seeds} | {window['points']} "
-                 f"({window['decades']:.1f}) |")
+    lines.append(
+      f"| {name} | {entry['best_lr']:g} | {entry['best_mean']:.4f} ± "
+      f"{entry['best_std']:.4f} | {seeds} | {window['points']} "
+      f"({window['decades']:.1f}) |"
+    )
   return "\n".join(lines)
 
 
@@ -124,6 +150,7 @@ def _lr_key(entry: dict) -> str:
 def plot(results: dict[str, Any], directory: Path) -> list[Path]:
   """Loss curves at each optimizer's best lr, and final metric vs lr."""
   import matplotlib  # pylint: disable=import-outside-toplevel
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
 
@@ -138,13 +165,13 @@ def plot(results: dict[str, Any], directory: Path) -> list[Path]:
     window = max(1, loss.shape[1] // 15)
     kernel = np.ones(window) / window
     smooth = np.stack([np.convolve(row, kernel, mode="valid") for row in loss])
-    x = steps[window - 1:]
-    line, = curve_axis.plot(x, smooth.mean(0), label=f"{name} (lr {entry['best_lr']:g})")
-    curve_axis.fill_between(x, smooth.min(0), smooth.max(0), color=line.get_color(),
-                            alpha=0.15)
+    x = steps[window - 1 :]
+    (line,) = curve_axis.plot(x, smooth.mean(0), label=f"{name} (lr {entry['best_lr']:g})")
+    curve_axis.fill_between(x, smooth.min(0), smooth.max(0), color=line.get_color(), alpha=0.15)
     evaluated = np.asarray(curves[f"eval_{metric}"], dtype=float)
-    eval_axis.errorbar(curves["eval_step"], evaluated.mean(0), yerr=evaluated.std(0),
-                       label=name, capsize=2)
+    eval_axis.errorbar(
+      curves["eval_step"], evaluated.mean(0), yerr=evaluated.std(0), label=name, capsize=2
+    )
   curve_axis.set_yscale("log")
   curve_axis.set_xlabel("step")
   curve_axis.set_ylabel("training loss (moving avg., seed range)")
@@ -161,9 +188,14 @@ def plot(results: dict[str, Any], directory: Path) -> list[Path]:
   fig, axis = plt.subplots(figsize=(6, 4))
   for name, entry in results["optimizers"].items():
     lrs = sorted(entry["lrs"], key=float)
-    axis.errorbar([float(lr) for lr in lrs], [entry["lrs"][lr]["mean"] for lr in lrs],
-                  yerr=[entry["lrs"][lr]["std"] for lr in lrs], marker="o", capsize=2,
-                  label=name)
+    axis.errorbar(
+      [float(lr) for lr in lrs],
+      [entry["lrs"][lr]["mean"] for lr in lrs],
+      yerr=[entry["lrs"][lr]["std"] for lr in lrs],
+      marker="o",
+      capsize=2,
+      label=name,
+    )
   axis.set_xscale("log")
   axis.set_xlabel("learning rate")
   axis.set_ylabel(f"final {metric}")
@@ -178,20 +210,30 @@ def plot(results: dict[str, Any], directory: Path) -> list[Path]:
 
 def results_markdown(all_results: list[dict[str, Any]]) -> str:
   """The generated experiments/RESULTS.md."""
-  parts = ["# Results", "",
-           "Generated by `python -m experiments.report` from `experiments/results/*.json`; "
-           "do not edit by hand. Each optimizer is shown at its best learning rate "
-           "(mean ± std over seeds of the final held-out metric); the lr window is the "
-           "contiguous range of grid learning rates around the best whose mean is within "
-           f"{int(100 * WINDOW)} % of the best.", ""]
+  parts = [
+    "# Results",
+    "",
+    "Generated by `python -m experiments.report` from `experiments/results/*.json`; "
+    "do not edit by hand. Each optimizer is shown at its best learning rate "
+    "(mean ± std over seeds of the final held-out metric); the lr window is the "
+    "contiguous range of grid learning rates around the best whose mean is within "
+    f"{int(100 * WINDOW)} % of the best.",
+    "",
+  ]
   for results in all_results:
-    parts += [f"## {results['task']}", "",
-              f"Model: {results['model']}. Data: {results['dataset']}. "
-              f"Preset: {results['preset']}.", "",
-              results_table(results), "",
-              provenance_line(results), "",
-              f"![curves](results/{results['task']}_curves.png)",
-              f"![lr sweep](results/{results['task']}_lr.png)", ""]
+    parts += [
+      f"## {results['task']}",
+      "",
+      f"Model: {results['model']}. Data: {results['dataset']}. Preset: {results['preset']}.",
+      "",
+      results_table(results),
+      "",
+      provenance_line(results),
+      "",
+      f"![curves](results/{results['task']}_curves.png)",
+      f"![lr sweep](results/{results['task']}_lr.png)",
+      "",
+    ]
   return "\n".join(parts)
 
 
@@ -201,6 +243,7 @@ RESULTS_DIR = Path(__file__).parent / "results"
 def write_report(results_dir: Path = RESULTS_DIR) -> Path:
   """Regenerates figures and ``experiments/RESULTS.md`` from the task JSON files."""
   import json  # pylint: disable=import-outside-toplevel
+
   all_results = []
   for path in sorted(results_dir.glob("*.json")):
     results = json.loads(path.read_text())

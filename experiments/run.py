@@ -55,24 +55,44 @@ COMPILATION_CACHE = ROOT / ".cache" / "jax"
 
 def environment() -> dict:
   try:
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True, check=False).stdout.strip()
+    commit = subprocess.run(
+      ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False
+    ).stdout.strip()
   except OSError:
     commit = ""
-  return {"jax": jax.__version__, "optax": optax.__version__,
-          "adaprelora_jax": adaprelora_jax.__version__, "backend": jax.default_backend(),
-          "device_count": jax.device_count(), "machine": platform.machine(),
-          "python": platform.python_version(), "commit": commit,
-          "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+  return {
+    "jax": jax.__version__,
+    "optax": optax.__version__,
+    "adaprelora_jax": adaprelora_jax.__version__,
+    "backend": jax.default_backend(),
+    "device_count": jax.device_count(),
+    "machine": platform.machine(),
+    "python": platform.python_version(),
+    "commit": commit,
+    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+  }
 
 
 def run_file(cache: Path, config: RunConfig) -> Path:
-  return (cache / config.task / config.preset / config.optimizer /
-          f"lr={config.learning_rate:g}" / f"seed={config.seed}.json")
+  return (
+    cache
+    / config.task
+    / config.preset
+    / config.optimizer
+    / f"lr={config.learning_rate:g}"
+    / f"seed={config.seed}.json"
+  )
 
 
-def run_all(configs: list[RunConfig], *, cache: Path, checkpoints: Path, resume: bool,
-            progress: bool, description: str) -> list[dict]:
+def run_all(
+  configs: list[RunConfig],
+  *,
+  cache: Path,
+  checkpoints: Path,
+  resume: bool,
+  progress: bool,
+  description: str,
+) -> list[dict]:
   """Runs every config not already stored; returns all their records."""
   records = []
   for config in tqdm(configs, desc=description, disable=not progress):
@@ -81,16 +101,32 @@ def run_all(configs: list[RunConfig], *, cache: Path, checkpoints: Path, resume:
       records.append(json.loads(path.read_text()))
       continue
     task = TASKS[config.task]
-    directory = (checkpoints / config.task / config.preset / config.optimizer /
-                 f"lr={config.learning_rate:g}_seed={config.seed}")
+    directory = (
+      checkpoints
+      / config.task
+      / config.preset
+      / config.optimizer
+      / f"lr={config.learning_rate:g}_seed={config.seed}"
+    )
     can_resume = resume and directory.exists() and any(directory.iterdir())
     if directory.exists() and not can_resume:
       shutil.rmtree(directory)
-    result = train(task, OPTIMIZERS[config.optimizer], config, task.presets[config.preset],
-                   checkpoint_dir=directory, resume=can_resume, progress=progress)
-    record = {"config": config.identity(), "final": result.final,
-              "final_metric": result.final[task.metric], "curves": result.curves,
-              "seconds": result.seconds}
+    result = train(
+      task,
+      OPTIMIZERS[config.optimizer],
+      config,
+      task.presets[config.preset],
+      checkpoint_dir=directory,
+      resume=can_resume,
+      progress=progress,
+    )
+    record = {
+      "config": config.identity(),
+      "final": result.final,
+      "final_metric": result.final[task.metric],
+      "curves": result.curves,
+      "seconds": result.seconds,
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record) + "\n")
     shutil.rmtree(directory, ignore_errors=True)
@@ -98,9 +134,18 @@ def run_all(configs: list[RunConfig], *, cache: Path, checkpoints: Path, resume:
   return records
 
 
-def sweep(task_name: str, optimizers: list[str], preset: str, *, results_dir: Path,
-          cache: Path = CACHE, checkpoints: Path = CHECKPOINTS, resume: bool = False,
-          progress: bool = True, merge: bool = False) -> dict:
+def sweep(
+  task_name: str,
+  optimizers: list[str],
+  preset: str,
+  *,
+  results_dir: Path,
+  cache: Path = CACHE,
+  checkpoints: Path = CHECKPOINTS,
+  resume: bool = False,
+  progress: bool = True,
+  merge: bool = False,
+) -> dict:
   """Runs (or reuses) every run of the sweep and writes ``<task>.json``.
 
   ``full``: pilot over the decade grid (seed 0), then the half-decade grid
@@ -116,27 +161,46 @@ def sweep(task_name: str, optimizers: list[str], preset: str, *, results_dir: Pa
   merging = dict(optimizers=optimizers, merge=True) if merge else {}
 
   def configs(name, learning_rates, seeds):
-    return [RunConfig(task_name, name, canonical_lr(lr), seed, preset, budget.steps)
-            for lr in learning_rates for seed in seeds]
+    return [
+      RunConfig(task_name, name, canonical_lr(lr), seed, preset, budget.steps)
+      for lr in learning_rates
+      for seed in seeds
+    ]
 
   if preset != "full":
-    run_all([config for name in optimizers
-             for config in configs(name, [OPTIMIZERS[name].default_learning_rate],
-                                   range(budget.seeds))],
-            description=f"{task_name} ({preset})", **kwargs)
+    run_all(
+      [
+        config
+        for name in optimizers
+        for config in configs(name, [OPTIMIZERS[name].default_learning_rate], range(budget.seeds))
+      ],
+      description=f"{task_name} ({preset})",
+      **kwargs,
+    )
     return write_task_results(task_name, preset, results_dir, cache, **merging)
-  pilots = run_all([config for name in optimizers for config in configs(name, PILOT_GRID, [0])],
-                   description=f"{task_name} pilot", **kwargs)
+  pilots = run_all(
+    [config for name in optimizers for config in configs(name, PILOT_GRID, [0])],
+    description=f"{task_name} pilot",
+    **kwargs,
+  )
   centers = {}
   for name in optimizers:
-    finals = {record["config"]["learning_rate"]: record["final_metric"]
-              for record in pilots if record["config"]["optimizer"] == name}
+    finals = {
+      record["config"]["learning_rate"]: record["final_metric"]
+      for record in pilots
+      if record["config"]["optimizer"] == name
+    }
     centers[name] = max(finals, key=lambda lr: report.score(finals[lr], task.higher_is_better))
-  run_all([config for name in optimizers
-           for config in configs(name, sweep_grid(centers[name]), range(budget.seeds))],
-          description=f"{task_name} sweep", **kwargs)
-  return write_task_results(task_name, preset, results_dir, cache, pilot_centers=centers,
-                            **merging)
+  run_all(
+    [
+      config
+      for name in optimizers
+      for config in configs(name, sweep_grid(centers[name]), range(budget.seeds))
+    ],
+    description=f"{task_name} sweep",
+    **kwargs,
+  )
+  return write_task_results(task_name, preset, results_dir, cache, pilot_centers=centers, **merging)
 
 
 def results_file(results_dir: Path, task_name: str, preset: str) -> Path:
@@ -145,10 +209,16 @@ def results_file(results_dir: Path, task_name: str, preset: str) -> Path:
   return results_dir / f"{task_name}{suffix}.json"
 
 
-def write_task_results(task_name: str, preset: str, results_dir: Path, cache: Path,
-                       pilot_centers: dict[str, float] | None = None, *,
-                       optimizers: Collection[str] | None = None,
-                       merge: bool = False) -> dict:
+def write_task_results(
+  task_name: str,
+  preset: str,
+  results_dir: Path,
+  cache: Path,
+  pilot_centers: dict[str, float] | None = None,
+  *,
+  optimizers: Collection[str] | None = None,
+  merge: bool = False,
+) -> dict:
   """Aggregates the task's stored runs into ``<task>.json``.
 
   For ``full``, an optimizer's entry covers its sweep grid (every seed); its
@@ -196,17 +266,29 @@ def write_task_results(task_name: str, preset: str, results_dir: Path, cache: Pa
     raise ValueError(f"No stored runs of {missing} for {task_name} ({preset}) in {cache}.")
   env = environment()
   results = {
-      "task": task.name, "model": task.model, "dataset": task.dataset, "metric": task.metric,
-      "higher_is_better": task.higher_is_better, "preset": preset,
-      "optimizers": {name: report.summarize_optimizer(
-          by_lr, task.higher_is_better, OPTIMIZERS[name].description)
-          for name, by_lr in runs.items()},
-      "lr_selection": ({"procedure": "pilot (seed 0, decade grid) then half-decade grid "
-                                     "around the pilot's best, every seed",
-                        "pilot_grid": list(PILOT_GRID), "pilot": pilot,
-                        "centers": pilot_centers} if pilot_centers is not None else None),
-      "environment": env,
-      "provenance": {name: {"commit": env["commit"], "date": env["date"]} for name in runs},
+    "task": task.name,
+    "model": task.model,
+    "dataset": task.dataset,
+    "metric": task.metric,
+    "higher_is_better": task.higher_is_better,
+    "preset": preset,
+    "optimizers": {
+      name: report.summarize_optimizer(by_lr, task.higher_is_better, OPTIMIZERS[name].description)
+      for name, by_lr in runs.items()
+    },
+    "lr_selection": (
+      {
+        "procedure": "pilot (seed 0, decade grid) then half-decade grid "
+        "around the pilot's best, every seed",
+        "pilot_grid": list(PILOT_GRID),
+        "pilot": pilot,
+        "centers": pilot_centers,
+      }
+      if pilot_centers is not None
+      else None
+    ),
+    "environment": env,
+    "provenance": {name: {"commit": env["commit"], "date": env["date"]} for name in runs},
   }
   path = results_file(results_dir, task_name, preset)
   if merge and path.exists():
@@ -223,8 +305,11 @@ def _merged(old: dict | None, new: dict | None, rerun: set[str]) -> dict:
   was rerun.
   """
   old, new = old or {}, new or {}
-  merged = {name: new[name] if name in rerun else value for name, value in old.items()
-            if name not in rerun or name in new}
+  merged = {
+    name: new[name] if name in rerun else value
+    for name, value in old.items()
+    if name not in rerun or name in new
+  }
   merged.update((name, value) for name, value in new.items() if name not in merged)
   return merged
 
@@ -233,21 +318,27 @@ def _merge(old: dict, new: dict, rerun: set[str]) -> dict:
   """``new`` (entries of ``rerun`` only) merged into the existing results ``old``."""
   for key in ("task", "preset"):
     if old.get(key) != new[key]:
-      raise ValueError(f"Cannot merge into a results file of {key} {old.get(key)!r}: this "
-                       f"run is {new[key]!r}.")
+      raise ValueError(
+        f"Cannot merge into a results file of {key} {old.get(key)!r}: this run is {new[key]!r}."
+      )
   old_selection, new_selection = old.get("lr_selection"), new["lr_selection"]
   if (old_selection is None) != (new_selection is None) or (
-      new_selection is not None and old_selection["pilot_grid"] != new_selection["pilot_grid"]):
+    new_selection is not None and old_selection["pilot_grid"] != new_selection["pilot_grid"]
+  ):
     # The kept optimizers' learning rates were chosen by another procedure.
-    raise ValueError("Cannot merge: the existing file's lr selection "
-                     f"({old_selection and old_selection.get('pilot_grid')}) differs from "
-                     f"this run's ({new_selection and new_selection['pilot_grid']}).")
+    raise ValueError(
+      "Cannot merge: the existing file's lr selection "
+      f"({old_selection and old_selection.get('pilot_grid')}) differs from "
+      f"this run's ({new_selection and new_selection['pilot_grid']})."
+    )
   merged = dict(new)
   merged["optimizers"] = _merged(old["optimizers"], new["optimizers"], rerun)
   if new_selection is not None:
     merged["lr_selection"] = dict(
-        new_selection, pilot=_merged(old_selection.get("pilot"), new_selection["pilot"], rerun),
-        centers=_merged(old_selection.get("centers"), new_selection["centers"], rerun))
+      new_selection,
+      pilot=_merged(old_selection.get("pilot"), new_selection["pilot"], rerun),
+      centers=_merged(old_selection.get("centers"), new_selection["centers"], rerun),
+    )
   merged["provenance"] = _merged(report.provenance(old), new["provenance"], rerun)
   return merged
 
@@ -255,15 +346,23 @@ def _merge(old: dict, new: dict, rerun: set[str]) -> dict:
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--task", required=True, choices=sorted(TASKS))
-  parser.add_argument("--optimizer", nargs="+", default=["all"],
-                      help=f"names among {sorted(OPTIMIZERS)}, 'all' (every registered one) "
-                           f"or 'core' ({', '.join(CORE)})")
+  parser.add_argument(
+    "--optimizer",
+    nargs="+",
+    default=["all"],
+    help=f"names among {sorted(OPTIMIZERS)}, 'all' (every registered one) "
+    f"or 'core' ({', '.join(CORE)})",
+  )
   parser.add_argument("--preset", default="smoke", choices=("smoke", "full"))
-  parser.add_argument("--resume", action="store_true",
-                      help="continue interrupted runs from their last checkpoint")
-  parser.add_argument("--merge", action="store_true",
-                      help="replace only these optimizers' entries in the existing "
-                           "<task>.json and keep every other optimizer's as it is there")
+  parser.add_argument(
+    "--resume", action="store_true", help="continue interrupted runs from their last checkpoint"
+  )
+  parser.add_argument(
+    "--merge",
+    action="store_true",
+    help="replace only these optimizers' entries in the existing "
+    "<task>.json and keep every other optimizer's as it is there",
+  )
   parser.add_argument("--results-dir", type=Path, default=RESULTS)
   parser.add_argument("--no-progress", action="store_true")
   args = parser.parse_args()
@@ -277,8 +376,15 @@ def main() -> None:
   unknown = sorted(set(names) - set(OPTIMIZERS))
   if unknown:
     parser.error(f"unknown optimizers {unknown}; registered: {sorted(OPTIMIZERS)}")
-  results = sweep(args.task, names, args.preset, results_dir=args.results_dir,
-                  resume=args.resume, progress=not args.no_progress, merge=args.merge)
+  results = sweep(
+    args.task,
+    names,
+    args.preset,
+    results_dir=args.results_dir,
+    resume=args.resume,
+    progress=not args.no_progress,
+    merge=args.merge,
+  )
   print(report.results_table(results))
   if args.preset == "full":
     print(f"wrote {report.write_report(args.results_dir)}")

@@ -142,13 +142,31 @@ class Config:
 
 DECADES = tuple(10.0**k for k in range(9))
 PRESETS: dict[str, Config] = {
-    "full": Config(conditions=DECADES, ratios=DECADES, pairs=1024, shape=(48, 32, 4),
-                   grid=3001, train_conditions=(1.0, 1e2, 1e4, 1e6, 1e8),
-                   train_ratios=(1.0, 1e4, 1e8),
-                   learning_rates=(1e-3, 3e-3, 1e-2, 3e-2, 1e-1), seeds=3, steps=300),
-    "quick": Config(conditions=(1.0, 1e8), ratios=(1.0, 1e8), pairs=8, shape=(12, 8, 2),
-                    grid=301, train_conditions=(1.0, 1e4), train_ratios=(1.0, 1e8),
-                    learning_rates=(3e-2,), seeds=1, steps=10, fast_compile=True),
+  "full": Config(
+    conditions=DECADES,
+    ratios=DECADES,
+    pairs=1024,
+    shape=(48, 32, 4),
+    grid=3001,
+    train_conditions=(1.0, 1e2, 1e4, 1e6, 1e8),
+    train_ratios=(1.0, 1e4, 1e8),
+    learning_rates=(1e-3, 3e-3, 1e-2, 3e-2, 1e-1),
+    seeds=3,
+    steps=300,
+  ),
+  "quick": Config(
+    conditions=(1.0, 1e8),
+    ratios=(1.0, 1e8),
+    pairs=8,
+    shape=(12, 8, 2),
+    grid=301,
+    train_conditions=(1.0, 1e4),
+    train_ratios=(1.0, 1e8),
+    learning_rates=(3e-2,),
+    seeds=1,
+    steps=10,
+    fast_compile=True,
+  ),
 }
 BATCH = 64
 
@@ -207,8 +225,9 @@ def _grid_min(values_fn, low, high, points, zooms=2):
   for _ in range(zooms + 1):
     best = thetas[jnp.argmin(values_fn(thetas))]
     spacing = thetas[1] - thetas[0]
-    thetas = jnp.linspace(jnp.maximum(best - 2 * spacing, low),
-                          jnp.minimum(best + 2 * spacing, high), 101)
+    thetas = jnp.linspace(
+      jnp.maximum(best - 2 * spacing, low), jnp.minimum(best + 2 * spacing, high), 101
+    )
   return best
 
 
@@ -237,10 +256,12 @@ def pair_metrics(problem, grid: int) -> dict[str, Any]:
 
   def scores(theta, delta_a, delta_b):
     error_a, error_b = (delta_a - best_a) @ b, a @ (delta_b - best_b)
-    return {"theta": theta,
-            "deviation": jnp.sqrt(h_inner(error_a, error_a, p, q)
-                                  + h_inner(error_b, error_b, p, q)) / step_norm,
-            "excess": h_norm(delta_a @ delta_b) / best_error - 1.0}
+    return {
+      "theta": theta,
+      "deviation": jnp.sqrt(h_inner(error_a, error_a, p, q) + h_inner(error_b, error_b, p, q))
+      / step_norm,
+      "excess": h_norm(delta_a @ delta_b) / best_error - 1.0,
+    }
 
   metrics = {"best_theta": best, "outside_unit_interval": (unconstrained < 0) | (unconstrained > 1)}
   for rule in RULES:
@@ -249,21 +270,27 @@ def pair_metrics(problem, grid: int) -> dict[str, Any]:
     # float32 factors would add their own rounding (cond H reaches 1e16 here);
     # the float32 θ is scored as a member of the exact line, to isolate the
     # rule's choice from the rest of the step's arithmetic.
-    step = kernels.factor_step(*(x.astype(jnp.float32) for x in problem), tie_breaker=rule,
-                               pseudo_inverse=True)
+    step = kernels.factor_step(
+      *(x.astype(jnp.float32) for x in problem), tie_breaker=rule, pseudo_inverse=True
+    )
     theta = step.theta.astype(jnp.float64)
     metrics[f"{rule}/float32"] = scores(theta, a0 + theta * slope_a, b0 + theta * slope_b)
   return metrics
 
 
 def _summary(values: np.ndarray) -> dict[str, float]:
-  return {"mean": float(np.mean(values)), "median": float(np.median(values)),
-          "p90": float(np.quantile(values, 0.9)), "max": float(np.max(values))}
+  return {
+    "mean": float(np.mean(values)),
+    "median": float(np.median(values)),
+    "p90": float(np.quantile(values, 0.9)),
+    "max": float(np.max(values)),
+  }
 
 
 def run_sweep(config: Config, seed: int = 0) -> dict[str, Any]:
   """The (κ, ρ) sweep; summaries are nested lists indexed [κ][ρ]."""
   with jax.enable_x64(True):
+
     def cell(key, condition, ratio):
       keys = jax.random.split(key, config.pairs)
       problems = jax.vmap(lambda k: random_problem(k, condition, ratio, config.shape))(keys)
@@ -271,27 +298,41 @@ def run_sweep(config: Config, seed: int = 0) -> dict[str, Any]:
 
     cell = config.jit(cell)
 
-    cells = [[jax.tree.map(np.asarray, cell(jax.random.fold_in(jax.random.key(seed), i),
-                                            condition, ratio))
-              for ratio in config.ratios] for i, condition in enumerate(config.conditions)]
+    cells = [
+      [
+        jax.tree.map(
+          np.asarray, cell(jax.random.fold_in(jax.random.key(seed), i), condition, ratio)
+        )
+        for ratio in config.ratios
+      ]
+      for i, condition in enumerate(config.conditions)
+    ]
   rules = {}
   for name in cells[0][0]:
     if "/" not in name:
       continue
-    rules[name] = {metric: {stat: [[_summary(c[name][metric])[stat] for c in row]
-                                   for row in cells] for stat in ("mean", "median", "p90", "max")}
-                   for metric in ("deviation", "excess")}
+    rules[name] = {
+      metric: {
+        stat: [[_summary(c[name][metric])[stat] for c in row] for row in cells]
+        for stat in ("mean", "median", "p90", "max")
+      }
+      for metric in ("deviation", "excess")
+    }
     if name.startswith("equal_norms/"):
       rules[name]["clipped_fraction"] = [
-          [float(np.mean((c[name]["theta"] <= 0) | (c[name]["theta"] >= 1))) for c in row]
-          for row in cells]
+        [float(np.mean((c[name]["theta"] <= 0) | (c[name]["theta"] >= 1))) for c in row]
+        for row in cells
+      ]
   return {
-      "conditions": list(config.conditions), "ratios": list(config.ratios),
-      "pairs_per_cell": config.pairs, "shape": list(config.shape),
-      "best_theta_median": [[float(np.median(c["best_theta"])) for c in row] for row in cells],
-      "unconstrained_optimum_outside_unit_interval": float(np.mean(
-          [c["outside_unit_interval"] for row in cells for c in row])),
-      "rules": rules,
+    "conditions": list(config.conditions),
+    "ratios": list(config.ratios),
+    "pairs_per_cell": config.pairs,
+    "shape": list(config.shape),
+    "best_theta_median": [[float(np.median(c["best_theta"])) for c in row] for row in cells],
+    "unconstrained_optimum_outside_unit_interval": float(
+      np.mean([c["outside_unit_interval"] for row in cells for c in row])
+    ),
+    "rules": rules,
   }
 
 
@@ -318,8 +359,9 @@ def _logits(params, x, in_scale, out_scale, base):
   # D⁻¹ W0 E compensates, so W = D (W̃0 + ab) E⁻¹ is the same classifier and
   # G̃ = D G E⁻¹ has row/column scales of condition ~κ.
   features = x * in_scale
-  lora = ap.nn.lora_product(features, params["lora_a"], params["lora_b"],
-                            params["grad_sq_rows"], params["grad_sq_cols"])
+  lora = ap.nn.lora_product(
+    features, params["lora_a"], params["lora_b"], params["grad_sq_rows"], params["grad_sq_cols"]
+  )
   frozen = base / in_scale[:, None] * out_scale[None, :]
   return (features @ frozen + lora) / out_scale
 
@@ -328,8 +370,9 @@ def _cross_entropy(logits, labels):
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
-def train_runs(config: Config, tie_breaker: str, settings: dict[str, np.ndarray],
-               data) -> dict[str, np.ndarray]:
+def train_runs(
+  config: Config, tie_breaker: str, settings: dict[str, np.ndarray], data
+) -> dict[str, np.ndarray]:
   """All runs of one tie-breaker, vmapped; one entry per run in each output."""
   (x, y), (x_test, y_test), base = data
   x, y, x_test, y_test, base = map(jnp.asarray, (x, y, x_test, y_test, base))
@@ -338,9 +381,10 @@ def train_runs(config: Config, tie_breaker: str, settings: dict[str, np.ndarray]
   def single(in_scale, out_scale, loss_scale, learning_rate, seed, batches):
     tx = ap.adaprelora(learning_rate, tie_breaker=tie_breaker)
     params = {
-        "lora_a": jax.random.normal(jax.random.key(seed), (d_in, config.rank)) / jnp.sqrt(d_in),
-        "lora_b": jnp.zeros((config.rank, classes)),
-        "grad_sq_rows": jnp.zeros(d_in), "grad_sq_cols": jnp.zeros(classes),
+      "lora_a": jax.random.normal(jax.random.key(seed), (d_in, config.rank)) / jnp.sqrt(d_in),
+      "lora_b": jnp.zeros((config.rank, classes)),
+      "grad_sq_rows": jnp.zeros(d_in),
+      "grad_sq_cols": jnp.zeros(classes),
     }
 
     def loss_fn(params, index):
@@ -356,49 +400,68 @@ def train_runs(config: Config, tie_breaker: str, settings: dict[str, np.ndarray]
       a, b, u_a, u_b = params["lora_a"], params["lora_b"], updates["lora_a"], updates["lora_b"]
       first = u_a @ b + a @ u_b
       second = u_a @ u_b
-      deviation = jnp.sqrt(h_inner(second, second, p, q) /
-                           jnp.maximum(h_inner(first, first, p, q), jnp.finfo(p.dtype).tiny))
-      stats = {"deviation": deviation, "condition_p": p.max() / p.min(),
-               "condition_q": q.max() / q.min(),
-               "ratio": jnp.sqrt(jnp.mean(p**2) / jnp.mean(q**2))}
+      deviation = jnp.sqrt(
+        h_inner(second, second, p, q)
+        / jnp.maximum(h_inner(first, first, p, q), jnp.finfo(p.dtype).tiny)
+      )
+      stats = {
+        "deviation": deviation,
+        "condition_p": p.max() / p.min(),
+        "condition_q": q.max() / q.min(),
+        "ratio": jnp.sqrt(jnp.mean(p**2) / jnp.mean(q**2)),
+      }
       return (optax.apply_updates(params, updates), state), stats
 
     (params, _), stats = jax.lax.scan(step, (params, tx.init(params)), batches)
     test_logits = _logits(params, x_test, in_scale, out_scale, base)
     return {
-        "train_loss": _cross_entropy(_logits(params, x, in_scale, out_scale, base), y),
-        "test_accuracy": jnp.mean(jnp.argmax(test_logits, -1) == y_test),
-        # Step 0 has b = 0 (u_a = 0): no second-order term; average the rest.
-        "deviation_mean": jnp.mean(stats["deviation"][1:]),
-        "deviation_max": jnp.max(stats["deviation"][1:]),
-        "condition_p": jnp.median(stats["condition_p"]),
-        "condition_q": jnp.median(stats["condition_q"]),
-        "ratio": jnp.median(stats["ratio"]),
+      "train_loss": _cross_entropy(_logits(params, x, in_scale, out_scale, base), y),
+      "test_accuracy": jnp.mean(jnp.argmax(test_logits, -1) == y_test),
+      # Step 0 has b = 0 (u_a = 0): no second-order term; average the rest.
+      "deviation_mean": jnp.mean(stats["deviation"][1:]),
+      "deviation_max": jnp.max(stats["deviation"][1:]),
+      "condition_p": jnp.median(stats["condition_p"]),
+      "condition_q": jnp.median(stats["condition_q"]),
+      "ratio": jnp.median(stats["ratio"]),
     }
 
-  outputs = config.jit(jax.vmap(single))(*(jnp.asarray(settings[k]) for k in (
-      "in_scale", "out_scale", "loss_scale", "learning_rate", "seed", "batches")))
+  outputs = config.jit(jax.vmap(single))(
+    *(
+      jnp.asarray(settings[k])
+      for k in ("in_scale", "out_scale", "loss_scale", "learning_rate", "seed", "batches")
+    )
+  )
   return jax.tree.map(np.asarray, outputs)
 
 
 def training_settings(config: Config, num_examples: int, d_in: int, classes: int):
   """Every (κ, ρ, lr, seed) run as stacked arrays, plus its grid indices."""
-  grid = [(i, j, k, seed) for i in range(len(config.train_conditions))
-          for j in range(len(config.train_ratios))
-          for k in range(len(config.learning_rates)) for seed in range(config.seeds)]
+  grid = [
+    (i, j, k, seed)
+    for i in range(len(config.train_conditions))
+    for j in range(len(config.train_ratios))
+    for k in range(len(config.learning_rates))
+    for seed in range(config.seeds)
+  ]
   key = jax.random.key(1234)
-  scales = {i: (np.asarray(condition_scales(jax.random.fold_in(key, 2 * i), d_in, kappa)),
-                np.asarray(condition_scales(jax.random.fold_in(key, 2 * i + 1), classes, kappa)))
-            for i, kappa in enumerate(config.train_conditions)}
-  batches = {seed: np.stack([example_order(num_examples, seed, step, BATCH)
-                             for step in range(config.steps)]) for seed in range(config.seeds)}
+  scales = {
+    i: (
+      np.asarray(condition_scales(jax.random.fold_in(key, 2 * i), d_in, kappa)),
+      np.asarray(condition_scales(jax.random.fold_in(key, 2 * i + 1), classes, kappa)),
+    )
+    for i, kappa in enumerate(config.train_conditions)
+  }
+  batches = {
+    seed: np.stack([example_order(num_examples, seed, step, BATCH) for step in range(config.steps)])
+    for seed in range(config.seeds)
+  }
   settings = {
-      "in_scale": np.stack([scales[i][0] for i, *_ in grid]).astype(np.float32),
-      "out_scale": np.stack([scales[i][1] for i, *_ in grid]).astype(np.float32),
-      "loss_scale": np.asarray([1.0 / config.train_ratios[j] for _, j, _, _ in grid], np.float32),
-      "learning_rate": np.asarray([config.learning_rates[k] for *_, k, _ in grid], np.float32),
-      "seed": np.asarray([seed for *_, seed in grid], np.int32),
-      "batches": np.stack([batches[seed] for *_, seed in grid]),
+    "in_scale": np.stack([scales[i][0] for i, *_ in grid]).astype(np.float32),
+    "out_scale": np.stack([scales[i][1] for i, *_ in grid]).astype(np.float32),
+    "loss_scale": np.asarray([1.0 / config.train_ratios[j] for _, j, _, _ in grid], np.float32),
+    "learning_rate": np.asarray([config.learning_rates[k] for *_, k, _ in grid], np.float32),
+    "seed": np.asarray([seed for *_, seed in grid], np.int32),
+    "batches": np.stack([batches[seed] for *_, seed in grid]),
   }
   return grid, settings
 
@@ -408,8 +471,12 @@ def run_training(config: Config) -> dict[str, Any]:
   data = digits_regression()
   (x, _), _, base = data
   grid, settings = training_settings(config, len(x), *base.shape)
-  shape = (len(config.train_conditions), len(config.train_ratios),
-           len(config.learning_rates), config.seeds)
+  shape = (
+    len(config.train_conditions),
+    len(config.train_ratios),
+    len(config.learning_rates),
+    config.seeds,
+  )
   rules = {}
   for rule in RULES:
     outputs = train_runs(config, rule, settings, data)
@@ -417,16 +484,23 @@ def run_training(config: Config) -> dict[str, Any]:
     for index, cell in enumerate(grid):
       for name, values in outputs.items():
         per_run[name][cell] = values[index]
-    rules[rule] = {name: {"mean": np.mean(values, axis=-1).tolist(),
-                          "std": np.std(values, axis=-1).tolist()}
-                   for name, values in per_run.items()}
-  return {"task": f"LoRA rank {config.rank} on a linear digits classifier (ridge base on "
-                  "digits 0-4, all ten digits; features/units rescaled by condition κ, loss "
-                  "by 1/ρ)",
-          "conditions": list(config.train_conditions), "ratios": list(config.train_ratios),
-          "learning_rates": list(config.learning_rates), "seeds": config.seeds,
-          "steps": config.steps, "batch": BATCH,
-          "layout": "values[κ][ρ][lr] (mean and std over seeds)", "rules": rules}
+    rules[rule] = {
+      name: {"mean": np.mean(values, axis=-1).tolist(), "std": np.std(values, axis=-1).tolist()}
+      for name, values in per_run.items()
+    }
+  return {
+    "task": f"LoRA rank {config.rank} on a linear digits classifier (ridge base on "
+    "digits 0-4, all ten digits; features/units rescaled by condition κ, loss "
+    "by 1/ρ)",
+    "conditions": list(config.train_conditions),
+    "ratios": list(config.train_ratios),
+    "learning_rates": list(config.learning_rates),
+    "seeds": config.seeds,
+    "steps": config.steps,
+    "batch": BATCH,
+    "layout": "values[κ][ρ][lr] (mean and std over seeds)",
+    "rules": rules,
+  }
 
 
 # --------------------------------------------------------------------------
@@ -444,10 +518,12 @@ def claim_check(sweep: dict[str, Any]) -> dict[str, Any]:
     worst = float(mean[np.ix_(rows, cols)].max())
     # ρ-invariance: largest change of the mean deviation along ρ.
     spread = float(np.max(mean.max(axis=1) - mean.min(axis=1)))
-    check[name] = {"worst_mean_deviation_in_claimed_range": worst,
-                   "within_claim": worst < CLAIM,
-                   "mean_deviation_at_isotropic_scales": float(mean[0, 0]),
-                   "largest_change_along_ratio": spread}
+    check[name] = {
+      "worst_mean_deviation_in_claimed_range": worst,
+      "within_claim": worst < CLAIM,
+      "mean_deviation_at_isotropic_scales": float(mean[0, 0]),
+      "largest_change_along_ratio": spread,
+    }
   return check
 
 
@@ -463,15 +539,20 @@ def training_summary(training: dict[str, Any]) -> dict[str, Any]:
       values = np.asarray(outputs[name]["mean"])
       return np.take_along_axis(values, best[..., None], axis=-1)[..., 0].tolist()
 
-    summary[rule] = {"best_learning_rate": np.asarray(training["learning_rates"])[best].tolist(),
-                     **{name: at_best(name) for name in (
-                         "train_loss", "test_accuracy", "deviation_mean", "deviation_max")}}
+    summary[rule] = {
+      "best_learning_rate": np.asarray(training["learning_rates"])[best].tolist(),
+      **{
+        name: at_best(name)
+        for name in ("train_loss", "test_accuracy", "deviation_mean", "deviation_max")
+      },
+    }
   return summary
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
   """The study's figure (six panels)."""
   import matplotlib  # pylint: disable=import-outside-toplevel
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   from matplotlib.colors import LogNorm  # pylint: disable=import-outside-toplevel
@@ -479,8 +560,13 @@ def plot(results: dict[str, Any], path: Path) -> None:
   sweep, training = results["sweep"], results["training"]
   conditions, ratios = np.asarray(sweep["conditions"]), np.asarray(sweep["ratios"])
   rules = sweep["rules"]
-  colors = {"min_imbalance": "C0", "equal_norms": "C4", "half": "C2", "factor_norm": "C3",
-            "second_order": "C1"}
+  colors = {
+    "min_imbalance": "C0",
+    "equal_norms": "C4",
+    "half": "C2",
+    "factor_norm": "C3",
+    "second_order": "C1",
+  }
   # half gives the default's step on this study's consistent gradients: the
   # default is drawn wide underneath, so that both curves stay visible.
   widths = {rule: 4.0 if rule == DEFAULT_RULE else 1.3 for rule in RULES}
@@ -499,9 +585,16 @@ def plot(results: dict[str, Any], path: Path) -> None:
   for rule in RULES:
     for dtype, style in (("float64", "-"), ("float32", ":")):
       values = np.asarray(rules[f"{rule}/{dtype}"]["deviation"]["mean"])[:, 0]
-      axis.loglog(conditions, np.maximum(values, 1e-6), style, color=colors[rule],
-                  linewidth=widths[rule], marker="o" if dtype == "float64" else None,
-                  markersize=3, label=f"{rule} ({dtype})")
+      axis.loglog(
+        conditions,
+        np.maximum(values, 1e-6),
+        style,
+        color=colors[rule],
+        linewidth=widths[rule],
+        marker="o" if dtype == "float64" else None,
+        markersize=3,
+        label=f"{rule} ({dtype})",
+      )
   axis.axhline(CLAIM, color="k", linestyle="--", linewidth=0.8, label="4 % claim")
   axis.axvline(CLAIM_CONDITION, color="0.6", linewidth=0.8)
   axis.set_xlabel("condition κ (ρ = 1)")
@@ -511,8 +604,15 @@ def plot(results: dict[str, Any], path: Path) -> None:
   axis = axes[1, 0]
   for rule in RULES:
     values = np.asarray(rules[f"{rule}/float64"]["excess"]["median"])[:, 0]
-    axis.loglog(conditions, np.maximum(values, 1e-6), "-o", markersize=3, color=colors[rule],
-                linewidth=widths[rule], label=rule)
+    axis.loglog(
+      conditions,
+      np.maximum(values, 1e-6),
+      "-o",
+      markersize=3,
+      color=colors[rule],
+      linewidth=widths[rule],
+      label=rule,
+    )
   axis.set_xlabel("condition κ (ρ = 1)")
   axis.set_ylabel("median ‖δaδb‖_H / best − 1")
   axis.set_title("excess second-order error of the finite step")
@@ -522,10 +622,20 @@ def plot(results: dict[str, Any], path: Path) -> None:
   # Shades of factor_norm's color, so that no curve reads as another rule.
   for shade, i in zip(np.linspace(0.4, 1.0, len(shown)), shown, strict=True):
     values = np.asarray(rules["factor_norm/float64"]["deviation"]["mean"])[i]
-    axis.semilogx(ratios, values, "-o", markersize=3, color=plt.get_cmap("Reds")(shade),
-                  label=f"factor_norm, κ = {conditions[i]:g}")
-  axis.semilogx(ratios, np.asarray(rules[f"{DEFAULT_RULE}/float64"]["deviation"]["mean"])[0],
-                "k--", label=f"{DEFAULT_RULE}, κ = 1 (exactly flat)")
+    axis.semilogx(
+      ratios,
+      values,
+      "-o",
+      markersize=3,
+      color=plt.get_cmap("Reds")(shade),
+      label=f"factor_norm, κ = {conditions[i]:g}",
+    )
+  axis.semilogx(
+    ratios,
+    np.asarray(rules[f"{DEFAULT_RULE}/float64"]["deviation"]["mean"])[0],
+    "k--",
+    label=f"{DEFAULT_RULE}, κ = 1 (exactly flat)",
+  )
   axis.set_xlabel("magnitude ratio ρ")
   axis.set_ylabel("mean deviation")
   axis.set_title("bias from the magnitude ratio")
@@ -539,9 +649,15 @@ def plot(results: dict[str, Any], path: Path) -> None:
     for j, style in ((0, "-o"), (len(training["ratios"]) - 1, ":x")):
       if j and rule != "factor_norm":
         continue  # the other rules are exactly ρ-invariant up to float32 rounding
-      axis.semilogx(train_conditions, 100 * (loss[:, j] / reference[:, j] - 1), style,
-                    color=colors[rule], linewidth=widths[rule], markersize=4,
-                    label=f"{rule}, ρ = {training['ratios'][j]:g}")
+      axis.semilogx(
+        train_conditions,
+        100 * (loss[:, j] / reference[:, j] - 1),
+        style,
+        color=colors[rule],
+        linewidth=widths[rule],
+        markersize=4,
+        label=f"{rule}, ρ = {training['ratios'][j]:g}",
+      )
   axis.set_xlabel("condition κ of the rescaling")
   axis.set_ylabel(f"final loss vs {DEFAULT_RULE} (%), each at its best lr")
   axis.set_title("training: final loss relative to the default rule")
@@ -554,9 +670,13 @@ def plot(results: dict[str, Any], path: Path) -> None:
 def main(argv=None) -> dict[str, Any]:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--quick", action="store_true", help="smoke-sized run")
-  parser.add_argument("--output", type=Path, default=None,
-                      help="results JSON (default experiments/results/tiebreak_bias.json; "
-                           "the figure goes next to it)")
+  parser.add_argument(
+    "--output",
+    type=Path,
+    default=None,
+    help="results JSON (default experiments/results/tiebreak_bias.json; "
+    "the figure goes next to it)",
+  )
   args = parser.parse_args(argv)
   preset = "quick" if args.quick else "full"
   config = PRESETS[preset]
@@ -566,23 +686,32 @@ def main(argv=None) -> dict[str, Any]:
   sweep_seconds = time.perf_counter() - start
   training = run_training(config)
   results = {
-      "preset": preset, "config": dataclasses.asdict(config),
-      "claim": {"deviation": CLAIM, "max_condition": CLAIM_CONDITION, "max_ratio": CLAIM_RATIO},
-      "claim_check": claim_check(sweep), "sweep": sweep, "training": training,
-      "training_summary": training_summary(training),
-      "seconds": {"sweep": sweep_seconds, "total": time.perf_counter() - start},
-      "environment": {"jax": jax.__version__, "optax": optax.__version__,
-                      "backend": jax.default_backend(), "machine": platform.machine(),
-                      "python": platform.python_version()},
+    "preset": preset,
+    "config": dataclasses.asdict(config),
+    "claim": {"deviation": CLAIM, "max_condition": CLAIM_CONDITION, "max_ratio": CLAIM_RATIO},
+    "claim_check": claim_check(sweep),
+    "sweep": sweep,
+    "training": training,
+    "training_summary": training_summary(training),
+    "seconds": {"sweep": sweep_seconds, "total": time.perf_counter() - start},
+    "environment": {
+      "jax": jax.__version__,
+      "optax": optax.__version__,
+      "backend": jax.default_backend(),
+      "machine": platform.machine(),
+      "python": platform.python_version(),
+    },
   }
   output.parent.mkdir(parents=True, exist_ok=True)
   output.write_text(json.dumps(results, indent=1))
   plot(results, output.with_suffix(".png"))
   for name, check in results["claim_check"].items():
-    print(f"{name:22s} worst mean deviation (κ ≤ 1e4, ρ ≤ 100): "
-          f"{check['worst_mean_deviation_in_claimed_range']:.3g}  isotropic: "
-          f"{check['mean_deviation_at_isotropic_scales']:.3g}  change along ρ: "
-          f"{check['largest_change_along_ratio']:.2g}")
+    print(
+      f"{name:22s} worst mean deviation (κ ≤ 1e4, ρ ≤ 100): "
+      f"{check['worst_mean_deviation_in_claimed_range']:.3g}  isotropic: "
+      f"{check['mean_deviation_at_isotropic_scales']:.3g}  change along ρ: "
+      f"{check['largest_change_along_ratio']:.2g}"
+    )
   print(f"wrote {output} and {output.with_suffix('.png')} in {results['seconds']['total']:.0f} s")
   return results
 

@@ -87,8 +87,9 @@ def _checkpoint_manager(directory: Path) -> ocp.CheckpointManager:
 def _save(manager, step, model, optimizer, trainable, config, curves) -> None:
   state = {"model": nnx.state(model, trainable), "optimizer": nnx.state(optimizer)}
   meta = {"run": config.identity(), "step": step, "curves": curves}
-  manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                             meta=ocp.args.JsonSave(meta)))
+  manager.save(
+    step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+  )
   manager.wait_until_finished()
 
 
@@ -99,40 +100,44 @@ def _restore(manager, directory, model, optimizer, trainable, config):
     meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
   except Exception as error:  # orbax raises many types for damaged files
     raise CheckpointError(
-        f"Could not read the checkpoint metadata at {directory}/{step} (corrupt or "
-        f"incomplete?): {type(error).__name__}: {error}") from error
+      f"Could not read the checkpoint metadata at {directory}/{step} (corrupt or "
+      f"incomplete?): {type(error).__name__}: {error}"
+    ) from error
   if meta.get("run") != config.identity():
     raise CheckpointError(
-        f"The checkpoint at {directory}/{step} was written for run {meta.get('run')} but "
-        f"this run is {config.identity()}; use another checkpoint directory or remove it.")
+      f"The checkpoint at {directory}/{step} was written for run {meta.get('run')} but "
+      f"this run is {config.identity()}; use another checkpoint directory or remove it."
+    )
   target = {"model": nnx.state(model, trainable), "optimizer": nnx.state(optimizer)}
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
   try:
     ap.check_checkpoint_layout(Path(directory) / str(step) / "state", abstract)
-    state = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract)))["state"]
+    state = manager.restore(
+      step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+    )["state"]
   except ap.StateLayoutError as error:
     raise CheckpointError(str(error)) from error
   except Exception as error:
     raise CheckpointError(
-        f"The checkpoint at {directory}/{step} does not match this run's model and "
-        f"optimizer state (different code or hyperparameters?), or is corrupt: "
-        f"{type(error).__name__}: {error}") from error
+      f"The checkpoint at {directory}/{step} does not match this run's model and "
+      f"optimizer state (different code or hyperparameters?), or is corrupt: "
+      f"{type(error).__name__}: {error}"
+    ) from error
   nnx.update(model, state["model"])
   nnx.update(optimizer, state["optimizer"])
   return meta["step"], meta["curves"]
 
 
 def train(
-    task: Task,
-    spec: OptimizerSpec,
-    config: RunConfig,
-    budget: Budget,
-    *,
-    checkpoint_dir: Path | str | None = None,
-    resume: bool = False,
-    stop_after: int | None = None,
-    progress: bool = True,
+  task: Task,
+  spec: OptimizerSpec,
+  config: RunConfig,
+  budget: Budget,
+  *,
+  checkpoint_dir: Path | str | None = None,
+  resume: bool = False,
+  stop_after: int | None = None,
+  progress: bool = True,
 ) -> RunResult:
   """Trains one run; optionally resumes from and writes checkpoints.
 
@@ -166,13 +171,18 @@ def train(
   @nnx.jit
   def train_step(model, optimizer, batch):
     loss, grads = nnx.value_and_grad(task.loss_fn, argnums=nnx.DiffState(0, trainable))(
-        model, batch)
+      model, batch
+    )
     optimizer.update(model, grads)
     return loss
 
   end = config.steps if stop_after is None else min(stop_after, config.steps)
-  bar = tqdm(range(start, end), desc=f"{config.optimizer} lr={config.learning_rate:g} "
-             f"seed={config.seed}", leave=False, disable=not progress)
+  bar = tqdm(
+    range(start, end),
+    desc=f"{config.optimizer} lr={config.learning_rate:g} seed={config.seed}",
+    leave=False,
+    disable=not progress,
+  )
   for step in bar:
     loss = float(train_step(model, optimizer, task.train_batch(config.seed, step, budget)))
     curves["train_loss"].append(loss)
@@ -183,10 +193,19 @@ def train(
       for name, value in task.evaluate(model, budget).items():
         curves.setdefault(f"eval_{name}", []).append(value)
     if manager is not None and (
-        (budget.checkpoint_every and done % budget.checkpoint_every == 0) or done == end):
+      (budget.checkpoint_every and done % budget.checkpoint_every == 0) or done == end
+    ):
       _save(manager, done, model, optimizer, trainable, config, curves)
   completed = end == config.steps
-  final = ({name[len("eval_"):]: values[-1] for name, values in curves.items()
-            if name.startswith("eval_") and name != "eval_step"} if completed else {})
-  return RunResult(config, final, curves, time.perf_counter() - start_time, completed,
-                   model, optimizer)
+  final = (
+    {
+      name[len("eval_") :]: values[-1]
+      for name, values in curves.items()
+      if name.startswith("eval_") and name != "eval_step"
+    }
+    if completed
+    else {}
+  )
+  return RunResult(
+    config, final, curves, time.perf_counter() - start_time, completed, model, optimizer
+  )

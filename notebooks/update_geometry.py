@@ -76,8 +76,10 @@ def jacobian(a, b):
 
 
 J = jacobian(a, b)
-print(f"parameters: {a.size + b.size}, rank of J: {np.linalg.matrix_rank(J)}, "
-      f"r(d_in+d_out) - r^2 = {rank * (d_in + d_out) - rank**2}, weight entries: {d_in * d_out}")
+print(
+  f"parameters: {a.size + b.size}, rank of J: {np.linalg.matrix_rank(J)}, "
+  f"r(d_in+d_out) - r^2 = {rank * (d_in + d_out) - rank**2}, weight entries: {d_in * d_out}"
+)
 
 # %% [markdown]
 # ## 2. The preconditioned step and its $H$-orthogonal projection
@@ -90,12 +92,18 @@ print(f"parameters: {a.size + b.size}, rank of J: {np.linalg.matrix_rank(J)}, "
 # from the factor gradients alone ($g_a = G b^\top$, $g_b = a^\top G$).
 
 # %%
-row_scale, col_scale = (np.asarray(x) for x in kernels.factored_scales(
-    jnp.asarray(np.mean(grad_w**2, axis=1)), jnp.asarray(np.mean(grad_w**2, axis=0))))
-preconditioned = grad_w / np.outer(row_scale, col_scale)          # H⁻¹G
+row_scale, col_scale = (
+  np.asarray(x)
+  for x in kernels.factored_scales(
+    jnp.asarray(np.mean(grad_w**2, axis=1)), jnp.asarray(np.mean(grad_w**2, axis=0))
+  )
+)
+preconditioned = grad_w / np.outer(row_scale, col_scale)  # H⁻¹G
 grad_a, grad_b = grad_w @ b.T, a.T @ grad_w
-delta_a, delta_b = (np.asarray(x) for x in ap.factor_update(
-    *(jnp.asarray(x) for x in (a, b, grad_a, grad_b, row_scale, col_scale))))
+delta_a, delta_b = (
+  np.asarray(x)
+  for x in ap.factor_update(*(jnp.asarray(x) for x in (a, b, grad_a, grad_b, row_scale, col_scale)))
+)
 delta_w = delta_a @ b + a @ delta_b
 
 
@@ -108,8 +116,10 @@ orthogonality = max(abs(h_inner(residual, J[:, k].reshape(d_in, d_out))) for k i
 print(f"max |<H⁻¹G − δW, tangent direction>_H| = {orthogonality:.1e}  (H-orthogonal projection)")
 share = h_inner(delta_w, delta_w) / h_inner(preconditioned, preconditioned)
 print(f"share of ‖H⁻¹G‖²_H captured: {share:.3f}")
-print(f"<G, δW> = {np.sum(grad_w * delta_w):.4f} = ‖δW‖²_H = {h_inner(delta_w, delta_w):.4f}"
-      "  (a descent direction)")
+print(
+  f"<G, δW> = {np.sum(grad_w * delta_w):.4f} = ‖δW‖²_H = {h_inner(delta_w, delta_w):.4f}"
+  "  (a descent direction)"
+)
 
 # %% [markdown]
 # ## 3. One weight change, a line of factor updates
@@ -127,11 +137,13 @@ print(f"<G, δW> = {np.sum(grad_w * delta_w):.4f} = ‖δW‖²_H = {h_inner(del
 # $H$-norm, clipped to $[0, 1]$. Two members of the line (from `kernels.factor_step` with two
 # tie-breakers) give the whole line.
 
+
 # %%
 def factor_members(tie_breaker):
   inputs = (a, b, grad_a, grad_b, row_scale, col_scale)
-  step = kernels.factor_step(*(jnp.asarray(x) for x in inputs),
-                             tie_breaker=tie_breaker, pseudo_inverse=True)
+  step = kernels.factor_step(
+    *(jnp.asarray(x) for x in inputs), tie_breaker=tie_breaker, pseudo_inverse=True
+  )
   return float(step.theta), np.asarray(step.delta_a), np.asarray(step.delta_b)
 
 
@@ -140,8 +152,9 @@ theta_paper, paper_a, paper_b = factor_members("min_imbalance")
 theta_equal, equal_a, equal_b = factor_members("equal_norms")
 theta_norm, norm_a, norm_b = factor_members("factor_norm")
 # The line through θ = ½ and a second member (equal_norms', unless it chose ½ too).
-theta_star, star_a, star_b = ((theta_equal, equal_a, equal_b) if abs(theta_equal - 0.5) > 1e-9
-                              else (theta_norm, norm_a, norm_b))
+theta_star, star_a, star_b = (
+  (theta_equal, equal_a, equal_b) if abs(theta_equal - 0.5) > 1e-9 else (theta_norm, norm_a, norm_b)
+)
 slope_a = (star_a - half_a) / (theta_star - theta_half)
 slope_b = (star_b - half_b) / (theta_star - theta_half)
 
@@ -165,26 +178,33 @@ for theta in thetas:
   weight_error.append(np.abs(da @ b + a @ db - delta_w).max())
   second_order.append(np.sqrt(h_inner(da @ db, da @ db)))
 print(f"max deviation of δW along the family: {max(weight_error):.1e}")
-print(f"θ: paper's rule (min_imbalance) {theta_paper:.3f}, "
-      f"equal_norms (old reading) {theta_equal:.3f}, factor-norm rule {theta_norm:.3f}")
+print(
+  f"θ: paper's rule (min_imbalance) {theta_paper:.3f}, "
+  f"equal_norms (old reading) {theta_equal:.3f}, factor-norm rule {theta_norm:.3f}"
+)
 paper_gap = max(np.abs(paper_a - half_a).max(), np.abs(paper_b - half_b).max())
 print(f"min_imbalance step vs the θ = ½ member: max difference {paper_gap:.1e}")
 # Off the line too: no gauge move (δa + aX, δb − Xb), large or small, lowers the paper's
 # objective. (A generator of its own, so that §5 draws the gauge it always drew.)
-moves = (np.random.default_rng(1).normal(size=(1000, rank, rank))
-         * np.logspace(-4, 0, 1000)[:, None, None])
+moves = (
+  np.random.default_rng(1).normal(size=(1000, rank, rank)) * np.logspace(-4, 0, 1000)[:, None, None]
+)
 moved = min(imbalance(paper_a + a @ x, paper_b - x @ b) for x in moves)
-print(f"‖δa b − a δb‖²_H after 1000 random gauge moves, smallest / at min_imbalance: "
-      f"{moved / imbalance(paper_a, paper_b):.9f}")
+print(
+  f"‖δa b − a δb‖²_H after 1000 random gauge moves, smallest / at min_imbalance: "
+  f"{moved / imbalance(paper_a, paper_b):.9f}"
+)
 
 fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
 axes[0].plot(thetas, contribution_a, label=r"$\|\delta a\, b\|_H^2$")
 axes[0].plot(thetas, contribution_b, label=r"$\|a\, \delta b\|_H^2$")
 axes[0].plot(thetas, difference, label=r"$\|\delta a\, b - a\,\delta b\|_H^2$")
 axes[0].axvspan(0, 1, color="0.92", label="θ ∈ [0, 1]")
-for value, style, name in ((theta_paper, "-", "paper's rule (min_imbalance)"),
-                           (theta_equal, "-.", "equal_norms (old reading)"),
-                           (theta_norm, "--", "factor-norm rule")):
+for value, style, name in (
+  (theta_paper, "-", "paper's rule (min_imbalance)"),
+  (theta_equal, "-.", "equal_norms (old reading)"),
+  (theta_norm, "--", "factor-norm rule"),
+):
   axes[0].axvline(value, color="k", linestyle=style, label=name)
 axes[0].set_xlabel("θ")
 axes[0].set_ylabel("squared H-norm")
@@ -228,6 +248,7 @@ plt.show()
 # cosine, the norm ratio, and the share $\cos^2$ of $\|H^{-1}G\|_H^2$ that the best multiple
 # of the direction captures.
 
+
 # %%
 def first_step(tx, scale=1.0):
   """(δa, δb) of a transform's first update on the pair, as a descent direction."""
@@ -239,19 +260,26 @@ def first_step(tx, scale=1.0):
 
 linear_adam = 1e12
 steps = {
-    "LoRA (plain gradient)": first_step(optax.sgd(1.0)),
-    "LoRA-Pro (Frobenius proj.)": first_step(ap.lora_pro(1.0, b1=0.0, eps=linear_adam, damping=0.0),
-                                             linear_adam),
-    "scaled GD": first_step(ap.scaled_gd(1.0, reg=1e-12)),
-    "adaprelora": (delta_a, delta_b),
+  "LoRA (plain gradient)": first_step(optax.sgd(1.0)),
+  "LoRA-Pro (Frobenius proj.)": first_step(
+    ap.lora_pro(1.0, b1=0.0, eps=linear_adam, damping=0.0), linear_adam
+  ),
+  "scaled GD": first_step(ap.scaled_gd(1.0, reg=1e-12)),
+  "adaprelora": (delta_a, delta_b),
 }
 # LoRA-Pro's δW is AdaPreLoRA's projection with H = I (unit row/column scales):
-frobenius_a, frobenius_b = (np.asarray(x) for x in ap.factor_update(
-    *(jnp.asarray(x) for x in (a, b, grad_a, grad_b, np.ones(d_in), np.ones(d_out)))))
+frobenius_a, frobenius_b = (
+  np.asarray(x)
+  for x in ap.factor_update(
+    *(jnp.asarray(x) for x in (a, b, grad_a, grad_b, np.ones(d_in), np.ones(d_out)))
+  )
+)
 lora_pro_w = steps["LoRA-Pro (Frobenius proj.)"][0] @ b + a @ steps["LoRA-Pro (Frobenius proj.)"][1]
 frobenius_gap = lora_pro_w - frobenius_a @ b - a @ frobenius_b
-print(f"LoRA-Pro δW vs the H = I projection: relative difference "
-      f"{np.linalg.norm(frobenius_gap) / np.linalg.norm(lora_pro_w):.1e}")
+print(
+  f"LoRA-Pro δW vs the H = I projection: relative difference "
+  f"{np.linalg.norm(frobenius_gap) / np.linalg.norm(lora_pro_w):.1e}"
+)
 
 full_norm = np.sqrt(h_inner(preconditioned, preconditioned))
 scores = {}
@@ -260,17 +288,23 @@ for name, (da, db) in steps.items():
   norm = np.sqrt(h_inner(dw, dw))
   cosine = h_inner(dw, preconditioned) / (norm * full_norm)
   scores[name] = (cosine, norm / full_norm, cosine**2)
-  print(f"{name:27s} cos_H = {cosine:.3f}   ‖δW‖_H/‖H⁻¹G‖_H = {norm / full_norm:.3f}   "
-        f"share = {cosine**2:.3f}")
+  print(
+    f"{name:27s} cos_H = {cosine:.3f}   ‖δW‖_H/‖H⁻¹G‖_H = {norm / full_norm:.3f}   "
+    f"share = {cosine**2:.3f}"
+  )
 print(f"largest share: {max(scores, key=lambda name: scores[name][2])}")
 
 fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
 names = list(scores)
-titles = (r"cosine to $H^{-1}G$ ($H$ metric)", r"$\|\delta W\|_H / \|H^{-1}G\|_H$",
-          r"share of $\|H^{-1}G\|_H^2$ captured")
+titles = (
+  r"cosine to $H^{-1}G$ ($H$ metric)",
+  r"$\|\delta W\|_H / \|H^{-1}G\|_H$",
+  r"share of $\|H^{-1}G\|_H^2$ captured",
+)
 for axis, column, title in zip(axes, range(3), titles, strict=True):
-  axis.bar(range(len(names)), [scores[name][column] for name in names],
-           color=["0.6", "C1", "C2", "C0"])
+  axis.bar(
+    range(len(names)), [scores[name][column] for name in names], color=["0.6", "C1", "C2", "C0"]
+  )
   axis.set_xticks(range(len(names)), [name.replace(" (", "\n(") for name in names], fontsize=8)
   axis.set_title(title)
 axes[1].set_yscale("log")
@@ -308,13 +342,17 @@ def weight_after_one_step(tx, a_, b_):
   return np.asarray(new["lora_a"] @ new["lora_b"])
 
 
-for name, tx in (("adaprelora", ap.adaprelora(0.05, damping=1e-12, damping_floor=1e-14)),
-                 ("adamw", optax.adamw(0.05))):
+for name, tx in (
+  ("adaprelora", ap.adaprelora(0.05, damping=1e-12, damping_floor=1e-14)),
+  ("adamw", optax.adamw(0.05)),
+):
   w_original = weight_after_one_step(tx, *pairs["original"])
   w_reparameterized = weight_after_one_step(tx, *pairs["reparameterized"])
   change = np.linalg.norm(w_original - a @ b)
-  print(f"{name:11s} relative difference of the two weight updates: "
-        f"{np.linalg.norm(w_original - w_reparameterized) / change:.1e}")
+  print(
+    f"{name:11s} relative difference of the two weight updates: "
+    f"{np.linalg.norm(w_original - w_reparameterized) / change:.1e}"
+  )
 
 # %% [markdown]
 # ## 6. The factored statistics on a real training run
@@ -335,10 +373,9 @@ images, labels = (digits.data / 16.0).astype(np.float32), digits.target
 
 
 class MLP(nnx.Module):
-
   def __init__(self, classes, rngs):
-    self.hidden1 = ap.nn.LoRALinear(64, 128, lora_rank=4, rngs=rngs)   # exact statistics
-    self.hidden2 = nnx.LoRALinear(128, 128, lora_rank=4, rngs=rngs)    # tangent estimate
+    self.hidden1 = ap.nn.LoRALinear(64, 128, lora_rank=4, rngs=rngs)  # exact statistics
+    self.hidden2 = nnx.LoRALinear(128, 128, lora_rank=4, rngs=rngs)  # tangent estimate
     self.head = nnx.Linear(128, classes, rngs=rngs)
 
   def __call__(self, x):
@@ -365,7 +402,8 @@ x_target, y_target = jnp.asarray(images[target]), jnp.asarray(labels[target] - 5
 @nnx.jit
 def train_step(model, optimizer):
   loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, trainable))(
-      model, x_target, y_target)
+    model, x_target, y_target
+  )
   optimizer.update(model, grads)
   return loss
 
@@ -373,22 +411,32 @@ def train_step(model, optimizer):
 history = {"loss": [], "rows1": [], "cols1": [], "rows2": [], "cols2": []}
 for _ in range(100):
   history["loss"].append(float(train_step(model, optimizer)))
-  rows, cols = ap.second_moments(nnx.as_pure(optimizer.opt_state),
-                                 nnx.as_pure(nnx.state(model, trainable)))
+  rows, cols = ap.second_moments(
+    nnx.as_pure(optimizer.opt_state), nnx.as_pure(nnx.state(model, trainable))
+  )
   for layer in ("1", "2"):
     history["rows" + layer].append(np.sqrt(rows["hidden" + layer]["lora"]["lora_a"]))
     history["cols" + layer].append(np.sqrt(cols["hidden" + layer]["lora"]["lora_b"]))
 accuracy = float(jnp.mean(jnp.argmax(model(x_target), -1) == y_target))
-print(f"loss {history['loss'][0]:.3f} → {history['loss'][-1]:.4f}; "
-      f"training accuracy {accuracy:.3f}")
+print(
+  f"loss {history['loss'][0]:.3f} → {history['loss'][-1]:.4f}; training accuracy {accuracy:.3f}"
+)
 
 fig, axes = plt.subplots(1, 5, figsize=(16, 3.4), gridspec_kw={"width_ratios": [1.2, 1, 1, 1, 1]})
 axes[0].semilogy(history["loss"])
 axes[0].set_xlabel("step")
 axes[0].set_title("training loss")
-for axis, key, title in zip(axes[1:], ("rows1", "cols1", "rows2", "cols2"),
-                            ("hidden1 rows (pixels), exact", "hidden1 columns, exact",
-                             "hidden2 rows, tangent", "hidden2 columns, tangent"), strict=True):
+for axis, key, title in zip(
+  axes[1:],
+  ("rows1", "cols1", "rows2", "cols2"),
+  (
+    "hidden1 rows (pixels), exact",
+    "hidden1 columns, exact",
+    "hidden2 rows, tangent",
+    "hidden2 columns, tangent",
+  ),
+  strict=True,
+):
   image = axis.imshow(np.log10(np.asarray(history[key]).T + 1e-12), aspect="auto", cmap="viridis")
   axis.set_xlabel("step")
   axis.set_title(title, fontsize=9)
@@ -449,9 +497,11 @@ def deviation(rule):
 at_1e4, at_100 = list(kappas).index(1e4), list(ratios).index(1e2)
 for rule in rules:
   cells = deviation(rule)
-  print(f"{rule:13s} deviation from the best split: κ = 1 {cells[0, 0]:.3f}, "
-        f"κ = 1e2 {cells[2, at_100]:.3f}, κ = 1e4 ρ = 100 {cells[at_1e4, at_100]:.3g}, "
-        f"κ = 1e8 {cells[-1, at_100]:.3g}; change along ρ {np.ptp(cells, axis=1).max():.1e}")
+  print(
+    f"{rule:13s} deviation from the best split: κ = 1 {cells[0, 0]:.3f}, "
+    f"κ = 1e2 {cells[2, at_100]:.3f}, κ = 1e4 ρ = 100 {cells[at_1e4, at_100]:.3g}, "
+    f"κ = 1e8 {cells[-1, at_100]:.3g}; change along ρ {np.ptp(cells, axis=1).max():.1e}"
+  )
 
 # Training: realized deviation at ρ = 1 and the default rule's best learning rate.
 train_kappas = np.asarray(training["conditions"])
@@ -468,16 +518,21 @@ def final_loss(rule):
   """Mean and seed std of the final training loss at ρ = 1 and the rule's own best lr."""
   own = [lrs.index(x) for x in np.asarray(summary[rule]["best_learning_rate"])[:, 0]]
   loss = training["rules"][rule]["train_loss"]
-  return tuple(np.asarray(loss[stat])[:, 0][np.arange(len(train_kappas)), own]
-               for stat in ("mean", "std"))
+  return tuple(
+    np.asarray(loss[stat])[:, 0][np.arange(len(train_kappas)), own] for stat in ("mean", "std")
+  )
 
 
 for rule in rules:
   listed_kappas = ", ".join(f"{k:g}" for k in train_kappas)
-  print(f"{rule:13s} realized step deviation (training, κ = {listed_kappas}): "
-        + ", ".join(f"{x:.3f}" for x in realized(rule)))
-  print(f"{'':13s} final training loss at its own best lr (± seed std): "
-        + ", ".join(f"{m:.3g} ± {s:.2g}" for m, s in zip(*final_loss(rule), strict=True)))
+  print(
+    f"{rule:13s} realized step deviation (training, κ = {listed_kappas}): "
+    + ", ".join(f"{x:.3f}" for x in realized(rule))
+  )
+  print(
+    f"{'':13s} final training loss at its own best lr (± seed std): "
+    + ", ".join(f"{m:.3g} ± {s:.2g}" for m, s in zip(*final_loss(rule), strict=True))
+  )
 
 fig, axes = plt.subplots(1, 3, figsize=(16, 3.8))
 for rule in rules:
@@ -488,12 +543,21 @@ for rule in rules:
 for axis in (axes[0], axes[2]):
   axis.axhline(0.04, color="k", linestyle="--", linewidth=0.8, label="authors' 4 %")
   axis.axvline(1e4, color="0.7", linewidth=0.8)
-axes[0].set(xlabel="condition κ of p and of q (ρ = 100)",
-            ylabel="mean deviation from the best split", title="synthetic: deviation vs condition")
-axes[1].set(xlabel="magnitude ratio ρ (κ = 1e4)", ylabel="mean deviation from the best split",
-            title="synthetic: deviation vs magnitude ratio")
-axes[2].set(xlabel="condition κ of the rescaling (ρ = 1)",
-            ylabel="mean ‖u_a u_b‖_H / ‖first order‖_H", title="training: realized step deviation")
+axes[0].set(
+  xlabel="condition κ of p and of q (ρ = 100)",
+  ylabel="mean deviation from the best split",
+  title="synthetic: deviation vs condition",
+)
+axes[1].set(
+  xlabel="magnitude ratio ρ (κ = 1e4)",
+  ylabel="mean deviation from the best split",
+  title="synthetic: deviation vs magnitude ratio",
+)
+axes[2].set(
+  xlabel="condition κ of the rescaling (ρ = 1)",
+  ylabel="mean ‖u_a u_b‖_H / ‖first order‖_H",
+  title="training: realized step deviation",
+)
 for axis in axes:
   axis.legend(fontsize=7)
 plt.tight_layout()

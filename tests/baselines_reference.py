@@ -65,8 +65,7 @@ def riemannian_preconditioned(A, B, G, reg):
   """Zhang & Pilanci: ``(BᵀB + δI)⁻¹ ∇_A`` and ``∇_B (AAᵀ + δI)⁻¹``."""
   g_a, g_b = lora_gradients(A, B, G)
   eye = np.eye(A.shape[0])
-  return (np.linalg.inv(B.T @ B + reg * eye) @ g_a,
-          g_b @ np.linalg.inv(A @ A.T + reg * eye))
+  return (np.linalg.inv(B.T @ B + reg * eye) @ g_a, g_b @ np.linalg.inv(A @ A.T + reg * eye))
 
 
 def scaled_gd_step(A, B, G, *, lr, reg):
@@ -121,7 +120,7 @@ def lora_pro_projection(A, B, D, scale):
   particular, *_ = np.linalg.lstsq(jacobian, D.ravel(), rcond=None)
   _, singular, vt = np.linalg.svd(jacobian)
   tol = max(jacobian.shape) * np.finfo(float).eps * singular[0]
-  null_space = vt[np.sum(singular > tol):].T
+  null_space = vt[np.sum(singular > tol) :].T
   u_a, u_b = lora_gradients(A, B, D, scale)
   target = np.concatenate([u_a.ravel(), u_b.ravel()])
   solution = particular + null_space @ (null_space.T @ (target - particular))
@@ -200,7 +199,8 @@ def lora_rite_steps(pairs, states, t, *, lr, b1, b2, eps, clip, skip, cap, escap
 
   new_pairs = []
   for (A, B, _), (grads, bases, rotations), factor_states in zip(
-      pairs, prepared, states, strict=True):
+    pairs, prepared, states, strict=True
+  ):
     new_factors = []
     for side, (param, grad, state) in enumerate(zip((A, B), grads, factor_states, strict=True)):
       other_basis, other_rotation = bases[1 - side], rotations[1 - side]
@@ -211,8 +211,10 @@ def lora_rite_steps(pairs, states, t, *, lr, b1, b2, eps, clip, skip, cap, escap
         transport = np.zeros((param.shape[1],) * 2)
       transported = transport @ state.second @ transport.T
       if escape:
-        lost = min(np.max(np.linalg.eigvalsh(state.second) - np.linalg.eigvalsh(transported)),
-                   np.trace(state.second) - np.trace(transported))
+        lost = min(
+          np.max(np.linalg.eigvalsh(state.second) - np.linalg.eigvalsh(transported)),
+          np.trace(state.second) - np.trace(transported),
+        )
         state.escape = beta2 * (state.escape + max(lost, 0.0))
       state.second = beta2 * transported + (1 - beta2) * grad.T @ grad / grad.shape[0]
       w, v = np.linalg.eigh(state.second)

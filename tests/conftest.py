@@ -8,20 +8,21 @@ executed notebooks inherit them. A value the user already chose is kept.
 import os
 
 _XLA_FLAGS = {
-    # XLA:CPU in jaxlib 0.10.2 can wedge for good on some programs (every
-    # runtime thread idles; LoRA-RITE's step with several groups of vmapped
-    # QR/SVD/eigh batches hangs): the trigger is the concurrency-optimized
-    # thunk scheduler, so it is off (experiments/__init__.py does the same).
-    "--xla_cpu_enable_concurrency_optimized_scheduler": "false",
-    # 8 emulated host devices for the sharding tests; unsharded computations
-    # still run on device 0 only.
-    "--xla_force_host_platform_device_count": "8",
+  # XLA:CPU in jaxlib 0.10.2 can wedge for good on some programs (every
+  # runtime thread idles; LoRA-RITE's step with several groups of vmapped
+  # QR/SVD/eigh batches hangs): the trigger is the concurrency-optimized
+  # thunk scheduler, so it is off (experiments/__init__.py does the same).
+  "--xla_cpu_enable_concurrency_optimized_scheduler": "false",
+  # 8 emulated host devices for the sharding tests; unsharded computations
+  # still run on device 0 only.
+  "--xla_force_host_platform_device_count": "8",
 }
 
 _flags = os.environ.get("XLA_FLAGS", "")
 os.environ["XLA_FLAGS"] = " ".join(
-    [_flags] * bool(_flags)
-    + [f"{name}={value}" for name, value in _XLA_FLAGS.items() if name not in _flags])
+  [_flags] * bool(_flags)
+  + [f"{name}={value}" for name, value in _XLA_FLAGS.items() if name not in _flags]
+)
 
 # Tests run on CPU; keep XLA from grabbing every core's worth of threads per
 # process when pytest-xdist runs workers in parallel.

@@ -28,10 +28,13 @@ def problem():
   keys = jax.random.split(jax.random.key(0), 4)
   base = jax.random.normal(keys[0], (D_IN, D_OUT)) / np.sqrt(D_IN)
   target = base + 0.1 * jax.random.normal(keys[1], (D_IN, D_OUT))
-  params = {"lora_a": jax.random.normal(keys[2], (D_IN, RANK)) / np.sqrt(D_IN),
-            "lora_b": jnp.zeros((RANK, D_OUT))}
-  inputs = [jax.random.normal(jax.random.fold_in(keys[3], step), (BATCH, D_IN))
-            for step in range(STEPS)]
+  params = {
+    "lora_a": jax.random.normal(keys[2], (D_IN, RANK)) / np.sqrt(D_IN),
+    "lora_b": jnp.zeros((RANK, D_OUT)),
+  }
+  inputs = [
+    jax.random.normal(jax.random.fold_in(keys[3], step), (BATCH, D_IN)) for step in range(STEPS)
+  ]
   return base, target, params, inputs
 
 
@@ -52,14 +55,18 @@ def train_step(params, state, x, base, target, tx):
 
 
 def main(process_id: int, num_processes: int, port: int, output: str) -> None:
-  jax.distributed.initialize(f"localhost:{port}", num_processes=num_processes,
-                             process_id=process_id)
-  mesh = jax.make_mesh((2, jax.device_count() // 2), ("data", "model"),
-                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  jax.distributed.initialize(
+    f"localhost:{port}", num_processes=num_processes, process_id=process_id
+  )
+  mesh = jax.make_mesh(
+    (2, jax.device_count() // 2), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2
+  )
   base, target, params, inputs = problem()
   replicated = NamedSharding(mesh, P())
-  param_shardings = {"lora_a": NamedSharding(mesh, P("data", None)),
-                     "lora_b": NamedSharding(mesh, P(None, "model"))}
+  param_shardings = {
+    "lora_a": NamedSharding(mesh, P("data", None)),
+    "lora_b": NamedSharding(mesh, P(None, "model")),
+  }
   tx = optimizer()
   state_shardings = sharding.state_shardings(tx, params, param_shardings)
 
@@ -71,15 +78,21 @@ def main(process_id: int, num_processes: int, port: int, output: str) -> None:
   base, target = to_global(base, replicated), to_global(target, replicated)
   batch_sharding = NamedSharding(mesh, P("data", None))
   state = jax.jit(tx.init, out_shardings=state_shardings)(params)
-  step = jax.jit(lambda p, s, x: train_step(p, s, x, base, target, tx),
-                 in_shardings=(param_shardings, state_shardings, batch_sharding),
-                 out_shardings=(param_shardings, state_shardings))
+  step = jax.jit(
+    lambda p, s, x: train_step(p, s, x, base, target, tx),
+    in_shardings=(param_shardings, state_shardings, batch_sharding),
+    out_shardings=(param_shardings, state_shardings),
+  )
   for x in inputs:
     params, state = step(params, state, to_global(x, batch_sharding))
   gathered = multihost_utils.process_allgather(params, tiled=True)
   if process_id == 0:
-    np.savez(output, devices=jax.device_count(), processes=jax.process_count(),
-             **{name: np.asarray(value) for name, value in gathered.items()})
+    np.savez(
+      output,
+      devices=jax.device_count(),
+      processes=jax.process_count(),
+      **{name: np.asarray(value) for name, value in gathered.items()},
+    )
   jax.distributed.shutdown()
 
 

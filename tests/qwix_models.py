@@ -26,15 +26,13 @@ class Einsum(nnx.Module):
 
   def __init__(self, spec: str, shape, sharding, rngs: nnx.Rngs):
     self.spec = spec
-    self.w = nnx.Param(nnx.initializers.normal(0.3)(rngs.params(), shape),
-                       out_sharding=sharding)
+    self.w = nnx.Param(nnx.initializers.normal(0.3)(rngs.params(), shape), out_sharding=sharding)
 
   def __call__(self, x):
     return jnp.einsum(self.spec, x, self.w[...])
 
 
 class GemmaLike(nnx.Module):
-
   def __init__(self, rngs: nnx.Rngs):
     self.q_einsum = Einsum("BTD,NDH->BTNH", (N, D, H), ("tp", "fsdp", None), rngs)
     self.kv_einsum = Einsum("BTD,CNDH->CBTNH", (C, N, D, H), (None, "tp", "fsdp", None), rngs)
@@ -59,20 +57,21 @@ class GemmaLike(nnx.Module):
 # pair name -> (the base weight's axes that form lora_a's d_in, those that form
 # lora_b's d_out), in the weight's axis order as qwix lays the factors out.
 WEIGHT_AXES = {
-    "q_einsum/w": ((1,), (0, 2)),
-    "kv_einsum/w": ((2,), (0, 1, 3)),
-    "attn_vec_einsum/w": ((0, 1), (2,)),
-    "moe/w": ((0, 1), (2,)),
-    "up/kernel": ((0,), (1,)),
-    "down/kernel": ((0,), (1,)),
+  "q_einsum/w": ((1,), (0, 2)),
+  "kv_einsum/w": ((2,), (0, 1, 3)),
+  "attn_vec_einsum/w": ((0, 1), (2,)),
+  "moe/w": ((0, 1), (2,)),
+  "up/kernel": ((0,), (1,)),
+  "down/kernel": ((0,), (1,)),
 }
 
 
 def mesh(devices: int = 8) -> jax.sharding.Mesh:
   """A ``('fsdp', 'tp')`` mesh: (2, 4) on 8 devices, (1, 1) on one."""
   shape = (2, 4) if devices == 8 else (1, 1)
-  return jax.make_mesh(shape, AXES, axis_types=(jax.sharding.AxisType.Auto,) * 2,
-                       devices=jax.devices()[:devices])
+  return jax.make_mesh(
+    shape, AXES, axis_types=(jax.sharding.AxisType.Auto,) * 2, devices=jax.devices()[:devices]
+  )
 
 
 def lora_model(seed: int = 0, *, random_b: bool = True) -> GemmaLike:
@@ -85,8 +84,7 @@ def lora_model(seed: int = 0, *, random_b: bool = True) -> GemmaLike:
   """
   model = GemmaLike(nnx.Rngs(seed))
   provider = qwix.LoraProvider(module_path=".*", rank=RANK, alpha=ALPHA)
-  model = qwix.apply_lora_to_model(model, provider, jnp.ones((1, 2, D)),
-                                   rngs=nnx.Rngs(seed + 1))
+  model = qwix.apply_lora_to_model(model, provider, jnp.ones((1, 2, D)), rngs=nnx.Rngs(seed + 1))
   if random_b:
     keys = iter(jax.random.split(jax.random.key(seed + 2), 16))
     for path, variable in nnx.iter_graph(model):

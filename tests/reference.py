@@ -54,8 +54,9 @@ def solution_family(a, b, grad_a, grad_b, row_scale, col_scale, theta):
   return delta_a, delta_b
 
 
-def brute_force_theta(a, b, grad_a, grad_b, row_scale, col_scale, criterion,
-                      grid: int = 20001) -> float:
+def brute_force_theta(
+  a, b, grad_a, grad_b, row_scale, col_scale, criterion, grid: int = 20001
+) -> float:
   """θ ∈ [0, 1] minimizing |criterion| evaluated on a dense grid.
 
   ``criterion(delta_a, delta_b) -> float`` is the signed imbalance (or a
@@ -106,33 +107,43 @@ def consistent_projection(a, b, grad_a, grad_b):
   jacobian = lora_jacobian(a, b)
   _, singular, vt = np.linalg.svd(jacobian)
   tolerance = max(jacobian.shape) * np.finfo(float).eps * singular.max()
-  null = vt[np.sum(singular > tolerance):].T
+  null = vt[np.sum(singular > tolerance) :].T
   flat = np.concatenate([grad_a.ravel(), grad_b.ravel()])
   projected = flat - null @ (null.T @ flat)
-  return (projected[:grad_a.size].reshape(grad_a.shape),
-          projected[grad_a.size:].reshape(grad_b.shape))
+  return (
+    projected[: grad_a.size].reshape(grad_a.shape),
+    projected[grad_a.size :].reshape(grad_b.shape),
+  )
 
 
 def contribution_imbalance(a, b, row_scale, col_scale):
   """‖δa b‖²_H − ‖a δb‖²_H (the equal-norms rule's criterion, docs/design.md §4)."""
+
   def criterion(delta_a, delta_b):
-    return (h_norm_sq(delta_a @ b, row_scale, col_scale)
-            - h_norm_sq(a @ delta_b, row_scale, col_scale))
+    return h_norm_sq(delta_a @ b, row_scale, col_scale) - h_norm_sq(
+      a @ delta_b, row_scale, col_scale
+    )
+
   return criterion
 
 
 def factor_norm_imbalance(row_scale, col_scale):
   """Σ p_i δa_ik² − Σ q_j δb_kj² (the factor-norm variant)."""
+
   def criterion(delta_a, delta_b):
-    return (float(np.sum(row_scale[:, None] * delta_a**2))
-            - float(np.sum(col_scale[None, :] * delta_b**2)))
+    return float(np.sum(row_scale[:, None] * delta_a**2)) - float(
+      np.sum(col_scale[None, :] * delta_b**2)
+    )
+
   return criterion
 
 
 def second_order_term(row_scale, col_scale):
   """‖δa δb‖²_H, the second-order part of a finite step's weight change."""
+
   def criterion(delta_a, delta_b):
     return h_norm_sq(delta_a @ delta_b, row_scale, col_scale)
+
   return criterion
 
 
@@ -157,8 +168,8 @@ def tangent_split_statistics(a, b, grad_a, grad_b):
   grad_proj_b = grad_a @ np.linalg.pinv(b @ b.T) @ b
   proj_a_grad = a @ np.linalg.pinv(a.T @ a) @ grad_b
   eye_a, eye_b = np.eye(a.shape[0]), np.eye(b.shape[1])
-  rows = np.sum(grad_proj_b**2, axis=1) + np.sum((proj_a_grad @ (eye_b - proj_b))**2, axis=1)
-  cols = np.sum(proj_a_grad**2, axis=0) + np.sum(((eye_a - proj_a) @ grad_proj_b)**2, axis=0)
+  rows = np.sum(grad_proj_b**2, axis=1) + np.sum((proj_a_grad @ (eye_b - proj_b)) ** 2, axis=1)
+  cols = np.sum(proj_a_grad**2, axis=0) + np.sum(((eye_a - proj_a) @ grad_proj_b) ** 2, axis=0)
   return rows / b.shape[1], cols / a.shape[0]
 
 
@@ -173,12 +184,14 @@ def adafactor_beta2(step: int, decay_rate: float = 0.8) -> float:
 
 def random_pair(rng, d_in, d_out, rank, *, factor_condition=1.0):
   """Random a, b with singular values spread over ``factor_condition``."""
+
   def factor(rows, cols):
     u, _ = np.linalg.qr(rng.normal(size=(rows, rows)))
     v, _ = np.linalg.qr(rng.normal(size=(cols, cols)))
     k = min(rows, cols)
     singular = np.geomspace(1.0, 1.0 / factor_condition, k)
     return u[:, :k] @ np.diag(singular) @ v[:k, :]
+
   return factor(d_in, rank), factor(rank, d_out)
 
 
@@ -189,9 +202,19 @@ def random_scales(rng, size, condition):
   return np.exp(rng.permutation(log_values))
 
 
-def adaprelora_step(a, b, grad_w, row_moment, col_moment, step, *,
-                    statistics="exact", clipping_threshold=1.0,
-                    decay_rate=0.8, eps=1e-30):
+def adaprelora_step(
+  a,
+  b,
+  grad_w,
+  row_moment,
+  col_moment,
+  step,
+  *,
+  statistics="exact",
+  clipping_threshold=1.0,
+  decay_rate=0.8,
+  eps=1e-30,
+):
   """One undamped AdaPreLoRA step from the definitions (docs/design.md §2-§5).
 
   Returns ``(delta_a, delta_b, new_row_moment, new_col_moment)``.

@@ -17,12 +17,12 @@ from tests.test_transform import chex_close
 
 # Every baseline alias with hyperparameters that train _quadratic_problem.
 BASELINES = {
-    "lora_plus": (ap.lora_plus, dict(learning_rate=0.05, lr_ratio=4.0)),
-    "scaled_gd": (ap.scaled_gd, dict(learning_rate=0.3, reg=1e-3)),
-    "scaled_adamw": (ap.scaled_adamw, dict(learning_rate=0.05, reg=1e-3)),
-    "lora_pro": (ap.lora_pro, dict(learning_rate=0.05)),
-    "lora_pro_full": (ap.lora_pro, dict(learning_rate=0.05, mode="full")),
-    "lora_rite": (ap.lora_rite, dict(learning_rate=0.05)),
+  "lora_plus": (ap.lora_plus, dict(learning_rate=0.05, lr_ratio=4.0)),
+  "scaled_gd": (ap.scaled_gd, dict(learning_rate=0.3, reg=1e-3)),
+  "scaled_adamw": (ap.scaled_adamw, dict(learning_rate=0.05, reg=1e-3)),
+  "lora_pro": (ap.lora_pro, dict(learning_rate=0.05)),
+  "lora_pro_full": (ap.lora_pro, dict(learning_rate=0.05, mode="full")),
+  "lora_rite": (ap.lora_rite, dict(learning_rate=0.05)),
 }
 
 
@@ -48,9 +48,13 @@ def _torch_problem(seed, m, n, rank, steps, *, b_scale=1.0, grad_scale=1.0):
 
 def _factor_grads(params, weight_grads, scale=1.0):
   """Flax factor gradients ``(s G bᵀ, s aᵀ G)`` from flax-layout ``G``."""
-  return {name: {"lora_a": scale * g @ params[name]["lora_b"].T,
-                 "lora_b": scale * params[name]["lora_a"].T @ g}
-          for name, g in weight_grads.items()}
+  return {
+    name: {
+      "lora_a": scale * g @ params[name]["lora_b"].T,
+      "lora_b": scale * params[name]["lora_a"].T @ g,
+    }
+    for name, g in weight_grads.items()
+  }
 
 
 def _run(tx, params, weight_grad_steps, scale=1.0):
@@ -69,8 +73,7 @@ def _run_torch_pair(tx, A, B, grads, scale=1.0):
   """Runs ``tx`` on one pair given in torch layout; returns [(A_t, B_t)]."""
   params = {"w": {"lora_a": jnp.asarray(A.T), "lora_b": jnp.asarray(B.T)}}
   trajectory, _ = _run(tx, params, [{"w": jnp.asarray(g.T)} for g in grads], scale)
-  return [(np.asarray(p["w"]["lora_a"]).T, np.asarray(p["w"]["lora_b"]).T)
-          for p in trajectory]
+  return [(np.asarray(p["w"]["lora_a"]).T, np.asarray(p["w"]["lora_b"]).T) for p in trajectory]
 
 
 def _assert_trajectories_close(got, expected, rtol):
@@ -98,8 +101,10 @@ def test_lora_plus_matches_the_reference():
 def test_lora_plus_with_ratio_one_is_optax_adamw():
   params, loss = _quadratic_problem()
   params["head"] = {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)}
+
   def full_loss(p):
     return loss(p) + jnp.sum(p["head"]["kernel"] ** 2) + jnp.sum(p["head"]["bias"])
+
   ours, theirs = ap.lora_plus(0.01, 1.0, weight_decay=0.05), optax.adamw(0.01, weight_decay=0.05)
   ours_state, theirs_state = ours.init(params), theirs.init(params)
   for _ in range(3):
@@ -138,8 +143,7 @@ def test_scaled_gd_matches_the_reference():
 def test_scaled_adamw_matches_the_reference():
   A, B, grads = _torch_problem(2, 7, 6, 3, steps=4)
   with jax.enable_x64(True):
-    got = _run_torch_pair(ap.scaled_adamw(0.01, reg=0.5, eps=1e-6, weight_decay=0.1),
-                          A, B, grads)
+    got = _run_torch_pair(ap.scaled_adamw(0.01, reg=0.5, eps=1e-6, weight_decay=0.1), A, B, grads)
   adam_a, adam_b, expected = ref.Adam(eps=1e-6), ref.Adam(eps=1e-6), []
   for g in grads:
     A, B = ref.scaled_adamw_step(A, B, g, adam_a, adam_b, lr=0.01, reg=0.5, weight_decay=0.1)
@@ -201,8 +205,7 @@ def test_lora_pro_at_b_zero_is_the_minimum_norm_solution():
   # (|m̂|/√v̂ = 1), projected back.
   direction = ref.Adam().direction(ref.tangent_projection(A, B, g))
   _, expected_full_b = ref.lora_pro_projection(A, B, direction, scale)
-  np.testing.assert_allclose(np.asarray(updates["w"]["lora_b"]).T, expected_full_b,
-                             rtol=1e-9)
+  np.testing.assert_allclose(np.asarray(updates["w"]["lora_b"]).T, expected_full_b, rtol=1e-9)
   closed_form_b = g @ A.T @ np.linalg.inv(A @ A.T) / scale
   np.testing.assert_allclose(expected_b, closed_form_b, rtol=1e-9)
 
@@ -221,29 +224,47 @@ def test_lora_rite_matches_the_reference(variant):
   rng = np.random.default_rng(5)
   shapes = ((7, 6, 2), (5, 8, 3))
   pairs = [(rng.normal(size=(m, r)), rng.normal(size=(n, r))) for m, n, r in shapes]
-  grads = [[rng.normal(size=(m, n)) * s for (m, n, _), s in zip(shapes, scales, strict=True)]
-           for _ in range(4)]
+  grads = [
+    [rng.normal(size=(m, n)) * s for (m, n, _), s in zip(shapes, scales, strict=True)]
+    for _ in range(4)
+  ]
   with jax.enable_x64(True):
     tx = ap.lora_rite(
-        0.01, clip_unmagnified_grad=options["clip"], update_skipping=options["skip"],
-        update_capping=options["cap"], escape_mass=options["escape"])
-    params = {f"p{i}": {"lora_a": jnp.asarray(A), "lora_b": jnp.asarray(B.T)}
-              for i, (A, B) in enumerate(pairs)}
-    trajectory, state = _run(tx, params, [
-        {f"p{i}": jnp.asarray(g) for i, g in enumerate(step)} for step in grads])
+      0.01,
+      clip_unmagnified_grad=options["clip"],
+      update_skipping=options["skip"],
+      update_capping=options["cap"],
+      escape_mass=options["escape"],
+    )
+    params = {
+      f"p{i}": {"lora_a": jnp.asarray(A), "lora_b": jnp.asarray(B.T)}
+      for i, (A, B) in enumerate(pairs)
+    }
+    trajectory, state = _run(
+      tx, params, [{f"p{i}": jnp.asarray(g) for i, g in enumerate(step)} for step in grads]
+    )
   states = [(ref.RiteFactorState(m, r), ref.RiteFactorState(n, r)) for m, n, r in shapes]
   for t, step in enumerate(grads, start=1):
     pairs = ref.lora_rite_steps(
-        [(A, B, g) for (A, B), g in zip(pairs, step, strict=True)], states, t, lr=0.01, b1=0.9,
-        b2=0.999, eps=1e-6, **options)
+      [(A, B, g) for (A, B), g in zip(pairs, step, strict=True)],
+      states,
+      t,
+      lr=0.01,
+      b1=0.9,
+      b2=0.999,
+      eps=1e-6,
+      **options,
+    )
     for i, (A, B) in enumerate(pairs):
       got = trajectory[t - 1][f"p{i}"]
-      _assert_trajectories_close([(np.asarray(got["lora_a"]), np.asarray(got["lora_b"]).T)],
-                                 [(A, B)], 1e-9)
+      _assert_trajectories_close(
+        [(np.asarray(got["lora_a"]), np.asarray(got["lora_b"]).T)], [(A, B)], 1e-9
+      )
   if variant == "skip_and_clip":
     # The skipped pair did not move at all.
-    np.testing.assert_array_equal(np.asarray(trajectory[-1]["p1"]["lora_a"]),
-                                  np.asarray(params["p1"]["lora_a"]))
+    np.testing.assert_array_equal(
+      np.asarray(trajectory[-1]["p1"]["lora_a"]), np.asarray(params["p1"]["lora_a"])
+    )
   if variant == "escape_and_capping":
     assert np.all(np.asarray(state[0].escape_mass["p0"]["lora_a"]) >= 0.0)
     assert float(state[0].escape_mass["p0"]["lora_a"]) > 0.0
@@ -276,20 +297,26 @@ def _weight_changes(tx, seed):
   return [w - a @ b for w in original], [w - a @ b for w in transformed]
 
 
-@pytest.mark.parametrize("tx", [
+@pytest.mark.parametrize(
+  "tx",
+  [
     ap.lora_rite(0.02),
     ap.lora_rite(0.02, escape_mass=True, update_capping=0.5),
     ap.scaled_gd(0.02, reg=1e-12),
-], ids=["lora_rite", "lora_rite_escape_capping", "scaled_gd"])
+  ],
+  ids=["lora_rite", "lora_rite_escape_capping", "scaled_gd"],
+)
 def test_weight_updates_are_invariant_to_the_factorization(tx):
   original, transformed = _weight_changes(tx, 6)
   for change, transformed_change in zip(original, transformed, strict=True):
     np.testing.assert_allclose(transformed_change, change, rtol=1e-7, atol=1e-12)
 
 
-@pytest.mark.parametrize("tx", [optax.adamw(0.02, weight_decay=0.0),
-                                ap.scaled_adamw(0.02, reg=1e-12)],
-                         ids=["adamw", "scaled_adamw"])
+@pytest.mark.parametrize(
+  "tx",
+  [optax.adamw(0.02, weight_decay=0.0), ap.scaled_adamw(0.02, reg=1e-12)],
+  ids=["adamw", "scaled_adamw"],
+)
 def test_adaptive_factor_updates_are_not_invariant(tx):
   original, transformed = _weight_changes(tx, 6)
   difference = np.linalg.norm(original[-1] - transformed[-1]) / np.linalg.norm(original[-1])
@@ -313,14 +340,18 @@ def test_b_zero_init_gives_finite_updates_that_move_b(name):
 
 
 def _state_float_dtypes(state):
-  return {leaf.dtype for leaf in jax.tree.leaves(state)
-          if jnp.issubdtype(leaf.dtype, jnp.floating) and leaf.ndim > 0}
+  return {
+    leaf.dtype
+    for leaf in jax.tree.leaves(state)
+    if jnp.issubdtype(leaf.dtype, jnp.floating) and leaf.ndim > 0
+  }
 
 
 @each_baseline
 def test_bfloat16_params_keep_float32_state(name):
-  params = {"p": {"lora_a": jnp.ones((8, 4), jnp.bfloat16) * 0.3,
-                  "lora_b": jnp.zeros((4, 6), jnp.bfloat16)}}
+  params = {
+    "p": {"lora_a": jnp.ones((8, 4), jnp.bfloat16) * 0.3, "lora_b": jnp.zeros((4, 6), jnp.bfloat16)}
+  }
   rng = np.random.default_rng(7)
   tx = _make(name, learning_rate=1e-2)
   state = tx.init(params)
@@ -336,14 +367,15 @@ def test_bfloat16_params_keep_float32_state(name):
   assert np.any(np.asarray(params["p"]["lora_b"], np.float32) != 0.0)
 
 
-@hypothesis.settings(max_examples=12, deadline=None,
-                     suppress_health_check=[hypothesis.HealthCheck.too_slow])
+@hypothesis.settings(
+  max_examples=12, deadline=None, suppress_health_check=[hypothesis.HealthCheck.too_slow]
+)
 @hypothesis.given(
-    name=st.sampled_from(list(BASELINES)),
-    b_scale=st.sampled_from([0.0, 1e-12, 1e-4, 1.0]),
-    grad_scale=st.sampled_from([0.0, 1e-30, 1.0, 1e8]),
-    dtype=st.sampled_from(["float32", "bfloat16"]),
-    seed=st.integers(0, 1000),
+  name=st.sampled_from(list(BASELINES)),
+  b_scale=st.sampled_from([0.0, 1e-12, 1e-4, 1.0]),
+  grad_scale=st.sampled_from([0.0, 1e-30, 1.0, 1e8]),
+  dtype=st.sampled_from(["float32", "bfloat16"]),
+  seed=st.integers(0, 1000),
 )
 def test_fuzz_baseline_updates_are_finite(name, b_scale, grad_scale, dtype, seed):
   rng = np.random.default_rng(seed)
@@ -392,24 +424,39 @@ def test_peft_layout_and_stacked_layers_equal_single_flax_pairs(name):
   b = rng.normal(size=(layers, rank, d_out)).astype(np.float32)
   g = rng.normal(size=(layers, d_in, d_out)).astype(np.float32)
   grad_a, grad_b = np.einsum("lij,lkj->lik", g, b), np.einsum("lia,lij->laj", a, g)
-  stacked = {"lora_A": jnp.asarray(a).transpose(0, 2, 1),
-             "lora_B": jnp.asarray(b).transpose(0, 2, 1)}
-  stacked_grads = {"lora_A": jnp.asarray(grad_a).transpose(0, 2, 1),
-                   "lora_B": jnp.asarray(grad_b).transpose(0, 2, 1)}
-  split = {f"l{i}": {"lora_a": jnp.asarray(a[i]), "lora_b": jnp.asarray(b[i])}
-           for i in range(layers)}
-  split_grads = {f"l{i}": {"lora_a": jnp.asarray(grad_a[i]), "lora_b": jnp.asarray(grad_b[i])}
-                 for i in range(layers)}
+  stacked = {
+    "lora_A": jnp.asarray(a).transpose(0, 2, 1),
+    "lora_B": jnp.asarray(b).transpose(0, 2, 1),
+  }
+  stacked_grads = {
+    "lora_A": jnp.asarray(grad_a).transpose(0, 2, 1),
+    "lora_B": jnp.asarray(grad_b).transpose(0, 2, 1),
+  }
+  split = {
+    f"l{i}": {"lora_a": jnp.asarray(a[i]), "lora_b": jnp.asarray(b[i])} for i in range(layers)
+  }
+  split_grads = {
+    f"l{i}": {"lora_a": jnp.asarray(grad_a[i]), "lora_b": jnp.asarray(grad_b[i])}
+    for i in range(layers)
+  }
   peft_tx, flax_tx = _make(name, pairing="peft"), _make(name)
   peft_state, flax_state = peft_tx.init(stacked), flax_tx.init(split)
   for _ in range(2):
     peft_updates, peft_state = peft_tx.update(stacked_grads, peft_state, stacked)
     flax_updates, flax_state = flax_tx.update(split_grads, flax_state, split)
   for i in range(layers):
-    np.testing.assert_allclose(np.asarray(peft_updates["lora_A"][i]).T,
-                               np.asarray(flax_updates[f"l{i}"]["lora_a"]), rtol=2e-4, atol=1e-7)
-    np.testing.assert_allclose(np.asarray(peft_updates["lora_B"][i]).T,
-                               np.asarray(flax_updates[f"l{i}"]["lora_b"]), rtol=2e-4, atol=1e-7)
+    np.testing.assert_allclose(
+      np.asarray(peft_updates["lora_A"][i]).T,
+      np.asarray(flax_updates[f"l{i}"]["lora_a"]),
+      rtol=2e-4,
+      atol=1e-7,
+    )
+    np.testing.assert_allclose(
+      np.asarray(peft_updates["lora_B"][i]).T,
+      np.asarray(flax_updates[f"l{i}"]["lora_b"]),
+      rtol=2e-4,
+      atol=1e-7,
+    )
 
 
 @each_baseline
@@ -428,7 +475,9 @@ def test_pairing_errors_name_the_parameter_path(name):
     tx.update(jax.grad(loss)(params), tx.init(params))
 
 
-@pytest.mark.parametrize("factory,kwargs,match", [
+@pytest.mark.parametrize(
+  "factory,kwargs,match",
+  [
     (ap.lora_plus, dict(lr_ratio=0.0), "lr_ratio"),
     (ap.scaled_gd, dict(reg=0.0), "reg"),
     (ap.scaled_adamw, dict(reg=-1.0), "reg"),
@@ -438,7 +487,8 @@ def test_pairing_errors_name_the_parameter_path(name):
     (ap.lora_rite, dict(clip_unmagnified_grad=0.0), "clip_unmagnified_grad"),
     (ap.lora_rite, dict(update_skipping=-1.0), "update_skipping"),
     (ap.lora_plus, dict(pairing="torch"), "pairing preset"),
-])
+  ],
+)
 def test_bad_hyperparameters_raise(factory, kwargs, match):
   with pytest.raises(ValueError, match=match):
     factory(0.1, **kwargs)
@@ -451,14 +501,22 @@ def test_bad_hyperparameters_raise(factory, kwargs, match):
 def test_chain_masked_and_training(name):
   params, loss = _quadratic_problem()
   params["frozen"] = {"lora_a": jnp.ones((3, 1)), "lora_b": jnp.ones((1, 2))}
+
   def full_loss(p):
     return loss(p) + jnp.sum(p["frozen"]["lora_a"] @ p["frozen"]["lora_b"])
+
   mask = {"layer": {"lora_a": True, "lora_b": True}, "frozen": {"lora_a": False, "lora_b": False}}
-  tx = optax.chain(optax.clip_by_global_norm(10.0), optax.masked(_make(name), mask),
-                   optax.masked(optax.set_to_zero(), jax.tree.map(lambda m: not m, mask)))
+  tx = optax.chain(
+    optax.clip_by_global_norm(10.0),
+    optax.masked(_make(name), mask),
+    optax.masked(optax.set_to_zero(), jax.tree.map(lambda m: not m, mask)),
+  )
   state = tx.init(params)
-  step = jax.jit(lambda p, s: (lambda u, s: (optax.apply_updates(p, u), s))(
-      *tx.update(jax.grad(full_loss)(p), s, p)))
+  step = jax.jit(
+    lambda p, s: (lambda u, s: (optax.apply_updates(p, u), s))(
+      *tx.update(jax.grad(full_loss)(p), s, p)
+    )
+  )
   initial = float(loss(params))
   for _ in range(60):
     params, state = step(params, state)
@@ -504,11 +562,16 @@ def test_llama_shapes_trace_with_defaults(name):
   """Rank 16, d up to 4096, two stacked layers; abstract evaluation only."""
   factory, kwargs = BASELINES[name]
   shapes = {"q": (4096, 4096), "up": (4096, 11008), "down": (11008, 4096)}
-  params = {key: {"lora_a": jax.ShapeDtypeStruct((2, d_in, 16), jnp.bfloat16),
-                  "lora_b": jax.ShapeDtypeStruct((2, 16, d_out), jnp.bfloat16)}
-            for key, (d_in, d_out) in shapes.items()}
-  tx = factory(learning_rate=kwargs["learning_rate"], **(
-      {"mode": kwargs["mode"]} if "mode" in kwargs else {}))
+  params = {
+    key: {
+      "lora_a": jax.ShapeDtypeStruct((2, d_in, 16), jnp.bfloat16),
+      "lora_b": jax.ShapeDtypeStruct((2, 16, d_out), jnp.bfloat16),
+    }
+    for key, (d_in, d_out) in shapes.items()
+  }
+  tx = factory(
+    learning_rate=kwargs["learning_rate"], **({"mode": kwargs["mode"]} if "mode" in kwargs else {})
+  )
   state = jax.eval_shape(tx.init, params)
   updates, _ = jax.eval_shape(jax.jit(tx.update), params, state, params)
   assert updates["down"]["lora_b"].shape == (2, 16, 4096)

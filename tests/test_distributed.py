@@ -28,14 +28,23 @@ def _free_port() -> int:
 def test_two_processes_match_one(tmp_path):
   output = tmp_path / "factors.npz"
   port = _free_port()
-  env = {**os.environ, "XLA_FLAGS": " ".join(
-      flag for flag in os.environ.get("XLA_FLAGS", "").split()
-      if "device_count" not in flag) + " --xla_force_host_platform_device_count=4"}
+  env = {
+    **os.environ,
+    "XLA_FLAGS": " ".join(
+      flag for flag in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in flag
+    )
+    + " --xla_force_host_platform_device_count=4",
+  }
   processes = [
-      subprocess.Popen([sys.executable, "-m", "tests.distributed_worker", str(rank), "2",
-                        str(port), str(output)], cwd=ROOT, env=env,
-                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-      for rank in range(2)
+    subprocess.Popen(
+      [sys.executable, "-m", "tests.distributed_worker", str(rank), "2", str(port), str(output)],
+      cwd=ROOT,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for rank in range(2)
   ]
   logs = []
   for process in processes:

@@ -9,16 +9,22 @@ import pytest
 import adaprelora_jax
 
 MODULES = sorted(
-    name for _, name, _ in pkgutil.walk_packages(adaprelora_jax.__path__, "adaprelora_jax."))
+  name for _, name, _ in pkgutil.walk_packages(adaprelora_jax.__path__, "adaprelora_jax.")
+)
 # Modules whose public entry points carry examples: guards against passing
 # because no example was found.
-WITH_EXAMPLES = {"adaprelora_jax.transform", "adaprelora_jax.nn", "adaprelora_jax.kernels",
-                 "adaprelora_jax.reports"}
+WITH_EXAMPLES = {
+  "adaprelora_jax.transform",
+  "adaprelora_jax.nn",
+  "adaprelora_jax.kernels",
+  "adaprelora_jax.reports",
+}
 
 
 @pytest.mark.parametrize("name", MODULES)
 def test_docstring_examples(name):
-  result = doctest.testmod(importlib.import_module(name),
-                           optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+  result = doctest.testmod(
+    importlib.import_module(name), optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
+  )
   assert result.failed == 0
   assert result.attempted > 0 or name not in WITH_EXAMPLES

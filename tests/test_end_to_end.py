@@ -28,15 +28,17 @@ def _train(model, tx, x, y, steps):
   @nnx.jit
   def step(model, optimizer):
     loss, grads = nnx.value_and_grad(classification_loss, argnums=nnx.DiffState(0, TRAINABLE))(
-        model, (x, y))
+      model, (x, y)
+    )
     optimizer.update(model, grads)
     return loss
 
   return [float(step(model, optimizer)) for _ in range(steps)], optimizer
 
 
-@pytest.mark.parametrize("lora_layer", [nnx.LoRALinear, nn.LoRALinear],
-                         ids=["tangent-statistics", "exact-statistics"])
+@pytest.mark.parametrize(
+  "lora_layer", [nnx.LoRALinear, nn.LoRALinear], ids=["tangent-statistics", "exact-statistics"]
+)
 def test_lora_transfer_on_digits(lora_layer):
   (x, y), (x_test, y_test) = digits_split(TARGET)
   model = _transfer_model(lora_layer)
@@ -47,12 +49,15 @@ def test_lora_transfer_on_digits(lora_layer):
   assert losses[-1] < 0.25 * losses[0]
   assert accuracy > 0.9
   # Base weights are frozen; the statistics probes stay zero.
-  np.testing.assert_array_equal(np.asarray(model.hidden1.kernel[...]),
-                                pretrained_base()["hidden1/kernel"])
+  np.testing.assert_array_equal(
+    np.asarray(model.hidden1.kernel[...]), pretrained_base()["hidden1/kernel"]
+  )
   if lora_layer is nn.LoRALinear:
     assert np.all(np.asarray(model.hidden1.lora.grad_sq_rows[...]) == 0.0)
-  assert ap.nonfinite_report(nnx.as_pure(optimizer.opt_state),
-                             nnx.as_pure(nnx.state(model, TRAINABLE))) == {}
+  assert (
+    ap.nonfinite_report(nnx.as_pure(optimizer.opt_state), nnx.as_pure(nnx.state(model, TRAINABLE)))
+    == {}
+  )
 
 
 def test_orbax_checkpoint_resumes_bit_for_bit(tmp_path):
@@ -73,8 +78,9 @@ def test_orbax_checkpoint_resumes_bit_for_bit(tmp_path):
   for _ in range(5):
     step(model, optimizer)
   checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(tmp_path / "ckpt",
-                    {"model": nnx.state(model), "optimizer": nnx.state(optimizer)})
+  checkpointer.save(
+    tmp_path / "ckpt", {"model": nnx.state(model), "optimizer": nnx.state(optimizer)}
+  )
   checkpointer.wait_until_finished()
   for _ in range(4):
     step(model, optimizer)

@@ -58,19 +58,24 @@ def test_projection_is_not_skipped_where_it_changes_the_gradients(case):
     assert not bool(tangent.projection_is_identity(grams, inverses))
 
 
-@hypothesis.settings(max_examples=40, deadline=None,
-                     suppress_health_check=[hypothesis.HealthCheck.too_slow])
+@hypothesis.settings(
+  max_examples=40, deadline=None, suppress_health_check=[hypothesis.HealthCheck.too_slow]
+)
 @hypothesis.given(
-    d_in=st.integers(2, 16), d_out=st.integers(2, 16), rank=st.integers(1, 6),
-    factor_condition=st.sampled_from([1.0, 10.0, 1e3]),
-    noise=st.sampled_from([0.0, 1e-12, 1e-9, 1e-6, 1e-3, 1.0]), seed=st.integers(0, 2**16),
+  d_in=st.integers(2, 16),
+  d_out=st.integers(2, 16),
+  rank=st.integers(1, 6),
+  factor_condition=st.sampled_from([1.0, 10.0, 1e3]),
+  noise=st.sampled_from([0.0, 1e-12, 1e-9, 1e-6, 1e-3, 1.0]),
+  seed=st.integers(0, 2**16),
 )
 def test_skip_is_sound(d_in, d_out, rank, factor_condition, noise, seed):
   """Where the test says identity, the projection moves the gradients by ≤ tolerance."""
   hypothesis.assume(rank <= min(d_in, d_out))
   rng = np.random.default_rng(seed)
-  a, b, grad_a, grad_b = _pair(rng, d_in, d_out, rank, consistent=True,
-                               factor_condition=factor_condition)
+  a, b, grad_a, grad_b = _pair(
+    rng, d_in, d_out, rank, consistent=True, factor_condition=factor_condition
+  )
   grad_a = grad_a + noise * rng.normal(size=grad_a.shape)
   grad_b = grad_b + noise * rng.normal(size=grad_b.shape)
   with jax.enable_x64(True):
@@ -78,8 +83,11 @@ def test_skip_is_sound(d_in, d_out, rank, factor_condition, noise, seed):
     tolerance = 1e-6
     if bool(tangent.projection_is_identity(grams, inverses, tolerance=tolerance)):
       projected = tangent.consistent_gradients(*arrays)
-      moved = np.sqrt(sum(np.sum((np.asarray(x) - y) ** 2)
-                          for x, y in zip(projected, (grad_a, grad_b), strict=True)))
+      moved = np.sqrt(
+        sum(
+          np.sum((np.asarray(x) - y) ** 2) for x, y in zip(projected, (grad_a, grad_b), strict=True)
+        )
+      )
       size = np.sqrt(np.sum(grad_a**2) + np.sum(grad_b**2))
       assert moved <= tolerance * size * (1 + 1e-6) + 1e-13 * size
 
@@ -133,7 +141,8 @@ def test_conditional_projection_keeps_non_finite_entries_visible(value):
   grams = tangent.pair_grams(a, b, grad_a, jnp.ones((2, 3)))
   inverses = tangent.gram_inverses(grams, **DAMPING)
   projected_a, _, _ = tangent.consistent_gradients_unless_identity(
-      a, b, grad_a, jnp.ones((2, 3)), grams, inverses)
+    a, b, grad_a, jnp.ones((2, 3)), grams, inverses
+  )
   assert not np.all(np.isfinite(np.asarray(projected_a)))
 
 

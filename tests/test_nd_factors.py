@@ -39,16 +39,25 @@ def test_inference_recovers_leading_batch_layouts(rank, batch, inputs, outputs):
       dimension_numbers.infer_dimension_numbers(a_shape, b_shape)
     return
   dims = dimension_numbers.infer_dimension_numbers(a_shape, b_shape)
-  assert dims == Dims(tuple(range(k)), len(a_shape) - 1, tuple(range(k)), k,
-                      tuple(range(k, len(a_shape) - 1)), tuple(range(k + 1, len(b_shape))))
+  assert dims == Dims(
+    tuple(range(k)),
+    len(a_shape) - 1,
+    tuple(range(k)),
+    k,
+    tuple(range(k, len(a_shape) - 1)),
+    tuple(range(k + 1, len(b_shape))),
+  )
 
 
-@pytest.mark.parametrize("a_shape,b_shape,d_in,d_out", [
+@pytest.mark.parametrize(
+  "a_shape,b_shape,d_in,d_out",
+  [
     ((16, 4), (4, 4, 8), 16, 32),  # 'BTD,NDH->BTNH'
     ((16, 4), (4, 2, 4, 8), 16, 64),  # 'BTD,CNDH->CBTNH'
     ((4, 8, 4), (4, 16), 32, 16),  # 'BTNH,NHD->BTD'
     ((2, 16, 4), (4, 32), 32, 32),  # MoE 'EBD,EDF->EBF'
-])
+  ],
+)
 def test_qwix_einsum_layouts_have_no_batch_axes(a_shape, b_shape, d_in, d_out):
   params = {"w_lora_a": jnp.zeros(a_shape), "w_lora_b": jnp.zeros(b_shape)}
   (pair,) = ap.plan_pairs(params).pairs
@@ -63,26 +72,36 @@ def test_batched_dot_general_and_stacked_layers_keep_leading_batch_axes():
   assert (pair.lead_shape, pair.d_in, pair.d_out) == ((4,), 16, 12)
 
 
-@pytest.mark.parametrize("a_shape,b_shape", [
+@pytest.mark.parametrize(
+  "a_shape,b_shape",
+  [
     ((4, 16, 4), (4, 4, 8, 2)),  # stacked 'BTD,NDH' with L == r
     ((16, 3, 4), (4, 3, 8)),  # MaxText's scan axis at 1: a (in, L, r), b (r, L, out)
-])
+  ],
+)
 def test_ambiguous_shapes_name_the_path_and_the_declaration(a_shape, b_shape):
   params = {"blocks": {"w_lora_a": jnp.zeros(a_shape), "w_lora_b": jnp.zeros(b_shape)}}
-  with pytest.raises(ValueError, match=(
+  with pytest.raises(
+    ValueError,
+    match=(
       r"'blocks/w'.*'blocks/w_lora_a'.*fit several layouts.*"
-      r"annotate_pairing\(dimension_numbers=\{'blocks/w'.*LoRADimensionNumbers")):
+      r"annotate_pairing\(dimension_numbers=\{'blocks/w'.*LoRADimensionNumbers"
+    ),
+  ):
     ap.plan_pairs(params)
   with pytest.raises(ValueError, match="fit several layouts"):
     ap.adaprelora(1e-2).init(params)
 
 
-@pytest.mark.parametrize("dims,match", [
+@pytest.mark.parametrize(
+  "dims,match",
+  [
     (Dims(a_batch_axes=(1,)), r"lora_a has batch axes \(1,\) but lora_b has \(\)"),
     (Dims(a_batch_axes=(3,), b_batch_axes=(1,)), "batch axis 3 is out of range"),
     (Dims(a_batch_axes=(0,), b_batch_axes=(1,)), r"batch axis 0 of lora_a has size 16 but"),
     (Dims(a_batch_axes=(1,), b_batch_axes=(1,), a_in_axes=(0, 1)), "each axis exactly once"),
-])
+  ],
+)
 def test_bad_declarations_name_the_pair(dims, match):
   params = {"w_lora_a": jnp.zeros((16, 3, 4)), "w_lora_b": jnp.zeros((4, 3, 8))}
   with pytest.raises(ValueError, match=match):
@@ -111,12 +130,12 @@ def _declared_layouts(draw):
   where_b = {j: i for i, j in enumerate(b_order)}
   n = len(batch)
   dims = Dims(
-      a_batch_axes=tuple(where_a[j] for j in range(n)),
-      a_rank_axis=where_a[len(sizes_a) - 1],
-      b_batch_axes=tuple(where_b[j] for j in range(n)),
-      b_rank_axis=where_b[len(sizes_b) - 1],
-      a_in_axes=tuple(where_a[j] for j in range(n, n + len(inputs))),
-      b_out_axes=tuple(where_b[j] for j in range(n, n + len(outputs))),
+    a_batch_axes=tuple(where_a[j] for j in range(n)),
+    a_rank_axis=where_a[len(sizes_a) - 1],
+    b_batch_axes=tuple(where_b[j] for j in range(n)),
+    b_rank_axis=where_b[len(sizes_b) - 1],
+    a_in_axes=tuple(where_a[j] for j in range(n, n + len(inputs))),
+    b_out_axes=tuple(where_b[j] for j in range(n, n + len(outputs))),
   )
   return a_shape, b_shape, dims, batch, inputs, outputs, rank
 
@@ -128,20 +147,34 @@ def test_gather_scatter_round_trip(layout, members):
   gives; scatter writes them back into the leaf layout exactly."""
   a_shape, b_shape, dims, batch, inputs, outputs, rank = layout
   rng = np.random.default_rng(0)
-  params = {f"m{i}": {"w_lora_a": rng.normal(size=a_shape).astype(np.float32),
-                      "w_lora_b": rng.normal(size=b_shape).astype(np.float32)}
-            for i in range(members)}
+  params = {
+    f"m{i}": {
+      "w_lora_a": rng.normal(size=a_shape).astype(np.float32),
+      "w_lora_b": rng.normal(size=b_shape).astype(np.float32),
+    }
+    for i in range(members)
+  }
   plan = ap.plan_pairs(params, pairing_lib.annotate_pairing(dimension_numbers=dims))
   (group,) = plan.groups
   assert group.size == members * int(np.prod(batch, dtype=int))
   leaves = plan.leaves(params)
   d_in, d_out = int(np.prod(inputs)), int(np.prod(outputs))
-  want_a = np.stack([np.transpose(params[f"m{i}"]["w_lora_a"],
-                                  (*dims.a_batch_axes, *dims.a_in_axes, dims.a_rank_axis))
-                     for i in range(members)]).reshape(-1, d_in, rank)
-  want_b = np.stack([np.transpose(params[f"m{i}"]["w_lora_b"],
-                                  (*dims.b_batch_axes, dims.b_rank_axis, *dims.b_out_axes))
-                     for i in range(members)]).reshape(-1, rank, d_out)
+  want_a = np.stack(
+    [
+      np.transpose(
+        params[f"m{i}"]["w_lora_a"], (*dims.a_batch_axes, *dims.a_in_axes, dims.a_rank_axis)
+      )
+      for i in range(members)
+    ]
+  ).reshape(-1, d_in, rank)
+  want_b = np.stack(
+    [
+      np.transpose(
+        params[f"m{i}"]["w_lora_b"], (*dims.b_batch_axes, dims.b_rank_axis, *dims.b_out_axes)
+      )
+      for i in range(members)
+    ]
+  ).reshape(-1, rank, d_out)
   got_a, got_b = plan.gather(leaves, group, "a"), plan.gather(leaves, group, "b")
   np.testing.assert_array_equal(got_a, want_a)
   np.testing.assert_array_equal(got_b, want_b)
@@ -161,11 +194,13 @@ def _scan_problem(key, layers=3, d_in=16, rank=4, d_out=12):
   for step in range(3):
     g = jax.random.normal(jax.random.fold_in(keys[2], step), (layers, d_in, d_out))
     grads.append((g @ jnp.swapaxes(b, -1, -2), jnp.swapaxes(a, -1, -2) @ g))
+
   def leading(x, y):
     return {"layers": {"w_lora_a": x, "w_lora_b": y}}
+
   def scan(x, y):
-    return {"layers": {"w_lora_a": jnp.moveaxis(x, 0, 1),
-                       "w_lora_b": jnp.moveaxis(y, 0, 1)}}
+    return {"layers": {"w_lora_a": jnp.moveaxis(x, 0, 1), "w_lora_b": jnp.moveaxis(y, 0, 1)}}
+
   return leading, scan, (a, b), grads
 
 
@@ -180,31 +215,40 @@ def _run(tx, params, grads_list):
 def test_declared_scan_axis_equals_the_leading_layer_layout():
   leading, scan, (a, b), grads = _scan_problem(jax.random.key(0))
   pairing = pairing_lib.annotate_pairing(
-      dimension_numbers=Dims(a_batch_axes=(1,), b_batch_axes=(1,)))
+    dimension_numbers=Dims(a_batch_axes=(1,), b_batch_axes=(1,))
+  )
   kwargs = dict(b1=0.9, weight_decay=1e-2)
-  want_updates, want_state = _run(ap.adaprelora(1e-2, **kwargs), leading(a, b),
-                                  [leading(*g) for g in grads])
-  got_updates, got_state = _run(ap.adaprelora(1e-2, pairing=pairing, **kwargs), scan(a, b),
-                                [scan(*g) for g in grads])
+  want_updates, want_state = _run(
+    ap.adaprelora(1e-2, **kwargs), leading(a, b), [leading(*g) for g in grads]
+  )
+  got_updates, got_state = _run(
+    ap.adaprelora(1e-2, pairing=pairing, **kwargs), scan(a, b), [scan(*g) for g in grads]
+  )
   (pair,) = ap.plan_pairs(scan(a, b), pairing).pairs
   assert pair.lead_shape == (3,)
+
   def back(tree):
-    return leading(jnp.moveaxis(tree["layers"]["w_lora_a"], 1, 0),
-                   jnp.moveaxis(tree["layers"]["w_lora_b"], 1, 0))
+    return leading(
+      jnp.moveaxis(tree["layers"]["w_lora_a"], 1, 0), jnp.moveaxis(tree["layers"]["w_lora_b"], 1, 0)
+    )
+
   chex.assert_trees_all_close(back(got_updates), want_updates, rtol=1e-5, atol=1e-7)
   # Factor-shaped state (momentum) stays in the leaf's own layout.
   momentum = got_state[0].momentum["layers"]
   assert momentum["w_lora_a"].shape == (16, 3, 4)
-  chex.assert_trees_all_close(back(got_state[0].momentum),
-                              want_state[0].momentum, rtol=1e-5, atol=1e-7)
+  chex.assert_trees_all_close(
+    back(got_state[0].momentum), want_state[0].momentum, rtol=1e-5, atol=1e-7
+  )
   # Second moments are per layer, (L, d_in) / (L, d_out), in both layouts.
   rows, cols = ap.second_moments(got_state, scan(a, b), pairing)
   want_rows, want_cols = ap.second_moments(want_state, leading(a, b))
   assert rows["layers"]["w_lora_a"].shape == (3, 16)
-  chex.assert_trees_all_close(rows["layers"]["w_lora_a"], want_rows["layers"]["w_lora_a"],
-                              rtol=1e-5)
-  chex.assert_trees_all_close(cols["layers"]["w_lora_b"], want_cols["layers"]["w_lora_b"],
-                              rtol=1e-5)
+  chex.assert_trees_all_close(
+    rows["layers"]["w_lora_a"], want_rows["layers"]["w_lora_a"], rtol=1e-5
+  )
+  chex.assert_trees_all_close(
+    cols["layers"]["w_lora_b"], want_cols["layers"]["w_lora_b"], rtol=1e-5
+  )
   # Undeclared, the same shapes are refused rather than read as one matrix.
   with pytest.raises(ValueError, match="fit several layouts"):
     ap.adaprelora(1e-2).init(scan(a, b))
@@ -214,18 +258,18 @@ def _nd_params():
   """qwix layouts (attn_vec, kv, MoE) and a MaxText scanned pair."""
   z = jnp.zeros
   return {
-      "attn_vec": {"w_lora_a": z((4, 8, 4)), "w_lora_b": z((4, 16))},
-      "kv": {"w_lora_a": z((16, 4)), "w_lora_b": z((4, 2, 4, 8))},
-      "moe": {"w_lora_a": z((2, 16, 4)), "w_lora_b": z((4, 32))},
-      "scan": {"kernel_lora_a": z((16, 3, 4)), "kernel_lora_b": z((4, 3, 24))},
+    "attn_vec": {"w_lora_a": z((4, 8, 4)), "w_lora_b": z((4, 16))},
+    "kv": {"w_lora_a": z((16, 4)), "w_lora_b": z((4, 2, 4, 8))},
+    "moe": {"w_lora_a": z((2, 16, 4)), "w_lora_b": z((4, 32))},
+    "scan": {"kernel_lora_a": z((16, 3, 4)), "kernel_lora_b": z((4, 3, 24))},
   }
 
 
 _ND_SPECS = {
-    "attn_vec": {"w_lora_a": P("tp", None, None), "w_lora_b": P(None, "fsdp")},
-    "kv": {"w_lora_a": P("fsdp", None), "w_lora_b": P(None, None, "tp", None)},
-    "moe": {"w_lora_a": P(None, "fsdp", None), "w_lora_b": P(None, "tp")},
-    "scan": {"kernel_lora_a": P("fsdp", None, None), "kernel_lora_b": P(None, None, "tp")},
+  "attn_vec": {"w_lora_a": P("tp", None, None), "w_lora_b": P(None, "fsdp")},
+  "kv": {"w_lora_a": P("fsdp", None), "w_lora_b": P(None, None, "tp", None)},
+  "moe": {"w_lora_a": P(None, "fsdp", None), "w_lora_b": P(None, "tp")},
+  "scan": {"kernel_lora_a": P("fsdp", None, None), "kernel_lora_b": P(None, None, "tp")},
 }
 
 _SCAN = {"scan/kernel": Dims(a_batch_axes=(1,), b_batch_axes=(1,))}
@@ -245,10 +289,13 @@ def test_state_shardings_follow_nd_factor_axes(sharded):
     pairing = sharding.sharded_pairing(_ND_SPECS, pairing)
   tx = ap.scale_by_adaprelora(b1=0.9, pairing=pairing)
   state = sharding.state_shardings(tx, params, _ND_SPECS, pairing=pairing)
+
   def rows(name):
     return _group_entry(params, pairing, state.row_second_moment, name)
+
   def cols(name):
     return _group_entry(params, pairing, state.col_second_moment, name)
+
   # A flattened d_in / d_out is laid out like its sharded axis.
   assert rows("attn_vec") == P(None, "tp") and cols("attn_vec") == P(None, "fsdp")
   assert cols("kv") == P(None, "tp")
@@ -270,14 +317,16 @@ def test_full_lora_pro_state_on_nd_factors_is_sharded_like_both_factors():
   """(d_in, d_out) state of flattened N-D factors (stand-in sizes are
   products of the axes' sizes: they must stay distinct and in range)."""
   params = _nd_params()
-  pairing = sharding.sharded_pairing(_ND_SPECS, pairing_lib.annotate_pairing(
-      dimension_numbers=_SCAN))
+  pairing = sharding.sharded_pairing(
+    _ND_SPECS, pairing_lib.annotate_pairing(dimension_numbers=_SCAN)
+  )
   tx = ap.lora_pro(1e-3, mode="full", pairing=pairing)
   specs = sharding.state_shardings(tx, params, _ND_SPECS, pairing=pairing)
   abstract = jax.eval_shape(tx.init, params)
   spec_leaves = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P))
-  found = {leaf.shape: spec
-           for leaf, spec in zip(jax.tree.leaves(abstract), spec_leaves, strict=True)}
+  found = {
+    leaf.shape: spec for leaf, spec in zip(jax.tree.leaves(abstract), spec_leaves, strict=True)
+  }
   assert found[(16, 64)] == P("fsdp", "tp")  # kv: d_in 16, d_out 2·4·8
   assert found[(32, 16)] == P("tp", "fsdp")  # attn_vec: d_in 4·8
   assert found[(3, 16, 24)] == P(None, "fsdp", "tp")  # scanned: per layer
@@ -312,8 +361,9 @@ def test_lora_scale_makes_the_weight_step_independent_of_alpha(clipping):
     rows, _ = ap.second_moments(state, params)
     steps[scale, "rows"] = rows["w"]["lora_a"]
     # Without lora_scale the weight-space step is ``scale`` times larger.
-    unscaled, _ = _weight_step(ap.scale_by_adaprelora(clipping_threshold=clipping),
-                               params, grads, scale)
+    unscaled, _ = _weight_step(
+      ap.scale_by_adaprelora(clipping_threshold=clipping), params, grads, scale
+    )
     steps[scale, "unscaled"] = unscaled
   np.testing.assert_allclose(steps[4.0], steps[1.0], rtol=1e-5, atol=1e-7)
   np.testing.assert_allclose(steps[4.0, "rows"], steps[1.0, "rows"], rtol=1e-5)
@@ -322,15 +372,14 @@ def test_lora_scale_makes_the_weight_step_independent_of_alpha(clipping):
 
 def test_per_pair_scale_from_the_pairing_equals_lora_scale():
   params, grads = _scaled_pair(jax.random.key(1), 2.0)
-  by_argument, _ = _weight_step(ap.scale_by_adaprelora(lora_scale=2.0, b1=0.9),
-                                params, grads, 2.0)
+  by_argument, _ = _weight_step(ap.scale_by_adaprelora(lora_scale=2.0, b1=0.9), params, grads, 2.0)
   pairing = pairing_lib.annotate_pairing(scale={"w": 2.0})
-  by_pairing, _ = _weight_step(ap.scale_by_adaprelora(pairing=pairing, b1=0.9),
-                               params, grads, 2.0)
+  by_pairing, _ = _weight_step(ap.scale_by_adaprelora(pairing=pairing, b1=0.9), params, grads, 2.0)
   np.testing.assert_allclose(by_pairing, by_argument, rtol=1e-6)
   # Both multiply: 2 from the pairing and 0.5 from the argument is s = 1.
-  both, _ = _weight_step(ap.scale_by_adaprelora(pairing=pairing, lora_scale=0.5),
-                         params, grads, 1.0)
+  both, _ = _weight_step(
+    ap.scale_by_adaprelora(pairing=pairing, lora_scale=0.5), params, grads, 1.0
+  )
   unit, _ = _weight_step(ap.scale_by_adaprelora(), params, grads, 1.0)
   np.testing.assert_allclose(both, unit, rtol=1e-5, atol=1e-7)
   # Under inject_hyperparams the scale is a traced hyperparameter.

@@ -35,8 +35,7 @@ def _names(path):
 def _by_path(state):
   """``{path: array}`` for an ``nnx.State`` (or a pure tree)."""
   flat, _ = jax.tree_util.tree_flatten_with_path(nnx.as_pure(state))
-  return {ap.pairing.format_path(_names(path)): np.asarray(leaf, np.float64)
-          for path, leaf in flat}
+  return {ap.pairing.format_path(_names(path)): np.asarray(leaf, np.float64) for path, leaf in flat}
 
 
 def test_every_qwix_factor_is_paired():
@@ -50,12 +49,12 @@ def test_every_qwix_factor_is_paired():
   assert not [path for path in others if "lora" in path], others
   shapes = {name: (pair.d_in, pair.rank, pair.d_out) for name, pair in pairs.items()}
   assert shapes == {
-      "q_einsum/w": (qm.D, qm.RANK, qm.N * qm.H),
-      "kv_einsum/w": (qm.D, qm.RANK, qm.C * qm.N * qm.H),
-      "attn_vec_einsum/w": (qm.N * qm.H, qm.RANK, qm.D),
-      "moe/w": (qm.E * qm.D, qm.RANK, qm.F),
-      "up/kernel": (qm.D, qm.RANK, qm.F),
-      "down/kernel": (qm.F, qm.RANK, qm.D),
+    "q_einsum/w": (qm.D, qm.RANK, qm.N * qm.H),
+    "kv_einsum/w": (qm.D, qm.RANK, qm.C * qm.N * qm.H),
+    "attn_vec_einsum/w": (qm.N * qm.H, qm.RANK, qm.D),
+    "moe/w": (qm.E * qm.D, qm.RANK, qm.F),
+    "up/kernel": (qm.D, qm.RANK, qm.F),
+    "down/kernel": (qm.F, qm.RANK, qm.D),
   }
   # With the LoRA params alone (as nnx.Optimizer(wrt=nnx.LoRAParam) sees
   # them) every leaf is a factor.
@@ -67,8 +66,10 @@ def _flat_factors(model):
   from qwix's layout rule (a: the weight's axes shared with the input, then
   the rank; b: the rank, then the others), independently of the package."""
   lora = _by_path(nnx.state(model, nnx.LoRAParam))
-  return {name: (lora[f"{name}_lora_a"].reshape(-1, qm.RANK),
-                 lora[f"{name}_lora_b"].reshape(qm.RANK, -1)) for name in qm.WEIGHT_AXES}
+  return {
+    name: (lora[f"{name}_lora_a"].reshape(-1, qm.RANK), lora[f"{name}_lora_b"].reshape(qm.RANK, -1))
+    for name in qm.WEIGHT_AXES
+  }
 
 
 def _flat_weight_gradients(model, x, y):
@@ -114,8 +115,9 @@ def test_nd_pairs_match_the_dense_oracle(lora_scale):
     grad_w = weight_grads[name]
     # qwix's map is x·(SCALE·a·b): the factor gradients are SCALE·J*(G),
     # flattened exactly as the package flattens the factors.
-    np.testing.assert_allclose(lora_grads[f"{name}_lora_a"].reshape(a.shape),
-                               qm.SCALE * grad_w @ b.T, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(
+      lora_grads[f"{name}_lora_a"].reshape(a.shape), qm.SCALE * grad_w @ b.T, rtol=1e-4, atol=1e-6
+    )
     # The statistics: of the tangent projection of G' = (SCALE / s)·G, the
     # gradient of the unit map scaled back by s.
     want_rows, want_cols = _tangent_statistics(a, b, (qm.SCALE / s) * grad_w)
@@ -131,8 +133,9 @@ def test_nd_pairs_match_the_dense_oracle(lora_scale):
     # With lora_scale the weight-space step is the projected Adafactor step;
     # without, it is SCALE times that.
     expected = oracle * (qm.SCALE / s)
-    np.testing.assert_allclose(weight_step, expected, rtol=2e-3,
-                               atol=2e-3 * np.abs(expected).max(), err_msg=name)
+    np.testing.assert_allclose(
+      weight_step, expected, rtol=2e-3, atol=2e-3 * np.abs(expected).max(), err_msg=name
+    )
 
 
 def _train(model, tx, steps, *, wrt=nnx.LoRAParam):
@@ -149,13 +152,13 @@ def _train(model, tx, steps, *, wrt=nnx.LoRAParam):
 
 
 OPTIMIZERS = {
-    "adaprelora": lambda: ap.adaprelora(1e-2),
-    "adaprelora_lora_scale": lambda: ap.adaprelora(1e-2, lora_scale=qm.SCALE, b1=0.9),
-    "lora_plus": lambda: ap.lora_plus(1e-2, lr_ratio=4.0),
-    "scaled_gd": lambda: ap.scaled_gd(3e-2),
-    "scaled_adamw": lambda: ap.scaled_adamw(1e-2),
-    "lora_pro": lambda: ap.lora_pro(1e-2),
-    "lora_rite": lambda: ap.lora_rite(1e-2),
+  "adaprelora": lambda: ap.adaprelora(1e-2),
+  "adaprelora_lora_scale": lambda: ap.adaprelora(1e-2, lora_scale=qm.SCALE, b1=0.9),
+  "lora_plus": lambda: ap.lora_plus(1e-2, lr_ratio=4.0),
+  "scaled_gd": lambda: ap.scaled_gd(3e-2),
+  "scaled_adamw": lambda: ap.scaled_adamw(1e-2),
+  "lora_pro": lambda: ap.lora_pro(1e-2),
+  "lora_rite": lambda: ap.lora_rite(1e-2),
 }
 
 
@@ -178,8 +181,12 @@ def _sharded_run(devices, use_sharded_pairing, steps=2):
     pairing = _sharded_pairing(model) if use_sharded_pairing else "nnx"
     tx = ap.adaprelora(1e-2, b1=0.9, lora_scale=qm.SCALE, pairing=pairing)
     losses, optimizer = _train(model, tx, steps)
-  return (losses, nnx.as_pure(nnx.state(model, nnx.LoRAParam)),
-          nnx.as_pure(nnx.state(optimizer, nnx.OptState)), model)
+  return (
+    losses,
+    nnx.as_pure(nnx.state(model, nnx.LoRAParam)),
+    nnx.as_pure(nnx.state(optimizer, nnx.OptState)),
+    model,
+  )
 
 
 def _sharded_pairing(model):
@@ -205,7 +212,8 @@ def test_sharded_training_equals_unsharded(use_sharded_pairing):
 
 
 _COLLECTIVE = re.compile(
-    r"=\s*(\(?[^=]*?\)?)\s*(all-gather|all-to-all|collective-permute)(?:-start)?\(")
+  r"=\s*(\(?[^=]*?\)?)\s*(all-gather|all-to-all|collective-permute)(?:-start)?\("
+)
 
 
 def _optimizer_collectives(pairing_of_model):

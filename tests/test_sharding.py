@@ -24,21 +24,21 @@ AUTO = jax.sharding.AxisType.Auto
 
 # name -> (mesh shape, mesh axes, spec of lora_a (d_in, r), spec of lora_b (r, d_out))
 LAYOUTS = {
-    "fsdp": ((8,), ("data",), P("data", None), P(None, None)),
-    "tensor_parallel": ((8,), ("model",), P(None, None), P(None, "model")),
-    "2d": ((2, 4), ("data", "model"), P("data", None), P(None, "model")),
+  "fsdp": ((8,), ("data",), P("data", None), P(None, None)),
+  "tensor_parallel": ((8,), ("model",), P(None, None), P(None, "model")),
+  "2d": ((2, 4), ("data", "model"), P("data", None), P(None, "model")),
 }
 
 # name -> constructor taking the optimizer's keyword arguments (pairing).
 OPTIMIZERS = {
-    "adaprelora": lambda **kw: ap.adaprelora(1e-2, **kw),
-    "adaprelora_momentum": lambda **kw: ap.adaprelora(1e-2, b1=0.9, weight_decay=1e-2, **kw),
-    "lora_plus": lambda **kw: ap.lora_plus(1e-3, lr_ratio=16.0, **kw),
-    "scaled_gd": lambda **kw: ap.scaled_gd(1e-2, **kw),
-    "scaled_adamw": lambda **kw: ap.scaled_adamw(1e-3, **kw),
-    "lora_pro": lambda **kw: ap.lora_pro(1e-3, **kw),
-    "lora_pro_full": lambda **kw: ap.lora_pro(1e-3, mode="full", **kw),
-    "lora_rite": lambda **kw: ap.lora_rite(1e-3, **kw),
+  "adaprelora": lambda **kw: ap.adaprelora(1e-2, **kw),
+  "adaprelora_momentum": lambda **kw: ap.adaprelora(1e-2, b1=0.9, weight_decay=1e-2, **kw),
+  "lora_plus": lambda **kw: ap.lora_plus(1e-3, lr_ratio=16.0, **kw),
+  "scaled_gd": lambda **kw: ap.scaled_gd(1e-2, **kw),
+  "scaled_adamw": lambda **kw: ap.scaled_adamw(1e-3, **kw),
+  "lora_pro": lambda **kw: ap.lora_pro(1e-3, **kw),
+  "lora_pro_full": lambda **kw: ap.lora_pro(1e-3, mode="full", **kw),
+  "lora_rite": lambda **kw: ap.lora_rite(1e-3, **kw),
 }
 
 
@@ -50,11 +50,20 @@ def _mesh(layout):
 def _params(key):
   """Three single pairs, one stacked (LAYERS, ...) pair and a non-LoRA bias."""
   keys = iter(jax.random.split(key, 16))
+
   def pair(*lead):
-    return {"lora_a": jax.random.normal(next(keys), (*lead, D_IN, RANK)),
-            "lora_b": 0.3 * jax.random.normal(next(keys), (*lead, RANK, D_OUT))}
-  return {"q": pair(), "k": pair(), "v": pair(), "stacked": pair(LAYERS),
-          "bias": jax.random.normal(next(keys), (D_OUT,))}
+    return {
+      "lora_a": jax.random.normal(next(keys), (*lead, D_IN, RANK)),
+      "lora_b": 0.3 * jax.random.normal(next(keys), (*lead, RANK, D_OUT)),
+    }
+
+  return {
+    "q": pair(),
+    "k": pair(),
+    "v": pair(),
+    "stacked": pair(LAYERS),
+    "bias": jax.random.normal(next(keys), (D_OUT,)),
+  }
 
 
 def _gradients(params, key):
@@ -92,9 +101,13 @@ def _megatron_shardings(params, mesh):
   sharded), so pairs of one shape are sharded differently."""
   column = {"lora_a": P(None, None), "lora_b": P(None, "model")}
   row = {"lora_a": P("model", None), "lora_b": P(None, None)}
-  specs = {"q": column, "k": column, "v": row,
-           "stacked": {name: P(None, *spec) for name, spec in column.items()},
-           "bias": P("model")}
+  specs = {
+    "q": column,
+    "k": column,
+    "v": row,
+    "stacked": {name: P(None, *spec) for name, spec in column.items()},
+    "bias": P("model"),
+  }
   return jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs)
 
 
@@ -102,8 +115,9 @@ def _group_entry(params, entry, pair_name):
   """The array (or sharding) of a group-stacked state entry for the group
   holding ``pair_name``."""
   groups = ap.plan_pairs(params).groups
-  (index,) = [i for i, group in enumerate(groups)
-              if pair_name in [pair.name for pair in group.members]]
+  (index,) = [
+    i for i, group in enumerate(groups) if pair_name in [pair.name for pair in group.members]
+  ]
   return entry[index]
 
 
@@ -115,8 +129,11 @@ def _steps(tx, params, grads_list, param_shardings=None, state_shardings=None):
     params = jax.device_put(params, param_shardings)
     grads_list = [jax.device_put(g, param_shardings) for g in grads_list]
     init = jax.jit(tx.init, out_shardings=state_shardings)
-    update = jax.jit(tx.update, in_shardings=(param_shardings, state_shardings, param_shardings),
-                     out_shardings=(param_shardings, state_shardings))
+    update = jax.jit(
+      tx.update,
+      in_shardings=(param_shardings, state_shardings, param_shardings),
+      out_shardings=(param_shardings, state_shardings),
+    )
   state = init(params)
   for grads in grads_list:
     updates, state = update(grads, state, params)
@@ -171,13 +188,17 @@ def test_state_follows_the_factor_axes(problem, layout):
   params, _ = problem
   mesh = _mesh(layout)
   _, _, spec_a, spec_b = LAYOUTS[layout]
-  state = sharding.state_shardings(ap.scale_by_adaprelora(b1=0.9), params,
-                                   _param_shardings(params, layout, mesh))
+  state = sharding.state_shardings(
+    ap.scale_by_adaprelora(b1=0.9), params, _param_shardings(params, layout, mesh)
+  )
+
   # Second moments, stacked per group: the pair axis is replicated.
   def rows(name):
     return _group_entry(params, state.row_second_moment, name).spec
+
   def cols(name):
     return _group_entry(params, state.col_second_moment, name).spec
+
   assert rows("q") == P(None, spec_a[0]) and cols("q") == P(None, spec_b[1])
   assert rows("stacked") == P(None, None, spec_a[0])
   assert cols("stacked") == P(None, None, spec_b[1])
@@ -188,14 +209,16 @@ def test_state_follows_the_factor_axes(problem, layout):
   assert all(axis is None for axis in state.nonfinite_count.spec)
   # r×r state (LoRA-RITE) is replicated; LoRA-Pro's (d_in, d_out) moment is
   # sharded like both factors.
-  rite = sharding.state_shardings(ap.scale_by_lora_rite(), params,
-                                  _param_shardings(params, layout, mesh))
+  rite = sharding.state_shardings(
+    ap.scale_by_lora_rite(), params, _param_shardings(params, layout, mesh)
+  )
   abstract = jax.eval_shape(ap.scale_by_lora_rite().init, params)
   for shape, spec in _leaf_pairs(abstract, rite):
     if shape.shape[-2:] == (RANK, RANK):
       assert all(entry is None for entry in spec.spec), (shape.shape, spec)
-  full = sharding.state_shardings(ap.lora_pro(1e-3, mode="full"), params,
-                                  _param_shardings(params, layout, mesh))
+  full = sharding.state_shardings(
+    ap.lora_pro(1e-3, mode="full"), params, _param_shardings(params, layout, mesh)
+  )
   abstract = jax.eval_shape(ap.lora_pro(1e-3, mode="full").init, params)
   full_specs = [s.spec for a, s in _leaf_pairs(abstract, full) if a.shape == (D_IN, D_OUT)]
   assert full_specs and all(spec == P(spec_a[0], spec_b[1]) for spec in full_specs)
@@ -204,11 +227,13 @@ def test_state_follows_the_factor_axes(problem, layout):
 def test_partition_specs_in_partition_specs_out_through_wrappers(problem):
   params, _ = problem
   specs = jax.tree.map(lambda s: s.spec, _param_shardings(params, "2d", _mesh("2d")))
-  tx = optax.chain(optax.clip_by_global_norm(1.0),
-                   optax.inject_hyperparams(ap.adaprelora)(learning_rate=1e-2))
+  tx = optax.chain(
+    optax.clip_by_global_norm(1.0), optax.inject_hyperparams(ap.adaprelora)(learning_rate=1e-2)
+  )
   out = sharding.state_shardings(tx, params, specs)
-  assert all(isinstance(leaf, P)
-             for leaf in jax.tree.leaves(out, is_leaf=lambda x: isinstance(x, P)))
+  assert all(
+    isinstance(leaf, P) for leaf in jax.tree.leaves(out, is_leaf=lambda x: isinstance(x, P))
+  )
   inner = out[1].inner_state[0]
   assert _group_entry(params, inner.row_second_moment, "v") == P(None, "data")
   assert _group_entry(params, inner.col_second_moment, "v") == P(None, "model")
@@ -217,11 +242,14 @@ def test_partition_specs_in_partition_specs_out_through_wrappers(problem):
 
 def test_peft_layout_is_supported():
   keys = jax.random.split(jax.random.key(0), 2)
-  params = {"lora_A": {"weight": jax.random.normal(keys[0], (RANK, D_IN))},
-            "lora_B": {"weight": jax.random.normal(keys[1], (D_OUT, RANK))}}
+  params = {
+    "lora_A": {"weight": jax.random.normal(keys[0], (RANK, D_IN))},
+    "lora_B": {"weight": jax.random.normal(keys[1], (D_OUT, RANK))},
+  }
   specs = {"lora_A": {"weight": P(None, "data")}, "lora_B": {"weight": P("model", None)}}
-  state = sharding.state_shardings(ap.scale_by_adaprelora(pairing="peft"), params, specs,
-                                   pairing="peft")
+  state = sharding.state_shardings(
+    ap.scale_by_adaprelora(pairing="peft"), params, specs, pairing="peft"
+  )
   assert state.row_second_moment == (P(None, "data"),)
   assert state.col_second_moment == (P(None, "model"),)
 
@@ -261,8 +289,11 @@ def test_update_never_all_gathers_a_factor(problem, layout):
   param_shardings = _param_shardings(params, layout, mesh)
   state_shardings = sharding.state_shardings(tx, params, param_shardings)
   state = jax.eval_shape(tx.init, params)
-  update = jax.jit(tx.update, in_shardings=(param_shardings, state_shardings, param_shardings),
-                   out_shardings=(param_shardings, state_shardings))
+  update = jax.jit(
+    tx.update,
+    in_shardings=(param_shardings, state_shardings, param_shardings),
+    out_shardings=(param_shardings, state_shardings),
+  )
   hlo = update.lower(grads_list[0], state, params).compile().as_text()
   assert not _gathered_factor_shapes(hlo)
   assert "all-reduce" in hlo  # the r×r Gram matrices are reduced across shards
@@ -272,12 +303,15 @@ def test_nnx_partitioning_metadata_shards_the_optimizer_state():
   mesh = _mesh("2d")
 
   class Model(nnx.Module):
-
     def __init__(self, rngs):
       self.dense = nnx.LoRALinear(
-          D_IN, D_OUT, lora_rank=RANK, rngs=rngs,
-          a_metadata={"out_sharding": ("data", None)},
-          b_metadata={"out_sharding": (None, "model")})
+        D_IN,
+        D_OUT,
+        lora_rank=RANK,
+        rngs=rngs,
+        a_metadata={"out_sharding": ("data", None)},
+        b_metadata={"out_sharding": (None, "model")},
+      )
 
   with jax.set_mesh(mesh):
     model = Model(nnx.Rngs(0))
@@ -288,6 +322,7 @@ def test_nnx_partitioning_metadata_shards_the_optimizer_state():
     def train_step(model, optimizer, inputs):
       def loss_fn(model):
         return jnp.mean(model.dense(inputs) ** 2)
+
       loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
       optimizer.update(model, grads)
       return loss
@@ -296,8 +331,10 @@ def test_nnx_partitioning_metadata_shards_the_optimizer_state():
   assert losses[-1] < losses[0]
   state = nnx.state(optimizer, nnx.OptState)["opt_state"][0]
   specs = nnx.get_partition_spec(state)
+
   def lora(tree):
     return tree["dense"]["lora"]
+
   # One group: the second moments are (1, d_in) and (1, d_out) arrays.
   assert specs["row_second_moment"][0].get_value() == P(None, "data")
   assert specs["col_second_moment"][0].get_value() == P(None, "model")
@@ -337,8 +374,11 @@ def test_sharded_pairing_never_all_gathers_a_factor(problem):
   param_shardings = _megatron_shardings(params, _mesh("tensor_parallel"))
 
   def gathered(tx, state_shardings):
-    update = jax.jit(tx.update, in_shardings=(param_shardings, state_shardings, param_shardings),
-                     out_shardings=(param_shardings, state_shardings))
+    update = jax.jit(
+      tx.update,
+      in_shardings=(param_shardings, state_shardings, param_shardings),
+      out_shardings=(param_shardings, state_shardings),
+    )
     state = jax.eval_shape(tx.init, params)
     return _gathered_factor_shapes(update.lower(grads_list[0], state, params).compile().as_text())
 
@@ -366,12 +406,13 @@ def test_nnx_metadata_of_mixed_tensor_parallelism():
   mesh = _mesh("tensor_parallel")
 
   class Model(nnx.Module):
-
     def __init__(self, rngs):
-      self.column = nnx.LoRALinear(D_IN, D_IN, lora_rank=RANK, rngs=rngs,
-                                   b_metadata={"out_sharding": (None, "model")})
-      self.row = nnx.LoRALinear(D_IN, D_IN, lora_rank=RANK, rngs=rngs,
-                                a_metadata={"out_sharding": ("model", None)})
+      self.column = nnx.LoRALinear(
+        D_IN, D_IN, lora_rank=RANK, rngs=rngs, b_metadata={"out_sharding": (None, "model")}
+      )
+      self.row = nnx.LoRALinear(
+        D_IN, D_IN, lora_rank=RANK, rngs=rngs, a_metadata={"out_sharding": ("model", None)}
+      )
 
     def __call__(self, x):
       return self.row(self.column(x))
@@ -389,6 +430,7 @@ def test_nnx_metadata_of_mixed_tensor_parallelism():
     def train_step(model, optimizer, inputs):
       def loss_fn(model):
         return jnp.mean((model(inputs) - inputs) ** 2)
+
       loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
       optimizer.update(model, grads)
       return loss

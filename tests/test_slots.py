@@ -13,13 +13,15 @@ from adaprelora_jax import slots
 
 def _params():
   rng = np.random.default_rng(0)
+
   def normal(*shape):
     return jnp.asarray(rng.normal(size=shape), jnp.float32)
+
   return {
-      "q": {"lora_a": normal(6, 2), "lora_b": normal(2, 5)},
-      "k": {"lora_a": normal(6, 2), "lora_b": normal(2, 5)},
-      "scan": {"lora_a": normal(3, 4, 2), "lora_b": normal(3, 2, 7)},
-      "head": normal(5),
+    "q": {"lora_a": normal(6, 2), "lora_b": normal(2, 5)},
+    "k": {"lora_a": normal(6, 2), "lora_b": normal(2, 5)},
+    "scan": {"lora_a": normal(3, 4, 2), "lora_b": normal(3, 2, 7)},
+    "head": normal(5),
   }
 
 
@@ -31,23 +33,26 @@ def _plan():
 def _write_then_read(kind, plan, values_per_group):
   labels = nnx_metadata.StateLabels(plan)
   entry = kind.init(plan, labels)
-  positions = [[jnp.asarray(i, jnp.int32) for i in range(len(group.members))]
-               for group in plan.groups]
+  positions = [
+    [jnp.asarray(i, jnp.int32) for i in range(len(group.members))] for group in plan.groups
+  ]
   entry = kind.write(plan, entry, values_per_group, positions, labels)
   return entry, kind.read(plan, entry, "field")
 
 
 def _group_values(plan, shape_of):
   rng = np.random.default_rng(1)
-  return [jnp.asarray(rng.normal(size=(group.size, *shape_of(group.members[0]))), jnp.float32)
-          for group in plan.groups]
+  return [
+    jnp.asarray(rng.normal(size=(group.size, *shape_of(group.members[0]))), jnp.float32)
+    for group in plan.groups
+  ]
 
 
 @pytest.mark.parametrize("dims", [("d_in", "rank"), ("rank", "rank"), ("d_in",), ()])
 def test_slot_round_trips_every_group(dims):
   _, plan = _plan()
   slot = slots.Slot("a", dims)
-  values = _group_values(plan, lambda pair: slots.pair_shape(pair, dims)[len(pair.lead_shape):])
+  values = _group_values(plan, lambda pair: slots.pair_shape(pair, dims)[len(pair.lead_shape) :])
   entry, read = _write_then_read(slot, plan, values)
   chex.assert_trees_all_close(read, values)
   assert entry["head"] == optax.MaskedNode() and entry["q"]["lora_b"] == optax.MaskedNode()
@@ -56,8 +61,9 @@ def test_slot_round_trips_every_group(dims):
 
 def test_slots_give_the_kernel_a_tuple_in_declared_order():
   _, plan = _plan()
-  kind = slots.as_field("momentum", (slots.Slot("b", ("rank", "d_out")),
-                                     slots.Slot("a", ("d_in", "rank"))))
+  kind = slots.as_field(
+    "momentum", (slots.Slot("b", ("rank", "d_out")), slots.Slot("a", ("d_in", "rank")))
+  )
   b_values = _group_values(plan, lambda pair: (pair.rank, pair.d_out))
   a_values = _group_values(plan, lambda pair: (pair.d_in, pair.rank))
   _, read = _write_then_read(kind, plan, list(zip(b_values, a_values, strict=True)))
@@ -81,8 +87,9 @@ def test_group_slot_is_stacked_per_group_and_unstacks_to_a_mirror():
 def test_pair_scalar_is_one_vector_in_pair_row_order():
   _, plan = _plan()
   kind = slots.PairScalar(jnp.int32)
-  values = [jnp.arange(group.size, dtype=jnp.int32) + 10 * index
-            for index, group in enumerate(plan.groups)]
+  values = [
+    jnp.arange(group.size, dtype=jnp.int32) + 10 * index for index, group in enumerate(plan.groups)
+  ]
   entry, read = _write_then_read(kind, plan, values)
   assert entry.shape == (plan.num_rows,) and entry.dtype == jnp.int32
   chex.assert_trees_all_close(read, values)
@@ -96,5 +103,6 @@ def test_state_dtype_is_a_floating_minimum_and_exact_otherwise():
 
 def test_one_field_takes_at_most_one_slot_per_factor():
   with pytest.raises(ValueError, match="'momentum' needs at most one slot per factor"):
-    slots.as_field("momentum", (slots.Slot("a", ("d_in", "rank")),
-                                slots.Slot("a", ("rank", "rank"))))
+    slots.as_field(
+      "momentum", (slots.Slot("a", ("d_in", "rank")), slots.Slot("a", ("rank", "rank")))
+    )

@@ -15,40 +15,43 @@ from tests.test_validation import public_transforms
 # name -> transform, for every public transform and each kind of state
 # (momentum, escape mass, LoRA-Pro's two modes, injected hyperparameters).
 TRANSFORMS = {
-    "adaprelora": lambda: ap.adaprelora(1e-2),
-    "adaprelora_momentum": lambda: ap.adaprelora(1e-2, b1=0.9, weight_decay=1e-3),
-    "adaprelora_injected": lambda: optax.inject_hyperparams(ap.adaprelora)(
-        learning_rate=1e-2, b1=0.9),
-    "scale_by_adaprelora": ap.scale_by_adaprelora,
-    "lora_plus": lambda: ap.lora_plus(1e-2),
-    "scale_by_lora_plus": lambda: ap.scale_by_lora_plus(16.0),
-    "scaled_gd": lambda: ap.scaled_gd(1e-2),
-    "scaled_adamw": lambda: ap.scaled_adamw(1e-2),
-    "scale_by_riemannian_preconditioner": ap.scale_by_riemannian_preconditioner,
-    "lora_pro": lambda: ap.lora_pro(1e-2),
-    "lora_pro_full": lambda: ap.lora_pro(1e-2, mode="full"),
-    "scale_by_lora_pro": ap.scale_by_lora_pro,
-    "scale_by_lora_pro_full": lambda: ap.scale_by_lora_pro("full"),
-    "lora_rite": lambda: ap.lora_rite(1e-2),
-    "lora_rite_escape_mass": lambda: ap.lora_rite(1e-2, escape_mass=True),
-    "scale_by_lora_rite": ap.scale_by_lora_rite,
+  "adaprelora": lambda: ap.adaprelora(1e-2),
+  "adaprelora_momentum": lambda: ap.adaprelora(1e-2, b1=0.9, weight_decay=1e-3),
+  "adaprelora_injected": lambda: optax.inject_hyperparams(ap.adaprelora)(
+    learning_rate=1e-2, b1=0.9
+  ),
+  "scale_by_adaprelora": ap.scale_by_adaprelora,
+  "lora_plus": lambda: ap.lora_plus(1e-2),
+  "scale_by_lora_plus": lambda: ap.scale_by_lora_plus(16.0),
+  "scaled_gd": lambda: ap.scaled_gd(1e-2),
+  "scaled_adamw": lambda: ap.scaled_adamw(1e-2),
+  "scale_by_riemannian_preconditioner": ap.scale_by_riemannian_preconditioner,
+  "lora_pro": lambda: ap.lora_pro(1e-2),
+  "lora_pro_full": lambda: ap.lora_pro(1e-2, mode="full"),
+  "scale_by_lora_pro": ap.scale_by_lora_pro,
+  "scale_by_lora_pro_full": lambda: ap.scale_by_lora_pro("full"),
+  "lora_rite": lambda: ap.lora_rite(1e-2),
+  "lora_rite_escape_mass": lambda: ap.lora_rite(1e-2, escape_mass=True),
+  "scale_by_lora_rite": ap.scale_by_lora_rite,
 }
 
 # (parameter dtype, x64): float32 under x64 too, where float64 hyperparameter
 # arithmetic (Adafactor's decay schedule) must not widen float32 state.
 DTYPES = {
-    "float32": (jnp.float32, False),
-    "bfloat16": (jnp.bfloat16, False),
-    "float64": (jnp.float64, True),
-    "float32_x64": (jnp.float32, True),
+  "float32": (jnp.float32, False),
+  "bfloat16": (jnp.bfloat16, False),
+  "float64": (jnp.float64, True),
+  "float32_x64": (jnp.float32, True),
 }
 
 
 def _problem(dtype):
   """Two same-shaped LoRA pairs (one group of two) and a non-LoRA leaf."""
   keys = iter(jax.random.split(jax.random.key(0), 10))
+
   def normal(*shape):
     return jax.random.normal(next(keys), shape).astype(dtype)
+
   params = {name: {"lora_a": normal(8, 2), "lora_b": 0.1 * normal(2, 4)} for name in ("q", "v")}
   params["head"] = normal(4)
   grads = jax.tree.map(lambda p: 0.1 * normal(*p.shape), params)
@@ -74,8 +77,9 @@ def test_state_dtypes_and_shapes_do_not_change_on_update(name, dtype):
   chex.assert_trees_all_equal_shapes_and_dtypes(updates, params)
 
 
-@pytest.mark.parametrize("name", ["adaprelora_momentum", "lora_rite_escape_mass",
-                                  "lora_pro_full", "scaled_adamw"])
+@pytest.mark.parametrize(
+  "name", ["adaprelora_momentum", "lora_rite_escape_mass", "lora_pro_full", "scaled_adamw"]
+)
 def test_scan_over_updates_with_float64_params(name):
   with jax.enable_x64(True):
     params, grads = _problem(jnp.float64)
@@ -106,14 +110,18 @@ def test_wider_gradients_do_not_widen_the_state(name):
   chex.assert_trees_all_equal_shapes_and_dtypes(new_state, state)
 
 
-@pytest.mark.parametrize("factory", [
+@pytest.mark.parametrize(
+  "factory",
+  [
     lambda b1: ap.adaprelora(1e-2, b1=b1),
     lambda b1: ap.lora_plus(1e-2, b1=b1),
     lambda b1: ap.scaled_adamw(1e-2, b1=b1),
     lambda b1: ap.lora_pro(1e-2, b1=b1),
     lambda b1: ap.lora_pro(1e-2, mode="full", b1=b1),
     lambda b1: ap.lora_rite(1e-2, b1=b1),
-], ids=["adaprelora", "lora_plus", "scaled_adamw", "lora_pro", "lora_pro_full", "lora_rite"])
+  ],
+  ids=["adaprelora", "lora_plus", "scaled_adamw", "lora_pro", "lora_pro_full", "lora_rite"],
+)
 def test_float64_hyperparameters_do_not_widen_float32_state(factory):
   # NumPy scalars are not weakly typed: under x64, b1 * moment is float64.
   with jax.enable_x64(True):

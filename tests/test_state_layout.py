@@ -22,12 +22,12 @@ import adaprelora_jax as ap
 LAYOUT2_CHECKPOINT = Path(__file__).parent / "fixtures" / "layout2_adaprelora_state"
 
 OPTIMIZERS = {
-    "adaprelora": lambda: ap.adaprelora(1e-2, b1=0.9),
-    "lora_plus": lambda: ap.lora_plus(1e-2),
-    "scaled_gd": lambda: ap.scaled_gd(1e-2),
-    "scaled_adamw": lambda: ap.scaled_adamw(1e-2),
-    "lora_pro": lambda: ap.lora_pro(1e-2),
-    "lora_rite": lambda: ap.lora_rite(1e-2),
+  "adaprelora": lambda: ap.adaprelora(1e-2, b1=0.9),
+  "lora_plus": lambda: ap.lora_plus(1e-2),
+  "scaled_gd": lambda: ap.scaled_gd(1e-2),
+  "scaled_adamw": lambda: ap.scaled_adamw(1e-2),
+  "lora_pro": lambda: ap.lora_pro(1e-2),
+  "lora_rite": lambda: ap.lora_rite(1e-2),
 }
 
 
@@ -36,8 +36,11 @@ def _params():
 
 
 def _versions(state):
-  return [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(state)
-          if jax.tree_util.keystr(path).endswith(".layout_version")]
+  return [
+    leaf
+    for path, leaf in jax.tree_util.tree_leaves_with_path(state)
+    if jax.tree_util.keystr(path).endswith(".layout_version")
+  ]
 
 
 def _save(path, state):
@@ -86,14 +89,18 @@ def test_a_saved_version_other_than_this_one_is_named_with_its_path(tmp_path):
   tx = ap.lora_pro(1e-2)  # versions at two places: [0][0] and [0][1]
   state = tx.init(_params())
   older = jax.tree_util.tree_map_with_path(
-      lambda path, leaf: jnp.asarray(2, jnp.int32)
-      if jax.tree_util.keystr(path) == "[0][1].layout_version" else leaf, state)
+    lambda path, leaf: (
+      jnp.asarray(2, jnp.int32) if jax.tree_util.keystr(path) == "[0][1].layout_version" else leaf
+    ),
+    state,
+  )
   _save(tmp_path / "state", older)
   with pytest.raises(ap.StateLayoutError) as error:
     ap.check_checkpoint_layout(tmp_path / "state", state)
   assert str(error.value).startswith(
-      f"the checkpoint at {tmp_path / 'state'} holds optimizer state layout 2 "
-      "(at [0][1]['layout_version']); this adaprelora_jax reads state layout 3.")
+    f"the checkpoint at {tmp_path / 'state'} holds optimizer state layout 2 "
+    "(at [0][1]['layout_version']); this adaprelora_jax reads state layout 3."
+  )
 
 
 def test_check_on_trees_read_without_a_target():
@@ -111,7 +118,6 @@ def test_check_on_trees_read_without_a_target():
 def test_nnx_optimizer_checkpoint_is_checked(tmp_path):
 
   class Model(nnx.Module):
-
     def __init__(self, rngs):
       self.dense = nnx.LoRALinear(4, 3, lora_rank=2, rngs=rngs)
 

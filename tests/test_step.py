@@ -44,8 +44,7 @@ def test_momentum_is_bias_corrected_from_the_first_step():
 def test_decayed_moment_is_adafactors_ema():
   moment, stats = jnp.array([1.0, 4.0]), jnp.array([3.0, 0.0])
   chex.assert_trees_all_close(step.decayed_moment(moment, stats, 0.0, 1e-3), stats + 1e-3)
-  chex.assert_trees_all_close(step.decayed_moment(moment, stats, 0.75, 0.0),
-                              jnp.array([1.5, 3.0]))
+  chex.assert_trees_all_close(step.decayed_moment(moment, stats, 0.75, 0.0), jnp.array([1.5, 3.0]))
 
 
 @pytest.mark.parametrize("bad", [jnp.nan, jnp.inf, -jnp.inf])

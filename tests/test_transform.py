@@ -40,10 +40,14 @@ def _grads_from_weight_gradient(params, weight_grads, stats=False):
 
 
 def _add_stat_leaves(params):
-  return {name: {**pair,
-                 "grad_sq_rows": jnp.zeros(pair["lora_a"].shape[0]),
-                 "grad_sq_cols": jnp.zeros(pair["lora_b"].shape[1])}
-          for name, pair in params.items()}
+  return {
+    name: {
+      **pair,
+      "grad_sq_rows": jnp.zeros(pair["lora_a"].shape[0]),
+      "grad_sq_cols": jnp.zeros(pair["lora_b"].shape[1]),
+    }
+    for name, pair in params.items()
+  }
 
 
 def _moments(state, params, name=None):
@@ -60,8 +64,10 @@ def test_three_steps_match_the_reference(statistics):
   shapes = {"q": (7, 6, 2), "k": (7, 6, 2), "ffn": (5, 9, 3)}
   rng = np.random.default_rng(0)
   with jax.enable_x64(True):
-    params = {name: dict(zip(("lora_a", "lora_b"), map(jnp.asarray, _pair(i, *shape)), strict=True))
-              for i, (name, shape) in enumerate(shapes.items())}
+    params = {
+      name: dict(zip(("lora_a", "lora_b"), map(jnp.asarray, _pair(i, *shape)), strict=True))
+      for i, (name, shape) in enumerate(shapes.items())
+    }
     if statistics == "exact":
       params = _add_stat_leaves(params)
     tx = ap.scale_by_adaprelora(statistics=statistics, **NEAR_EXACT)
@@ -69,14 +75,16 @@ def test_three_steps_match_the_reference(statistics):
     update = jax.jit(tx.update)
     moments = {name: (np.zeros(s[0]), np.zeros(s[1])) for name, s in shapes.items()}
     for step in range(3):
-      weight_grads = {name: rng.normal(size=shape[:2]) * (1 + 5 * step)
-                      for name, shape in shapes.items()}
+      weight_grads = {
+        name: rng.normal(size=shape[:2]) * (1 + 5 * step) for name, shape in shapes.items()
+      }
       grads = _grads_from_weight_gradient(params, weight_grads, stats=statistics == "exact")
       updates, state = update(grads, state, params)
       for name in shapes:
         a, b = (np.asarray(params[name][k]) for k in ("lora_a", "lora_b"))
         delta_a, delta_b, row, col = reference.adaprelora_step(
-            a, b, weight_grads[name], *moments[name], step, statistics=statistics)
+          a, b, weight_grads[name], *moments[name], step, statistics=statistics
+        )
         moments[name] = (row, col)
         got_row, got_col = _moments(state, params, name)
         np.testing.assert_allclose(got_row, row, rtol=1e-6)
@@ -95,8 +103,9 @@ def test_three_steps_match_the_reference(statistics):
 
 def test_first_step_statistics_and_decay_schedule():
   with jax.enable_x64(True):
-    params = _add_stat_leaves({"w": dict(zip(("lora_a", "lora_b"),
-                                             map(jnp.asarray, _pair(1, 4, 3, 2)), strict=True))})
+    params = _add_stat_leaves(
+      {"w": dict(zip(("lora_a", "lora_b"), map(jnp.asarray, _pair(1, 4, 3, 2)), strict=True))}
+    )
     tx = ap.scale_by_adaprelora(eps=1e-3)
     state = tx.init(params)
     first = np.arange(1.0, 13.0).reshape(4, 3)
@@ -107,15 +116,17 @@ def test_first_step_statistics_and_decay_schedule():
     _, state = tx.update(_grads_from_weight_gradient(params, {"w": second}, True), state, params)
     beta2 = 1.0 - 2.0**-0.8
     np.testing.assert_allclose(
-        _moments(state, params, "w")[1],
-        beta2 * (np.mean(first**2, axis=0) + 1e-3) + (1 - beta2) * (4.0 + 1e-3))
+      _moments(state, params, "w")[1],
+      beta2 * (np.mean(first**2, axis=0) + 1e-3) + (1 - beta2) * (4.0 + 1e-3),
+    )
     assert int(state.count) == 2
 
 
 def test_clipping_bounds_the_h_rms_of_the_weight_update():
   with jax.enable_x64(True):
-    params = {"w": dict(zip(("lora_a", "lora_b"), map(jnp.asarray, _pair(2, 12, 10, 4)),
-                            strict=True))}
+    params = {
+      "w": dict(zip(("lora_a", "lora_b"), map(jnp.asarray, _pair(2, 12, 10, 4)), strict=True))
+    }
     rng = np.random.default_rng(2)
     g_small = rng.normal(size=(12, 10)) * 1e-3
     g_large = rng.normal(size=(12, 10)) * 1e3  # stale statistics: huge step
@@ -169,23 +180,31 @@ def test_stacked_layers_equal_per_layer_pairs():
   b = rng.normal(size=(layers, 2, 5)).astype(np.float32)
   g = rng.normal(size=(layers, 8, 5)).astype(np.float32)
   stacked = {"lora_a": jnp.asarray(a), "lora_b": jnp.asarray(b)}
-  stacked_grads = {"lora_a": jnp.einsum("lij,lkj->lik", g, b),
-                   "lora_b": jnp.einsum("lia,lij->laj", a, g)}
-  split = {f"layer{i}": {"lora_a": stacked["lora_a"][i], "lora_b": stacked["lora_b"][i]}
-           for i in range(layers)}
-  split_grads = {f"layer{i}": {"lora_a": stacked_grads["lora_a"][i],
-                               "lora_b": stacked_grads["lora_b"][i]} for i in range(layers)}
+  stacked_grads = {
+    "lora_a": jnp.einsum("lij,lkj->lik", g, b),
+    "lora_b": jnp.einsum("lia,lij->laj", a, g),
+  }
+  split = {
+    f"layer{i}": {"lora_a": stacked["lora_a"][i], "lora_b": stacked["lora_b"][i]}
+    for i in range(layers)
+  }
+  split_grads = {
+    f"layer{i}": {"lora_a": stacked_grads["lora_a"][i], "lora_b": stacked_grads["lora_b"][i]}
+    for i in range(layers)
+  }
   tx = ap.scale_by_adaprelora()
   u_stacked, s_stacked = tx.update(stacked_grads, tx.init(stacked), stacked)
   u_split, s_split = tx.update(split_grads, tx.init(split), split)
   for i in range(layers):
     for role in ("lora_a", "lora_b"):
-      np.testing.assert_allclose(np.asarray(u_stacked[role][i]),
-                                 np.asarray(u_split[f"layer{i}"][role]), rtol=2e-5, atol=1e-7)
+      np.testing.assert_allclose(
+        np.asarray(u_stacked[role][i]), np.asarray(u_split[f"layer{i}"][role]), rtol=2e-5, atol=1e-7
+      )
   assert ap.second_moments(s_stacked, stacked)[0]["lora_a"].shape == (layers, 8)
   for i in range(layers):
-    for got, want in zip(_moments(s_split, split, f"layer{i}"), _moments(s_stacked, stacked),
-                         strict=True):
+    for got, want in zip(
+      _moments(s_split, split, f"layer{i}"), _moments(s_stacked, stacked), strict=True
+    ):
       np.testing.assert_allclose(got, want[i], rtol=1e-6)
   assert s_stacked.nonfinite_count.shape == s_split.nonfinite_count.shape == (layers,)
 
@@ -194,28 +213,45 @@ def test_peft_layout_equals_flax_layout():
   a, b = _pair(5, 7, 4, 3)
   rng = np.random.default_rng(5)
   g = rng.normal(size=(7, 4))
-  flax_params = {"layer": {"lora_a": jnp.asarray(a, jnp.float32),
-                           "lora_b": jnp.asarray(b, jnp.float32)}}
-  flax_grads = {"layer": {"lora_a": jnp.asarray(g @ b.T, jnp.float32),
-                          "lora_b": jnp.asarray(a.T @ g, jnp.float32)}}
-  peft_params = {"base.layer.lora_A.default.weight": flax_params["layer"]["lora_a"].T,
-                 "base.layer.lora_B.default.weight": flax_params["layer"]["lora_b"].T}
-  peft_grads = {"base.layer.lora_A.default.weight": flax_grads["layer"]["lora_a"].T,
-                "base.layer.lora_B.default.weight": flax_grads["layer"]["lora_b"].T}
+  flax_params = {
+    "layer": {"lora_a": jnp.asarray(a, jnp.float32), "lora_b": jnp.asarray(b, jnp.float32)}
+  }
+  flax_grads = {
+    "layer": {
+      "lora_a": jnp.asarray(g @ b.T, jnp.float32),
+      "lora_b": jnp.asarray(a.T @ g, jnp.float32),
+    }
+  }
+  peft_params = {
+    "base.layer.lora_A.default.weight": flax_params["layer"]["lora_a"].T,
+    "base.layer.lora_B.default.weight": flax_params["layer"]["lora_b"].T,
+  }
+  peft_grads = {
+    "base.layer.lora_A.default.weight": flax_grads["layer"]["lora_a"].T,
+    "base.layer.lora_B.default.weight": flax_grads["layer"]["lora_b"].T,
+  }
   flax_tx, peft_tx = ap.adaprelora(0.1, b1=0.9), ap.adaprelora(0.1, b1=0.9, pairing="peft")
   u_flax, s_flax = flax_tx.update(flax_grads, flax_tx.init(flax_params), flax_params)
   u_peft, s_peft = peft_tx.update(peft_grads, peft_tx.init(peft_params), peft_params)
-  np.testing.assert_allclose(np.asarray(u_peft["base.layer.lora_A.default.weight"]),
-                             np.asarray(u_flax["layer"]["lora_a"]).T, rtol=1e-6)
-  np.testing.assert_allclose(np.asarray(u_peft["base.layer.lora_B.default.weight"]),
-                             np.asarray(u_flax["layer"]["lora_b"]).T, rtol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(u_peft["base.layer.lora_A.default.weight"]),
+    np.asarray(u_flax["layer"]["lora_a"]).T,
+    rtol=1e-6,
+  )
+  np.testing.assert_allclose(
+    np.asarray(u_peft["base.layer.lora_B.default.weight"]),
+    np.asarray(u_flax["layer"]["lora_b"]).T,
+    rtol=1e-6,
+  )
   # Momentum is stored in each leaf's own layout.
   assert s_peft[0].momentum["base.layer.lora_A.default.weight"].shape == (3, 7)
 
 
 def test_non_lora_leaves_use_the_fallback_and_strict_raises():
-  params = {"adapter": {"lora_a": jnp.ones((4, 2)), "lora_b": jnp.zeros((2, 3))},
-            "head": {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)}}
+  params = {
+    "adapter": {"lora_a": jnp.ones((4, 2)), "lora_b": jnp.zeros((2, 3))},
+    "head": {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)},
+  }
   grads = jax.tree.map(lambda x: jnp.full_like(x, 0.3), params)
   tx = ap.scale_by_adaprelora()
   updates, state = tx.update(grads, tx.init(params), params)
@@ -225,18 +261,22 @@ def test_non_lora_leaves_use_the_fallback_and_strict_raises():
   custom = ap.scale_by_adaprelora(non_lora=optax.scale(-2.0))
   updates, _ = custom.update(grads, custom.init(params), params)
   np.testing.assert_allclose(np.asarray(updates["head"]["bias"]), -0.6, rtol=1e-6)
-  with pytest.raises(ValueError,
-                     match="'head/bias'.*not LoRA factors|not LoRA factors.*'head/bias'"):
+  with pytest.raises(
+    ValueError, match="'head/bias'.*not LoRA factors|not LoRA factors.*'head/bias'"
+  ):
     ap.scale_by_adaprelora(strict=True).init(params)
 
 
 def test_nonfinite_gradients_skip_only_that_pair():
-  params = {"good": {"lora_a": jnp.ones((4, 2)) * 0.5, "lora_b": jnp.ones((2, 3)) * 0.1},
-            "bad": {"lora_a": jnp.ones((4, 2)) * 0.5, "lora_b": jnp.ones((2, 3)) * 0.1}}
+  params = {
+    "good": {"lora_a": jnp.ones((4, 2)) * 0.5, "lora_b": jnp.ones((2, 3)) * 0.1},
+    "bad": {"lora_a": jnp.ones((4, 2)) * 0.5, "lora_b": jnp.ones((2, 3)) * 0.1},
+  }
   rng = np.random.default_rng(6)
   g = jnp.asarray(rng.normal(size=(4, 3)), jnp.float32)
-  grads = {name: {"lora_a": g @ p["lora_b"].T, "lora_b": p["lora_a"].T @ g}
-           for name, p in params.items()}
+  grads = {
+    name: {"lora_a": g @ p["lora_b"].T, "lora_b": p["lora_a"].T @ g} for name, p in params.items()
+  }
   tx = ap.adaprelora(0.1)
   state = tx.init(params)
   _, state = tx.update(grads, state, params)
@@ -250,10 +290,10 @@ def test_nonfinite_gradients_skip_only_that_pair():
   assert np.all(np.asarray(updates["bad"]["lora_b"]) == 0.0)
   assert np.all(np.isfinite(np.asarray(updates["good"]["lora_a"])))
   assert np.any(np.asarray(updates["good"]["lora_a"]) != 0.0)
-  np.testing.assert_array_equal(_moments(after, params, "bad")[0],
-                                _moments(before, params, "bad")[0])
-  assert not np.array_equal(_moments(after, params, "good")[0],
-                            _moments(before, params, "good")[0])
+  np.testing.assert_array_equal(
+    _moments(after, params, "bad")[0], _moments(before, params, "bad")[0]
+  )
+  assert not np.array_equal(_moments(after, params, "good")[0], _moments(before, params, "good")[0])
   assert ap.nonfinite_report(state, params) == {"bad/lora_a": 1}
   grads["bad"]["lora_a"] = grads["bad"]["lora_a"] * jnp.nan
   _, state = tx.update(grads, state, params)
@@ -273,15 +313,23 @@ def test_any_nonfinite_input_skips_the_pair(where, value, b_scale):
   """
   # A seed per case (str hashes change from run to run; crc32 does not).
   rng = np.random.default_rng(zlib.crc32(f"{where} {value} {b_scale}".encode()))
-  params = {name: {"lora_a": jnp.asarray(rng.normal(size=(6, 2)), jnp.float32),
-                   "lora_b": jnp.asarray(rng.normal(size=(2, 5)) * b_scale, jnp.float32)}
-            for name in ("good", "bad")}
+  params = {
+    name: {
+      "lora_a": jnp.asarray(rng.normal(size=(6, 2)), jnp.float32),
+      "lora_b": jnp.asarray(rng.normal(size=(2, 5)) * b_scale, jnp.float32),
+    }
+    for name in ("good", "bad")
+  }
   weight_grads = {name: rng.normal(size=(6, 5)) for name in params}
   exact = where.startswith("grad_sq")
   params = _add_stat_leaves(params) if exact else params
   grads = _grads_from_weight_gradient(
-      {name: {k: v for k, v in pair.items() if k.startswith("lora")}
-       for name, pair in params.items()}, weight_grads, stats=exact)
+    {
+      name: {k: v for k, v in pair.items() if k.startswith("lora")} for name, pair in params.items()
+    },
+    weight_grads,
+    stats=exact,
+  )
   tx = ap.adaprelora(0.1)
   _, state = tx.update(grads, tx.init(params), params)
   leaf = np.array(grads["bad"][where])
@@ -291,8 +339,9 @@ def test_any_nonfinite_input_skips_the_pair(where, value, b_scale):
   for role in ("lora_a", "lora_b"):
     assert np.all(np.asarray(updates["bad"][role]) == 0.0)
     assert np.all(np.isfinite(np.asarray(updates["good"][role])))
-  for got, want in zip(_moments(new_state, params, "bad"), _moments(state, params, "bad"),
-                       strict=True):
+  for got, want in zip(
+    _moments(new_state, params, "bad"), _moments(state, params, "bad"), strict=True
+  ):
     np.testing.assert_array_equal(got, want)
   assert ap.nonfinite_report(new_state, params) == {"bad/lora_a": 1}
 
@@ -308,6 +357,7 @@ def test_nonfinite_report_rejects_other_params():
 def test_second_moments_are_stacked_per_group_and_read_back_per_pair():
   def pair(d_in, scale):
     return {"lora_a": jnp.full((d_in, 2), scale), "lora_b": jnp.ones((2, 3))}
+
   params = {"q": pair(4, 1.0), "k": pair(4, 2.0), "o": pair(5, 1.0)}
   grads = jax.tree.map(lambda x: 0.1 * x, params)
   tx = ap.adaprelora(1e-2)
@@ -318,8 +368,9 @@ def test_second_moments_are_stacked_per_group_and_read_back_per_pair():
   groups = ap.plan_pairs(params).groups
   for stacked, group in zip(state[0].col_second_moment, groups, strict=True):
     for position, member in enumerate(group.members):
-      np.testing.assert_array_equal(np.asarray(cols[member.name]["lora_b"]),
-                                    np.asarray(stacked[position]))
+      np.testing.assert_array_equal(
+        np.asarray(cols[member.name]["lora_b"]), np.asarray(stacked[position])
+      )
   # k's gradients are twice q's: its statistics differ, so a swap would show.
   assert not np.allclose(np.asarray(rows["q"]["lora_a"]), np.asarray(rows["k"]["lora_a"]))
   assert isinstance(rows["q"]["lora_b"], optax.MaskedNode)
@@ -350,8 +401,9 @@ def test_nonfinite_propagate_policy_lets_nans_through():
 
 
 def test_bfloat16_params_keep_float32_state():
-  params = {"p": {"lora_a": jnp.ones((8, 4), jnp.bfloat16) * 0.3,
-                  "lora_b": jnp.zeros((4, 6), jnp.bfloat16)}}
+  params = {
+    "p": {"lora_a": jnp.ones((8, 4), jnp.bfloat16) * 0.3, "lora_b": jnp.zeros((4, 6), jnp.bfloat16)}
+  }
   rng = np.random.default_rng(7)
   tx = ap.adaprelora(1e-2, b1=0.9)
   state = tx.init(params)
@@ -362,8 +414,9 @@ def test_bfloat16_params_keep_float32_state():
     params = optax.apply_updates(params, updates)
   assert params["p"]["lora_a"].dtype == jnp.bfloat16
   assert updates["p"]["lora_b"].dtype == jnp.bfloat16
-  assert all(array.dtype == jnp.float32
-             for array in state[0].row_second_moment + state[0].col_second_moment)
+  assert all(
+    array.dtype == jnp.float32 for array in state[0].row_second_moment + state[0].col_second_moment
+  )
   assert state[0].momentum["p"]["lora_b"].dtype == jnp.float32
   assert np.all(np.isfinite(np.asarray(params["p"]["lora_b"], np.float32)))
   assert np.any(np.asarray(params["p"]["lora_a"], np.float32) != 0.3)
@@ -372,10 +425,16 @@ def test_bfloat16_params_keep_float32_state():
 def _quadratic_problem(seed=0, d_in=10, d_out=8, rank=2):
   rng = np.random.default_rng(seed)
   target = jnp.asarray(rng.normal(size=(d_in, rank)) @ rng.normal(size=(rank, d_out)), jnp.float32)
-  params = {"layer": {"lora_a": jnp.asarray(rng.normal(size=(d_in, rank)), jnp.float32) * 0.3,
-                      "lora_b": jnp.zeros((rank, d_out), jnp.float32)}}
+  params = {
+    "layer": {
+      "lora_a": jnp.asarray(rng.normal(size=(d_in, rank)), jnp.float32) * 0.3,
+      "lora_b": jnp.zeros((rank, d_out), jnp.float32),
+    }
+  }
+
   def loss(p):
     return jnp.mean((p["layer"]["lora_a"] @ p["layer"]["lora_b"] - target) ** 2)
+
   return params, loss
 
 
@@ -414,8 +473,14 @@ def test_inject_hyperparams_changes_the_learning_rate_mid_run():
 
 def test_inject_hyperparams_accepts_every_numeric_hyperparameter():
   tx = optax.inject_hyperparams(ap.adaprelora)(
-      learning_rate=0.05, decay_rate=0.8, damping=1e-4, damping_floor=1e-8,
-      clipping_threshold=1.0, b1=0.9, weight_decay=1e-3)
+    learning_rate=0.05,
+    decay_rate=0.8,
+    damping=1e-4,
+    damping_floor=1e-8,
+    clipping_threshold=1.0,
+    b1=0.9,
+    weight_decay=1e-3,
+  )
   losses, _, _ = _train(tx, steps=10)
   assert losses[-1] < losses[0]
 
@@ -448,13 +513,19 @@ def test_weight_decay_is_decoupled_and_masked():
 def test_chain_and_masked_compose():
   params, loss = _quadratic_problem()
   params["frozen"] = {"lora_a": jnp.ones((3, 1)), "lora_b": jnp.ones((1, 2))}
+
   def full_loss(p):
     return loss(p) + jnp.sum(p["frozen"]["lora_a"] @ p["frozen"]["lora_b"])
+
   mask = {"layer": {"lora_a": True, "lora_b": True}, "frozen": {"lora_a": False, "lora_b": False}}
-  tx = optax.chain(optax.clip_by_global_norm(1.0),
-                   optax.masked(ap.adaprelora(0.05), mask),
-                   optax.masked(optax.set_to_zero(), {"layer": {"lora_a": False, "lora_b": False},
-                                                       "frozen": {"lora_a": True, "lora_b": True}}))
+  tx = optax.chain(
+    optax.clip_by_global_norm(1.0),
+    optax.masked(ap.adaprelora(0.05), mask),
+    optax.masked(
+      optax.set_to_zero(),
+      {"layer": {"lora_a": False, "lora_b": False}, "frozen": {"lora_a": True, "lora_b": True}},
+    ),
+  )
   state = tx.init(params)
   for _ in range(20):
     updates, state = tx.update(jax.grad(full_loss)(params), state, params)
@@ -495,14 +566,17 @@ def test_gradient_shape_mismatch_names_the_path():
     tx.update(grads, tx.init(params), params)
 
 
-@pytest.mark.parametrize("kwargs,match", [
+@pytest.mark.parametrize(
+  "kwargs,match",
+  [
     (dict(tie_breaker="middle"), "tie_breaker"),
     (dict(nonfinite="raise"), "nonfinite"),
     (dict(statistics="full"), "statistics"),
     (dict(damping_floor=0.0), "damping_floor"),
     (dict(damping=-1.0), "damping"),
     (dict(pairing="torch"), "pairing preset"),
-])
+  ],
+)
 def test_bad_hyperparameters_raise(kwargs, match):
   with pytest.raises(ValueError, match=match):
     ap.scale_by_adaprelora(**kwargs)
@@ -515,8 +589,9 @@ def test_statistics_exact_requires_statistics_leaves():
 
 
 def test_same_shaped_pairs_share_one_group():
-  params = {f"layer{i}": {"lora_a": jnp.ones((16, 4)), "lora_b": jnp.ones((4, 8))}
-            for i in range(12)}
+  params = {
+    f"layer{i}": {"lora_a": jnp.ones((16, 4)), "lora_b": jnp.ones((4, 8))} for i in range(12)
+  }
   plan = pairing_lib.plan_pairs(params)
   assert len(plan.groups) == 1 and plan.groups[0].size == 12
   tx = ap.scale_by_adaprelora()
@@ -531,9 +606,14 @@ def test_same_shaped_pairs_share_one_group():
 def _per_layer_tree(layers):
   shapes = {"attn": (16, 16), "up": (16, 24), "down": (24, 16)}
   rng = np.random.default_rng(layers)
-  params = {f"layer{i}/{name}": {"lora_a": jnp.asarray(rng.normal(size=(d_in, 4)), jnp.float32),
-                                 "lora_b": jnp.asarray(rng.normal(size=(4, d_out)), jnp.float32)}
-            for i in range(layers) for name, (d_in, d_out) in shapes.items()}
+  params = {
+    f"layer{i}/{name}": {
+      "lora_a": jnp.asarray(rng.normal(size=(d_in, 4)), jnp.float32),
+      "lora_b": jnp.asarray(rng.normal(size=(4, d_out)), jnp.float32),
+    }
+    for i in range(layers)
+    for name, (d_in, d_out) in shapes.items()
+  }
   return params, jax.tree.map(lambda x: 0.1 * x, params)
 
 
@@ -557,8 +637,9 @@ def test_compiled_step_has_as_many_distinct_kernels_for_any_number_of_layers():
   for layers in (2, 5):
     params, grads = _per_layer_tree(layers)
     step = jax.jit(lambda g, s, p: tx.update(g, s, p))
-    counts.append(_distinct_fused_kernels(
-        step.lower(grads, tx.init(params), params).compile().as_text()))
+    counts.append(
+      _distinct_fused_kernels(step.lower(grads, tx.init(params), params).compile().as_text())
+    )
   # None found would mean the HLO text is no longer parsed, not reuse.
   assert counts[0] > 0, counts
   assert counts[0] == counts[1], counts
@@ -599,19 +680,22 @@ def _all_equations(jaxpr):
         yield from _all_equations(getattr(inner, "jaxpr", inner))
 
 
-@hypothesis.settings(max_examples=30, deadline=None,
-                     suppress_health_check=[hypothesis.HealthCheck.too_slow])
-@hypothesis.given(
-    d_in=st.sampled_from([1, 6, 31]), d_out=st.sampled_from([2, 9]),
-    rank=st.sampled_from([1, 4, 16]),
-    b_scale=st.sampled_from([0.0, 1e-12, 1e-4, 1.0]),
-    grad_scale=st.sampled_from([0.0, 1e-30, 1.0, 1e8]),
-    dtype=st.sampled_from(["float32", "bfloat16"]),
-    statistics=st.sampled_from(["tangent", "exact"]),
-    seed=st.integers(0, 1000),
+@hypothesis.settings(
+  max_examples=30, deadline=None, suppress_health_check=[hypothesis.HealthCheck.too_slow]
 )
-def test_fuzz_transform_outputs_are_finite(d_in, d_out, rank, b_scale, grad_scale, dtype,
-                                           statistics, seed):
+@hypothesis.given(
+  d_in=st.sampled_from([1, 6, 31]),
+  d_out=st.sampled_from([2, 9]),
+  rank=st.sampled_from([1, 4, 16]),
+  b_scale=st.sampled_from([0.0, 1e-12, 1e-4, 1.0]),
+  grad_scale=st.sampled_from([0.0, 1e-30, 1.0, 1e8]),
+  dtype=st.sampled_from(["float32", "bfloat16"]),
+  statistics=st.sampled_from(["tangent", "exact"]),
+  seed=st.integers(0, 1000),
+)
+def test_fuzz_transform_outputs_are_finite(
+  d_in, d_out, rank, b_scale, grad_scale, dtype, statistics, seed
+):
   rng = np.random.default_rng(seed)
   a, b = _pair(seed, d_in, d_out, rank, b_scale=b_scale)
   g = rng.normal(size=(d_in, d_out)) * grad_scale
@@ -637,10 +721,12 @@ def test_dead_input_feature_with_large_gradients_stays_finite():
   a, b = _pair(8, 6, 4, 2)
   g = rng.normal(size=(6, 4)) * 1e8
   g[2] = 0.0
-  params = _add_stat_leaves({"p": {"lora_a": jnp.asarray(a, jnp.float32),
-                                   "lora_b": jnp.asarray(b, jnp.float32)}})
-  grads = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32),
-                       _grads_from_weight_gradient(params, {"p": g}, stats=True))
+  params = _add_stat_leaves(
+    {"p": {"lora_a": jnp.asarray(a, jnp.float32), "lora_b": jnp.asarray(b, jnp.float32)}}
+  )
+  grads = jax.tree.map(
+    lambda x: jnp.asarray(x, jnp.float32), _grads_from_weight_gradient(params, {"p": g}, stats=True)
+  )
   tx = ap.scale_by_adaprelora()
   updates, state = tx.update(grads, tx.init(params), params)
   assert np.all(np.isfinite(np.asarray(updates["p"]["lora_a"])))
@@ -653,17 +739,22 @@ def test_inconsistent_factor_gradients_give_a_bounded_step():
   earlier in a chain would give: the tangent statistics stay positive, so the
   step stays of the order of the learning rate (it was ~1e7 before)."""
   keys = jax.random.split(jax.random.key(0), 4)
-  params = {"lora_a": jax.random.normal(keys[0], (256, 4)),
-            "lora_b": 0.1 * jax.random.normal(keys[1], (4, 192))}
-  grads = {"lora_a": jax.random.normal(keys[2], (256, 4)),
-           "lora_b": 0.1 * jax.random.normal(keys[3], (4, 192))}
+  params = {
+    "lora_a": jax.random.normal(keys[0], (256, 4)),
+    "lora_b": 0.1 * jax.random.normal(keys[1], (4, 192)),
+  }
+  grads = {
+    "lora_a": jax.random.normal(keys[2], (256, 4)),
+    "lora_b": 0.1 * jax.random.normal(keys[3], (4, 192)),
+  }
   tx = ap.adaprelora(1e-2)
   jitted, _ = jax.jit(tx.update)(grads, tx.init(params), params)
   eager, _ = tx.update(grads, tx.init(params), params)
   for name in ("lora_a", "lora_b"):
     assert float(jnp.max(jnp.abs(jitted[name]))) < 1.0
-    np.testing.assert_allclose(np.asarray(jitted[name]), np.asarray(eager[name]),
-                               rtol=1e-3, atol=1e-6)
+    np.testing.assert_allclose(
+      np.asarray(jitted[name]), np.asarray(eager[name]), rtol=1e-3, atol=1e-6
+    )
 
 
 def _weight_decay_probe(weight_decay):
@@ -672,10 +763,15 @@ def _weight_decay_probe(weight_decay):
   a, b = rng.normal(size=(32, 4)), 1e-6 * rng.normal(size=(4, 24))
   grad_w = rng.normal(size=(32, 24))
   params = {"l": {"lora_a": jnp.asarray(a, jnp.float32), "lora_b": jnp.asarray(b, jnp.float32)}}
-  grads = {"l": {"lora_a": jnp.asarray(grad_w @ b.T, jnp.float32),
-                 "lora_b": jnp.asarray(a.T @ grad_w, jnp.float32)}}
-  tx = optax.chain(optax.add_decayed_weights(weight_decay), ap.scale_by_adaprelora(),
-                   optax.scale(-1e-2))
+  grads = {
+    "l": {
+      "lora_a": jnp.asarray(grad_w @ b.T, jnp.float32),
+      "lora_b": jnp.asarray(a.T @ grad_w, jnp.float32),
+    }
+  }
+  tx = optax.chain(
+    optax.add_decayed_weights(weight_decay), ap.scale_by_adaprelora(), optax.scale(-1e-2)
+  )
   updates, _ = tx.update(grads, tx.init(params), params)
   return updates["l"]
 
@@ -685,8 +781,9 @@ def test_weight_decay_chained_before_the_preconditioner_moves_no_factor():
   decayed, plain = _weight_decay_probe(1e-2), _weight_decay_probe(0.0)
   for name in ("lora_a", "lora_b"):
     scale = float(jnp.max(jnp.abs(plain[name])))
-    np.testing.assert_allclose(np.asarray(decayed[name]), np.asarray(plain[name]),
-                               rtol=1e-3, atol=1e-3 * scale)
+    np.testing.assert_allclose(
+      np.asarray(decayed[name]), np.asarray(plain[name]), rtol=1e-3, atol=1e-3 * scale
+    )
 
 
 def _minimum_norm_weight_gradient(a, b, grad_a, grad_b):
@@ -698,19 +795,21 @@ def _minimum_norm_weight_gradient(a, b, grad_a, grad_b):
   return solution.reshape(a.shape[0], b.shape[1])
 
 
-@hypothesis.settings(max_examples=40, deadline=None,
-                     suppress_health_check=[hypothesis.HealthCheck.too_slow])
+@hypothesis.settings(
+  max_examples=40, deadline=None, suppress_health_check=[hypothesis.HealthCheck.too_slow]
+)
 @hypothesis.given(
-    shape=st.sampled_from([(6, 5, 2), (9, 4, 3), (5, 8, 4), (7, 7, 1)]),
-    a_scale=st.sampled_from([1e-6, 1e-2, 1.0, 1e2]),
-    b_scale=st.sampled_from([0.0, 1e-8, 1e-6, 1e-4, 1e-2, 1.0]),
-    deficient=st.sampled_from(["none", "a", "b"]),
-    consistent_scale=st.sampled_from([0.0, 1.0, 1e3]),
-    inconsistent_scale=st.sampled_from([0.0, 1e-3, 1.0, 1e3]),
-    seed=st.integers(0, 2**16),
+  shape=st.sampled_from([(6, 5, 2), (9, 4, 3), (5, 8, 4), (7, 7, 1)]),
+  a_scale=st.sampled_from([1e-6, 1e-2, 1.0, 1e2]),
+  b_scale=st.sampled_from([0.0, 1e-8, 1e-6, 1e-4, 1e-2, 1.0]),
+  deficient=st.sampled_from(["none", "a", "b"]),
+  consistent_scale=st.sampled_from([0.0, 1.0, 1e3]),
+  inconsistent_scale=st.sampled_from([0.0, 1e-3, 1.0, 1e3]),
+  seed=st.integers(0, 2**16),
 )
 def test_fuzz_any_factor_gradients_give_a_bounded_step(
-    shape, a_scale, b_scale, deficient, consistent_scale, inconsistent_scale, seed):
+  shape, a_scale, b_scale, deficient, consistent_scale, inconsistent_scale, seed
+):
   """For any finite factor gradients, ‖diag(p)^½ δa‖_F ≤ ‖H⁻¹G̃‖_H / (2√f_b).
 
   G̃ is any weight gradient with the projected factor gradients; f_b ≥
@@ -736,8 +835,12 @@ def test_fuzz_any_factor_gradients_give_a_bounded_step(
     tx = ap.scale_by_adaprelora(damping=damping, damping_floor=floor)
     updates, state = tx.update(grads, tx.init(params), params)
     rows, cols = ap.second_moments(state, params)
-    p, q = (np.asarray(x) for x in ap.kernels.factored_scales(
-        jnp.asarray(rows["p"]["lora_a"]), jnp.asarray(cols["p"]["lora_b"])))
+    p, q = (
+      np.asarray(x)
+      for x in ap.kernels.factored_scales(
+        jnp.asarray(rows["p"]["lora_a"]), jnp.asarray(cols["p"]["lora_b"])
+      )
+    )
   delta_a, delta_b = np.asarray(updates["p"]["lora_a"]), np.asarray(updates["p"]["lora_b"])
   assert np.all(np.isfinite(delta_a)) and np.all(np.isfinite(delta_b))
   weight_gradient = _minimum_norm_weight_gradient(a, b, grad_a, grad_b)
@@ -748,6 +851,8 @@ def test_fuzz_any_factor_gradients_give_a_bounded_step(
   slack = 1e-9 * (np.linalg.norm(grad_a) + np.linalg.norm(grad_b)) / min(floor_a, floor_b)
   bound = 1.0 + 1e-6
   assert np.linalg.norm(np.sqrt(p)[:, None] * delta_a) <= (
-      bound * whitened_norm / (2 * np.sqrt(floor_b)) + slack)
+    bound * whitened_norm / (2 * np.sqrt(floor_b)) + slack
+  )
   assert np.linalg.norm(delta_b * np.sqrt(q)[None, :]) <= (
-      bound * whitened_norm / (2 * np.sqrt(floor_a)) + slack)
+    bound * whitened_norm / (2 * np.sqrt(floor_a)) + slack
+  )

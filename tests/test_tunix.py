@@ -42,18 +42,29 @@ def _tunix_sharding_environment():
 
 def _mesh():
   # Tunix's default sharding names: ("fsdp", "tp"); one CPU device each.
-  return jax.make_mesh((1, 1), ("fsdp", "tp"), axis_types=(jax.sharding.AxisType.Auto,) * 2,
-                       devices=jax.devices()[:1])
+  return jax.make_mesh(
+    (1, 1), ("fsdp", "tp"), axis_types=(jax.sharding.AxisType.Auto,) * 2, devices=jax.devices()[:1]
+  )
 
 
 def _lora_model():
   config = qwen3.ModelConfig(
-      num_layers=1, vocab_size=VOCAB, embed_dim=32, hidden_dim=64, num_heads=4,
-      head_dim=8, num_kv_heads=2, rope_theta=10_000, norm_eps=1e-6)
+    num_layers=1,
+    vocab_size=VOCAB,
+    embed_dim=32,
+    hidden_dim=64,
+    num_heads=4,
+    head_dim=8,
+    num_kv_heads=2,
+    rope_theta=10_000,
+    norm_eps=1e-6,
+  )
   model = qwen3.Qwen3(config, rngs=nnx.Rngs(0))
   provider = qwix.LoraProvider(
-      module_path=".*q_proj|.*k_proj|.*v_proj|.*o_proj|.*gate_proj|.*up_proj|.*down_proj",
-      rank=RANK, alpha=ALPHA)
+    module_path=".*q_proj|.*k_proj|.*v_proj|.*o_proj|.*gate_proj|.*up_proj|.*down_proj",
+    rank=RANK,
+    alpha=ALPHA,
+  )
   return qwix.apply_lora_to_model(model, provider, rngs=nnx.Rngs(1), **model.get_model_input())
 
 
@@ -64,8 +75,9 @@ def _batches(count):
   for _ in range(count):
     start = rng.integers(1, VOCAB - SEQ, size=(BATCH, 1))
     tokens = (start + np.arange(SEQ)).astype(np.int32)
-    batches.append(peft_trainer.TrainingInput(input_tokens=tokens,
-                                              input_mask=np.ones_like(tokens, bool)))
+    batches.append(
+      peft_trainer.TrainingInput(input_tokens=tokens, input_mask=np.ones_like(tokens, bool))
+    )
   return batches
 
 
@@ -73,10 +85,10 @@ def _model_input(x):
   # As tunix/cli/peft_main.py builds it.
   pad_mask = x.input_tokens != 0
   return {
-      "input_tokens": x.input_tokens,
-      "input_mask": x.input_mask,
-      "positions": sft_utils.build_positions_from_mask(pad_mask),
-      "attention_mask": sft_utils.make_causal_attn_mask(pad_mask),
+    "input_tokens": x.input_tokens,
+    "input_mask": x.input_mask,
+    "positions": sft_utils.build_positions_from_mask(pad_mask),
+    "attention_mask": sft_utils.make_causal_attn_mask(pad_mask),
   }
 
 
@@ -88,15 +100,16 @@ def _trainer(model, tmp_path, max_steps):
   # The recipe of the README: the scale qwix applies (alpha / rank) is given
   # as lora_scale, so the learning rate is a weight-space step size.
   optimizer = optax.inject_hyperparams(ap.adaprelora)(
-      learning_rate=_schedule(), lora_scale=ALPHA / RANK)
+    learning_rate=_schedule(), lora_scale=ALPHA / RANK
+  )
   config = peft_trainer.TrainingConfig(
-      eval_every_n_steps=1000,
-      max_steps=max_steps,
-      gradient_accumulation_steps=ACCUMULATION,
-      checkpoint_root_directory=str(tmp_path / "checkpoints"),
-      checkpointing_options=ocp.CheckpointManagerOptions(save_interval_steps=2),
-      metrics_logging_options=metrics_logger.MetricsLoggerOptions(log_dir=str(tmp_path / "logs")),
-      pbar_description=None,
+    eval_every_n_steps=1000,
+    max_steps=max_steps,
+    gradient_accumulation_steps=ACCUMULATION,
+    checkpoint_root_directory=str(tmp_path / "checkpoints"),
+    checkpointing_options=ocp.CheckpointManagerOptions(save_interval_steps=2),
+    metrics_logging_options=metrics_logger.MetricsLoggerOptions(log_dir=str(tmp_path / "logs")),
+    pbar_description=None,
   )
   return peft_trainer.PeftTrainer(model, optimizer, config).with_gen_model_input_fn(_model_input)
 
@@ -123,7 +136,7 @@ def test_peft_trainer_trains_and_resumes_bit_for_bit(tmp_path):
     # The same run, stopped after 2 steps and resumed from its checkpoint.
     model = _lora_model()
     first = _trainer(model, tmp_path / "resumed", 2)
-    first.train(data[:2 * ACCUMULATION])
+    first.train(data[: 2 * ACCUMULATION])
     first.close()
     model = _lora_model()
     second = _trainer(model, tmp_path / "resumed", steps)
@@ -142,10 +155,14 @@ def test_peft_trainer_trains_and_resumes_bit_for_bit(tmp_path):
   # step's value (for the last step, buffered, the value before it).
   learning_rates = np.asarray(learning_rates)
   assert learning_rates.shape == (steps,)
-  np.testing.assert_allclose(learning_rates[:-1],
-                             [_schedule()(step + 1) for step in range(steps - 1)], rtol=1e-6)
+  np.testing.assert_allclose(
+    learning_rates[:-1], [_schedule()(step + 1) for step in range(steps - 1)], rtol=1e-6
+  )
   assert np.isclose(learning_rates[-1], [_schedule()(steps - 1), _schedule()(steps)]).any()
   jax.tree.map(np.testing.assert_array_equal, resumed, straight)
   # The factors moved (b starts at zero).
-  assert any(np.any(leaf != 0) for path, leaf in jax.tree_util.tree_leaves_with_path(straight)
-             if "lora_b" in jax.tree_util.keystr(path))
+  assert any(
+    np.any(leaf != 0)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(straight)
+    if "lora_b" in jax.tree_util.keystr(path)
+  )

@@ -43,16 +43,16 @@ from adaprelora_jax.baselines.riemannian import scaled_adamw
 from adaprelora_jax.baselines.riemannian import scaled_gd
 
 __all__ = (
-    "ScaleByLoRAProState",
-    "ScaleByLoRARiteState",
-    "ScaleByRiemannianPreconditionerState",
-    "lora_plus",
-    "lora_pro",
-    "lora_rite",
-    "scale_by_lora_plus",
-    "scale_by_lora_pro",
-    "scale_by_lora_rite",
-    "scale_by_riemannian_preconditioner",
-    "scaled_adamw",
-    "scaled_gd",
+  "ScaleByLoRAProState",
+  "ScaleByLoRARiteState",
+  "ScaleByRiemannianPreconditionerState",
+  "lora_plus",
+  "lora_pro",
+  "lora_rite",
+  "scale_by_lora_plus",
+  "scale_by_lora_pro",
+  "scale_by_lora_rite",
+  "scale_by_riemannian_preconditioner",
+  "scaled_adamw",
+  "scaled_gd",
 )

@@ -27,9 +27,9 @@ from adaprelora_jax import validation
 
 
 def scale_by_lora_plus(
-    lr_ratio: jax.typing.ArrayLike,
-    *,
-    pairing: pairing_lib.Pairing = "nnx",
+  lr_ratio: jax.typing.ArrayLike,
+  *,
+  pairing: pairing_lib.Pairing = "nnx",
 ) -> optax.GradientTransformationExtraArgs:
   r"""Multiply the update of every ``lora_b`` by ``lr_ratio``.
 
@@ -71,18 +71,18 @@ def scale_by_lora_plus(
 
 
 def lora_plus(
-    learning_rate: optax.ScalarOrSchedule,
-    lr_ratio: jax.typing.ArrayLike = 16.0,
-    b1: jax.typing.ArrayLike = 0.9,
-    b2: jax.typing.ArrayLike = 0.999,
-    eps: jax.typing.ArrayLike = 1e-8,
-    eps_root: jax.typing.ArrayLike = 0.0,
-    weight_decay: jax.typing.ArrayLike = 0.0,
-    mask: Any | None = None,
-    *,
-    pairing: pairing_lib.Pairing = "nnx",
-    non_lora: optax.GradientTransformation | None = None,
-    strict: bool = False,
+  learning_rate: optax.ScalarOrSchedule,
+  lr_ratio: jax.typing.ArrayLike = 16.0,
+  b1: jax.typing.ArrayLike = 0.9,
+  b2: jax.typing.ArrayLike = 0.999,
+  eps: jax.typing.ArrayLike = 1e-8,
+  eps_root: jax.typing.ArrayLike = 0.0,
+  weight_decay: jax.typing.ArrayLike = 0.0,
+  mask: Any | None = None,
+  *,
+  pairing: pairing_lib.Pairing = "nnx",
+  non_lora: optax.GradientTransformation | None = None,
+  strict: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""LoRA+: AdamW with the ``lora_b`` learning rate multiplied by ``lr_ratio``.
 
@@ -155,11 +155,11 @@ def lora_plus(
   validation.check_positive("eps_root", eps_root, allow_zero=True)
   validation.check_positive("weight_decay", weight_decay, allow_zero=True)
   return optax.chain(
-      factorwise.factorwise_transform(
-          optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root),
-          router=routing.Router.create("lora_plus", pairing, non_lora, strict),
-      ),
-      optax.add_decayed_weights(weight_decay, mask),
-      scale_by_lora_plus(lr_ratio, pairing=pairing),
-      optax.scale_by_learning_rate(learning_rate),
+    factorwise.factorwise_transform(
+      optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root),
+      router=routing.Router.create("lora_plus", pairing, non_lora, strict),
+    ),
+    optax.add_decayed_weights(weight_decay, mask),
+    scale_by_lora_plus(lr_ratio, pairing=pairing),
+    optax.scale_by_learning_rate(learning_rate),
   )

@@ -101,10 +101,13 @@ class _Projection(NamedTuple):
     eigen_a = linalg.psd_eigh(linalg.matmul(a.T, a))
     eigen_b = linalg.psd_eigh(linalg.matmul(b, b.T))
     return cls(
-        a, b, eigen_a, eigen_b,
-        linalg.damped_pseudo_inverse(*eigen_a, damping),
-        linalg.damped_pseudo_inverse(*eigen_b, damping),
-        1.0 / lora_scale**2,
+      a,
+      b,
+      eigen_a,
+      eigen_b,
+      linalg.damped_pseudo_inverse(*eigen_a, damping),
+      linalg.damped_pseudo_inverse(*eigen_b, damping),
+      1.0 / lora_scale**2,
     )
 
   def without_gauge(self, u_a: jax.Array, u_b: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -134,8 +137,12 @@ class _ProHyperparams(NamedTuple):
 
 
 def _projected_gradients(
-    damping: jax.typing.ArrayLike, lora_scale: jax.typing.ArrayLike,
-    pair: pairwise.PairInputs, state: dict[str, Any], count: jax.Array, total: None,
+  damping: jax.typing.ArrayLike,
+  lora_scale: jax.typing.ArrayLike,
+  pair: pairwise.PairInputs,
+  state: dict[str, Any],
+  count: jax.Array,
+  total: None,
 ) -> tuple[jax.Array, jax.Array, dict[str, Any]]:
   """``mode="efficient"``'s kernel: the projected factor gradients."""
   del state, count, total
@@ -145,8 +152,11 @@ def _projected_gradients(
 
 
 def _full_space_adam(
-    hyper: _ProHyperparams, pair: pairwise.PairInputs, state: dict[str, Any],
-    count: jax.Array, total: None,
+  hyper: _ProHyperparams,
+  pair: pairwise.PairInputs,
+  state: dict[str, Any],
+  count: jax.Array,
+  total: None,
 ) -> tuple[jax.Array, jax.Array, dict[str, Any]]:
   """``mode="full"``'s kernel: Adam on the equivalent full-weight gradient."""
   del total
@@ -166,17 +176,17 @@ def _full_space_adam(
 
 
 def scale_by_lora_pro(
-    mode: LoRAProMode = "efficient",
-    b1: jax.typing.ArrayLike = 0.9,
-    b2: jax.typing.ArrayLike = 0.999,
-    eps: jax.typing.ArrayLike = 1e-8,
-    eps_root: jax.typing.ArrayLike = 0.0,
-    *,
-    lora_scale: jax.typing.ArrayLike = 1.0,
-    damping: jax.typing.ArrayLike = 1e-8,
-    pairing: pairing_lib.Pairing = "nnx",
-    non_lora: optax.GradientTransformation | None = None,
-    strict: bool = False,
+  mode: LoRAProMode = "efficient",
+  b1: jax.typing.ArrayLike = 0.9,
+  b2: jax.typing.ArrayLike = 0.999,
+  eps: jax.typing.ArrayLike = 1e-8,
+  eps_root: jax.typing.ArrayLike = 0.0,
+  *,
+  lora_scale: jax.typing.ArrayLike = 1.0,
+  damping: jax.typing.ArrayLike = 1e-8,
+  pairing: pairing_lib.Pairing = "nnx",
+  non_lora: optax.GradientTransformation | None = None,
+  strict: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Rescale LoRA factor gradients with LoRA-Pro's equivalent-gradient projection.
 
@@ -267,39 +277,42 @@ def scale_by_lora_pro(
   if mode == "full":
     weight_shaped = slots.Slot("a", ("d_in", "d_out"))
     return pairwise.pairwise_transform(
-        functools.partial(_full_space_adam, _ProHyperparams(
-            b1, b2, eps, eps_root, lora_scale, damping)),
-        fields={"mu": weight_shaped, "nu": weight_shaped}, state_type=ScaleByLoRAProState,
-        router=routing.Router.create("scale_by_lora_pro", pairing, non_lora, strict),
+      functools.partial(
+        _full_space_adam, _ProHyperparams(b1, b2, eps, eps_root, lora_scale, damping)
+      ),
+      fields={"mu": weight_shaped, "nu": weight_shaped},
+      state_type=ScaleByLoRAProState,
+      router=routing.Router.create("scale_by_lora_pro", pairing, non_lora, strict),
     )
   return optax.chain(
-      pairwise.pairwise_transform(
-          functools.partial(_projected_gradients, damping, lora_scale),
-          fields={"mu": None, "nu": None}, state_type=ScaleByLoRAProState,
-          router=routing.Router.create("scale_by_lora_pro", pairing, optax.identity(), strict),
-      ),
-      factorwise.factorwise_transform(
-          optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root),
-          router=routing.Router.create("scale_by_lora_pro", pairing, non_lora, strict),
-      ),
+    pairwise.pairwise_transform(
+      functools.partial(_projected_gradients, damping, lora_scale),
+      fields={"mu": None, "nu": None},
+      state_type=ScaleByLoRAProState,
+      router=routing.Router.create("scale_by_lora_pro", pairing, optax.identity(), strict),
+    ),
+    factorwise.factorwise_transform(
+      optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root),
+      router=routing.Router.create("scale_by_lora_pro", pairing, non_lora, strict),
+    ),
   )
 
 
 def lora_pro(
-    learning_rate: optax.ScalarOrSchedule,
-    mode: LoRAProMode = "efficient",
-    b1: jax.typing.ArrayLike = 0.9,
-    b2: jax.typing.ArrayLike = 0.999,
-    eps: jax.typing.ArrayLike = 1e-8,
-    eps_root: jax.typing.ArrayLike = 0.0,
-    weight_decay: jax.typing.ArrayLike = 0.0,
-    mask: Any | None = None,
-    *,
-    lora_scale: jax.typing.ArrayLike = 1.0,
-    damping: jax.typing.ArrayLike = 1e-8,
-    pairing: pairing_lib.Pairing = "nnx",
-    non_lora: optax.GradientTransformation | None = None,
-    strict: bool = False,
+  learning_rate: optax.ScalarOrSchedule,
+  mode: LoRAProMode = "efficient",
+  b1: jax.typing.ArrayLike = 0.9,
+  b2: jax.typing.ArrayLike = 0.999,
+  eps: jax.typing.ArrayLike = 1e-8,
+  eps_root: jax.typing.ArrayLike = 0.0,
+  weight_decay: jax.typing.ArrayLike = 0.0,
+  mask: Any | None = None,
+  *,
+  lora_scale: jax.typing.ArrayLike = 1.0,
+  damping: jax.typing.ArrayLike = 1e-8,
+  pairing: pairing_lib.Pairing = "nnx",
+  non_lora: optax.GradientTransformation | None = None,
+  strict: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""LoRA-Pro: equivalent-gradient projection with Adam.
 
@@ -344,10 +357,18 @@ def lora_pro(
   # The other hyperparameters are checked by scale_by_lora_pro.
   validation.check_positive("weight_decay", weight_decay, allow_zero=True)
   return optax.chain(
-      scale_by_lora_pro(
-          mode, b1, b2, eps, eps_root, lora_scale=lora_scale, damping=damping,
-          pairing=pairing, non_lora=non_lora, strict=strict,
-      ),
-      optax.add_decayed_weights(weight_decay, mask),
-      optax.scale_by_learning_rate(learning_rate),
+    scale_by_lora_pro(
+      mode,
+      b1,
+      b2,
+      eps,
+      eps_root,
+      lora_scale=lora_scale,
+      damping=damping,
+      pairing=pairing,
+      non_lora=non_lora,
+      strict=strict,
+    ),
+    optax.add_decayed_weights(weight_decay, mask),
+    optax.scale_by_learning_rate(learning_rate),
   )

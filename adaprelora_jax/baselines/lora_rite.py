@@ -136,14 +136,14 @@ class _RiteHyperparams(NamedTuple):
 def _check_rank(pair: pairing_lib.PairInfo) -> None:
   if pair.rank > min(pair.d_in, pair.d_out):
     raise ValueError(
-        f"LoRA-RITE needs rank <= min(d_in, d_out) for the QR bases of the "
-        f"factors; pair '{pair.a_path}', '{pair.b_path}' has rank "
-        f"{pair.rank}, d_in {pair.d_in}, d_out {pair.d_out}."
+      f"LoRA-RITE needs rank <= min(d_in, d_out) for the QR bases of the "
+      f"factors; pair '{pair.a_path}', '{pair.b_path}' has rank "
+      f"{pair.rank}, d_in {pair.d_in}, d_out {pair.d_out}."
     )
 
 
 def _unmagnify(
-    update_skipping: float | None, pair: pairwise.PairInputs
+  update_skipping: float | None, pair: pairwise.PairInputs
 ) -> tuple[tuple[_Factor, _Factor], jax.Array]:
   """First pass: QR bases, unmagnified gradients, their squared norm."""
   a, b, g_a, g_b = pair.promoted()
@@ -153,7 +153,9 @@ def _unmagnify(
   inverse_a, inverse_b = jnp.linalg.pinv(rotation_a), jnp.linalg.pinv(rotation_b)
   factors = []
   for grad, basis, inverse, other_inverse in (
-      (g_a, basis_a, inverse_a, inverse_b), (g_b.T, basis_b, inverse_b, inverse_a)):
+    (g_a, basis_a, inverse_a, inverse_b),
+    (g_b.T, basis_b, inverse_b, inverse_a),
+  ):
     unmagnified = linalg.matmul(grad, other_inverse)
     if update_skipping is not None:
       rms = _rms(unmagnified)
@@ -166,8 +168,13 @@ def _unmagnify(
 
 
 def _preconditioned_moments(
-    hyper: _RiteHyperparams, grad: jax.Array, previous: _Moments, transport: jax.Array,
-    other_inverse_rotation: jax.Array, beta1: jax.Array, beta2: jax.Array,
+  hyper: _RiteHyperparams,
+  grad: jax.Array,
+  previous: _Moments,
+  transport: jax.Array,
+  other_inverse_rotation: jax.Array,
+  beta1: jax.Array,
+  beta2: jax.Array,
 ) -> tuple[jax.Array, _Moments]:
   """Algorithm 1 for one factor, in the paper's (rows × rank) layout."""
   transported = linalg.matmul(linalg.matmul(transport, previous.second), transport.T)
@@ -179,8 +186,7 @@ def _preconditioned_moments(
   eigenvalues, eigenvectors = linalg.psd_eigh(second)
   if escape is not None:
     eigenvalues = eigenvalues + escape  # (V̄ + ρI)^(−1/2)
-  inverse_root = linalg.spectral_matrix(1.0 / (jnp.sqrt(eigenvalues) + hyper.eps),
-                                        eigenvectors)
+  inverse_root = linalg.spectral_matrix(1.0 / (jnp.sqrt(eigenvalues) + hyper.eps), eigenvectors)
   preconditioned = linalg.matmul(grad, inverse_root)
   first = beta1 * linalg.matmul(previous.first, transport.T) + (1.0 - beta1) * preconditioned
   step = first
@@ -190,15 +196,19 @@ def _preconditioned_moments(
 
 
 def _update_pair(
-    hyper: _RiteHyperparams, factors: tuple[_Factor, _Factor], state: dict[str, Any],
-    count: jax.Array, total: jax.Array,
+  hyper: _RiteHyperparams,
+  factors: tuple[_Factor, _Factor],
+  state: dict[str, Any],
+  count: jax.Array,
+  total: jax.Array,
 ) -> tuple[jax.Array, jax.Array, dict[str, Any]]:
   """Both factors' steps from the first pass's results (the pairwise kernel)."""
   factor_a, factor_b = factors
   clip_scale: float | jax.Array = 1.0
   if hyper.clip_unmagnified_grad is not None:
     clip_scale = hyper.clip_unmagnified_grad / jnp.maximum(
-        jnp.sqrt(total), hyper.clip_unmagnified_grad)
+      jnp.sqrt(total), hyper.clip_unmagnified_grad
+    )
   beta1 = _bias_corrected_decay(hyper.b1, count)
   beta2 = _bias_corrected_decay(hyper.b2, count)
   first_a, first_b = state["first_moment"]
@@ -208,32 +218,44 @@ def _update_pair(
   # ḡ_A = G U_B lives in the coordinates of B's basis (and vice versa), so
   # A's moments are transported by P_A = U_Bᵀ U_B,prev.
   delta_a, moments_a = _preconditioned_moments(
-      hyper, clip_scale * factor_a.grad, _Moments(first_a, second_a, escape_a),
-      linalg.matmul(factor_b.basis.T, basis_b.T), factor_b.inverse_rotation, beta1, beta2)
+    hyper,
+    clip_scale * factor_a.grad,
+    _Moments(first_a, second_a, escape_a),
+    linalg.matmul(factor_b.basis.T, basis_b.T),
+    factor_b.inverse_rotation,
+    beta1,
+    beta2,
+  )
   delta_b, moments_b = _preconditioned_moments(
-      hyper, clip_scale * factor_b.grad, _Moments(first_b.T, second_b, escape_b),
-      linalg.matmul(factor_a.basis.T, basis_a), factor_a.inverse_rotation, beta1, beta2)
+    hyper,
+    clip_scale * factor_b.grad,
+    _Moments(first_b.T, second_b, escape_b),
+    linalg.matmul(factor_a.basis.T, basis_a),
+    factor_a.inverse_rotation,
+    beta1,
+    beta2,
+  )
   new_state = {
-      "first_moment": (moments_a.first, moments_b.first.T),
-      "second_moment": (moments_a.second, moments_b.second),
-      "basis": (factor_a.basis, factor_b.basis.T),
-      "escape_mass": (moments_a.escape, moments_b.escape) if hyper.escape_mass else None,
+    "first_moment": (moments_a.first, moments_b.first.T),
+    "second_moment": (moments_a.second, moments_b.second),
+    "basis": (factor_a.basis, factor_b.basis.T),
+    "escape_mass": (moments_a.escape, moments_b.escape) if hyper.escape_mass else None,
   }
   return delta_a, delta_b.T, new_state
 
 
 def scale_by_lora_rite(
-    b1: jax.typing.ArrayLike = 0.9,
-    b2: jax.typing.ArrayLike = 0.999,
-    eps: jax.typing.ArrayLike = 1e-6,
-    *,
-    clip_unmagnified_grad: float | None = 1.0,
-    update_skipping: float | None = 1.0,
-    update_capping: float | None = None,
-    escape_mass: bool = False,
-    pairing: pairing_lib.Pairing = "nnx",
-    non_lora: optax.GradientTransformation | None = None,
-    strict: bool = False,
+  b1: jax.typing.ArrayLike = 0.9,
+  b2: jax.typing.ArrayLike = 0.999,
+  eps: jax.typing.ArrayLike = 1e-6,
+  *,
+  clip_unmagnified_grad: float | None = 1.0,
+  update_skipping: float | None = 1.0,
+  update_capping: float | None = None,
+  escape_mass: bool = False,
+  pairing: pairing_lib.Pairing = "nnx",
+  non_lora: optax.GradientTransformation | None = None,
+  strict: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Rescale LoRA factor gradients with LoRA-RITE (module docstring).
 
@@ -317,42 +339,44 @@ def scale_by_lora_rite(
   validation.check_positive("clip_unmagnified_grad", clip_unmagnified_grad, allow_none=True)
   validation.check_positive("update_skipping", update_skipping, allow_none=True)
   validation.check_positive("update_capping", update_capping, allow_none=True)
-  hyper = _RiteHyperparams(b1, b2, eps, clip_unmagnified_grad, update_skipping,
-                           update_capping, escape_mass)
+  hyper = _RiteHyperparams(
+    b1, b2, eps, clip_unmagnified_grad, update_skipping, update_capping, escape_mass
+  )
 
   def both(*dims_a_b):
     return tuple(slots.Slot(role, dims) for role, dims in zip("ab", dims_a_b, strict=True))
 
   return pairwise.pairwise_transform(
-      functools.partial(_update_pair, hyper),
-      fields={
-          "first_moment": both(("d_in", "rank"), ("rank", "d_out")),
-          "second_moment": both(("rank", "rank"), ("rank", "rank")),
-          "basis": both(("d_in", "rank"), ("rank", "d_out")),
-          "escape_mass": both((), ()) if escape_mass else None,
-      },
-      state_type=ScaleByLoRARiteState,
-      router=routing.Router.create(
-          "scale_by_lora_rite", pairing, non_lora, strict, check_pair=_check_rank),
-      prepare_pair=functools.partial(_unmagnify, update_skipping),
+    functools.partial(_update_pair, hyper),
+    fields={
+      "first_moment": both(("d_in", "rank"), ("rank", "d_out")),
+      "second_moment": both(("rank", "rank"), ("rank", "rank")),
+      "basis": both(("d_in", "rank"), ("rank", "d_out")),
+      "escape_mass": both((), ()) if escape_mass else None,
+    },
+    state_type=ScaleByLoRARiteState,
+    router=routing.Router.create(
+      "scale_by_lora_rite", pairing, non_lora, strict, check_pair=_check_rank
+    ),
+    prepare_pair=functools.partial(_unmagnify, update_skipping),
   )
 
 
 def lora_rite(
-    learning_rate: optax.ScalarOrSchedule,
-    b1: jax.typing.ArrayLike = 0.9,
-    b2: jax.typing.ArrayLike = 0.999,
-    eps: jax.typing.ArrayLike = 1e-6,
-    weight_decay: jax.typing.ArrayLike = 0.0,
-    mask: Any | None = None,
-    *,
-    clip_unmagnified_grad: float | None = 1.0,
-    update_skipping: float | None = 1.0,
-    update_capping: float | None = None,
-    escape_mass: bool = False,
-    pairing: pairing_lib.Pairing = "nnx",
-    non_lora: optax.GradientTransformation | None = None,
-    strict: bool = False,
+  learning_rate: optax.ScalarOrSchedule,
+  b1: jax.typing.ArrayLike = 0.9,
+  b2: jax.typing.ArrayLike = 0.999,
+  eps: jax.typing.ArrayLike = 1e-6,
+  weight_decay: jax.typing.ArrayLike = 0.0,
+  mask: Any | None = None,
+  *,
+  clip_unmagnified_grad: float | None = 1.0,
+  update_skipping: float | None = 1.0,
+  update_capping: float | None = None,
+  escape_mass: bool = False,
+  pairing: pairing_lib.Pairing = "nnx",
+  non_lora: optax.GradientTransformation | None = None,
+  strict: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""LoRA-RITE: transformation-invariant adaptive optimizer for LoRA factors.
 
@@ -393,12 +417,18 @@ def lora_rite(
   # The other hyperparameters are checked by scale_by_lora_rite.
   validation.check_positive("weight_decay", weight_decay, allow_zero=True)
   return optax.chain(
-      scale_by_lora_rite(
-          b1, b2, eps, clip_unmagnified_grad=clip_unmagnified_grad,
-          update_skipping=update_skipping, update_capping=update_capping,
-          escape_mass=escape_mass, pairing=pairing, non_lora=non_lora,
-          strict=strict,
-      ),
-      optax.add_decayed_weights(weight_decay, mask),
-      optax.scale_by_learning_rate(learning_rate),
+    scale_by_lora_rite(
+      b1,
+      b2,
+      eps,
+      clip_unmagnified_grad=clip_unmagnified_grad,
+      update_skipping=update_skipping,
+      update_capping=update_capping,
+      escape_mass=escape_mass,
+      pairing=pairing,
+      non_lora=non_lora,
+      strict=strict,
+    ),
+    optax.add_decayed_weights(weight_decay, mask),
+    optax.scale_by_learning_rate(learning_rate),
   )

@@ -66,8 +66,11 @@ def _regularized_inverse(gram: jax.Array, reg: jax.typing.ArrayLike) -> jax.Arra
 
 
 def _preconditioned_gradients(
-    reg: jax.typing.ArrayLike, pair: pairwise.PairInputs, state: dict[str, Any],
-    count: jax.Array, total: None,
+  reg: jax.typing.ArrayLike,
+  pair: pairwise.PairInputs,
+  state: dict[str, Any],
+  count: jax.Array,
+  total: None,
 ) -> tuple[jax.Array, jax.Array, dict[str, Any]]:
   """The pairwise kernel: each factor's gradient times the other's inverse Gram."""
   del state, count, total
@@ -78,11 +81,11 @@ def _preconditioned_gradients(
 
 
 def scale_by_riemannian_preconditioner(
-    reg: jax.typing.ArrayLike = 1e-6,
-    *,
-    pairing: pairing_lib.Pairing = "nnx",
-    non_lora: optax.GradientTransformation | None = None,
-    strict: bool = False,
+  reg: jax.typing.ArrayLike = 1e-6,
+  *,
+  pairing: pairing_lib.Pairing = "nnx",
+  non_lora: optax.GradientTransformation | None = None,
+  strict: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Precondition each LoRA factor's gradient by the other factor's Gram.
 
@@ -132,23 +135,22 @@ def scale_by_riemannian_preconditioner(
   """
   validation.check_positive("reg", reg)
   return pairwise.pairwise_transform(
-      functools.partial(_preconditioned_gradients, reg),
-      fields={},
-      state_type=ScaleByRiemannianPreconditionerState,
-      router=routing.Router.create(
-          "scale_by_riemannian_preconditioner", pairing, non_lora, strict),
+    functools.partial(_preconditioned_gradients, reg),
+    fields={},
+    state_type=ScaleByRiemannianPreconditionerState,
+    router=routing.Router.create("scale_by_riemannian_preconditioner", pairing, non_lora, strict),
   )
 
 
 def scaled_gd(
-    learning_rate: optax.ScalarOrSchedule,
-    reg: jax.typing.ArrayLike = 1e-6,
-    weight_decay: jax.typing.ArrayLike = 0.0,
-    mask: Any | None = None,
-    *,
-    pairing: pairing_lib.Pairing = "nnx",
-    non_lora: optax.GradientTransformation | None = None,
-    strict: bool = False,
+  learning_rate: optax.ScalarOrSchedule,
+  reg: jax.typing.ArrayLike = 1e-6,
+  weight_decay: jax.typing.ArrayLike = 0.0,
+  mask: Any | None = None,
+  *,
+  pairing: pairing_lib.Pairing = "nnx",
+  non_lora: optax.GradientTransformation | None = None,
+  strict: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Scaled GD for LoRA (Riemannian preconditioned SGD).
 
@@ -190,27 +192,25 @@ def scaled_gd(
   # reg is checked by scale_by_riemannian_preconditioner.
   validation.check_positive("weight_decay", weight_decay, allow_zero=True)
   return optax.chain(
-      scale_by_riemannian_preconditioner(
-          reg, pairing=pairing, non_lora=non_lora, strict=strict
-      ),
-      optax.add_decayed_weights(weight_decay, mask),
-      optax.scale_by_learning_rate(learning_rate),
+    scale_by_riemannian_preconditioner(reg, pairing=pairing, non_lora=non_lora, strict=strict),
+    optax.add_decayed_weights(weight_decay, mask),
+    optax.scale_by_learning_rate(learning_rate),
   )
 
 
 def scaled_adamw(
-    learning_rate: optax.ScalarOrSchedule,
-    reg: jax.typing.ArrayLike = 1e-6,
-    b1: jax.typing.ArrayLike = 0.9,
-    b2: jax.typing.ArrayLike = 0.999,
-    eps: jax.typing.ArrayLike = 1e-6,
-    eps_root: jax.typing.ArrayLike = 0.0,
-    weight_decay: jax.typing.ArrayLike = 0.0,
-    mask: Any | None = None,
-    *,
-    pairing: pairing_lib.Pairing = "nnx",
-    non_lora: optax.GradientTransformation | None = None,
-    strict: bool = False,
+  learning_rate: optax.ScalarOrSchedule,
+  reg: jax.typing.ArrayLike = 1e-6,
+  b1: jax.typing.ArrayLike = 0.9,
+  b2: jax.typing.ArrayLike = 0.999,
+  eps: jax.typing.ArrayLike = 1e-6,
+  eps_root: jax.typing.ArrayLike = 0.0,
+  weight_decay: jax.typing.ArrayLike = 0.0,
+  mask: Any | None = None,
+  *,
+  pairing: pairing_lib.Pairing = "nnx",
+  non_lora: optax.GradientTransformation | None = None,
+  strict: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Scaled AdamW for LoRA (Riemannian preconditioned AdamW).
 
@@ -286,13 +286,13 @@ def scaled_adamw(
   validation.check_positive("eps_root", eps_root, allow_zero=True)
   validation.check_positive("weight_decay", weight_decay, allow_zero=True)
   return optax.chain(
-      scale_by_riemannian_preconditioner(
-          reg, pairing=pairing, non_lora=optax.identity(), strict=strict
-      ),
-      factorwise.factorwise_transform(
-          optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root),
-          router=routing.Router.create("scaled_adamw", pairing, non_lora, strict),
-      ),
-      optax.add_decayed_weights(weight_decay, mask),
-      optax.scale_by_learning_rate(learning_rate),
+    scale_by_riemannian_preconditioner(
+      reg, pairing=pairing, non_lora=optax.identity(), strict=strict
+    ),
+    factorwise.factorwise_transform(
+      optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root),
+      router=routing.Router.create("scaled_adamw", pairing, non_lora, strict),
+    ),
+    optax.add_decayed_weights(weight_decay, mask),
+    optax.scale_by_learning_rate(learning_rate),
   )

@@ -79,34 +79,30 @@ class BertConfig:
 
 
 class Embeddings(nnx.Module):
-
   def __init__(self, config: BertConfig, *, rngs: nnx.Rngs):
     self.word = nnx.Embed(config.vocab_size, config.hidden_size, rngs=rngs)
-    self.position = nnx.Embed(config.max_position_embeddings,
-                              config.hidden_size, rngs=rngs)
-    self.token_type = nnx.Embed(config.type_vocab_size, config.hidden_size,
-                                rngs=rngs)
-    self.norm = nnx.LayerNorm(config.hidden_size,
-                              epsilon=config.layer_norm_eps, rngs=rngs)
+    self.position = nnx.Embed(config.max_position_embeddings, config.hidden_size, rngs=rngs)
+    self.token_type = nnx.Embed(config.type_vocab_size, config.hidden_size, rngs=rngs)
+    self.norm = nnx.LayerNorm(config.hidden_size, epsilon=config.layer_norm_eps, rngs=rngs)
 
   def __call__(self, input_ids: jax.Array, token_type_ids: jax.Array) -> jax.Array:
     """(B, T) ids -> (B, T, D)."""
     positions = jnp.arange(input_ids.shape[1])
-    return self.norm(self.word(input_ids) + self.position(positions)
-                     + self.token_type(token_type_ids))
+    return self.norm(
+      self.word(input_ids) + self.position(positions) + self.token_type(token_type_ids)
+    )
 
 
 class EncoderBlock(nnx.Module):
   """Post-norm block: ``x = norm(x + attention(x)); x = norm(x + ffn(x))``."""
 
-  def __init__(self, config: BertConfig, *, block: int,
-               lora: LoRAConfig | None, rngs: nnx.Rngs):
+  def __init__(self, config: BertConfig, *, block: int, lora: LoRAConfig | None, rngs: nnx.Rngs):
     d, eps = config.hidden_size, config.layer_norm_eps
-    self.attention = MultiHeadAttention(d, config.num_attention_heads,
-                                        block=block, lora=lora, rngs=rngs)
+    self.attention = MultiHeadAttention(
+      d, config.num_attention_heads, block=block, lora=lora, rngs=rngs
+    )
     self.attention_norm = nnx.LayerNorm(d, epsilon=eps, rngs=rngs)
-    self.ffn = FeedForward(d, config.intermediate_size, block=block,
-                           lora=lora, rngs=rngs)
+    self.ffn = FeedForward(d, config.intermediate_size, block=block, lora=lora, rngs=rngs)
     self.ffn_norm = nnx.LayerNorm(d, epsilon=eps, rngs=rngs)
 
   def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
@@ -118,23 +114,25 @@ class EncoderBlock(nnx.Module):
 class BertEncoder(nnx.Module):
   """Embeddings and encoder blocks; returns the last hidden state."""
 
-  def __init__(self, config: BertConfig, *, lora: LoRAConfig | None = None,
-               rngs: nnx.Rngs):
+  def __init__(self, config: BertConfig, *, lora: LoRAConfig | None = None, rngs: nnx.Rngs):
     self.config = config
     self.embeddings = Embeddings(config, rngs=rngs)
-    self.blocks = nnx.List([EncoderBlock(config, block=i, lora=lora, rngs=rngs)
-                            for i in range(config.num_hidden_layers)])
+    self.blocks = nnx.List(
+      [EncoderBlock(config, block=i, lora=lora, rngs=rngs) for i in range(config.num_hidden_layers)]
+    )
 
-  def encode(self, hidden: jax.Array, attention_mask: jax.Array, start: int = 0,
-             stop: int | None = None) -> jax.Array:
+  def encode(
+    self, hidden: jax.Array, attention_mask: jax.Array, start: int = 0, stop: int | None = None
+  ) -> jax.Array:
     """Runs blocks ``start:stop`` on (B, T, D) ``hidden``; returns (B, T, D)."""
     mask = attention_mask.astype(bool)
     for block in self.blocks[start:stop]:
       hidden = block(hidden, mask)
     return hidden
 
-  def __call__(self, input_ids: jax.Array, attention_mask: jax.Array,
-               token_type_ids: jax.Array | None = None) -> jax.Array:
+  def __call__(
+    self, input_ids: jax.Array, attention_mask: jax.Array, token_type_ids: jax.Array | None = None
+  ) -> jax.Array:
     """(B, T) ids, mask (1 = token) and segment ids -> (B, T, D)."""
     if token_type_ids is None:
       token_type_ids = jnp.zeros_like(input_ids)
@@ -142,6 +140,7 @@ class BertEncoder(nnx.Module):
 
   def load_torch_weights(self, weights: dict[str, np.ndarray]) -> None:
     """Copies a ``BertModel`` state dict in; ``(out, in)`` matrices are transposed."""
+
     def copy(variable: nnx.Variable, name: str, transpose: bool = False):
       value = weights[name].T if transpose else weights[name]
       if value.shape != variable.shape:
@@ -156,16 +155,17 @@ class BertEncoder(nnx.Module):
       copy(layer.scale, f"{prefix}.weight")
       copy(layer.bias, f"{prefix}.bias")
 
-    for module, name in ((self.embeddings.word, "word"),
-                         (self.embeddings.position, "position"),
-                         (self.embeddings.token_type, "token_type")):
+    for module, name in (
+      (self.embeddings.word, "word"),
+      (self.embeddings.position, "position"),
+      (self.embeddings.token_type, "token_type"),
+    ):
       copy(module.embedding, f"embeddings.{name}_embeddings.weight")
     layer_norm(self.embeddings.norm, "embeddings.LayerNorm")
     for i, block in enumerate(self.blocks):
       prefix = f"encoder.layer.{i}"
       attention = block.attention
-      for layer, name in ((attention.q, "query"), (attention.k, "key"),
-                          (attention.v, "value")):
+      for layer, name in ((attention.q, "query"), (attention.k, "key"), (attention.v, "value")):
         linear(layer, f"{prefix}.attention.self.{name}")
       linear(attention.o, f"{prefix}.attention.output.dense")
       layer_norm(block.attention_norm, f"{prefix}.attention.output.LayerNorm")
@@ -174,12 +174,12 @@ class BertEncoder(nnx.Module):
       layer_norm(block.ffn_norm, f"{prefix}.output.LayerNorm")
 
   @classmethod
-  def pretrained(cls, model_dir: Path, *, lora: LoRAConfig | None = None,
-                 rngs: nnx.Rngs) -> BertEncoder:
+  def pretrained(
+    cls, model_dir: Path, *, lora: LoRAConfig | None = None, rngs: nnx.Rngs
+  ) -> BertEncoder:
     """Builds the model of ``config.json`` and loads ``model.safetensors``."""
     model_dir = Path(model_dir)
-    model = cls(BertConfig.from_json(model_dir / "config.json"), lora=lora,
-                rngs=rngs)
+    model = cls(BertConfig.from_json(model_dir / "config.json"), lora=lora, rngs=rngs)
     model.load_torch_weights(load_file(model_dir / "model.safetensors"))
     return model
 
@@ -188,8 +188,7 @@ class ClassifierHead(nnx.Module):
   """Linear map (D,) -> (num_classes,) with :class:`HeadParam` weights."""
 
   def __init__(self, features: int, num_classes: int, *, rngs: nnx.Rngs):
-    self.kernel = HeadParam(
-        nnx.initializers.lecun_normal()(rngs.params(), (features, num_classes)))
+    self.kernel = HeadParam(nnx.initializers.lecun_normal()(rngs.params(), (features, num_classes)))
     self.bias = HeadParam(jnp.zeros((num_classes,)))
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -201,23 +200,23 @@ class BertClassifier(nnx.Module):
 
   def __init__(self, encoder: BertEncoder, num_classes: int, *, rngs: nnx.Rngs):
     self.encoder = encoder
-    self.head = ClassifierHead(encoder.config.hidden_size, num_classes,
-                               rngs=rngs)
+    self.head = ClassifierHead(encoder.config.hidden_size, num_classes, rngs=rngs)
 
   @classmethod
-  def pretrained(cls, model_dir: Path, num_classes: int, *,
-                 lora: LoRAConfig | None = None, rngs: nnx.Rngs) -> BertClassifier:
-    return cls(BertEncoder.pretrained(model_dir, lora=lora, rngs=rngs),
-               num_classes, rngs=rngs)
+  def pretrained(
+    cls, model_dir: Path, num_classes: int, *, lora: LoRAConfig | None = None, rngs: nnx.Rngs
+  ) -> BertClassifier:
+    return cls(BertEncoder.pretrained(model_dir, lora=lora, rngs=rngs), num_classes, rngs=rngs)
 
-  def __call__(self, input_ids: jax.Array, attention_mask: jax.Array,
-               token_type_ids: jax.Array | None = None) -> jax.Array:
+  def __call__(
+    self, input_ids: jax.Array, attention_mask: jax.Array, token_type_ids: jax.Array | None = None
+  ) -> jax.Array:
     """(B, T) ids and mask -> (B, num_classes) logits."""
-    return self.head(masked_mean(
-        self.encoder(input_ids, attention_mask, token_type_ids), attention_mask))
+    return self.head(
+      masked_mean(self.encoder(input_ids, attention_mask, token_type_ids), attention_mask)
+    )
 
-  def from_hidden(self, hidden: jax.Array, attention_mask: jax.Array,
-                  start: int) -> jax.Array:
+  def from_hidden(self, hidden: jax.Array, attention_mask: jax.Array, start: int) -> jax.Array:
     """Logits from (B, T, D) hidden states cached after blocks ``:start``.
 
     Exact when blocks ``:start`` have no adapter (see
@@ -225,8 +224,9 @@ class BertClassifier(nnx.Module):
     ``encoder.encode(encoder.embeddings(ids, types), mask, stop=start)`` once,
     then train on it.
     """
-    return self.head(masked_mean(
-        self.encoder.encode(hidden, attention_mask, start), attention_mask))
+    return self.head(
+      masked_mean(self.encoder.encode(hidden, attention_mask, start), attention_mask)
+    )
 
 
 def load_tokenizer(model_dir: Path, length: int) -> tokenizers.Tokenizer:
@@ -237,11 +237,14 @@ def load_tokenizer(model_dir: Path, length: int) -> tokenizers.Tokenizer:
   return tokenizer
 
 
-def tokenize(tokenizer: tokenizers.Tokenizer,
-             texts: Sequence[str]) -> dict[str, np.ndarray]:
+def tokenize(tokenizer: tokenizers.Tokenizer, texts: Sequence[str]) -> dict[str, np.ndarray]:
   """``input_ids``, ``attention_mask``, ``token_type_ids``: (N, T) int32 each."""
   encodings = tokenizer.encode_batch(list(texts))
-  return {name: np.asarray([getattr(e, attribute) for e in encodings], np.int32)
-          for name, attribute in (("input_ids", "ids"),
-                                  ("attention_mask", "attention_mask"),
-                                  ("token_type_ids", "type_ids"))}
+  return {
+    name: np.asarray([getattr(e, attribute) for e in encodings], np.int32)
+    for name, attribute in (
+      ("input_ids", "ids"),
+      ("attention_mask", "attention_mask"),
+      ("token_type_ids", "type_ids"),
+    )
+  }

@@ -64,15 +64,12 @@ class CharLMConfig:
 class DecoderBlock(nnx.Module):
   """``x += attention(norm(x))`` (causal), then ``x += ffn(norm(x))``."""
 
-  def __init__(self, config: CharLMConfig, *, block: int,
-               lora: LoRAConfig | None, rngs: nnx.Rngs):
+  def __init__(self, config: CharLMConfig, *, block: int, lora: LoRAConfig | None, rngs: nnx.Rngs):
     d = config.features
     self.attention_norm = nnx.LayerNorm(d, rngs=rngs)
-    self.attention = MultiHeadAttention(d, config.num_heads, block=block,
-                                        lora=lora, rngs=rngs)
+    self.attention = MultiHeadAttention(d, config.num_heads, block=block, lora=lora, rngs=rngs)
     self.ffn_norm = nnx.LayerNorm(d, rngs=rngs)
-    self.ffn = FeedForward(d, config.hidden_features, block=block, lora=lora,
-                           rngs=rngs)
+    self.ffn = FeedForward(d, config.hidden_features, block=block, lora=lora, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """(B, T, D) -> (B, T, D)."""
@@ -83,16 +80,16 @@ class DecoderBlock(nnx.Module):
 class CharLM(nnx.Module):
   """Next-character model: (B, T) ids -> (B, T, vocab_size) logits."""
 
-  def __init__(self, config: CharLMConfig, *, lora: LoRAConfig | None = None,
-               rngs: nnx.Rngs):
+  def __init__(self, config: CharLMConfig, *, lora: LoRAConfig | None = None, rngs: nnx.Rngs):
     self.config = config
     embed_init = nnx.initializers.normal(0.02)
-    self.embed = nnx.Embed(config.vocab_size, config.features,
-                           embedding_init=embed_init, rngs=rngs)
-    self.position = nnx.Embed(config.max_length, config.features,
-                              embedding_init=embed_init, rngs=rngs)
-    self.blocks = nnx.List([DecoderBlock(config, block=i, lora=lora, rngs=rngs)
-                            for i in range(config.num_layers)])
+    self.embed = nnx.Embed(config.vocab_size, config.features, embedding_init=embed_init, rngs=rngs)
+    self.position = nnx.Embed(
+      config.max_length, config.features, embedding_init=embed_init, rngs=rngs
+    )
+    self.blocks = nnx.List(
+      [DecoderBlock(config, block=i, lora=lora, rngs=rngs) for i in range(config.num_layers)]
+    )
     self.final_norm = nnx.LayerNorm(config.features, rngs=rngs)
     self.unembed = nnx.Linear(config.features, config.vocab_size, rngs=rngs)
 
@@ -108,8 +105,7 @@ def next_token_nats(model: CharLM, windows: jax.Array) -> jax.Array:
   log_probs = jax.nn.log_softmax(model(windows[:, :-1]).astype(jnp.float32))
   # A one-hot product rather than a gather: the gather's gradient is a
   # scatter, which made the whole training step about 1.8x slower on CPU.
-  targets = jax.nn.one_hot(windows[:, 1:], log_probs.shape[-1],
-                           dtype=log_probs.dtype)
+  targets = jax.nn.one_hot(windows[:, 1:], log_probs.shape[-1], dtype=log_probs.dtype)
   return -jnp.sum(log_probs * targets, axis=-1)
 
 
@@ -118,33 +114,34 @@ def _total_nats(model: CharLM, windows: jax.Array) -> jax.Array:
   return jnp.sum(next_token_nats(model, windows))
 
 
-def bits_per_char(model: CharLM, windows: np.ndarray,
-                  batch_size: int = 256) -> float:
+def bits_per_char(model: CharLM, windows: np.ndarray, batch_size: int = 256) -> float:
   """Mean next-character bits over (N, T + 1) windows (e.g. ``lm_eval_windows``).
 
   Windows are evaluated in equal-shape batches (one compilation); a last
   partial batch is evaluated on its own.
   """
-  total = sum(float(_total_nats(model, jnp.asarray(windows[i:i + batch_size])))
-              for i in range(0, len(windows), batch_size))
+  total = sum(
+    float(_total_nats(model, jnp.asarray(windows[i : i + batch_size])))
+    for i in range(0, len(windows), batch_size)
+  )
   return total / (windows.shape[0] * (windows.shape[1] - 1) * math.log(2))
 
 
 _FROZEN = nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))
 
 
-def save(model: CharLM, path: Path, vocab_chars: str,
-         dtype: np.dtype = np.float32) -> None:
+def save(model: CharLM, path: Path, vocab_chars: str, dtype: np.dtype = np.float32) -> None:
   """Writes the base weights (not adapters), config and vocabulary to ``path``."""
-  arrays = {"/".join(map(str, key)): np.asarray(variable[...], dtype)
-            for key, variable in nnx.to_flat_state(nnx.state(model, _FROZEN))}
+  arrays = {
+    "/".join(map(str, key)): np.asarray(variable[...], dtype)
+    for key, variable in nnx.to_flat_state(nnx.state(model, _FROZEN))
+  }
   arrays[_CONFIG_KEY] = np.asarray(json.dumps(dataclasses.asdict(model.config)))
   arrays[_VOCAB_KEY] = np.asarray(vocab_chars)
   np.savez_compressed(path, **arrays)
 
 
-def load(path: Path, *, lora: LoRAConfig | None = None,
-         rngs: nnx.Rngs) -> tuple[CharLM, str]:
+def load(path: Path, *, lora: LoRAConfig | None = None, rngs: nnx.Rngs) -> tuple[CharLM, str]:
   """Rebuilds a saved model, with fresh adapters if ``lora`` is given.
 
   Returns:
@@ -159,10 +156,15 @@ def load(path: Path, *, lora: LoRAConfig | None = None,
   keys = [key for key, _ in nnx.to_flat_state(nnx.state(model, _FROZEN))]
   names = ["/".join(map(str, key)) for key in keys]
   if set(names) != set(arrays):
-    raise ValueError(f"{path} does not match {config}: missing "
-                     f"{sorted(set(names) - set(arrays))}, unexpected "
-                     f"{sorted(set(arrays) - set(names))}")
-  nnx.update(model, nnx.from_flat_state(
-      [(key, jnp.asarray(arrays[name], jnp.float32))
-       for key, name in zip(keys, names, strict=True)]))
+    raise ValueError(
+      f"{path} does not match {config}: missing "
+      f"{sorted(set(names) - set(arrays))}, unexpected "
+      f"{sorted(set(arrays) - set(names))}"
+    )
+  nnx.update(
+    model,
+    nnx.from_flat_state(
+      [(key, jnp.asarray(arrays[name], jnp.float32)) for key, name in zip(keys, names, strict=True)]
+    ),
+  )
   return model, vocab_chars

@@ -63,8 +63,7 @@ class LoRAConfig:
       object.__setattr__(self, "blocks", frozenset(self.blocks))
     unknown = self.targets - set(PROJECTIONS)
     if unknown:
-      raise ValueError(f"unknown projections {sorted(unknown)}; "
-                       f"choose among {PROJECTIONS}")
+      raise ValueError(f"unknown projections {sorted(unknown)}; choose among {PROJECTIONS}")
     if self.rank < 1:
       raise ValueError(f"rank must be positive, got {self.rank}")
 
@@ -78,8 +77,15 @@ class LoRAConfig:
     return min(adapted, default=num_blocks) if self.targets else num_blocks
 
 
-def projection(in_features: int, out_features: int, *, name: str, block: int,
-               lora: LoRAConfig | None, rngs: nnx.Rngs) -> nnx.Linear:
+def projection(
+  in_features: int,
+  out_features: int,
+  *,
+  name: str,
+  block: int,
+  lora: LoRAConfig | None,
+  rngs: nnx.Rngs,
+) -> nnx.Linear:
   """A linear projection ``x @ kernel + bias`` with an adapter if configured.
 
   ``kernel`` is (in_features, out_features); adapters add
@@ -87,25 +93,27 @@ def projection(in_features: int, out_features: int, *, name: str, block: int,
   (r, out_features), ``lora_b = 0`` at initialization.
   """
   if lora is not None and lora.applies(block, name):
-    return lora.layer_class(in_features, out_features, lora_rank=lora.rank,
-                            rngs=rngs)
+    return lora.layer_class(in_features, out_features, lora_rank=lora.rank, rngs=rngs)
   return nnx.Linear(in_features, out_features, rngs=rngs)
 
 
 class MultiHeadAttention(nnx.Module):
   """Multi-head scaled dot-product attention with projections q, k, v, o."""
 
-  def __init__(self, features: int, num_heads: int, *, block: int,
-               lora: LoRAConfig | None, rngs: nnx.Rngs):
+  def __init__(
+    self, features: int, num_heads: int, *, block: int, lora: LoRAConfig | None, rngs: nnx.Rngs
+  ):
     if features % num_heads:
       raise ValueError(f"{features} features do not split into {num_heads} heads")
     self.num_heads = num_heads
     for name in ("q", "k", "v", "o"):
-      setattr(self, name, projection(features, features, name=name,
-                                     block=block, lora=lora, rngs=rngs))
+      setattr(
+        self, name, projection(features, features, name=name, block=block, lora=lora, rngs=rngs)
+      )
 
-  def __call__(self, x: jax.Array, mask: jax.Array | None = None, *,
-               is_causal: bool = False) -> jax.Array:
+  def __call__(
+    self, x: jax.Array, mask: jax.Array | None = None, *, is_causal: bool = False
+  ) -> jax.Array:
     """Attends from every position of ``x`` to every allowed position.
 
     Args:
@@ -119,20 +127,33 @@ class MultiHeadAttention(nnx.Module):
     batch, length, features = x.shape
     heads = (batch, length, self.num_heads, features // self.num_heads)
     out = jax.nn.dot_product_attention(
-        self.q(x).reshape(heads), self.k(x).reshape(heads),
-        self.v(x).reshape(heads), mask=mask, is_causal=is_causal)
+      self.q(x).reshape(heads),
+      self.k(x).reshape(heads),
+      self.v(x).reshape(heads),
+      mask=mask,
+      is_causal=is_causal,
+    )
     return self.o(out.reshape(x.shape))
 
 
 class FeedForward(nnx.Module):
   """``ffn_out(gelu(ffn_in(x)))`` with the exact (erf) GELU."""
 
-  def __init__(self, features: int, hidden_features: int, *, block: int,
-               lora: LoRAConfig | None, rngs: nnx.Rngs):
-    self.ffn_in = projection(features, hidden_features, name="ffn_in",
-                             block=block, lora=lora, rngs=rngs)
-    self.ffn_out = projection(hidden_features, features, name="ffn_out",
-                              block=block, lora=lora, rngs=rngs)
+  def __init__(
+    self,
+    features: int,
+    hidden_features: int,
+    *,
+    block: int,
+    lora: LoRAConfig | None,
+    rngs: nnx.Rngs,
+  ):
+    self.ffn_in = projection(
+      features, hidden_features, name="ffn_in", block=block, lora=lora, rngs=rngs
+    )
+    self.ffn_out = projection(
+      hidden_features, features, name="ffn_out", block=block, lora=lora, rngs=rngs
+    )
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """(..., D) -> (..., D)."""

@@ -7,8 +7,7 @@ from experiments.tasks.base import Budget
 from experiments.tasks.base import Task
 
 TASKS: dict[str, Task] = {
-    task.name: task
-    for task in (minilm.BBC, minilm.SHAKESPEARE_GENRE, milton.TASK, digits.TASK)
+  task.name: task for task in (minilm.BBC, minilm.SHAKESPEARE_GENRE, milton.TASK, digits.TASK)
 }
 
 __all__ = ["Budget", "TASKS", "Task"]

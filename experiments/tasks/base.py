@@ -24,7 +24,7 @@ def example_order(num_examples: int, seed: int, step: int, batch_size: int) -> n
     raise ValueError(f"batch_size {batch_size} > {num_examples} examples")
   epoch, position = divmod(step, per_epoch)
   order = np.random.default_rng([seed, epoch]).permutation(num_examples)
-  return order[position * batch_size:(position + 1) * batch_size]
+  return order[position * batch_size : (position + 1) * batch_size]
 
 
 def limit(count: int, maximum: int | None) -> int:

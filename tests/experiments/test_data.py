@@ -20,13 +20,11 @@ def _assert_same_split(a: data.Splits, b: data.Splits):
 
 def test_bbc_news_is_a_stratified_deterministic_split():
   splits = data.bbc_news(test_fraction=0.2, seed=0)
-  assert splits.train.class_names == (
-      "business", "entertainment", "politics", "sports", "tech")
+  assert splits.train.class_names == ("business", "entertainment", "politics", "sports", "tech")
   totals = splits.train.class_counts() + splits.test.class_counts()
   # 2,225 files minus 98 duplicated articles.
   np.testing.assert_array_equal(totals, [503, 369, 403, 505, 347])
-  np.testing.assert_array_equal(splits.test.class_counts(),
-                                np.round(0.2 * totals))
+  np.testing.assert_array_equal(splits.test.class_counts(), np.round(0.2 * totals))
   assert not set(splits.train.texts) & set(splits.test.texts)
   _assert_same_split(splits, data.bbc_news(test_fraction=0.2, seed=0))
   assert data.bbc_news(seed=1).test.texts != splits.test.texts
@@ -50,21 +48,38 @@ def test_genre_table_covers_every_folio_play_of_the_package():
   assert len(works) == 42
   assert set(data.FIRST_FOLIO_GENRES) <= works
   assert works - set(data.FIRST_FOLIO_GENRES) == {
-      "pericles", "sonnets", "lovers_complaint", "passionate_pilgrim",
-      "phoenix_and_the_turtle", "rape_of_lucrece"}
-  counts = {genre: list(data.FIRST_FOLIO_GENRES.values()).count(genre)
-            for genre in data.GENRES}
+    "pericles",
+    "sonnets",
+    "lovers_complaint",
+    "passionate_pilgrim",
+    "phoenix_and_the_turtle",
+    "rape_of_lucrece",
+  }
+  counts = {genre: list(data.FIRST_FOLIO_GENRES.values()).count(genre) for genre in data.GENRES}
   assert counts == {"comedy": 14, "history": 10, "tragedy": 12}
 
 
 def test_spoken_words_drop_names_directions_and_headings():
-  play = ("ACT I.\nSCENE 1. A heath.\n\n[Thunder. Enter three WITCHES.]\n\n"
-          "FIRST WITCH.\nWhen shall we three meet again\n[Aside.] In rain?\n\n"
-          "2 Clown.\nGo to.\n\nHam.\nWords, words.\n\nDRAMATIS PERSONAE\n\n"
-          "Ham., a prince\n")
+  play = (
+    "ACT I.\nSCENE 1. A heath.\n\n[Thunder. Enter three WITCHES.]\n\n"
+    "FIRST WITCH.\nWhen shall we three meet again\n[Aside.] In rain?\n\n"
+    "2 Clown.\nGo to.\n\nHam.\nWords, words.\n\nDRAMATIS PERSONAE\n\n"
+    "Ham., a prince\n"
+  )
   assert data.spoken_words(play) == [
-      "When", "shall", "we", "three", "meet", "again", "In", "rain?",
-      "Go", "to.", "Words,", "words."]
+    "When",
+    "shall",
+    "we",
+    "three",
+    "meet",
+    "again",
+    "In",
+    "rain?",
+    "Go",
+    "to.",
+    "Words,",
+    "words.",
+  ]
 
 
 @pytest.fixture(scope="module")
@@ -76,11 +91,16 @@ def test_passages_have_fixed_length_and_no_shared_text(genre_splits):
   train, test = genre_splits.train, genre_splits.test
   assert {len(t.split()) for t in train.texts + test.texts} == {64}
   assert len(test) / (len(train) + len(test)) == pytest.approx(0.2, abs=0.01)
+
   # Passages do not overlap, so no 8-word sequence of a test passage may
   # occur in training (except for repeated lines, rare in the plays).
   def shingles(texts):
-    return {" ".join(words[i:i + 8]) for words in map(str.split, texts)
-            for i in range(0, len(words) - 7, 8)}
+    return {
+      " ".join(words[i : i + 8])
+      for words in map(str.split, texts)
+      for i in range(0, len(words) - 7, 8)
+    }
+
   shared = shingles(test.texts) & shingles(train.texts)
   assert len(shared) < 0.005 * len(shingles(test.texts))
 
@@ -109,12 +129,15 @@ def test_play_task_tests_every_play_and_split_is_seeded(genre_splits):
 
 
 def test_clean_gutenberg_text():
-  raw = ("Produced by someone\r\n*** START OF THIS PROJECT GUTENBERG EBOOK X ***\r\n"
-         "Of Mans First Disobedience   \r\nAnd chiefly Thou     300\r\n"
-         "Psalm 23\r\n  12\r\nEnd.\x1a\r\n*** END OF THIS PROJECT GUTENBERG EBOOK X ***\r\n"
-         "License text\r\n")
+  raw = (
+    "Produced by someone\r\n*** START OF THIS PROJECT GUTENBERG EBOOK X ***\r\n"
+    "Of Mans First Disobedience   \r\nAnd chiefly Thou     300\r\n"
+    "Psalm 23\r\n  12\r\nEnd.\x1a\r\n*** END OF THIS PROJECT GUTENBERG EBOOK X ***\r\n"
+    "License text\r\n"
+  )
   assert data.clean_gutenberg_text(raw) == (
-      "Of Mans First Disobedience\nAnd chiefly Thou\nPsalm 23\n  12\nEnd.")
+    "Of Mans First Disobedience\nAnd chiefly Thou\nPsalm 23\n  12\nEnd."
+  )
 
 
 def test_milton_texts_have_no_line_numbers():
@@ -131,19 +154,20 @@ def test_vocab_round_trip_and_unknown_characters():
   ids = vocab.encode(text)
   assert ids.dtype == np.int32 and (ids != vocab.UNK).all()
   assert vocab.decode(ids) == text
-  np.testing.assert_array_equal(vocab.encode("a\u00e9\u4e2d\U0001F600~"),
-                                [vocab.encode("a")[0], 0, 0, 0, 0])
+  np.testing.assert_array_equal(
+    vocab.encode("a\u00e9\u4e2d\U0001f600~"), [vocab.encode("a")[0], 0, 0, 0, 0]
+  )
 
 
 def test_char_corpora_splits():
   shakespeare = data.shakespeare_chars()
-  assert shakespeare.test.size / (shakespeare.train.size + shakespeare.test.size) \
-      == pytest.approx(0.05, abs=0.002)
+  assert shakespeare.test.size / (shakespeare.train.size + shakespeare.test.size) == pytest.approx(
+    0.05, abs=0.002
+  )
   assert (shakespeare.train != data.CharVocab.UNK).all()
   milton = data.milton_chars()
   assert milton.vocab == shakespeare.vocab
-  assert milton.test.size / (milton.train.size + milton.test.size) \
-      == pytest.approx(0.1, abs=0.005)
+  assert milton.test.size / (milton.train.size + milton.test.size) == pytest.approx(0.1, abs=0.005)
   assert (milton.train == data.CharVocab.UNK).mean() < 1e-4
   assert milton.sha256() == data.milton_chars().sha256() != shakespeare.sha256()
 

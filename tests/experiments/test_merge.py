@@ -46,15 +46,22 @@ def _metric(lr, seed, center, base):
 def _store_sweep(cache, name, center, base):
   """Writes the run records of a full sweep of ``name`` without training."""
   configs = {RunConfig(TASK, name, lr, 0, "full", STEPS) for lr in PILOT_GRID}
-  configs |= {RunConfig(TASK, name, lr, seed, "full", STEPS)
-              for lr in sweep_grid(center) for seed in range(3)}
+  configs |= {
+    RunConfig(TASK, name, lr, seed, "full", STEPS) for lr in sweep_grid(center) for seed in range(3)
+  }
   for config in configs:
     value = _metric(config.learning_rate, config.seed, center, base)
-    record = {"config": config.identity(), "final": {"accuracy": value},
-              "final_metric": value,
-              "curves": {"train_loss": [1.0 - value * k / 30 for k in range(30)],
-                         "eval_step": [150, 300], "eval_accuracy": [value - 0.1, value]},
-              "seconds": 1.0}
+    record = {
+      "config": config.identity(),
+      "final": {"accuracy": value},
+      "final_metric": value,
+      "curves": {
+        "train_loss": [1.0 - value * k / 30 for k in range(30)],
+        "eval_step": [150, 300],
+        "eval_accuracy": [value - 0.1, value],
+      },
+      "seconds": 1.0,
+    }
     path = run.run_file(cache, config)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record) + "\n")
@@ -75,8 +82,9 @@ def old_file(tmp_path, env):
   cache = tmp_path / "old_runs"
   _store_sweep(cache, "adamw", 1e-3, 0.90)
   _store_sweep(cache, "adaprelora", 1e-2, 0.95)
-  results = run.write_task_results(TASK, "full", tmp_path / "results", cache,
-                                   pilot_centers={"adamw": 1e-3, "adaprelora": 1e-2})
+  results = run.write_task_results(
+    TASK, "full", tmp_path / "results", cache, pilot_centers={"adamw": 1e-3, "adaprelora": 1e-2}
+  )
   # Files written before per-optimizer provenance existed lack the key.
   results.pop("provenance", None)
   path = tmp_path / "results" / f"{TASK}.json"
@@ -91,8 +99,9 @@ def _rerun(tmp_path, env, commit, sweeps, *, merge=True):
   for name, center in sweeps.items():
     _store_sweep(cache, name, center, 0.80)
   options = dict(optimizers=list(sweeps), merge=True) if merge else {}
-  return run.write_task_results(TASK, "full", tmp_path / "results", cache,
-                                pilot_centers=dict(sweeps), **options)
+  return run.write_task_results(
+    TASK, "full", tmp_path / "results", cache, pilot_centers=dict(sweeps), **options
+  )
 
 
 def test_merge_replaces_the_rerun_optimizers_and_keeps_the_others(tmp_path, env, old_file):
@@ -116,29 +125,30 @@ def test_merge_replaces_the_rerun_optimizers_and_keeps_the_others(tmp_path, env,
   assert adaprelora["best_lr"] == pytest.approx(1e-3)
   assert adaprelora["best_mean"] == pytest.approx(0.801)
   assert merged["lr_selection"]["pilot"]["adaprelora"] == {
-      str(lr): _metric(lr, 0, 1e-3, 0.80) for lr in PILOT_GRID}
-  assert merged["lr_selection"]["centers"] == {
-      "adamw": 1e-3, "adaprelora": 1e-3, "lora_plus": 1e-3}
+    str(lr): _metric(lr, 0, 1e-3, 0.80) for lr in PILOT_GRID
+  }
+  assert merged["lr_selection"]["centers"] == {"adamw": 1e-3, "adaprelora": 1e-3, "lora_plus": 1e-3}
 
   # Kept entries take their provenance from the old file's environment.
   assert merged["environment"]["commit"] == "new"
   assert merged["provenance"] == {
-      "adamw": {"commit": "old", "date": "date of old"},
-      "adaprelora": {"commit": "new", "date": "date of new"},
-      "lora_plus": {"commit": "new", "date": "date of new"}}
+    "adamw": {"commit": "old", "date": "date of old"},
+    "adaprelora": {"commit": "new", "date": "date of new"},
+    "lora_plus": {"commit": "new", "date": "date of new"},
+  }
 
   # A second merge keeps the recorded provenance, not the file's environment.
   again = _rerun(tmp_path, env, "newer", {"lora_plus": 1e-2})
   assert again["provenance"] == {
-      "adamw": {"commit": "old", "date": "date of old"},
-      "adaprelora": {"commit": "new", "date": "date of new"},
-      "lora_plus": {"commit": "newer", "date": "date of newer"}}
+    "adamw": {"commit": "old", "date": "date of old"},
+    "adaprelora": {"commit": "new", "date": "date of new"},
+    "lora_plus": {"commit": "newer", "date": "date of newer"},
+  }
   assert again["optimizers"]["adaprelora"] == merged["optimizers"]["adaprelora"]
   assert _entry_text(old_file.read_text(), "adamw") == _entry_text(old_text, "adamw")
 
 
-def test_without_merge_the_optimizers_missing_from_the_cache_are_dropped(
-    tmp_path, env, old_file):
+def test_without_merge_the_optimizers_missing_from_the_cache_are_dropped(tmp_path, env, old_file):
   # Why --merge exists: the file is rebuilt from the run cache alone.
   results = _rerun(tmp_path, env, "new", {"adaprelora": 1e-3}, merge=False)
   assert list(results["optimizers"]) == ["adaprelora"]
@@ -147,12 +157,19 @@ def test_without_merge_the_optimizers_missing_from_the_cache_are_dropped(
 
 def test_merge_refuses_what_it_cannot_merge(tmp_path, env, old_file):
   with pytest.raises(ValueError, match="optimizers="):
-    run.write_task_results(TASK, "full", tmp_path / "results", tmp_path / "none",
-                           pilot_centers={}, merge=True)
+    run.write_task_results(
+      TASK, "full", tmp_path / "results", tmp_path / "none", pilot_centers={}, merge=True
+    )
   with pytest.raises(ValueError, match="No stored runs"):
-    run.write_task_results(TASK, "full", tmp_path / "results", tmp_path / "none",
-                           pilot_centers={"lora_plus": 1e-3}, optimizers=["lora_plus"],
-                           merge=True)
+    run.write_task_results(
+      TASK,
+      "full",
+      tmp_path / "results",
+      tmp_path / "none",
+      pilot_centers={"lora_plus": 1e-3},
+      optimizers=["lora_plus"],
+      merge=True,
+    )
   old = json.loads(old_file.read_text())
   old["lr_selection"]["pilot_grid"] = [1e-4, 1e-3]
   old_file.write_text(json.dumps(old, indent=1) + "\n")
@@ -164,8 +181,9 @@ def test_merge_refuses_what_it_cannot_merge(tmp_path, env, old_file):
 
 def test_report_reads_merged_and_old_files(tmp_path, env, old_file):
   old = json.loads(old_file.read_text())
-  assert report.provenance(old) == {name: {"commit": "old", "date": "date of old"}
-                                    for name in ("adamw", "adaprelora")}
+  assert report.provenance(old) == {
+    name: {"commit": "old", "date": "date of old"} for name in ("adamw", "adaprelora")
+  }
   merged = _rerun(tmp_path, env, "new", {"adaprelora": 1e-3})
   markdown = report.results_markdown([old, merged])
   assert "Runs: adamw, adaprelora at old (date of old)." in markdown
@@ -179,13 +197,27 @@ def test_report_reads_merged_and_old_files(tmp_path, env, old_file):
 def test_smoke_sweep_merges_a_subset_into_the_file(tmp_path):
   # Real runs through sweep(): each optimizer trained on its own machine (cache).
   results_dir = tmp_path / "results"
-  first = run.sweep(TASK, ["adamw"], "smoke", results_dir=results_dir,
-                    cache=tmp_path / "runs_a", checkpoints=tmp_path / "ckpt", progress=False)
+  first = run.sweep(
+    TASK,
+    ["adamw"],
+    "smoke",
+    results_dir=results_dir,
+    cache=tmp_path / "runs_a",
+    checkpoints=tmp_path / "ckpt",
+    progress=False,
+  )
   path = results_dir / f"{TASK}_smoke.json"
   first_text = path.read_text()
-  merged = run.sweep(TASK, ["adaprelora"], "smoke", results_dir=results_dir,
-                     cache=tmp_path / "runs_b", checkpoints=tmp_path / "ckpt", progress=False,
-                     merge=True)
+  merged = run.sweep(
+    TASK,
+    ["adaprelora"],
+    "smoke",
+    results_dir=results_dir,
+    cache=tmp_path / "runs_b",
+    checkpoints=tmp_path / "ckpt",
+    progress=False,
+    merge=True,
+  )
   assert list(merged["optimizers"]) == ["adamw", "adaprelora"]
   assert _entry_text(path.read_text(), "adamw") == _entry_text(first_text, "adamw")
   assert math.isfinite(merged["optimizers"]["adaprelora"]["best_mean"])
@@ -205,7 +237,8 @@ def test_cli_passes_merge_to_the_sweep(monkeypatch):
   monkeypatch.setattr(run, "enable_compilation_cache", lambda directory: None)
   monkeypatch.setattr(run.report, "results_table", lambda results: "")
   for argv, merge in ((["--merge"], True), ([], False)):
-    monkeypatch.setattr(sys, "argv", ["run", "--task", TASK, "--optimizer", "adaprelora",
-                                      "adamw", *argv])
+    monkeypatch.setattr(
+      sys, "argv", ["run", "--task", TASK, "--optimizer", "adaprelora", "adamw", *argv]
+    )
     run.main()
     assert calls.pop() == (TASK, ["adaprelora", "adamw"], "smoke", merge)

@@ -25,14 +25,23 @@ def test_sweep_grid_reuses_the_pilot_runs():
 
 
 def _records(lr, finals):
-  return [{"final_metric": value, "curves": {"train_loss": [1.0, value], "eval_step": [2],
-                                            "eval_accuracy": [value]}} for value in finals]
+  return [
+    {
+      "final_metric": value,
+      "curves": {"train_loss": [1.0, value], "eval_step": [2], "eval_accuracy": [value]},
+    }
+    for value in finals
+  ]
 
 
 def test_summary_picks_the_best_lr_and_the_contiguous_window():
-  runs = {"0.001": _records(0.001, [0.80, 0.82]), "0.00316": _records(0.00316, [0.90, 0.92]),
-          "0.01": _records(0.01, [0.88, 0.89]), "0.0316": _records(0.0316, [0.50, 0.52]),
-          "0.1": _records(0.1, [0.90, 0.90])}
+  runs = {
+    "0.001": _records(0.001, [0.80, 0.82]),
+    "0.00316": _records(0.00316, [0.90, 0.92]),
+    "0.01": _records(0.01, [0.88, 0.89]),
+    "0.0316": _records(0.0316, [0.50, 0.52]),
+    "0.1": _records(0.1, [0.90, 0.90]),
+  }
   summary = report.summarize_optimizer(runs, higher_is_better=True, description="x")
   # 0.1 has a mean as high as 0.00316's best but is not contiguous with it.
   assert summary["best_lr"] == pytest.approx(0.00316)
@@ -43,8 +52,11 @@ def test_summary_picks_the_best_lr_and_the_contiguous_window():
 
 
 def test_diverged_runs_rank_last_when_lower_is_better():
-  runs = {"0.01": _records(0.01, [float("nan")]), "0.001": _records(0.001, [2.5]),
-          "0.0001": _records(0.0001, [2.4])}
+  runs = {
+    "0.01": _records(0.01, [float("nan")]),
+    "0.001": _records(0.001, [2.5]),
+    "0.0001": _records(0.0001, [2.4]),
+  }
   summary = report.summarize_optimizer(runs, higher_is_better=False, description="x")
   assert summary["best_lr"] == pytest.approx(0.0001)
   assert summary["lr_window"]["learning_rates"] == [0.0001, 0.001]
@@ -54,8 +66,15 @@ def test_diverged_runs_rank_last_when_lower_is_better():
 def test_smoke_sweep_of_every_core_optimizer(task_name, tmp_path):
   names = [name for name in optimizers.CORE if name in optimizers.OPTIMIZERS]
   assert {"adaprelora", "adamw"} <= set(names)
-  results = run.sweep(task_name, names, "smoke", results_dir=tmp_path / "results",
-                      cache=tmp_path / "runs", checkpoints=tmp_path / "ckpt", progress=False)
+  results = run.sweep(
+    task_name,
+    names,
+    "smoke",
+    results_dir=tmp_path / "results",
+    cache=tmp_path / "runs",
+    checkpoints=tmp_path / "ckpt",
+    progress=False,
+  )
   task = TASKS[task_name]
   written = json.loads((tmp_path / "results" / f"{task_name}_smoke.json").read_text())
   assert written["task"] == task_name and written["metric"] == task.metric
@@ -70,6 +89,13 @@ def test_smoke_sweep_of_every_core_optimizer(task_name, tmp_path):
     steps = task.presets["smoke"].steps
     assert len(lr_entry["curves"]["train_loss"][0]) == steps
   # A second call reuses every stored run instead of training again.
-  again = run.sweep(task_name, names, "smoke", results_dir=tmp_path / "results",
-                    cache=tmp_path / "runs", checkpoints=tmp_path / "ckpt", progress=False)
+  again = run.sweep(
+    task_name,
+    names,
+    "smoke",
+    results_dir=tmp_path / "results",
+    cache=tmp_path / "runs",
+    checkpoints=tmp_path / "ckpt",
+    progress=False,
+  )
   assert again["optimizers"] == results["optimizers"]

@@ -34,8 +34,9 @@ def _cells(rule, metric, stat="mean", results=None):
 def test_every_rule_and_dtype_is_scored_on_every_cell(quick):
   sweep = quick["sweep"]
   shape = (len(sweep["conditions"]), len(sweep["ratios"]))
-  assert set(sweep["rules"]) == {f"{rule}/{dtype}" for rule in tiebreak_bias.RULES
-                                 for dtype in ("float32", "float64")}
+  assert set(sweep["rules"]) == {
+    f"{rule}/{dtype}" for rule in tiebreak_bias.RULES for dtype in ("float32", "float64")
+  }
   for name in sweep["rules"]:
     for metric in ("deviation", "excess"):
       for stat in ("mean", "median", "p90", "max"):
@@ -51,8 +52,10 @@ def test_brute_force_split_is_the_optimum_of_the_admissible_family(quick):
     assert np.all(_cells(name, "excess", "max", quick) >= -1e-6), name
     # The median is compared, so allow a rule to match θ° on some pairs.
     assert np.all(_cells(name, "excess", "median", quick) >= -1e-6), name
-  assert np.all((np.asarray(quick["sweep"]["best_theta_median"]) >= 0.0)
-                & (np.asarray(quick["sweep"]["best_theta_median"]) <= 1.0))
+  assert np.all(
+    (np.asarray(quick["sweep"]["best_theta_median"]) >= 0.0)
+    & (np.asarray(quick["sweep"]["best_theta_median"]) <= 1.0)
+  )
 
 
 def test_second_order_rule_finds_the_brute_force_split(quick):
@@ -62,8 +65,10 @@ def test_second_order_rule_finds_the_brute_force_split(quick):
   assert np.all(_cells("second_order/float32", "deviation", "max", quick) < 1e-3)
   for rule in ("min_imbalance", "equal_norms", "half", "factor_norm"):
     for metric in ("deviation", "excess"):
-      assert np.all(_cells("second_order/float64", metric, "mean", quick)
-                    <= _cells(f"{rule}/float64", metric, "mean", quick) + 1e-6), (rule, metric)
+      assert np.all(
+        _cells("second_order/float64", metric, "mean", quick)
+        <= _cells(f"{rule}/float64", metric, "mean", quick) + 1e-6
+      ), (rule, metric)
   # ... and the default rule is measurably away from it (the study has a signal).
   assert _cells("min_imbalance/float64", "deviation", "mean", quick).min() > 1e-2
 
@@ -79,14 +84,20 @@ def test_default_rule_is_the_half_member_on_consistent_gradients(quick):
   # update, so this compares two different formulas for the same step.
   for metric in ("deviation", "excess"):
     for stat in ("mean", "median", "p90", "max"):
-      np.testing.assert_allclose(_cells("min_imbalance/float64", metric, stat, quick),
-                                 _cells("half/float64", metric, stat, quick),
-                                 rtol=1e-9, atol=1e-12, err_msg=(metric, stat))
+      np.testing.assert_allclose(
+        _cells("min_imbalance/float64", metric, stat, quick),
+        _cells("half/float64", metric, stat, quick),
+        rtol=1e-9,
+        atol=1e-12,
+        err_msg=(metric, stat),
+      )
   # In training (float32, backprop gradients) the two steps agree to rounding
   # where the problem is well scaled, while the earlier equal-norms rule does
   # not: the tie-breaker reaches the optimizer.
-  loss = {rule: quick["training"]["rules"][rule]["train_loss"]["mean"][0][0][0]
-          for rule in ("min_imbalance", "half", "equal_norms")}
+  loss = {
+    rule: quick["training"]["rules"][rule]["train_loss"]["mean"][0][0][0]
+    for rule in ("min_imbalance", "half", "equal_norms")
+  }
   assert loss["half"] == pytest.approx(loss["min_imbalance"], rel=1e-4)
   assert loss["equal_norms"] != pytest.approx(loss["min_imbalance"], rel=1e-3)
 
@@ -94,8 +105,9 @@ def test_default_rule_is_the_half_member_on_consistent_gradients(quick):
 def test_rho_invariant_rules_give_identical_rows(quick):
   for rule in INVARIANT_RULES:
     values = _cells(f"{rule}/float64", "deviation", "mean", quick)
-    np.testing.assert_allclose(values, values[:, :1] * np.ones_like(values), rtol=1e-7,
-                               atol=1e-12, err_msg=rule)
+    np.testing.assert_allclose(
+      values, values[:, :1] * np.ones_like(values), rtol=1e-7, atol=1e-12, err_msg=rule
+    )
     assert quick["claim_check"][f"{rule}/float64"]["largest_change_along_ratio"] < 1e-7
   # The factor-norm variant weighs δa by p and δb by q, so it is not.
   assert quick["claim_check"]["factor_norm/float64"]["largest_change_along_ratio"] > 1e-3
@@ -123,8 +135,7 @@ def test_claim_check_matches_the_sweep(quick):
 
 def test_training_runs_are_finite_and_learn(quick):
   training = quick["training"]
-  shape = (len(training["conditions"]), len(training["ratios"]),
-           len(training["learning_rates"]))
+  shape = (len(training["conditions"]), len(training["ratios"]), len(training["learning_rates"]))
   assert set(training["rules"]) == set(tiebreak_bias.RULES)
   for rule, outputs in training["rules"].items():
     for name, values in outputs.items():

@@ -24,8 +24,13 @@ def test_one_time_task_preparation_is_not_charged_to_the_run(monkeypatch):
 
   task = dataclasses.replace(TASK, prepare=prepare)
   budget = dataclasses.replace(TASK.presets["smoke"], steps=2, eval_every=2)
-  result = train(task, optimizers.OPTIMIZERS["adamw"],
-                 RunConfig("digits", "adamw", 1e-3, 0, "smoke", 2), budget, progress=False)
+  result = train(
+    task,
+    optimizers.OPTIMIZERS["adamw"],
+    RunConfig("digits", "adamw", 1e-3, 0, "smoke", 2),
+    budget,
+    progress=False,
+  )
   assert calls == [budget]
   assert result.completed
   assert result.seconds == 0.0
