@@ -80,8 +80,9 @@ def run_all(configs: list[RunConfig], *, cache: Path, checkpoints: Path, resume:
     can_resume = resume and directory.exists() and any(directory.iterdir())
     if directory.exists() and not can_resume:
       shutil.rmtree(directory)
-    result = train(task, OPTIMIZERS[config.optimizer], config, task.presets[config.preset],
-                   checkpoint_dir=directory, resume=can_resume, progress=progress)
+    trainer = task.trainer or train
+    result = trainer(task, OPTIMIZERS[config.optimizer], config, task.presets[config.preset],
+                     checkpoint_dir=directory, resume=can_resume, progress=progress)
     record = {"config": config.identity(), "final": result.final,
               "final_metric": result.final[task.metric], "curves": result.curves,
               "seconds": result.seconds}
