@@ -22,8 +22,10 @@ Writes float16 safetensors weights (:func:`experiments.models.llama.save`)
 and a JSON record next to them: configs, seed, loss curve, validation bits
 per character of the saved (float16) weights on the whole validation split,
 wall time, sha256 of the data, library versions. The defaults regenerate the
-committed checkpoint; with the same library versions the result is the
-same::
+committed checkpoint (1,000 steps of 16 x 128 characters, 2M characters seen;
+validation 2.30 bits/char on all 1,952 validation windows; 16 minutes on 2
+CPU cores shared with other jobs, 0.55 s/step when they were quiet; 4.8 MB);
+with the same library versions the result is the same::
 
   python -m experiments.pretrain_llama
 """
