@@ -1,13 +1,15 @@
 """The flagship study (issue 17): Tunix Llama 3 + qwix LoRA on Milton, three presets.
 
-* ``smoke``: AdaPreLoRA (tangent statistics) and AdamW at their default
-  learning rates, one seed, 4 steps (about a minute; in the test suite).
+* ``smoke``: AdaPreLoRA (tangent statistics) and AdamW at their registry
+  default learning rates, one seed, 4 steps (under a minute; in the test
+  suite). AdaPreLoRA's default, 1e-2, is far too large a weight-space step
+  for this model (weights of std 0.02) and diverges; the sweep picks its lr.
 * ``sweep``: ``experiments.run``'s protocol (pilot over the decade grid, then
-  the half-decade grid around each pilot best, 3 seeds, 64 steps) for the six
+  the half-decade grid around each pilot best, 3 seeds, 48 steps) for the six
   optimizers of :data:`experiments.tasks.flagship.OPTIMIZERS`; writes
   ``results/flagship.json``, figures and RESULTS.md.
 * ``long``: each optimizer at its best learning rate of the sweep, 3 seeds,
-  4x the budget (256 steps); writes ``results/flagship_long.json`` (the
+  4x the budget (192 steps); writes ``results/flagship_long.json`` (the
   results schema of ``experiments.report`` plus ``time_to_target``: steps
   and training seconds until the held-out bits per character first reach
   AdamW's final mean, and tokens per second) and its figures.

@@ -215,10 +215,11 @@ TASK = Task(
         # Caps: examples = characters of training text, eval = windows.
         "smoke": Budget(steps=4, eval_every=2, seeds=1, max_train_examples=20_000,
                         max_eval_examples=16),
-        # The pilot and half-decade sweep of experiments.run.
-        "full": Budget(steps=64, eval_every=32, seeds=3, max_eval_examples=128),
-        # The long leg: each optimizer's best lr of "full", 4x its budget.
-        "long": Budget(steps=256, eval_every=32, seeds=3, max_eval_examples=128),
+        # The pilot and half-decade sweep of experiments.run: 102 runs, about an
+        # hour on 2 shared cores; the long leg (each optimizer's best lr, 4x the
+        # budget, 18 runs) about 40 minutes.
+        "full": Budget(steps=48, eval_every=24, seeds=3, max_eval_examples=128),
+        "long": Budget(steps=192, eval_every=24, seeds=3, max_eval_examples=128),
     },
     build_model=build_model,
     train_batch=milton.train_batch,
