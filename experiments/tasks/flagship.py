@@ -27,6 +27,7 @@ themselves left out, for steps- and seconds-to-target comparisons.
 from __future__ import annotations
 
 import functools
+import tempfile
 import time
 import types
 from pathlib import Path
@@ -165,8 +166,8 @@ def train(task: Task, spec: OptimizerSpec, config: RunConfig, budget: Budget, *,
           progress: bool = True) -> RunResult:
   """One run through ``PeftTrainer``; the ``Task.trainer`` contract of ``experiments.run``.
 
-  ``checkpoint_dir`` holds Tunix's metrics logs only; ``resume`` is ignored
-  (runs are stored whole).
+  ``checkpoint_dir`` holds Tunix's metrics logs only (None: a scratch
+  directory); ``resume`` is ignored (runs are stored whole).
   """
   del resume
   tunix = _tunix()
@@ -177,8 +178,10 @@ def train(task: Task, spec: OptimizerSpec, config: RunConfig, budget: Budget, *,
   task.prepare(budget)
   start = time.perf_counter()
   curves = {"train_loss": [], "eval_step": [], "eval_seconds": []}
-  logs = None if checkpoint_dir is None else str(Path(checkpoint_dir) / "logs")
-  with jax.set_mesh(llama.mesh()):
+  # Tunix's metrics logger always writes TensorBoard files: into the run's
+  # directory, or a scratch one (never the working directory).
+  with tempfile.TemporaryDirectory() as scratch, jax.set_mesh(llama.mesh()):
+    logs = str(Path(checkpoint_dir or scratch) / "logs")
     model, _ = task.build_model(config.seed, spec.exact_statistics)
     training_config = peft_trainer.TrainingConfig(
         eval_every_n_steps=config.steps + 1, max_steps=config.steps,
