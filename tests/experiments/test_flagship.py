@@ -61,7 +61,7 @@ def test_save_load_round_trip(tmp_path):
                                llama.next_token_nats(model, windows), rtol=1e-2)
 
 
-def test_time_to_target_reads_each_seed_curve():
+def test_time_to_target_reads_each_seed_curve(tmp_path):
   def entry(values, seconds):
     return {"best_lr": 0.1, "best_mean": float(np.mean([v[-1] for v in values])),
             "best_std": 0.0, "lrs": {"0.1": {"curves": {
@@ -81,6 +81,11 @@ def test_time_to_target_reads_each_seed_curve():
   assert rows["slow"]["reached"] == 0 and rows["slow"]["steps"] is None
   # Steady state: 20 steps of 8 x 128 tokens over the last two intervals.
   assert rows["slow"]["tokens_per_second"] == pytest.approx(20 * 1024 / 10)
+  # The long leg's RESULTS.md section and figure.
+  results.update(task="x", time_to_target=summary, environment={"commit": "abc", "date": "d"})
+  section = flagship.long_leg_markdown(results)
+  assert "| slow | 0.1 | 2.8000 ± 0.0000 | not reached | not reached | 0/2 | 2048 |" in section
+  assert flagship.plot_long(results, tmp_path).exists()
 
 
 def test_smoke_preset_trains_writes_results_and_resumes(tmp_path, monkeypatch):
