@@ -244,14 +244,19 @@ def write_report(results_dir: Path = RESULTS_DIR) -> Path:
   """Regenerates figures and ``experiments/RESULTS.md`` from the task JSON files."""
   import json  # pylint: disable=import-outside-toplevel
 
-  all_results = []
+  from experiments import flagship  # pylint: disable=import-outside-toplevel
+
+  all_results, long_legs = [], []
   for path in sorted(results_dir.glob("*.json")):
     results = json.loads(path.read_text())
     if "optimizers" in results and results.get("preset") == "full":
       plot(results, results_dir)
       all_results.append(results)
+    elif "time_to_target" in results:
+      flagship.plot_long(results, results_dir)
+      long_legs.append(flagship.long_leg_markdown(results))
   output = results_dir.parent / "RESULTS.md"
-  output.write_text(results_markdown(all_results) + "\n")
+  output.write_text("\n".join([results_markdown(all_results), *long_legs]) + "\n")
   return output
 
 

@@ -111,7 +111,8 @@ def run_all(
     can_resume = resume and directory.exists() and any(directory.iterdir())
     if directory.exists() and not can_resume:
       shutil.rmtree(directory)
-    result = train(
+    trainer = task.trainer or train
+    result = trainer(
       task,
       OPTIMIZERS[config.optimizer],
       config,

@@ -78,6 +78,9 @@ class Task:
       process (e.g. encoding the data set with frozen pretrained blocks);
       :func:`experiments.training.train` calls it before starting a run's
       clock, so the first run's seconds are not charged for it.
+    trainer: trains one run in another loop than
+      :func:`experiments.training.train` (e.g. Tunix's ``PeftTrainer``), with
+      its signature and contract; None: that function.
   """
 
   name: str
@@ -91,3 +94,4 @@ class Task:
   loss_fn: Callable[[nnx.Module, Batch], Any]
   evaluate: Callable[[nnx.Module, Budget], dict[str, float]]
   prepare: Callable[[Budget], None] = lambda budget: None
+  trainer: Callable[..., Any] | None = None

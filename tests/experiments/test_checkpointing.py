@@ -74,46 +74,38 @@ def test_resume_in_a_fresh_process_is_bit_for_bit(tmp_path):
     np.testing.assert_array_equal(resumed[key], uninterrupted[key], err_msg=key)
 
 
-def _partial_run(directory, config=CONFIG, spec="adaprelora_momentum"):
+def _run(directory, config=CONFIG, spec="adaprelora_momentum", **kwargs):
   return train(
     TASK,
     optimizers.OPTIMIZERS[spec],
     config,
     BUDGET,
     checkpoint_dir=directory,
-    stop_after=10,
     progress=False,
+    **kwargs,
   )
+
+
+def _partial_run(directory):
+  return _run(directory, stop_after=10)
+
+
+def _resume(directory, config=CONFIG, spec="adaprelora_momentum"):
+  return _run(directory, config, spec, resume=True)
 
 
 def test_checkpoint_of_another_run_is_rejected(tmp_path):
   _partial_run(tmp_path / "ckpt")
   other = RunConfig("digits", "adaprelora_momentum", 0.03, 0, "smoke", 24)
   with pytest.raises(CheckpointError, match=r"was written for run .*'learning_rate': 0.01"):
-    train(
-      TASK,
-      optimizers.OPTIMIZERS["adaprelora_momentum"],
-      other,
-      BUDGET,
-      checkpoint_dir=tmp_path / "ckpt",
-      resume=True,
-      progress=False,
-    )
+    _resume(tmp_path / "ckpt", other, "adaprelora_momentum")
 
 
 def test_checkpoint_with_another_state_structure_is_rejected(tmp_path):
   _partial_run(tmp_path / "ckpt")
   # Same run identity, but an optimizer whose state has no momentum.
   with pytest.raises(CheckpointError, match="does not match this run's model and optimizer"):
-    train(
-      TASK,
-      optimizers.OPTIMIZERS["adaprelora"],
-      CONFIG,
-      BUDGET,
-      checkpoint_dir=tmp_path / "ckpt",
-      resume=True,
-      progress=False,
-    )
+    _resume(tmp_path / "ckpt", CONFIG, "adaprelora")
 
 
 def test_checkpoint_of_another_state_layout_names_both_layouts(tmp_path, monkeypatch):
@@ -126,15 +118,7 @@ def test_checkpoint_of_another_state_layout_names_both_layouts(tmp_path, monkeyp
     match=rf"holds optimizer state layout {saved} .*"
     rf"reads state layout {saved + 1}",
   ):
-    train(
-      TASK,
-      optimizers.OPTIMIZERS["adaprelora_momentum"],
-      CONFIG,
-      BUDGET,
-      checkpoint_dir=tmp_path / "ckpt",
-      resume=True,
-      progress=False,
-    )
+    _resume(tmp_path / "ckpt", CONFIG, "adaprelora_momentum")
 
 
 def test_corrupt_checkpoint_is_rejected(tmp_path):
@@ -146,25 +130,9 @@ def test_corrupt_checkpoint_is_rejected(tmp_path):
       damaged += 1
   assert damaged
   with pytest.raises(CheckpointError, match="corrupt"):
-    train(
-      TASK,
-      optimizers.OPTIMIZERS["adaprelora_momentum"],
-      CONFIG,
-      BUDGET,
-      checkpoint_dir=tmp_path / "ckpt",
-      resume=True,
-      progress=False,
-    )
+    _resume(tmp_path / "ckpt", CONFIG, "adaprelora_momentum")
 
 
 def test_resume_without_a_checkpoint_is_an_error(tmp_path):
   with pytest.raises(CheckpointError, match="no checkpoint"):
-    train(
-      TASK,
-      optimizers.OPTIMIZERS["adaprelora"],
-      CONFIG,
-      BUDGET,
-      checkpoint_dir=tmp_path / "empty",
-      resume=True,
-      progress=False,
-    )
+    _resume(tmp_path / "empty", CONFIG, "adaprelora")
