@@ -63,11 +63,10 @@ def _is_version_path(path: tuple[Any, ...]) -> bool:
 
 
 def _versions(tree: Any) -> dict[str, Any]:
-  leaves = jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda x: x is None)
   return {
     jax.tree_util.keystr(path): leaf
-    for path, leaf in leaves
-    if leaf is not None and _is_version_path(path)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+    if _is_version_path(path)
   }
 
 

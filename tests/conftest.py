@@ -41,7 +41,5 @@ _FLAX_ALWAYS_SHARD_VARIABLE = flax.config.flax_always_shard_variable
 
 @pytest.fixture(autouse=True)
 def _flax_variable_sharding_default():
-  before = flax.config.flax_always_shard_variable
+  # Nothing to undo afterwards: the next test starts here again.
   flax.config.update("flax_always_shard_variable", _FLAX_ALWAYS_SHARD_VARIABLE)
-  yield
-  flax.config.update("flax_always_shard_variable", before)
