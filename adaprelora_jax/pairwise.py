@@ -23,8 +23,8 @@ declaration of its per-pair state (:mod:`adaprelora_jax.slots`).
    against them;
 2. each group of same-shaped pairs is gathered into stacked
    :class:`PairInputs` and each state field is read for it;
-3. the kernel is ``jax.vmap``-ed over the group's pairs (the traced program
-   does not grow with the number of layers);
+3. the kernel is ``jax.vmap``-ed (or ``jax.lax.map``-ed) over the group's
+   pairs (the traced program does not grow with the number of layers);
 4. the factor updates are scattered back to the leaves, each field writes
    its results, and the router finishes the other leaves.
 
@@ -38,7 +38,7 @@ import functools
 import math
 import operator
 from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -163,22 +163,40 @@ def _member_positions(
   return found
 
 
+def _over_pairs(fn: Callable[..., Any], map_pairs: bool) -> Callable[..., Any]:
+  """``fn(*per_pair_args, *shared_args)`` over the leading (pair) axis of the
+  per-pair arguments: ``jax.vmap`` (one batched program), or with
+  ``map_pairs`` ``jax.lax.map`` (a loop of single-pair programs)."""
+
+  def over(per_pair: tuple, *shared: Any) -> Any:
+    if not map_pairs:
+      return jax.vmap(lambda *args: fn(*args, *shared))(*per_pair)
+    return jax.lax.map(lambda args: fn(*args, *shared), per_pair)
+
+  return over
+
+
+def _default_backend_is_cpu() -> bool:
+  return jax.default_backend() == "cpu"
+
+
 def _run_kernels(
   update_pair: PairKernel,
   prepare_pair: PreparePair | None,
   inputs: list[PairInputs],
   pair_states: list[dict[str, Any]],
   count: jax.Array,
+  map_pairs: bool,
 ) -> list[tuple[jax.Array, jax.Array, dict[str, Any]]]:
-  """The kernel vmapped over each group, after the optional first pass."""
+  """The kernel over each group's pairs, after the optional first pass."""
   total = None
   if prepare_pair is not None:
-    prepared = [jax.vmap(prepare_pair)(group_inputs) for group_inputs in inputs]
+    prepared = [_over_pairs(prepare_pair, map_pairs)((group,)) for group in inputs]
     inputs = [carry for carry, _ in prepared]
     total = functools.reduce(operator.add, [jnp.sum(contribution) for _, contribution in prepared])
-  kernel = jax.vmap(update_pair, in_axes=(0, 0, None, None))
+  kernel = _over_pairs(update_pair, map_pairs)
   return [
-    kernel(group_inputs, pair_state, count, total)
+    kernel((group_inputs, pair_state), count, total)
     for group_inputs, pair_state in zip(inputs, pair_states, strict=True)
   ]
 
@@ -190,6 +208,7 @@ def pairwise_transform(
   state_type: Callable[..., Any],
   router: routing.Router,
   prepare_pair: PreparePair | None = None,
+  map_pairs: bool | Literal["on_cpu"] = False,
 ) -> optax.GradientTransformationExtraArgs:
   """An optax transform from a rule for one LoRA pair.
 
@@ -225,6 +244,13 @@ def pairwise_transform(
     router: finds the pairs and routes the other leaves
       (:meth:`adaprelora_jax.routing.Router.create`).
     prepare_pair: optional first pass (above).
+    map_pairs: run the kernel over a group's pairs with ``jax.lax.map``
+      instead of ``jax.vmap``, so that every decomposition it calls is
+      unbatched. For kernels built on batched LAPACK calls (QR, SVD, eigh)
+      on XLA:CPU, where jaxlib 0.10's batch-parallel LAPACK kernels can
+      deadlock the intra-op thread pool (docs/design.md §10). The updates
+      are the same; only the schedule differs. ``"on_cpu"``: when the
+      default backend is CPU, decided when the update is traced.
 
   Returns:
     The :class:`optax.GradientTransformationExtraArgs`.
@@ -258,7 +284,8 @@ def pairwise_transform(
       {**{name: values[index] for name, values in read.items()}, **absent}
       for index in range(len(plan.groups))
     ]
-    results = _run_kernels(update_pair, prepare_pair, inputs, pair_states, state.count)
+    mapped = _default_backend_is_cpu() if map_pairs == "on_cpu" else bool(map_pairs)
+    results = _run_kernels(update_pair, prepare_pair, inputs, pair_states, state.count, mapped)
 
     out = list(grads)
     member_positions = _member_positions(plan, state.pair_position)

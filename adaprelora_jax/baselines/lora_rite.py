@@ -359,6 +359,8 @@ def scale_by_lora_rite(
       "scale_by_lora_rite", pairing, non_lora, strict, check_pair=_check_rank
     ),
     prepare_pair=functools.partial(_unmagnify, update_skipping),
+    # Batched QR/SVD/eigh on XLA:CPU can deadlock (jaxlib 0.10); one pair at a time cannot.
+    map_pairs="on_cpu",
   )
 
 
