@@ -20,8 +20,7 @@ def _params_and_grads(seed: int):
   shapes = {"q": ((8, 3), (3, 6)), "k": ((8, 3), (3, 6)), "v": ((8, 3), (3, 5))}
   params = {name: {"lora_a": normal(*a), "lora_b": normal(*b)} for name, (a, b) in shapes.items()}
   params["scan"] = {"lora_a": normal(4, 7, 3), "lora_b": normal(4, 3, 9)}
-  grads = [jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), x.dtype), params)]
-  grads.append(jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), x.dtype), params))
+  grads = [jax.tree.map(lambda x: normal(*x.shape), params) for _ in range(2)]
   return params, grads
 
 
