@@ -19,6 +19,10 @@ interrupted preset is continued by running the same command again::
 
   python -m experiments.flagship --preset sweep
   python -m experiments.flagship --preset long
+
+The run cache is not committed; ``--merge`` adds (or reruns) some optimizers
+and keeps the others' committed results, e.g.
+``--preset sweep --optimizer lora_rite --merge``.
 """
 
 from __future__ import annotations
@@ -50,8 +54,13 @@ def long_leg(
   cache: Path = run.CACHE,
   checkpoints: Path = run.CHECKPOINTS,
   progress: bool = True,
+  merge: bool = False,
 ) -> dict:
   """Runs (or reuses) the long leg at the sweep's best learning rates and writes its results.
+
+  With ``merge``, the other optimizers' entries of the existing results are
+  kept (see :func:`experiments.run.write_task_results`), and the steps to
+  target are computed over all of them.
 
   Raises:
     ValueError: ``results_dir`` has no sweep result of one of ``optimizers``.
@@ -73,7 +82,9 @@ def long_leg(
     progress=progress,
     description=f"{TASK} long",
   )
-  results = run.write_task_results(TASK, "long", results_dir, cache, optimizers=optimizers)
+  results = run.write_task_results(
+    TASK, "long", results_dir, cache, optimizers=optimizers, merge=merge
+  )
   results["time_to_target"] = time_to_target(results)
   run.results_file(results_dir, TASK, "long").write_text(json.dumps(results, indent=1) + "\n")
   return results
@@ -215,6 +226,12 @@ def main() -> None:
   )
   parser.add_argument("--results-dir", type=Path, default=run.RESULTS)
   parser.add_argument("--no-progress", action="store_true")
+  parser.add_argument(
+    "--merge",
+    action="store_true",
+    help="keep the other optimizers' entries of the existing results (the run cache is not "
+    "committed; this is how one optimizer is added)",
+  )
   args = parser.parse_args()
   enable_compilation_cache(run.COMPILATION_CACHE)
   names = args.optimizer or list(
@@ -222,7 +239,7 @@ def main() -> None:
   )
   progress = not args.no_progress
   if args.preset == "long":
-    results = long_leg(names, results_dir=args.results_dir, progress=progress)
+    results = long_leg(names, results_dir=args.results_dir, progress=progress, merge=args.merge)
     print(time_to_target_table(results))
   else:
     results = run.sweep(
@@ -231,6 +248,7 @@ def main() -> None:
       "full" if args.preset == "sweep" else "smoke",
       results_dir=args.results_dir,
       progress=progress,
+      merge=args.merge,
     )
     print(report.results_table(results))
   if args.preset != "smoke":
