@@ -269,6 +269,32 @@ def _inverse(permutation: Sequence[int]) -> tuple[int, ...]:
   return tuple(inverse)
 
 
+def _one_level(tree: Any) -> tuple[list[Any], Any]:
+  """``tree``'s children and the structure of its root node alone."""
+  return jax.tree_util.tree_flatten(tree, is_leaf=lambda node: node is not tree)
+
+
+def _leaves_up_to(treedef: Any, tree: Any) -> list[Any]:
+  """``treedef.flatten_up_to(tree)``, where a bare ``MaskedNode`` may stand in
+  for a whole subtree of ``treedef``."""
+  try:
+    return treedef.flatten_up_to(tree)
+  except (TypeError, ValueError):
+    if isinstance(tree, optax.MaskedNode):
+      return [tree] * treedef.num_leaves
+    # One level down: ``tree``'s own children, each kept whole, if its node
+    # is the one ``treedef`` expects.
+    children, level = _one_level(tree)
+    subtrees = treedef.children()
+    if not subtrees or level != _one_level(treedef.unflatten([0] * treedef.num_leaves))[1]:
+      raise
+  return [
+    leaf
+    for subtree, child in zip(subtrees, children, strict=True)
+    for leaf in _leaves_up_to(subtree, child)
+  ]
+
+
 def canonical_shape(pair: PairInfo, role: Literal["a", "b"]) -> tuple[int, ...]:
   """``(*lead, d_in, r)`` for ``a``, ``(*lead, r, d_out)`` for ``b``."""
   tail = (pair.d_in, pair.rank) if role == "a" else (pair.rank, pair.d_out)
@@ -316,10 +342,13 @@ class LoRAPlan:
   def leaves(self, tree: Any) -> list[Any]:
     """Leaves of ``tree`` at the positions of the params' leaves.
 
-    ``tree`` may hold ``optax.MaskedNode`` (or any subtree) where params hold
-    a leaf, as optimizer state trees that mirror the params do.
+    ``tree`` may hold any subtree where params hold a leaf, and a bare
+    ``optax.MaskedNode`` where params hold a whole subtree (a masked
+    ``nnx.Variable`` of a state built from an ``nnx.State``, see
+    :func:`adaprelora_jax.nnx_metadata.unwrap_masked_nodes`); each leaf
+    position under it reads as that ``MaskedNode``.
     """
-    return self.treedef.flatten_up_to(tree)
+    return _leaves_up_to(self.treedef, tree)
 
   def unflatten(self, leaves: Sequence[Any]) -> Any:
     return jax.tree.unflatten(self.treedef, leaves)

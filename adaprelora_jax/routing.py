@@ -26,9 +26,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import jax
 import jax.numpy as jnp
 import optax
 
+from adaprelora_jax import nnx_metadata
 from adaprelora_jax import pairing as pairing_lib
 
 
@@ -127,9 +129,14 @@ class Router(NamedTuple):
       # Statistics probes are not parameters to move.
       out[index] = jnp.zeros_like(out[index])
     if plan.other_indices:
-      other_updates, non_lora_state = self.non_lora_transform(plan).update(
-        updates, non_lora_state, params
-      )
+      transform = self.non_lora_transform(plan)
+      # The state holds bare MaskedNodes where optax.masked's own state has
+      # flax Variables holding one (nnx_metadata.unwrap_masked_nodes); the
+      # leaves are the same, so it is read back in the structure init gives.
+      structure = jax.tree.structure(jax.eval_shape(transform.init, params))
+      masked_state = jax.tree.unflatten(structure, jax.tree.leaves(non_lora_state))
+      other_updates, masked_state = transform.update(updates, masked_state, params)
+      non_lora_state = nnx_metadata.unwrap_masked_nodes(masked_state)
       other_leaves = plan.leaves(other_updates)
       for index in plan.other_indices:
         out[index] = other_leaves[index]
