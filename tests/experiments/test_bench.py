@@ -53,3 +53,13 @@ def test_train_table_formats_a_report():
   }
   table = bench_train.format_tables(report)
   assert "| adaprelora | 1.01 |" in table and "| 2×4 | 10 | 12 | 1.20 |" in table
+
+
+def test_train_step_runs_every_layer_kind_on_the_pretrained_model():
+  """One tiny round of the real benchmark: adaprelora on the plain nnx LoRA
+  layers and on the exact-statistics layers, with the classifier head as a
+  non-LoRA parameter of the same ``nnx.State``."""
+  report = bench_train.run([(2, 8)], None, rounds=1, names=["adaprelora_tangent", "adaprelora"])
+  optimizers = [row["optimizer"] for row in report["train_step"]]
+  assert optimizers == ["adamw", "adaprelora_tangent", "adaprelora"]
+  assert all(row["seconds"] > 0 for row in report["train_step"])
