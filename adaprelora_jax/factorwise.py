@@ -95,7 +95,7 @@ def factorwise_transform(
     return FactorwiseState(
       factors=inner.init(_factor_tree(plan, plan.leaves(params))),
       layout_version=state_layout.version_leaf(),
-      non_lora=nnx_metadata.unwrap_masked_nodes(router.non_lora_transform(plan).init(params)),
+      non_lora=router.init_non_lora(plan, params),
     )
 
   def update_fn(updates, state, params=None, **extra_args):

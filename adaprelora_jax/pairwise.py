@@ -266,7 +266,7 @@ def pairwise_transform(
     labels.check_uniform()
     return state_type(
       count=jnp.zeros([], jnp.int32),
-      non_lora=nnx_metadata.unwrap_masked_nodes(router.non_lora_transform(plan).init(params)),
+      non_lora=router.init_non_lora(plan, params),
       pair_position=_init_positions(plan, labels),
       layout_version=state_layout.version_leaf(),
       **{name: kind.init(plan, labels) for name, kind in kinds.items()},

@@ -105,6 +105,17 @@ class Router(NamedTuple):
   def non_lora_transform(self, plan: pairing_lib.LoRAPlan) -> optax.GradientTransformation:
     return optax.masked(self.non_lora, plan.other_mask())
 
+  def init_non_lora(self, plan: pairing_lib.LoRAPlan, params: Any) -> optax.OptState:
+    """The fallback's state, masked positions as bare ``MaskedNode``s.
+
+    ``optax.masked`` leaves a flax ``Variable`` holding a ``MaskedNode`` at
+    each masked position of an ``nnx.State``; the bare node has the same (no)
+    leaves and keeps Orbax restores working
+    (:func:`adaprelora_jax.nnx_metadata.unwrap_masked_nodes`). :meth:`finish`
+    reads the state back in ``optax.masked``'s own structure.
+    """
+    return nnx_metadata.unwrap_masked_nodes(self.non_lora_transform(plan).init(params))
+
   def finish(
     self,
     plan: pairing_lib.LoRAPlan,
@@ -130,9 +141,7 @@ class Router(NamedTuple):
       out[index] = jnp.zeros_like(out[index])
     if plan.other_indices:
       transform = self.non_lora_transform(plan)
-      # The state holds bare MaskedNodes where optax.masked's own state has
-      # flax Variables holding one (nnx_metadata.unwrap_masked_nodes); the
-      # leaves are the same, so it is read back in the structure init gives.
+      # Back from init_non_lora's bare MaskedNodes: same leaves, masked's structure.
       structure = jax.tree.structure(jax.eval_shape(transform.init, params))
       masked_state = jax.tree.unflatten(structure, jax.tree.leaves(non_lora_state))
       other_updates, masked_state = transform.update(updates, masked_state, params)
