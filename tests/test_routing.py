@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 import adaprelora_jax as ap
+from tests.optimizers import EVERY_OPTIMIZER
 
 
 class HeadParam(nnx.Param):
@@ -28,18 +29,7 @@ def _loss(model, x):
   return jnp.mean(jnp.square(model(x)))
 
 
-OPTIMIZERS = {
-  "adaprelora": lambda: ap.adaprelora(1e-2),
-  "adaprelora_b1": lambda: ap.adaprelora(1e-2, b1=0.9),
-  "lora_plus": lambda: ap.lora_plus(1e-2),
-  "scaled_gd": lambda: ap.scaled_gd(1e-2),
-  "scaled_adamw": lambda: ap.scaled_adamw(1e-2),
-  "lora_pro": lambda: ap.lora_pro(1e-2),
-  "lora_rite": lambda: ap.lora_rite(1e-2),
-}
-
-
-@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("name", sorted(EVERY_OPTIMIZER))
 def test_an_nnx_state_with_non_lora_params_trains_like_its_pure_dict(name):
   """A split ``nnx.State`` (LoRA factors plus non-LoRA Params of two Variable
   types) gets the updates of the same parameters as a plain dict, over
@@ -57,7 +47,7 @@ def test_an_nnx_state_with_non_lora_params_trains_like_its_pure_dict(name):
 
   trajectories = []
   for params in (trainable, trainable.to_pure_dict()):
-    tx = OPTIMIZERS[name]()
+    tx = EVERY_OPTIMIZER[name]()
     state = tx.init(params)
     structure = jax.tree.structure(state)
     update = jax.jit(tx.update)

@@ -18,17 +18,9 @@ import pytest
 from flax import nnx
 
 import adaprelora_jax as ap
+from tests.optimizers import EVERY_OPTIMIZER
 
 LAYOUT2_CHECKPOINT = Path(__file__).parent / "fixtures" / "layout2_adaprelora_state"
-
-OPTIMIZERS = {
-  "adaprelora": lambda: ap.adaprelora(1e-2, b1=0.9),
-  "lora_plus": lambda: ap.lora_plus(1e-2),
-  "scaled_gd": lambda: ap.scaled_gd(1e-2),
-  "scaled_adamw": lambda: ap.scaled_adamw(1e-2),
-  "lora_pro": lambda: ap.lora_pro(1e-2),
-  "lora_rite": lambda: ap.lora_rite(1e-2),
-}
 
 
 def _params():
@@ -49,9 +41,9 @@ def _save(path, state):
   checkpointer.wait_until_finished()
 
 
-@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("name", sorted(EVERY_OPTIMIZER))
 def test_every_state_carries_the_layout_version_through_updates(name):
-  tx = OPTIMIZERS[name]()
+  tx = EVERY_OPTIMIZER[name]()
   params = _params()
   state = tx.init(params)
   assert _versions(state), "no layout_version in the state"
