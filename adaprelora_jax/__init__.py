@@ -32,7 +32,9 @@ from adaprelora_jax import baselines
 from adaprelora_jax import kernels
 from adaprelora_jax import nn
 from adaprelora_jax import pairing
+from adaprelora_jax import pairs
 from adaprelora_jax import pairwise
+from adaprelora_jax import plan
 from adaprelora_jax import sharding
 from adaprelora_jax.baselines import lora_plus
 from adaprelora_jax.baselines import lora_pro
@@ -49,7 +51,7 @@ from adaprelora_jax.pairing import LoRARole
 from adaprelora_jax.pairing import annotate_pairing
 from adaprelora_jax.pairing import nnx_pairing
 from adaprelora_jax.pairing import peft_pairing
-from adaprelora_jax.pairing import plan_pairs
+from adaprelora_jax.plan import plan_pairs
 from adaprelora_jax.reports import nonfinite_report
 from adaprelora_jax.reports import second_moments
 from adaprelora_jax.state_layout import STATE_LAYOUT_VERSION
@@ -84,6 +86,8 @@ __all__ = (
   "nnx_pairing",
   "nonfinite_report",
   "pairing",
+  "pairs",
+  "plan",
   "pairwise",
   "peft_pairing",
   "plan_pairs",

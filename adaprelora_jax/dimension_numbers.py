@@ -103,7 +103,7 @@ class NormalizedAxes(NamedTuple):
 
 
 def normalized(dims: LoRADimensionNumbers | None) -> NormalizedAxes:
-  """The axes of normalized dimension numbers (as ``pairing.PairInfo`` holds them).
+  """The axes of normalized dimension numbers (as ``pairs.PairInfo`` holds them).
 
   Raises:
     ValueError: if ``dims`` is None or has an unset field, i.e. was not

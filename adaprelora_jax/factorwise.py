@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import optax
 
 from adaprelora_jax import nnx_metadata
-from adaprelora_jax import pairing as pairing_lib
+from adaprelora_jax import plan as plan_lib
 from adaprelora_jax import routing
 from adaprelora_jax import slots as slots_lib
 from adaprelora_jax import state_layout
@@ -53,7 +53,7 @@ class FactorwiseState(NamedTuple):
   non_lora: optax.OptState
 
 
-def _factor_tree(plan: pairing_lib.LoRAPlan, leaves: Sequence[Any]) -> Any:
+def _factor_tree(plan: plan_lib.LoRAPlan, leaves: Sequence[Any]) -> Any:
   """The factor leaves in float32 (or wider), ``MaskedNode`` elsewhere."""
   tree: list[Any] = [optax.MaskedNode()] * plan.num_leaves
   for pair in plan.pairs:
@@ -100,7 +100,7 @@ def factorwise_transform(
 
   def update_fn(updates, state, params=None, **extra_args):
     plan = router.plan(params)
-    grads = pairing_lib.check_matching_tree(plan, updates, "gradient")
+    grads = plan_lib.check_matching_tree(plan, updates, "gradient")
     param_leaves = plan.leaves(params)
     factor_updates, factors_state = inner.update(
       _factor_tree(plan, grads),

@@ -36,7 +36,8 @@ import jax
 import optax
 from flax import nnx
 
-from adaprelora_jax import pairing as pairing_lib
+from adaprelora_jax import pairs as pairs_lib
+from adaprelora_jax import plan as plan_lib
 from adaprelora_jax import slots as slots_lib
 
 
@@ -76,13 +77,13 @@ def _labeled(node: Any, value: jax.Array, names: tuple[Any, ...]) -> Any:
 
 
 def slot_sharding(
-  pair: pairing_lib.PairInfo,
+  pair: pairs_lib.PairInfo,
   slot: slots_lib.Slot | slots_lib.GroupSlot,
   a_names: Sequence[Any],
   b_names: Sequence[Any],
 ) -> tuple[Any, ...]:
   """Per-axis sharding names of a slot from those of the pair's factors."""
-  lead, d_in, d_out = pairing_lib.pair_axes(pair, a_names, b_names)
+  lead, d_in, d_out = pairs_lib.pair_axes(pair, a_names, b_names)
   by_dim = {"d_in": d_in, "rank": None, "d_out": d_out}
   return (*lead, *(by_dim[dim] for dim in slot.dims))
 
@@ -98,13 +99,13 @@ class StateLabels(NamedTuple):
     specs: ``out_sharding`` per leaf, padded with None to the leaf's rank.
   """
 
-  plan: pairing_lib.LoRAPlan
+  plan: plan_lib.LoRAPlan
   nodes: list[Any] | None = None
   treedef: Any = None
   specs: Sequence[tuple[Any, ...]] = ()
 
   @classmethod
-  def of(cls, plan: pairing_lib.LoRAPlan, params: Any) -> StateLabels:
+  def of(cls, plan: plan_lib.LoRAPlan, params: Any) -> StateLabels:
     """The labels for state built from ``params`` (a no-op without
     ``Variable`` nodes)."""
     nodes, treedef = jax.tree.flatten(params, is_leaf=is_variable)

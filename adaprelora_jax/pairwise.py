@@ -19,7 +19,7 @@ declaration of its per-pair state (:mod:`adaprelora_jax.slots`).
 :func:`pairwise_transform` does the rest; one gradient goes through it as:
 
 1. :class:`adaprelora_jax.routing.Router` finds the pairs
-   (:func:`adaprelora_jax.pairing.plan_pairs`) and checks the gradients
+   (:func:`adaprelora_jax.plan.plan_pairs`) and checks the gradients
    against them;
 2. each group of same-shaped pairs is gathered into stacked
    :class:`PairInputs` and each state field is read for it;
@@ -46,7 +46,7 @@ import optax
 
 from adaprelora_jax import linalg
 from adaprelora_jax import nnx_metadata
-from adaprelora_jax import pairing as pairing_lib
+from adaprelora_jax import plan as plan_lib
 from adaprelora_jax import routing
 from adaprelora_jax import slots as slots_lib
 from adaprelora_jax import state_layout
@@ -100,8 +100,8 @@ PreparePair = Callable[[PairInputs], tuple[Any, jax.Array]]
 
 
 def _gather_inputs(
-  plan: pairing_lib.LoRAPlan,
-  group: pairing_lib.PairGroup,
+  plan: plan_lib.LoRAPlan,
+  group: plan_lib.PairGroup,
   param_leaves: list[Any],
   grads: list[Any],
 ) -> PairInputs:
@@ -138,7 +138,7 @@ def _gather_inputs(
 POSITION_SLOT = slots_lib.Slot("a", (), jnp.int32)
 
 
-def _init_positions(plan: pairing_lib.LoRAPlan, labels: nnx_metadata.StateLabels) -> Any:
+def _init_positions(plan: plan_lib.LoRAPlan, labels: nnx_metadata.StateLabels) -> Any:
   member_position = {
     pair.a_index: position for group in plan.groups for position, pair in enumerate(group.members)
   }
@@ -150,7 +150,7 @@ def _init_positions(plan: pairing_lib.LoRAPlan, labels: nnx_metadata.StateLabels
 
 
 def _member_positions(
-  plan: pairing_lib.LoRAPlan, entry: Any
+  plan: plan_lib.LoRAPlan, entry: Any
 ) -> list[tuple[list[jax.Array], jax.Array]]:
   """Per group, the members' positions from the state and whether they are
   ``0, 1, ...`` (False for a state that was edited)."""
@@ -276,7 +276,7 @@ def pairwise_transform(
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
     plan = router.plan(params)
-    grads = pairing_lib.check_matching_tree(plan, updates, "gradient")
+    grads = plan_lib.check_matching_tree(plan, updates, "gradient")
     param_leaves = plan.leaves(params)
     inputs = [_gather_inputs(plan, group, param_leaves, grads) for group in plan.groups]
     read = {name: kind.read(plan, getattr(state, name), name) for name, kind in kinds.items()}

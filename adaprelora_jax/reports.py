@@ -22,6 +22,7 @@ import numpy as np
 
 from adaprelora_jax import nnx_metadata
 from adaprelora_jax import pairing as pairing_lib
+from adaprelora_jax import plan as plan_lib
 from adaprelora_jax.transform import COL_SECOND_MOMENT
 from adaprelora_jax.transform import ROW_SECOND_MOMENT
 from adaprelora_jax.transform import ScaleByAdaPreLoRAState
@@ -75,7 +76,7 @@ def second_moments(
       f"The optimizer state holds {len(found)} ScaleByAdaPreLoRAStates; pass "
       "the one whose second moments you want."
     )
-  plan = pairing_lib.plan_pairs(params, pairing)
+  plan = plan_lib.plan_pairs(params, pairing)
   return tuple(
     slot.unstack(plan, [nnx_metadata.unwrap(array) for array in entry])
     for slot, entry in (
@@ -100,7 +101,7 @@ def nonfinite_report(
     ``{path of lora_a: number of skipped steps}`` for pairs with skips (summed
     over leading layer axes).
   """
-  plan = pairing_lib.plan_pairs(params, pairing)
+  plan = plan_lib.plan_pairs(params, pairing)
   rows = plan.pair_rows()
   report: dict[str, int] = {}
   for inner in _adaprelora_states(state):

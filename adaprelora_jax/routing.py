@@ -32,6 +32,8 @@ import optax
 
 from adaprelora_jax import nnx_metadata
 from adaprelora_jax import pairing as pairing_lib
+from adaprelora_jax import pairs as pairs_lib
+from adaprelora_jax import plan as plan_lib
 
 
 def default_non_lora(
@@ -52,7 +54,7 @@ class Router(NamedTuple):
     non_lora: transform for leaves that are not LoRA factors.
     strict: raise if the params contain leaves that are not LoRA factors.
     statistics: which pairs receive exact statistics (see
-      :func:`adaprelora_jax.pairing.plan_pairs`).
+      :func:`adaprelora_jax.plan.plan_pairs`).
     check_pair: called with every pair found; raises for pairs the rule
       cannot handle.
   """
@@ -62,7 +64,7 @@ class Router(NamedTuple):
   non_lora: optax.GradientTransformation
   strict: bool
   statistics: pairing_lib.Statistics
-  check_pair: Callable[[pairing_lib.PairInfo], None] | None = None
+  check_pair: Callable[[pairs_lib.PairInfo], None] | None = None
 
   @classmethod
   def create(
@@ -72,7 +74,7 @@ class Router(NamedTuple):
     non_lora: optax.GradientTransformation | None,
     strict: bool,
     statistics: pairing_lib.Statistics = "tangent",
-    check_pair: Callable[[pairing_lib.PairInfo], None] | None = None,
+    check_pair: Callable[[pairs_lib.PairInfo], None] | None = None,
   ) -> Router:
     """A router; ``non_lora=None`` means :func:`default_non_lora`.
 
@@ -88,24 +90,22 @@ class Router(NamedTuple):
       check_pair,
     )
 
-  def plan(self, params: Any) -> pairing_lib.LoRAPlan:
+  def plan(self, params: Any) -> plan_lib.LoRAPlan:
     """The validated pairs of ``params`` (errors name the parameter paths)."""
     if params is None:
       raise ValueError(
         f"{self.owner} needs the params to find the LoRA pairs: call update(grads, state, params)."
       )
-    plan = pairing_lib.plan_pairs(
-      params, self.pairing, strict=self.strict, statistics=self.statistics
-    )
+    plan = plan_lib.plan_pairs(params, self.pairing, strict=self.strict, statistics=self.statistics)
     if self.check_pair is not None:
       for pair in plan.pairs:
         self.check_pair(pair)
     return plan
 
-  def non_lora_transform(self, plan: pairing_lib.LoRAPlan) -> optax.GradientTransformation:
+  def non_lora_transform(self, plan: plan_lib.LoRAPlan) -> optax.GradientTransformation:
     return optax.masked(self.non_lora, plan.other_mask())
 
-  def init_non_lora(self, plan: pairing_lib.LoRAPlan, params: Any) -> optax.OptState:
+  def init_non_lora(self, plan: plan_lib.LoRAPlan, params: Any) -> optax.OptState:
     """The fallback's state, masked positions as bare ``MaskedNode``s.
 
     ``optax.masked`` leaves a flax ``Variable`` holding a ``MaskedNode`` at
@@ -118,7 +118,7 @@ class Router(NamedTuple):
 
   def finish(
     self,
-    plan: pairing_lib.LoRAPlan,
+    plan: plan_lib.LoRAPlan,
     out: list[Any],
     updates: Any,
     non_lora_state: optax.OptState,

@@ -59,6 +59,8 @@ from jax.sharding import PartitionSpec
 
 from adaprelora_jax import dimension_numbers
 from adaprelora_jax import pairing as pairing_lib
+from adaprelora_jax import pairs as pairs_lib
+from adaprelora_jax import plan as plan_lib
 from adaprelora_jax.pairing import LoRARole
 
 # The spec entry of one array axis: a mesh axis name, a tuple of them, or None.
@@ -140,7 +142,7 @@ class _StandIn:
 
 def _stand_in_state(
   optimizer: optax.GradientTransformation,
-  plan: pairing_lib.LoRAPlan,
+  plan: plan_lib.LoRAPlan,
   leaves: list[Any],
   axis_specs: list[tuple[AxisSpec, ...]],
   stride: int,
@@ -151,12 +153,12 @@ def _stand_in_state(
   # The pairs of a group share their stand-in sizes, so that the stand-in
   # params group (and their stacked state is shaped) as the real ones; the
   # caller has checked that they are sharded alike, and members of a group
-  # have one leaf layout (pairing.plan_pairs).
+  # have one leaf layout (plan_lib.plan_pairs).
   for group in plan.groups:
     first = group.members[0]
     dims = dimension_numbers.normalized(first.dimension_numbers)
     a_specs, b_specs = axis_specs[first.a_index], axis_specs[first.b_index]
-    lead_specs, d_in_spec, d_out_spec = pairing_lib.pair_axes(first, a_specs, b_specs)
+    lead_specs, d_in_spec, d_out_spec = pairs_lib.pair_axes(first, a_specs, b_specs)
     lead = [stand_in.size(spec) for spec in lead_specs]
     in_sizes, d_in = stand_in.flattened([a_specs[axis] for axis in dims.a_in_axes], d_in_spec)
     rank = stand_in.size(None, rank=True)
@@ -289,7 +291,7 @@ def state_shardings(
       that are sharded differently (use :func:`sharded_pairing`); pairing
       errors name the path.
   """
-  plan = pairing_lib.plan_pairs(params, pairing)
+  plan = plan_lib.plan_pairs(params, pairing)
   leaves = plan.leaves(params)
   shapes = [tuple(leaf.shape) for leaf in leaves]
   shardings = plan.leaves(param_shardings)

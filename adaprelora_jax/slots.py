@@ -45,6 +45,8 @@ import jax
 import jax.numpy as jnp
 
 from adaprelora_jax import pairing as pairing_lib
+from adaprelora_jax import pairs as pairs_lib
+from adaprelora_jax import plan as plan_lib
 
 Dim = Literal["d_in", "rank", "d_out"]
 Role = Literal["a", "b"]
@@ -82,13 +84,13 @@ def state_dtype(declared: Any, param_dtype: Any) -> jnp.dtype:
   return declared
 
 
-def pair_shape(pair: pairing_lib.PairInfo, dims: Sequence[Dim]) -> tuple[int, ...]:
+def pair_shape(pair: pairs_lib.PairInfo, dims: Sequence[Dim]) -> tuple[int, ...]:
   """Shape of a per-pair array with named ``dims`` (leading layer axes first)."""
   sizes = {"d_in": pair.d_in, "rank": pair.rank, "d_out": pair.d_out}
   return (*pair.lead_shape, *(sizes[dim] for dim in dims))
 
 
-def _group_dtype(group: pairing_lib.PairGroup) -> Any:
+def _group_dtype(group: plan_lib.PairGroup) -> Any:
   return group.members[0].dtype
 
 
@@ -117,15 +119,15 @@ class Slot(NamedTuple):
   def as_slots(self) -> Slots:
     return Slots((self,), single=True)
 
-  def init(self, plan: pairing_lib.LoRAPlan, labels: Labels) -> Any:
+  def init(self, plan: plan_lib.LoRAPlan, labels: Labels) -> Any:
     return self.as_slots().init(plan, labels)
 
-  def read(self, plan: pairing_lib.LoRAPlan, entry: Any, name: str) -> list[Any]:
+  def read(self, plan: plan_lib.LoRAPlan, entry: Any, name: str) -> list[Any]:
     return self.as_slots().read(plan, entry, name)
 
   def write(
     self,
-    plan: pairing_lib.LoRAPlan,
+    plan: plan_lib.LoRAPlan,
     entry: Any,
     values: Sequence[Any],
     positions: Sequence[Sequence[jax.Array]],
@@ -133,9 +135,9 @@ class Slot(NamedTuple):
   ) -> Any:
     return self.as_slots().write(plan, entry, values, positions, labels)
 
-  def zeros(self, pair: pairing_lib.PairInfo) -> jax.Array:
+  def zeros(self, pair: pairs_lib.PairInfo) -> jax.Array:
     if self.factor_layout:
-      shape = pairing_lib.leaf_shape(pair, self.role)
+      shape = pairs_lib.leaf_shape(pair, self.role)
     else:
       shape = pair_shape(pair, self.dims)
     return jnp.zeros(shape, state_dtype(self.dtype, pair.dtype))
@@ -156,12 +158,12 @@ class Slots(NamedTuple):
   members: tuple[Slot, ...]
   single: bool = False
 
-  def init(self, plan: pairing_lib.LoRAPlan, labels: Labels) -> Any:
+  def init(self, plan: plan_lib.LoRAPlan, labels: Labels) -> Any:
     by_role: dict[pairing_lib.Role, Slot] = {slot.role: slot for slot in self.members}
     tree = plan.mirror(lambda pair, role: by_role[role].zeros(pair), roles=tuple(by_role))
     return labels.mirrored(tree, self.members)
 
-  def read(self, plan: pairing_lib.LoRAPlan, entry: Any, name: str) -> list[Any]:
+  def read(self, plan: plan_lib.LoRAPlan, entry: Any, name: str) -> list[Any]:
     del name  # A tree of the wrong structure fails in flatten_up_to.
     leaves = plan.leaves(entry)
     values = []
@@ -175,7 +177,7 @@ class Slots(NamedTuple):
 
   def write(
     self,
-    plan: pairing_lib.LoRAPlan,
+    plan: plan_lib.LoRAPlan,
     entry: Any,
     values: Sequence[Any],
     positions: Sequence[Sequence[jax.Array]],
@@ -204,7 +206,7 @@ class GroupSlot(NamedTuple):
 
   For state that only the update reads and writes (statistics). The state
   entry is a tuple with one array per group of
-  :attr:`adaprelora_jax.pairing.LoRAPlan.groups`, shaped
+  :attr:`adaprelora_jax.plan.LoRAPlan.groups`, shaped
   ``(len(group.members), *group.lead_shape, *dims)``, laid out like the
   ``role`` factor's axes (the member axis replicated); :meth:`unstack` gives
   it as a tree that mirrors the params.
@@ -220,11 +222,11 @@ class GroupSlot(NamedTuple):
   dims: tuple[Dim, ...]
   dtype: Any = jnp.float32
 
-  def group_shape(self, group: pairing_lib.PairGroup) -> tuple[int, ...]:
+  def group_shape(self, group: plan_lib.PairGroup) -> tuple[int, ...]:
     """Shape of this entry's array for ``group``."""
     return (len(group.members), *pair_shape(group.members[0], self.dims))
 
-  def init(self, plan: pairing_lib.LoRAPlan, labels: Labels) -> tuple[Any, ...]:
+  def init(self, plan: plan_lib.LoRAPlan, labels: Labels) -> tuple[Any, ...]:
     return labels.stacked(
       tuple(
         jnp.zeros(self.group_shape(group), state_dtype(self.dtype, _group_dtype(group)))
@@ -233,7 +235,7 @@ class GroupSlot(NamedTuple):
       self,
     )
 
-  def read(self, plan: pairing_lib.LoRAPlan, entry: Any, name: str) -> list[jax.Array]:
+  def read(self, plan: plan_lib.LoRAPlan, entry: Any, name: str) -> list[jax.Array]:
     if not isinstance(entry, tuple) or len(entry) != len(plan.groups):
       raise ValueError(
         f"State field {name!r} should hold one array per group of same-shaped "
@@ -248,7 +250,7 @@ class GroupSlot(NamedTuple):
 
   def write(
     self,
-    plan: pairing_lib.LoRAPlan,
+    plan: plan_lib.LoRAPlan,
     entry: Any,
     values: Sequence[jax.Array],
     positions: Sequence[Sequence[jax.Array]],
@@ -263,7 +265,7 @@ class GroupSlot(NamedTuple):
       self,
     )
 
-  def unstack(self, plan: pairing_lib.LoRAPlan, arrays: Sequence[jax.Array]) -> Any:
+  def unstack(self, plan: plan_lib.LoRAPlan, arrays: Sequence[jax.Array]) -> Any:
     """This field's entry (one plain array per group) as a tree like the params.
 
     Args:
@@ -298,7 +300,7 @@ class PairScalar(NamedTuple):
   For per-pair scalars that run along no parameter axis (counters): one
   vector costs one concatenation where a :class:`Slot` of shape ``()`` would
   cost a slice per pair. Entries are ordered as
-  :meth:`adaprelora_jax.pairing.LoRAPlan.pair_rows` gives them (groups,
+  :meth:`adaprelora_jax.plan.LoRAPlan.pair_rows` gives them (groups,
   members, leading layer axes); the state entry is a vector of
   ``plan.num_rows`` entries, the kernel sees a scalar.
 
@@ -308,17 +310,17 @@ class PairScalar(NamedTuple):
 
   dtype: Any = jnp.int32
 
-  def init(self, plan: pairing_lib.LoRAPlan, labels: Labels) -> jax.Array:
+  def init(self, plan: plan_lib.LoRAPlan, labels: Labels) -> jax.Array:
     del labels  # Runs along no parameter axis: nothing to shard.
     return jnp.zeros((plan.num_rows,), self.dtype)
 
-  def read(self, plan: pairing_lib.LoRAPlan, entry: Any, name: str) -> list[jax.Array]:
+  def read(self, plan: plan_lib.LoRAPlan, entry: Any, name: str) -> list[jax.Array]:
     del name
     return [entry[rows] for rows in plan.group_rows()]
 
   def write(
     self,
-    plan: pairing_lib.LoRAPlan,
+    plan: plan_lib.LoRAPlan,
     entry: Any,
     values: Sequence[jax.Array],
     positions: Sequence[Sequence[jax.Array]],

@@ -9,6 +9,7 @@ from flax import nnx
 import adaprelora_jax as ap
 from adaprelora_jax import nn
 from adaprelora_jax import pairing as pairing_lib
+from adaprelora_jax import plan as plan_lib
 
 
 class _Block(nnx.Module):
@@ -21,7 +22,7 @@ class _Block(nnx.Module):
 def test_finds_pairs_in_nnx_state_with_nested_modules():
   model = _Block(nnx.Rngs(0))
   state = nnx.state(model, nnx.LoRAParam)
-  plan = pairing_lib.plan_pairs(state)
+  plan = plan_lib.plan_pairs(state)
   names = sorted(pair.name for pair in plan.pairs)
   assert names == ["attention/lora", "ffn/lora"]
   ffn = next(pair for pair in plan.pairs if pair.name == "ffn/lora")
@@ -31,19 +32,19 @@ def test_finds_pairs_in_nnx_state_with_nested_modules():
   assert not attention.has_statistics
   assert plan.other_indices == ()
   # The pure (array) form that nnx.Optimizer hands to optax pairs the same.
-  assert len(pairing_lib.plan_pairs(nnx.as_pure(state)).pairs) == 2
+  assert len(plan_lib.plan_pairs(nnx.as_pure(state)).pairs) == 2
 
 
 def test_whole_model_state_puts_other_params_in_the_fallback():
   model = _Block(nnx.Rngs(0))
-  plan = pairing_lib.plan_pairs(nnx.state(model, nnx.Param))
+  plan = plan_lib.plan_pairs(nnx.state(model, nnx.Param))
   other = {plan.paths[i] for i in plan.other_indices}
   assert {"attention/kernel", "attention/bias", "norm/scale"} <= other
 
 
 def test_stacked_layers_and_plain_dicts():
   params = {"layers": {"q": {"lora_a": jnp.zeros((6, 32, 4)), "lora_b": jnp.zeros((6, 4, 32))}}}
-  plan = pairing_lib.plan_pairs(params)
+  plan = plan_lib.plan_pairs(params)
   (pair,) = plan.pairs
   assert pair.lead_shape == (6,) and plan.groups[0].size == 6
 
@@ -61,11 +62,11 @@ def test_groups_split_by_shape_dtype_and_statistics():
       "grad_sq_cols": jnp.zeros(4),
     },
   }
-  plan = pairing_lib.plan_pairs(params)
+  plan = plan_lib.plan_pairs(params)
   assert sorted(len(group.members) for group in plan.groups) == [1, 1, 1, 2]
   # Ignored statistics leaves still split the groups (as in every mode), so
   # that stacked state has one layout whatever ``statistics`` says.
-  tangent = pairing_lib.plan_pairs(params, statistics="tangent")
+  tangent = plan_lib.plan_pairs(params, statistics="tangent")
   assert [[pair.name for pair in group.members] for group in tangent.groups] == [
     [pair.name for pair in group.members] for group in plan.groups
   ]
@@ -85,7 +86,7 @@ def test_groups_split_by_layout():
     found = pairing_lib.nnx_pairing(path, leaf)
     return found and found._replace(layout=layouts[path[0]])
 
-  plan = pairing_lib.plan_pairs(params, pairing)
+  plan = plan_lib.plan_pairs(params, pairing)
   assert sorted([pair.name for pair in group.members] for group in plan.groups) == [
     ["k", "q"],
     ["o"],
@@ -95,14 +96,14 @@ def test_groups_split_by_layout():
   def one_leaf(path, leaf):
     return pairing_lib.nnx_pairing(path, leaf)._replace(layout=path == ("o", "lora_b"))
 
-  assert len(pairing_lib.plan_pairs(params, one_leaf).groups) == 2
+  assert len(plan_lib.plan_pairs(params, one_leaf).groups) == 2
 
 
 def test_uniform_layout_check_names_both_pairs():
   def pair():
     return {"lora_a": jnp.zeros((8, 2)), "lora_b": jnp.zeros((2, 8))}
 
-  plan = pairing_lib.plan_pairs({"q": pair(), "o": pair()})
+  plan = plan_lib.plan_pairs({"q": pair(), "o": pair()})
   specs = {"o/lora_a": ("model", None)}
   layouts = [specs.get(path, (None, None)) for path in plan.paths]
   with pytest.raises(ValueError, match=r"'o/lora_a' and 'q/lora_a'.*\('model', None\)"):
@@ -116,7 +117,7 @@ def test_peft_flat_state_dict():
     "model.layers.0.self_attn.q_proj.lora_B.default.weight": jnp.zeros((32, 8)),
     "model.layers.0.self_attn.q_proj.base_layer.weight": jnp.zeros((32, 64)),
   }
-  plan = pairing_lib.plan_pairs(params, "peft")
+  plan = plan_lib.plan_pairs(params, "peft")
   (pair,) = plan.pairs
   assert (pair.d_in, pair.rank, pair.d_out, pair.transposed) == (64, 8, 32, True)
   assert [plan.paths[i] for i in plan.other_indices] == [
@@ -132,7 +133,7 @@ def test_custom_pairing_function():
     roles = {"down": "a", "up": "b"}
     return ap.LoRARole("adapter", roles[path[-1]]) if path[-1] in roles else None
 
-  plan = pairing_lib.plan_pairs(params, pairing)
+  plan = plan_lib.plan_pairs(params, pairing)
   assert plan.pairs[0].d_out == 12
   tx = optax.inject_hyperparams(ap.adaprelora, static_args=("pairing",))(
     learning_rate=0.1, pairing=pairing
@@ -204,7 +205,7 @@ def test_custom_pairing_function():
 )
 def test_bad_trees_raise_with_the_path(params, match):
   with pytest.raises(ValueError, match=match):
-    pairing_lib.plan_pairs(params)
+    plan_lib.plan_pairs(params)
   # The optimizer reports the same error at init.
   with pytest.raises(ValueError, match=match):
     ap.adaprelora(1e-3).init(params)
@@ -217,18 +218,18 @@ def test_duplicate_roles_are_rejected():
     "x": {"lora_A": {"w": jnp.zeros((2, 4))}},
   }
   with pytest.raises(ValueError, match="two 'a' leaves"):
-    pairing_lib.plan_pairs(params, "peft")
+    plan_lib.plan_pairs(params, "peft")
 
 
 def test_pairing_returning_a_bad_role_is_rejected():
   with pytest.raises(ValueError, match="returned role 'c'"):
-    pairing_lib.plan_pairs({"w": jnp.zeros((2, 2))}, lambda path, leaf: ("p", "c"))
+    plan_lib.plan_pairs({"w": jnp.zeros((2, 2))}, lambda path, leaf: ("p", "c"))
 
 
 def test_mirror_and_masks_follow_the_params_structure():
   model = _Block(nnx.Rngs(0))
   state = nnx.state(model, nnx.LoRAParam)
-  plan = pairing_lib.plan_pairs(state)
+  plan = plan_lib.plan_pairs(state)
   mirrored = plan.mirror(lambda pair, role: jnp.zeros(pair.d_in), roles=("a",))
   assert jax.tree.structure(plan.other_mask()) == jax.tree.structure(state)
   leaves = plan.leaves(mirrored)

@@ -66,7 +66,7 @@ def test_an_nnx_state_with_non_lora_params_trains_like_its_pure_dict(name):
 
 def test_plan_leaves_accepts_masked_variables_and_still_rejects_other_trees():
   _, trainable, _ = nnx.split(LoRAWithHead(nnx.Rngs(0)), nnx.Param, ...)
-  plan = ap.pairing.plan_pairs(trainable)
+  plan = ap.plan_pairs(trainable)
   masked = jax.tree.map(
     lambda node: optax.MaskedNode() if isinstance(node, HeadParam) else node,
     trainable,

@@ -396,7 +396,7 @@ def test_sharded_pairing_needs_every_factor(problem):
   param_shardings = _megatron_shardings(params, _mesh("tensor_parallel"))
   del param_shardings["v"]
   with pytest.raises(ValueError, match="no sharding given for LoRA factor 'v/lora_a'"):
-    ap.pairing.plan_pairs(params, sharding.sharded_pairing(param_shardings))
+    ap.plan_pairs(params, sharding.sharded_pairing(param_shardings))
 
 
 def test_nnx_metadata_of_mixed_tensor_parallelism():
@@ -437,4 +437,4 @@ def test_nnx_metadata_of_mixed_tensor_parallelism():
 
     losses = [float(train_step(model, optimizer, inputs)) for _ in range(3)]
   assert losses[-1] < losses[0]
-  assert len(ap.pairing.plan_pairs(nnx.state(model, nnx.LoRAParam), pairing).groups) == 2
+  assert len(ap.plan_pairs(nnx.state(model, nnx.LoRAParam), pairing).groups) == 2

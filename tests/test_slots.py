@@ -7,7 +7,7 @@ import optax
 import pytest
 
 from adaprelora_jax import nnx_metadata
-from adaprelora_jax import pairing
+from adaprelora_jax import plan as plan_lib
 from adaprelora_jax import slots
 
 
@@ -27,7 +27,7 @@ def _params():
 
 def _plan():
   params = _params()
-  return params, pairing.plan_pairs(params)
+  return params, plan_lib.plan_pairs(params)
 
 
 def _write_then_read(kind, plan, values_per_group):

@@ -13,7 +13,7 @@ import optax
 import pytest
 
 import adaprelora_jax as ap
-from adaprelora_jax import pairing as pairing_lib
+from adaprelora_jax import plan as plan_lib
 from tests import reference
 
 NEAR_EXACT = dict(damping=1e-13, damping_floor=1e-15)
@@ -592,7 +592,7 @@ def test_same_shaped_pairs_share_one_group():
   params = {
     f"layer{i}": {"lora_a": jnp.ones((16, 4)), "lora_b": jnp.ones((4, 8))} for i in range(12)
   }
-  plan = pairing_lib.plan_pairs(params)
+  plan = plan_lib.plan_pairs(params)
   assert len(plan.groups) == 1 and plan.groups[0].size == 12
   tx = ap.scale_by_adaprelora()
   grads = jax.tree.map(jnp.ones_like, params)

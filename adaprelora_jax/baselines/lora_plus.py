@@ -22,6 +22,7 @@ import optax
 
 from adaprelora_jax import factorwise
 from adaprelora_jax import pairing as pairing_lib
+from adaprelora_jax import plan as plan_lib
 from adaprelora_jax import routing
 from adaprelora_jax import validation
 
@@ -45,7 +46,7 @@ def scale_by_lora_plus(
     lr_ratio: ``λ = η_B / η_A`` (the paper recommends ``λ > 1``); must be
       > 0.
     pairing: ``"nnx"``, ``"peft"`` or a pairing callable (see
-      :func:`adaprelora_jax.pairing.plan_pairs`); malformed pairs raise an
+      :func:`adaprelora_jax.plan.plan_pairs`); malformed pairs raise an
       error naming the parameter path.
 
   Returns:
@@ -64,7 +65,7 @@ def scale_by_lora_plus(
   pairing_fn = pairing_lib.resolve_pairing(pairing)
 
   def b_factors(tree: Any) -> Any:
-    plan = pairing_lib.plan_pairs(tree, pairing_fn)
+    plan = plan_lib.plan_pairs(tree, pairing_fn)
     return plan.mirror(lambda pair, role: True, roles=("b",), fill=False)
 
   return optax.masked(optax.scale(lr_ratio), b_factors)

@@ -250,7 +250,7 @@ def scale_by_lora_pro(
     damping: ``δ`` of ``(S + δI)⁻¹`` (absolute, reference 1e-8); must be
       >= 0.
     pairing: ``"nnx"``, ``"peft"`` or a pairing callable (see
-      :func:`adaprelora_jax.pairing.plan_pairs`).
+      :func:`adaprelora_jax.plan.plan_pairs`).
     non_lora: transform for leaves that are not LoRA factors; default
       ``optax.scale_by_adam()``.
     strict: raise if the params contain leaves that are not LoRA factors.

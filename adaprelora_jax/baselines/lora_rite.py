@@ -45,6 +45,7 @@ import optax
 
 from adaprelora_jax import linalg
 from adaprelora_jax import pairing as pairing_lib
+from adaprelora_jax import pairs as pairs_lib
 from adaprelora_jax import pairwise
 from adaprelora_jax import routing
 from adaprelora_jax import slots
@@ -133,7 +134,7 @@ class _RiteHyperparams(NamedTuple):
   escape_mass: bool
 
 
-def _check_rank(pair: pairing_lib.PairInfo) -> None:
+def _check_rank(pair: pairs_lib.PairInfo) -> None:
   if pair.rank > min(pair.d_in, pair.d_out):
     raise ValueError(
       f"LoRA-RITE needs rank <= min(d_in, d_out) for the QR bases of the "
@@ -312,7 +313,7 @@ def scale_by_lora_rite(
     escape_mass: track the escaped mass ``ρ`` (off by default, as in the
       reference).
     pairing: ``"nnx"``, ``"peft"`` or a pairing callable (see
-      :func:`adaprelora_jax.pairing.plan_pairs`).
+      :func:`adaprelora_jax.plan.plan_pairs`).
     non_lora: transform for leaves that are not LoRA factors; default
       ``optax.scale_by_adam()``.
     strict: raise if the params contain leaves that are not LoRA factors.

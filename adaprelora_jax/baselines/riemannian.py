@@ -112,7 +112,7 @@ def scale_by_riemannian_preconditioner(
       its good value is strongly task-dependent, the reference tables use
       1e-7 … 100); must be > 0.
     pairing: ``"nnx"``, ``"peft"`` or a pairing callable (see
-      :func:`adaprelora_jax.pairing.plan_pairs`).
+      :func:`adaprelora_jax.plan.plan_pairs`).
     non_lora: transform for leaves that are not LoRA factors; default
       ``optax.scale_by_adam()`` (pass ``optax.identity()`` to chain another
       stage that handles them).
