@@ -2,6 +2,7 @@
 
 from experiments import bench_step
 from experiments import bench_train
+from experiments import profile_step
 
 
 def test_cost_model_counts_products_and_passes():
@@ -63,3 +64,21 @@ def test_train_step_runs_every_layer_kind_on_the_pretrained_model():
   optimizers = [row["optimizer"] for row in report["train_step"]]
   assert optimizers == ["adamw", "adaprelora_tangent", "adaprelora"]
   assert all(row["seconds"] > 0 for row in report["train_step"])
+
+
+def test_profile_counts_the_cost_models_products_in_the_compiled_step():
+  # The HLO's executed dot flops are the cost model's d×r×r products plus
+  # r×r work (a few % at this d/r); a miscounted model or an extra product
+  # pass in the step would move the ratio out of the band.
+  report = profile_step.run(hidden=128, ffn=192, layers=2, rank=4, repeats=1)
+  for statistics in ("exact", "tangent"):
+    work = report["counted"][statistics]
+    assert 1.0 <= work["dot_flops"]["always"] / work["model_flops"] < 1.1
+    assert work["dot_flops"]["projection branch"] > 0
+    assert work["lapack_calls"]
+  assert set(report["timings"]) == {
+    f"{statistics}: {program}"
+    for statistics in ("exact", "tangent")
+    for program in ("step", "step, one group per pair", "products", "stacking")
+  } | {"adamw"}
+  assert "| exact: products |" in profile_step.format_report(report)
