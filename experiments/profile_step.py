@@ -18,6 +18,11 @@ default), for exact and tangent statistics:
    * ``step, one group per pair``: the step with stacking turned off (every
      pair its own group, so no copies and one kernel per pair).
 
+3. **Compile time** with and without the gradient projection
+   (``project_gradients``), on ``bench_scale``'s smaller Llama shapes at
+   several layer counts: medians of interleaved compilations, against
+   ``optax.adamw``'s.
+
 Usage::
 
   python -m experiments.profile_step [--hidden 1024 --ffn 2752 --layers 8 --rank 16]
@@ -142,7 +147,43 @@ def _compiled(fn, args) -> dict:
   return {"compiled": fn.lower(*args).compile(), "args": args}
 
 
-def run(hidden: int, ffn: int, layers: int, rank: int, repeats: int) -> dict:
+def compile_attribution(layer_counts: tuple[int, ...], trials: int) -> list[dict]:
+  """Compile seconds of adamw and adaprelora with and without the projection."""
+  variants = {
+    "adamw": lambda: optax.adamw(1e-4),
+    "adaprelora": lambda: ap.adaprelora(1e-4),
+    "adaprelora, project_gradients=False": lambda: ap.adaprelora(1e-4, project_gradients=False),
+  }
+  rows = []
+  for layers in layer_counts:
+    params, grads = bench_step.make_lora_tree(256, 688, layers, 16)
+    seconds: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(trials):
+      for name, factory in variants.items():
+        jax.clear_caches()
+        seconds[name].append(bench_step.compile_step(factory(), params, grads)["compile_seconds"])
+    adamw = float(np.median(seconds["adamw"]))
+    rows += [
+      {
+        "pairs": 7 * layers,
+        "optimizer": name,
+        "compile_seconds": float(np.median(values)),
+        "compile_ratio_vs_adamw": float(np.median(values)) / adamw,
+      }
+      for name, values in seconds.items()
+    ]
+  return rows
+
+
+def run(
+  hidden: int,
+  ffn: int,
+  layers: int,
+  rank: int,
+  repeats: int,
+  compile_layers: tuple[int, ...] = (1, 32),
+  compile_trials: int = 3,
+) -> dict:
   programs = {}
   counted = {}
   for statistics, exact, products_per_side in (("exact", True, 5), ("tangent", False, 8)):
@@ -176,6 +217,7 @@ def run(hidden: int, ffn: int, layers: int, rank: int, repeats: int) -> dict:
       }
       for name, entry in timings.items()
     },
+    "compile": compile_attribution(compile_layers, compile_trials),
     "environment": {"jax": jax.__version__, "backend": jax.default_backend()},
   }
 
@@ -207,6 +249,13 @@ def format_report(report: dict) -> str:
       f"| {name} | {1e3 * entry['seconds']:.2f} | {entry['ratio_vs_adamw']:.2f} | "
       f"{compile_text} | {temp_text} |"
     )
+  if report["compile"]:
+    lines += ["", "| pairs | optimizer | compile (s) | / adamw |", "|---:|---|---:|---:|"]
+    lines += [
+      f"| {row['pairs']} | {row['optimizer']} | {row['compile_seconds']:.2f} | "
+      f"{row['compile_ratio_vs_adamw']:.2f} |"
+      for row in report["compile"]
+    ]
   return "\n".join(lines)
 
 

@@ -70,7 +70,9 @@ def test_profile_counts_the_cost_models_products_in_the_compiled_step():
   # The HLO's executed dot flops are the cost model's d×r×r products plus
   # r×r work (a few % at this d/r); a miscounted model or an extra product
   # pass in the step would move the ratio out of the band.
-  report = profile_step.run(hidden=128, ffn=192, layers=2, rank=4, repeats=1)
+  report = profile_step.run(
+    hidden=128, ffn=192, layers=2, rank=4, repeats=1, compile_layers=(1,), compile_trials=1
+  )
   for statistics in ("exact", "tangent"):
     work = report["counted"][statistics]
     assert 1.0 <= work["dot_flops"]["always"] / work["model_flops"] < 1.1
@@ -81,4 +83,9 @@ def test_profile_counts_the_cost_models_products_in_the_compiled_step():
     for statistics in ("exact", "tangent")
     for program in ("step", "step, one group per pair", "products", "stacking")
   } | {"adamw"}
+  assert {row["optimizer"] for row in report["compile"]} == {
+    "adamw",
+    "adaprelora",
+    "adaprelora, project_gradients=False",
+  }
   assert "| exact: products |" in profile_step.format_report(report)
