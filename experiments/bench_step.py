@@ -371,13 +371,18 @@ def format_table(report: dict) -> str:
   return "\n".join(lines)
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_tree_arguments(parser: argparse.ArgumentParser) -> None:
+  """The benchmark tree's options (shared with ``experiments.profile_step``)."""
   parser.add_argument("--hidden", type=int, default=1024)
   parser.add_argument("--ffn", type=int, default=2752)
   parser.add_argument("--layers", type=int, default=8)
   parser.add_argument("--rank", type=int, default=16)
   parser.add_argument("--repeats", type=int, default=20)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  add_tree_arguments(parser)
   parser.add_argument("--only", nargs="*", help="optimizers to run besides adamw")
   parser.add_argument("--output", type=Path, default=RESULTS / "bench_step.json")
   args = parser.parse_args()

@@ -41,7 +41,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 import adaprelora_jax as ap
 from experiments import bench_step
@@ -92,12 +91,13 @@ def hlo_work(hlo: str) -> dict:
   }
 
 
-def products_alone(plan: ap.plan.LoRAPlan, leaves: list, products_per_side: int):
-  """The step's d×r×r products on pre-stacked group arrays, and those arrays.
+def products_alone(plan: ap.plan.LoRAPlan, leaves: list, model: bench_step.CostModel):
+  """The cost model's d×r×r products on pre-stacked group arrays, and those arrays.
 
-  Per side ``products_per_side`` products alternate between the Gram kind
-  (``xᵀy``, contracting ``d``) and the skinny kind (``x M``, giving ``d×r``),
-  as the closed form's are.
+  Per side (``model.products_a`` on ``lora_a``'s, ``model.products_b`` on
+  ``lora_b``'s) the products alternate between the Gram kind (``xᵀy``,
+  contracting ``d``) and the skinny kind (``x M``, giving ``d×r``), as the
+  closed form's are.
   """
   stacked = [
     tuple(plan.gather(leaves, group, role) for role in ("a", "b")) for group in plan.groups
@@ -115,8 +115,7 @@ def products_alone(plan: ap.plan.LoRAPlan, leaves: list, products_per_side: int)
   def products(stacked):
     # ``b`` (L, r, d_out) as (L, d_out, r): the transpose folds into the dots.
     return [
-      side(a, products_per_side) + side(jnp.swapaxes(b, 1, 2), products_per_side)
-      for a, b in stacked
+      side(a, model.products_a) + side(jnp.swapaxes(b, 1, 2), model.products_b) for a, b in stacked
     ]
 
   return jax.jit(products), (stacked,)
@@ -150,8 +149,8 @@ def _compiled(fn, args) -> dict:
 def compile_attribution(layer_counts: tuple[int, ...], trials: int) -> list[dict]:
   """Compile seconds of adamw and adaprelora with and without the projection."""
   variants = {
-    "adamw": lambda: optax.adamw(1e-4),
-    "adaprelora": lambda: ap.adaprelora(1e-4),
+    "adamw": bench_step.OPTIMIZERS["adamw"][0],
+    "adaprelora": bench_step.OPTIMIZERS["adaprelora (tangent)"][0],
     "adaprelora, project_gradients=False": lambda: ap.adaprelora(1e-4, project_gradients=False),
   }
   rows = []
@@ -186,26 +185,26 @@ def run(
 ) -> dict:
   programs = {}
   counted = {}
-  for statistics, exact, products_per_side in (("exact", True, 5), ("tangent", False, 8)):
+  shapes = list(bench_step.llama_lora_shapes(hidden, ffn).values()) * layers
+  for statistics in ("exact", "tangent"):
+    factory, exact = bench_step.OPTIMIZERS[f"adaprelora ({statistics})"]
+    model = bench_step.COST_MODELS[f"adaprelora ({statistics})"]
     params, grads = bench_step.make_lora_tree(hidden, ffn, layers, rank, exact_statistics=exact)
-    step = bench_step.compile_step(ap.adaprelora(1e-4), params, grads)
+    step = bench_step.compile_step(factory(), params, grads)
     counted[statistics] = hlo_work(step["compiled"].as_text())
+    counted[statistics]["model_flops"] = bench_step.model_work(model, shapes, rank)["flops"]
     programs[f"{statistics}: step"] = step
     programs[f"{statistics}: step, one group per pair"] = bench_step.compile_step(
       ap.adaprelora(1e-4, pairing=one_group_per_pair), params, grads
     )
     plan = ap.plan_pairs(params)
     programs[f"{statistics}: products"] = _compiled(
-      *products_alone(plan, plan.leaves(params), products_per_side)
+      *products_alone(plan, plan.leaves(params), model)
     )
     programs[f"{statistics}: stacking"] = _compiled(*stacking_alone(plan, params, grads))
-  programs["adamw"] = bench_step.compile_step(optax.adamw(1e-4), params, grads)
+  programs["adamw"] = bench_step.compile_step(bench_step.OPTIMIZERS["adamw"][0](), params, grads)
   timings = bench_step.time_interleaved(programs, repeats)
   adamw = timings["adamw"]["step_seconds"]
-  shapes = list(bench_step.llama_lora_shapes(hidden, ffn).values()) * layers
-  for statistics in counted:
-    model = bench_step.COST_MODELS[f"adaprelora ({statistics})"]
-    counted[statistics]["model_flops"] = bench_step.model_work(model, shapes, rank)["flops"]
   return {
     "config": {"hidden": hidden, "ffn": ffn, "layers": layers, "rank": rank, "repeats": repeats},
     "counted": counted,
@@ -261,11 +260,7 @@ def format_report(report: dict) -> str:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--hidden", type=int, default=1024)
-  parser.add_argument("--ffn", type=int, default=2752)
-  parser.add_argument("--layers", type=int, default=8)
-  parser.add_argument("--rank", type=int, default=16)
-  parser.add_argument("--repeats", type=int, default=20)
+  bench_step.add_tree_arguments(parser)
   parser.add_argument("--output", type=Path, default=RESULTS / "profile_step.json")
   args = parser.parse_args()
   report = run(args.hidden, args.ffn, args.layers, args.rank, args.repeats)
