@@ -15,7 +15,10 @@
 
 Main entry points:
 
-* :func:`adaprelora` -- the full optimizer (learning rate, weight decay).
+* :func:`adaprelora` -- the full optimizer (learning rate, weight decay): the
+  paper's AdaPreLoRA SGD.
+* :func:`adaprelora_adamw` -- the paper's AdaPreLoRA AdamW: AdamW's moments
+  over the AdaPreLoRA factor directions.
 * :func:`scale_by_adaprelora` -- the chainable core transform.
 * :func:`factor_update` -- the pure closed-form factor step.
 * :mod:`adaprelora_jax.nn` -- flax nnx LoRA layers with exact statistics.
@@ -60,6 +63,7 @@ from adaprelora_jax.state_layout import check_checkpoint_layout
 from adaprelora_jax.state_layout import check_state_layout
 from adaprelora_jax.transform import ScaleByAdaPreLoRAState
 from adaprelora_jax.transform import adaprelora
+from adaprelora_jax.transform import adaprelora_adamw
 from adaprelora_jax.transform import decay_rate_pow
 from adaprelora_jax.transform import scale_by_adaprelora
 
@@ -72,6 +76,7 @@ __all__ = (
   "ScaleByAdaPreLoRAState",
   "StateLayoutError",
   "adaprelora",
+  "adaprelora_adamw",
   "annotate_pairing",
   "baselines",
   "check_checkpoint_layout",

@@ -33,7 +33,7 @@ from adaprelora_jax.dimension_numbers import LoRADimensionNumbers
 
 Role = Literal["a", "b", "row_stats", "col_stats"]
 # Where a pair's gradient statistics come from (docs/design.md §5).
-Statistics = Literal["auto", "exact", "tangent"]
+Statistics = Literal["auto", "exact", "tangent", "surrogate"]
 ROLES: tuple[str, ...] = ("a", "b", "row_stats", "col_stats")
 
 # Names of the exact-statistics probe leaves written by

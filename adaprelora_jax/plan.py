@@ -307,7 +307,8 @@ def plan_pairs(
       ``(path: tuple[str, ...], leaf) -> LoRARole | None``.
     strict: raise if a leaf is not part of a LoRA pair.
     statistics: ``"exact"`` requires exact-statistics leaves for every pair,
-      ``"tangent"`` ignores them, ``"auto"`` uses them where present.
+      ``"tangent"`` and ``"surrogate"`` ignore them, ``"auto"`` uses them
+      where present.
 
   Returns:
     The :class:`LoRAPlan`.
@@ -359,14 +360,14 @@ def plan_pairs(
     carries_statistics[pair.a_index] = pair.has_statistics
     if pair.row_stats_index is not None and pair.col_stats_index is not None:
       statistics_indices += [pair.row_stats_index, pair.col_stats_index]
-      if statistics == "tangent":
+      if statistics in ("tangent", "surrogate"):
         pair = dataclasses.replace(pair, row_stats_index=None, col_stats_index=None)
     elif statistics == "exact":
       raise ValueError(
         f"statistics='exact' but LoRA pair {pair_name!r} ('{pair.a_path}', "
         f"'{pair.b_path}') carries no exact gradient statistics "
         f"('{ROW_STATS_NAME}'/'{COL_STATS_NAME}' leaves, written by "
-        "adaprelora_jax.nn.LoRA). Use statistics='auto' or 'tangent'."
+        "adaprelora_jax.nn.LoRA). Use statistics='auto', 'tangent' or 'surrogate'."
       )
     pairs.append(pair)
   if not pairs:

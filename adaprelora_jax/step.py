@@ -107,6 +107,9 @@ class Hyperparams(NamedTuple):
   decay_rate_fn: Callable[[jax.Array, Any], jax.Array]
   nonfinite: str
   lora_scale: jax.typing.ArrayLike | None
+  # The estimate for pairs without exact statistics: "tangent" (for "auto"
+  # and "exact" too) or "surrogate".
+  estimate: str = "tangent"
 
 
 def pair_lora_scale(
@@ -120,6 +123,7 @@ def pair_lora_scale(
 
 
 def _pair_statistics(
+  estimate: str,
   pair: pairwise.PairInputs,
   a: jax.Array,
   b: jax.Array,
@@ -128,10 +132,13 @@ def _pair_statistics(
   grams: tangent.PairGrams,
   inverses: tangent.GramInverses,
 ) -> tuple[jax.Array, jax.Array]:
-  """Row and column means of ``G²``: exact where the pair carries them."""
+  """Row and column means of ``G²``: exact where the pair carries them, else
+  the ``estimate`` (docs/design.md §5)."""
   # Gathered together (pairwise.py): both or neither.
   row_stats, col_stats = pair.row_stats, pair.col_stats
   if row_stats is None or col_stats is None:
+    if estimate == "surrogate":
+      return tangent.surrogate_statistics_from_grams(a, b, g_a, g_b, grams)
     return tangent.tangent_statistics_from_grams(a, b, g_a, g_b, grams, inverses)
   return (
     row_stats.astype(linalg.compute_dtype(row_stats)),
@@ -155,14 +162,14 @@ def update_pair(
   scale = pair_lora_scale(hyper.lora_scale, pair.lora_scale)
   if scale is not None:
     g_a, g_b = g_a / scale, g_b / scale
-  # One set of Grams for the projection, the tangent statistics and the
+  # One set of Grams for the projection, the estimated statistics and the
   # step (docs/design.md §4-§5).
-  tangent_statistics = pair.row_stats is None
-  grams = tangent.pair_grams(a, b, g_a, g_b, gradient_grams=tangent_statistics)
+  estimated_statistics = pair.row_stats is None
+  grams = tangent.pair_grams(a, b, g_a, g_b, gradient_grams=estimated_statistics)
   inverses = tangent.gram_inverses(grams, damping=hyper.damping, damping_floor=hyper.damping_floor)
   if hyper.project_gradients:
     g_a, g_b, grams = tangent.consistent_gradients_unless_identity(a, b, g_a, g_b, grams, inverses)
-  row_stats, col_stats = _pair_statistics(pair, a, b, g_a, g_b, grams, inverses)
+  row_stats, col_stats = _pair_statistics(hyper.estimate, pair, a, b, g_a, g_b, grams, inverses)
   beta2 = hyper.decay_rate_fn(count - hyper.step_offset, hyper.decay_rate)
   row_moment = decayed_moment(state["row_second_moment"], row_stats, beta2, hyper.eps)
   col_moment = decayed_moment(state["col_second_moment"], col_stats, beta2, hyper.eps)

@@ -471,3 +471,73 @@ def tangent_statistics_from_grams(
   )
   # Rounding alone can take a quadratic form of a PSD matrix below zero.
   return jnp.maximum(row_sums, 0.0) / d_out, jnp.maximum(col_sums, 0.0) / d_in
+
+
+def surrogate_statistics_from_grams(
+  lora_a: jax.Array,
+  lora_b: jax.Array,
+  grad_a: jax.Array,
+  grad_b: jax.Array,
+  grams: PairGrams,
+) -> tuple[jax.Array, jax.Array]:
+  r"""Row and column means of ``G̃²`` for the rank-2r surrogate of ``G``.
+
+  ``G̃ = g_a b + a g_b`` (``docs/design.md`` §5, ``"surrogate"`` mode) is the
+  weight-space image ``J(g_a, g_b)`` of the factor gradients, the cheap
+  statistic the paper's Algorithm 1 offers beside a backward hook on ``W``
+  (second-hand, ``../shared/references/paper-notes.md``). Row ``i`` of ``G̃``
+  is ``g_a,i b + a_i g_b``, so with ``B = b bᵀ``, ``K_b = g_b bᵀ`` and
+  ``g_b g_bᵀ``::
+
+    Σ_j G̃_ij² = g_a,i B g_a,iᵀ + 2 g_a,i K_bᵀ a_iᵀ + a_i (g_b g_bᵀ) a_iᵀ
+
+  and columns likewise with ``A = aᵀa``, ``K_a = aᵀ g_a`` and ``g_aᵀ g_a``::
+
+    Σ_i G̃_ij² = b_jᵀ (g_aᵀ g_a) b_j + 2 b_jᵀ K_aᵀ g_b,j + g_b,jᵀ A g_b,j
+
+  Three d×r×r products per side after the Grams; ``G̃`` is never formed.
+  Unlike the tangent estimate this is not a projection of ``G``: for the
+  gradients of one ``G`` it is ``G bᵀb + a aᵀG``, which scales with the
+  factors (×c² for ``(c a, c b)``) and is not invariant under the gauge
+  ``(a S, S⁻¹ b)``. Each row (column) sum is the squared norm of a row
+  (column) of ``G̃``, so it is non-negative; rounding below zero is clamped.
+
+  Args:
+    lora_a, lora_b, grad_a, grad_b: the pair (as
+      :func:`tangent_gradient_statistics`).
+    grams: their :class:`PairGrams`, with the gradient Grams.
+
+  Returns:
+    ``(row_mean_sq (d_in,), col_mean_sq (d_out,))``, in float32 or wider.
+
+  Raises:
+    ValueError: if ``grams`` lacks the gradient Grams.
+  """
+  grad_gram_a, grad_gram_b = grams.grad_gram_a, grams.grad_gram_b
+  if grad_gram_a is None or grad_gram_b is None:
+    raise ValueError(
+      "Surrogate statistics need the gradient Grams: pair_grams(..., gradient_grams=True)."
+    )
+  dtype = compute_dtype(lora_a, lora_b, grad_a, grad_b)
+  a, b, g_a, g_b = (x.astype(dtype) for x in (lora_a, lora_b, grad_a, grad_b))
+  d_in, d_out = a.shape[0], b.shape[1]
+  row_sums = jnp.sum(g_a * (matmul(g_a, grams.gram_b) + 2.0 * matmul(a, grams.cross_b)), axis=1)
+  row_sums = row_sums + jnp.sum(a * matmul(a, grad_gram_b), axis=1)
+  col_sums = jnp.sum(b * (matmul(grad_gram_a, b) + 2.0 * matmul(grams.cross_a.T, g_b)), axis=0)
+  col_sums = col_sums + jnp.sum(g_b * matmul(grams.gram_a, g_b), axis=0)
+  # Rounding alone can take a sum of squares below zero.
+  return jnp.maximum(row_sums, 0.0) / d_out, jnp.maximum(col_sums, 0.0) / d_in
+
+
+def surrogate_gradient_statistics(
+  lora_a: jax.Array, lora_b: jax.Array, grad_a: jax.Array, grad_b: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+  """Row and column means of ``(g_a b + a g_b)²``, never forming it.
+
+  See :func:`surrogate_statistics_from_grams`, which has the formulas.
+
+  Returns:
+    ``(row_mean_sq (d_in,), col_mean_sq (d_out,))``, in float32 or wider.
+  """
+  grams = pair_grams(lora_a, lora_b, grad_a, grad_b, gradient_grams=True)
+  return surrogate_statistics_from_grams(lora_a, lora_b, grad_a, grad_b, grams)

@@ -153,6 +153,9 @@ OPTIMIZERS: dict[str, tuple[Callable[[], optax.GradientTransformation], bool]] =
   "adaprelora (tangent)": (lambda: ap.adaprelora(1e-4), False),
   "adaprelora (exact)": (lambda: ap.adaprelora(1e-4), True),
   "adaprelora (tangent, b1=0.9)": (lambda: ap.adaprelora(1e-4, b1=0.9), False),
+  "adaprelora (surrogate)": (lambda: ap.adaprelora(1e-4, statistics="surrogate"), False),
+  "adaprelora_adamw (exact)": (lambda: ap.adaprelora_adamw(1e-4), True),
+  "adaprelora_adamw (tangent)": (lambda: ap.adaprelora_adamw(1e-4, statistics="tangent"), False),
   "lora_plus": (lambda: ap.lora_plus(1e-4), False),
   "scaled_gd": (lambda: ap.scaled_gd(1e-4), False),
   "scaled_adamw": (lambda: ap.scaled_adamw(1e-4), False),
@@ -194,11 +197,18 @@ class CostModel:
 #   tangent: + g_aᵀg_a and the statistics' two quadratic forms (g_a M, a M'),
 #     8 per side; + a statistics pass (read a, g) and an S pass (read a).
 #   b1: + read and write the momentum.
+#   surrogate: exact + g_aᵀg_a and the statistics' three products per side
+#     (g_a B, a K_b, a g_b g_bᵀ), 8 per side; + a statistics pass (read a, g).
+#   adaprelora_adamw: the preconditioner's, then Adam over its output: + read
+#     and write m, v (4 passes; the direction stays in registers when fused).
 COST_MODELS: dict[str, CostModel] = {
   "adamw": CostModel(0, 0, 7, note="element-wise: p, g, m, v in; p, m, v out"),
   "adaprelora (tangent)": CostModel(8, 8, 8),
   "adaprelora (exact)": CostModel(5, 5, 5),
   "adaprelora (tangent, b1=0.9)": CostModel(8, 8, 10),
+  "adaprelora (surrogate)": CostModel(8, 8, 7),
+  "adaprelora_adamw (exact)": CostModel(5, 5, 9, note="exact + Adam moments"),
+  "adaprelora_adamw (tangent)": CostModel(8, 8, 12, note="tangent + Adam moments"),
   "lora_plus": CostModel(0, 0, 7, note="AdamW with a second learning rate"),
   "scaled_gd": CostModel(2, 2, 4, note="Grams + one preconditioning product per side"),
   "scaled_adamw": CostModel(2, 2, 8, note="scaled_gd + Adam moments"),

@@ -26,6 +26,15 @@ import optax
 import adaprelora_jax as ap
 
 GRID_POINTS = 5
+
+
+def constant_decay(step, decay_rate):
+  """A constant decay ``β2 = decay_rate`` for the factored statistics (Adam's
+  convention), in place of Adafactor's ``1 − (t + 1)^(−decay_rate)``."""
+  del step
+  return decay_rate
+
+
 PILOT_GRID = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 
 
@@ -90,6 +99,36 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
     1e-2,
     exact_statistics=True,
     description="AdaPreLoRA, exact statistics, momentum b1=0.9",
+  ),
+  "adaprelora_adamw": OptimizerSpec(
+    lambda lr: ap.adaprelora_adamw(lr),
+    1e-3,
+    exact_statistics=True,
+    description="AdaPreLoRA AdamW (the paper's second variant, as read here), exact "
+    "statistics, inner clipping 1.0, Adafactor decay 0.8 (defaults)",
+  ),
+  "adaprelora_adamw_noclip": OptimizerSpec(
+    lambda lr: ap.adaprelora_adamw(lr, clipping_threshold=None),
+    1e-3,
+    exact_statistics=True,
+    description="AdaPreLoRA AdamW, exact statistics, no inner clipping (tests the default)",
+  ),
+  "adaprelora_adamw_constant_decay": OptimizerSpec(
+    lambda lr: ap.adaprelora_adamw(lr, decay_rate=0.999, decay_rate_fn=constant_decay),
+    1e-3,
+    exact_statistics=True,
+    description="AdaPreLoRA AdamW, exact statistics, constant statistics decay 0.999 "
+    "instead of Adafactor's 1 - t^-0.8 (tests the default)",
+  ),
+  "adaprelora_adamw_surrogate": OptimizerSpec(
+    lambda lr: ap.adaprelora_adamw(lr, statistics="surrogate"),
+    1e-3,
+    description="AdaPreLoRA AdamW, the paper's rank-2r surrogate statistics g_a b + a g_b",
+  ),
+  "adaprelora_adamw_tangent": OptimizerSpec(
+    lambda lr: ap.adaprelora_adamw(lr, statistics="tangent"),
+    1e-3,
+    description="AdaPreLoRA AdamW, this library's tangent statistics",
   ),
   "adamw": OptimizerSpec(
     lambda lr: optax.adamw(lr, weight_decay=0.0), 1e-3, description="AdamW on the factors (optax)"

@@ -173,6 +173,11 @@ def tangent_split_statistics(a, b, grad_a, grad_b):
   return rows / b.shape[1], cols / a.shape[0]
 
 
+def surrogate_gradient(a, b, grad_a, grad_b) -> np.ndarray:
+  """The paper's rank-2r surrogate of G, ``G̃ = g_a b + a g_b``, formed densely."""
+  return grad_a @ b + a @ grad_b
+
+
 def adafactor_scales(row_moment, col_moment):
   """p, q with p_i q_j = sqrt(v_row_i v_col_j / mean(v_row)) (Adafactor V̂)."""
   return np.sqrt(row_moment / row_moment.mean()), np.sqrt(col_moment)
@@ -219,7 +224,11 @@ def adaprelora_step(
 
   Returns ``(delta_a, delta_b, new_row_moment, new_col_moment)``.
   """
-  observed = grad_w if statistics == "exact" else tangent_projection(a, b, grad_w)
+  observed = {
+    "exact": lambda: grad_w,
+    "tangent": lambda: tangent_projection(a, b, grad_w),
+    "surrogate": lambda: surrogate_gradient(a, b, grad_w @ b.T, a.T @ grad_w),
+  }[statistics]()
   beta2 = adafactor_beta2(step, decay_rate)
   new_row = beta2 * row_moment + (1 - beta2) * np.mean(observed**2 + eps, axis=1)
   new_col = beta2 * col_moment + (1 - beta2) * np.mean(observed**2 + eps, axis=0)
@@ -232,3 +241,80 @@ def adaprelora_step(
     scale = 1.0 / max(1.0, rms / clipping_threshold)
     delta_a, delta_b = delta_a * scale, delta_b * scale
   return delta_a, delta_b, new_row, new_col
+
+
+def adam_direction(direction, mu, nu, count, *, b1=0.9, b2=0.999, eps=1e-8):
+  """One bias-corrected Adam step on ``direction`` (Kingma and Ba, Alg. 1).
+
+  ``count`` is the number of earlier steps. Returns ``(step, mu, nu)``.
+  """
+  mu = b1 * mu + (1.0 - b1) * direction
+  nu = b2 * nu + (1.0 - b2) * direction**2
+  mu_hat = mu / (1.0 - b1 ** (count + 1))
+  nu_hat = nu / (1.0 - b2 ** (count + 1))
+  return mu_hat / (np.sqrt(nu_hat) + eps), mu, nu
+
+
+def adaprelora_adamw_run(
+  pairs,
+  head,
+  weight_grads,
+  head_grads,
+  *,
+  learning_rate,
+  weight_decay=0.0,
+  statistics="exact",
+  clipping_threshold=1.0,
+  b1=0.9,
+  b2=0.999,
+  eps=1e-8,
+):
+  """AdaPreLoRA AdamW from the definitions, over several steps.
+
+  Per step and pair: the AdaPreLoRA direction (:func:`adaprelora_step`), then
+  Adam on each factor's direction, decoupled weight decay and the learning
+  rate, ``p ← p − lr (adam + wd p)``; ``head`` (a non-LoRA leaf) gets AdamW on
+  its raw gradient. ``weight_grads[t][name]`` is step t's dense ``G`` of pair
+  ``name`` at the params of that step (a callable of the pairs, so the
+  gradient can follow the iterate).
+
+  Returns:
+    ``(pairs, head)`` after the steps: ``{name: (a, b)}`` and the head array.
+  """
+  pairs = {name: (a.copy(), b.copy()) for name, (a, b) in pairs.items()}
+  moments = {name: (np.zeros(a.shape[0]), np.zeros(b.shape[1])) for name, (a, b) in pairs.items()}
+  adam = {
+    name: [np.zeros_like(a), np.zeros_like(a), np.zeros_like(b), np.zeros_like(b)]
+    for name, (a, b) in pairs.items()
+  }
+  head = head.copy()
+  head_mu, head_nu = np.zeros_like(head), np.zeros_like(head)
+  for step, (grads_fn, head_grad_fn) in enumerate(zip(weight_grads, head_grads, strict=True)):
+    grads = grads_fn(pairs)
+    head_grad = head_grad_fn(head)
+    new_pairs = {}
+    for name, (a, b) in pairs.items():
+      delta_a, delta_b, row, col = adaprelora_step(
+        a,
+        b,
+        grads[name],
+        *moments[name],
+        step,
+        statistics=statistics,
+        clipping_threshold=clipping_threshold,
+      )
+      moments[name] = (row, col)
+      mu_a, nu_a, mu_b, nu_b = adam[name]
+      step_a, mu_a, nu_a = adam_direction(delta_a, mu_a, nu_a, step, b1=b1, b2=b2, eps=eps)
+      step_b, mu_b, nu_b = adam_direction(delta_b, mu_b, nu_b, step, b1=b1, b2=b2, eps=eps)
+      adam[name] = [mu_a, nu_a, mu_b, nu_b]
+      new_pairs[name] = (
+        a - learning_rate * (step_a + weight_decay * a),
+        b - learning_rate * (step_b + weight_decay * b),
+      )
+    head_step, head_mu, head_nu = adam_direction(
+      head_grad, head_mu, head_nu, step, b1=b1, b2=b2, eps=eps
+    )
+    head = head - learning_rate * (head_step + weight_decay * head)
+    pairs = new_pairs
+  return pairs, head

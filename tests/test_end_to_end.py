@@ -60,10 +60,29 @@ def test_lora_transfer_on_digits(lora_layer):
   )
 
 
-def test_orbax_checkpoint_resumes_bit_for_bit(tmp_path):
+def test_adamw_variant_transfers_on_digits_with_exact_statistics():
+  (x, y), (x_test, y_test) = digits_split(TARGET)
+  model = _transfer_model(nn.LoRALinear)
+  tx = ap.adaprelora_adamw(3e-3, statistics="exact")
+  losses, _ = _train(model, tx, jnp.asarray(x), jnp.asarray(y), 120)
+  accuracy = float(jnp.mean(jnp.argmax(model(jnp.asarray(x_test)), -1) == y_test))
+  assert losses[-1] < 0.25 * losses[0]
+  assert accuracy > 0.9
+  assert np.all(np.asarray(model.hidden1.lora.grad_sq_rows[...]) == 0.0)
+
+
+@pytest.mark.parametrize(
+  "make_tx",
+  [
+    lambda: ap.adaprelora(3e-2, b1=0.9, weight_decay=1e-3),
+    lambda: ap.adaprelora_adamw(3e-3, weight_decay=1e-3),
+  ],
+  ids=["adaprelora", "adaprelora_adamw"],
+)
+def test_orbax_checkpoint_resumes_bit_for_bit(tmp_path, make_tx):
   (x, y), _ = digits_split(TARGET)
   x, y = jnp.asarray(x[:256]), jnp.asarray(y[:256])
-  tx = ap.adaprelora(3e-2, b1=0.9, weight_decay=1e-3)
+  tx = make_tx()
 
   def fresh():
     model = _transfer_model(nn.LoRALinear)

@@ -434,6 +434,68 @@ def test_tangent_statistics_are_non_negative_for_any_factor_gradients(
     assert np.all(np.isfinite(np.asarray(x))) and np.all(np.asarray(x) >= 0.0)
 
 
+@hypothesis.settings(
+  max_examples=40, deadline=None, suppress_health_check=[hypothesis.HealthCheck.too_slow]
+)
+@hypothesis.given(
+  d_in=st.integers(1, 24),
+  d_out=st.integers(1, 24),
+  rank=st.integers(1, 8),
+  factor_scale=st.sampled_from([0.0, 1e-3, 1.0, 1e3]),
+  consistent=st.booleans(),
+  seed=st.integers(0, 2**16),
+)
+def test_surrogate_statistics_match_the_dense_surrogate(
+  d_in, d_out, rank, factor_scale, consistent, seed
+):
+  """Row and column means of the dense ``G̃ = g_a b + a g_b``, for the
+  gradients of one G and for factor gradients of no single G."""
+  rng = np.random.default_rng(seed)
+  a = rng.normal(size=(d_in, rank))
+  b = rng.normal(size=(rank, d_out)) * factor_scale
+  if consistent:
+    grad_w = rng.normal(size=(d_in, d_out))
+    g_a, g_b = grad_w @ b.T, a.T @ grad_w
+  else:
+    g_a, g_b = rng.normal(size=a.shape), rng.normal(size=b.shape)
+  dense = reference.surrogate_gradient(a, b, g_a, g_b)
+  with jax.enable_x64(True):
+    rows, cols = tangent.surrogate_gradient_statistics(*(jnp.asarray(x) for x in (a, b, g_a, g_b)))
+  scale = max(float(np.mean(dense**2, axis=1).max()), 1e-300)
+  np.testing.assert_allclose(
+    np.asarray(rows), np.mean(dense**2, axis=1), rtol=1e-9, atol=1e-12 * scale
+  )
+  scale = max(float(np.mean(dense**2, axis=0).max()), 1e-300)
+  np.testing.assert_allclose(
+    np.asarray(cols), np.mean(dense**2, axis=0), rtol=1e-9, atol=1e-12 * scale
+  )
+
+
+def test_surrogate_statistics_scale_with_the_factors_and_tangent_ones_do_not():
+  """docs/design.md §5: for one G, ``(c a, c b)`` gives factor gradients ×c
+  and ``G̃ = G bᵀb + a aᵀG`` ×c², so its squared means ×c⁴; the tangent
+  projection of G does not depend on the factors' scale."""
+  rng = np.random.default_rng(21)
+  a, b = rng.normal(size=(9, 3)), rng.normal(size=(3, 7))
+  grad_w = rng.normal(size=(9, 7))
+  c = 3.0
+
+  def statistics(fn, a, b, **kw):
+    with jax.enable_x64(True):
+      args = (jnp.asarray(x) for x in (a, b, grad_w @ b.T, a.T @ grad_w))
+      return [np.asarray(x) for x in fn(*args, **kw)]
+
+  damped = dict(damping=0.0, damping_floor=0.0)
+  surrogate = statistics(tangent.surrogate_gradient_statistics, a, b)
+  scaled = statistics(tangent.surrogate_gradient_statistics, c * a, c * b)
+  tangent_stats = statistics(tangent.tangent_gradient_statistics, a, b, **damped)
+  tangent_scaled = statistics(tangent.tangent_gradient_statistics, c * a, c * b, **damped)
+  for x, y in zip(scaled, surrogate, strict=True):
+    np.testing.assert_allclose(x, c**4 * y, rtol=1e-10)
+  for x, y in zip(tangent_scaled, tangent_stats, strict=True):
+    np.testing.assert_allclose(x, y, rtol=1e-8)
+
+
 def test_tangent_statistics_at_b_zero_are_those_of_p_a_g():
   rng = np.random.default_rng(9)
   a, b = rng.normal(size=(6, 2)), np.zeros((2, 4))

@@ -33,6 +33,10 @@ LAYOUTS = {
 OPTIMIZERS = {
   "adaprelora": lambda **kw: ap.adaprelora(1e-2, **kw),
   "adaprelora_momentum": lambda **kw: ap.adaprelora(1e-2, b1=0.9, weight_decay=1e-2, **kw),
+  "adaprelora_adamw": lambda **kw: ap.adaprelora_adamw(1e-3, weight_decay=1e-2, **kw),
+  "adaprelora_adamw_surrogate": lambda **kw: ap.adaprelora_adamw(
+    1e-3, statistics="surrogate", **kw
+  ),
   "lora_plus": lambda **kw: ap.lora_plus(1e-3, lr_ratio=16.0, **kw),
   "scaled_gd": lambda **kw: ap.scaled_gd(1e-2, **kw),
   "scaled_adamw": lambda **kw: ap.scaled_adamw(1e-3, **kw),
@@ -280,11 +284,12 @@ def test_the_all_gather_check_sees_a_gathered_factor():
   assert _gathered_factor_shapes(hlo)
 
 
+@pytest.mark.parametrize("variant", ["adaprelora", "adaprelora_adamw"])
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
-def test_update_never_all_gathers_a_factor(problem, layout):
+def test_update_never_all_gathers_a_factor(problem, layout, variant):
   """Only r×r (and scalar) reductions cross devices: no factor is gathered."""
   params, grads_list = problem
-  tx = ap.adaprelora(1e-2)
+  tx = getattr(ap, variant)(1e-2)
   mesh = _mesh(layout)
   param_shardings = _param_shardings(params, layout, mesh)
   state_shardings = sharding.state_shardings(tx, params, param_shardings)

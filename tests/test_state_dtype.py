@@ -21,6 +21,13 @@ TRANSFORMS = {
     learning_rate=1e-2, b1=0.9
   ),
   "scale_by_adaprelora": ap.scale_by_adaprelora,
+  "adaprelora_adamw": lambda: ap.adaprelora_adamw(1e-2, weight_decay=1e-3),
+  "adaprelora_adamw_surrogate_mu_bf16": lambda: ap.adaprelora_adamw(
+    1e-2, statistics="surrogate", mu_dtype=jnp.bfloat16
+  ),
+  "adaprelora_adamw_injected": lambda: optax.inject_hyperparams(ap.adaprelora_adamw)(
+    learning_rate=1e-2, b1=0.9, b2=0.99
+  ),
   "lora_plus": lambda: ap.lora_plus(1e-2),
   "scale_by_lora_plus": lambda: ap.scale_by_lora_plus(16.0),
   "scaled_gd": lambda: ap.scaled_gd(1e-2),

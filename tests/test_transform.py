@@ -58,7 +58,7 @@ def _moments(state, params, name=None):
   return np.asarray(rows["lora_a"]), np.asarray(cols["lora_b"])
 
 
-@pytest.mark.parametrize("statistics", ["exact", "tangent"])
+@pytest.mark.parametrize("statistics", ["exact", "tangent", "surrogate"])
 def test_three_steps_match_the_reference(statistics):
   """Multi-pair, mixed shapes (several groups), statistics EMA and clipping."""
   shapes = {"q": (7, 6, 2), "k": (7, 6, 2), "ffn": (5, 9, 3)}

@@ -1,5 +1,5 @@
 """Tunix end to end: a Qwen3 model (random weights, tiny config) made LoRA by
-qwix and trained by ``tunix.sft.PeftTrainer`` with ``ap.adaprelora`` under
+qwix and trained by ``tunix.sft.PeftTrainer`` with both AdaPreLoRA variants under
 ``optax.inject_hyperparams``, with gradient accumulation (Tunix wraps the
 optimizer in ``optax.MultiSteps``) and Orbax checkpoints.
 
@@ -92,15 +92,21 @@ def _model_input(x):
   }
 
 
-def _schedule():
-  return optax.linear_schedule(3e-2, 1e-2, transition_steps=6)
+# Each variant's learning rate in its own units: a weight-space H-RMS step
+# for the SGD variant, a per-coordinate step for the AdamW variant.
+PEAK_LEARNING_RATE = {"adaprelora": 3e-2, "adaprelora_adamw": 1e-2}
 
 
-def _trainer(model, tmp_path, max_steps):
+def _schedule(variant):
+  peak = PEAK_LEARNING_RATE[variant]
+  return optax.linear_schedule(peak, peak / 3, transition_steps=6)
+
+
+def _trainer(model, tmp_path, max_steps, variant):
   # The recipe of the README: the scale qwix applies (alpha / rank) is given
-  # as lora_scale, so the learning rate is a weight-space step size.
-  optimizer = optax.inject_hyperparams(ap.adaprelora)(
-    learning_rate=_schedule(), lora_scale=ALPHA / RANK
+  # as lora_scale, so the statistics are those of G itself.
+  optimizer = optax.inject_hyperparams(getattr(ap, variant))(
+    learning_rate=_schedule(variant), lora_scale=ALPHA / RANK
   )
   config = peft_trainer.TrainingConfig(
     eval_every_n_steps=1000,
@@ -118,7 +124,8 @@ def _lora_params(model):
   return jax.tree.map(np.asarray, nnx.as_pure(nnx.state(model, nnx.LoRAParam)))
 
 
-def test_peft_trainer_trains_and_resumes_bit_for_bit(tmp_path):
+@pytest.mark.parametrize("variant", sorted(PEAK_LEARNING_RATE))
+def test_peft_trainer_trains_and_resumes_bit_for_bit(tmp_path, variant):
   steps = 6
   data = _batches(steps * ACCUMULATION)
   with jax.set_mesh(_mesh()):
@@ -126,7 +133,7 @@ def test_peft_trainer_trains_and_resumes_bit_for_bit(tmp_path):
     plan = ap.plan_pairs(nnx.state(model, nnx.LoRAParam), strict=True)
     # The 7 projections of the layer, all found (N-D einsum factors included).
     assert len(plan.pairs) == 7
-    trainer = _trainer(model, tmp_path / "straight", steps)
+    trainer = _trainer(model, tmp_path / "straight", steps, variant)
     trainer.train(data)
     losses = trainer.metrics_logger.get_metric_history("", "loss", "train")
     learning_rates = trainer.metrics_logger.get_metric_history("", "learning_rate", "train")
@@ -135,11 +142,11 @@ def test_peft_trainer_trains_and_resumes_bit_for_bit(tmp_path):
 
     # The same run, stopped after 2 steps and resumed from its checkpoint.
     model = _lora_model()
-    first = _trainer(model, tmp_path / "resumed", 2)
+    first = _trainer(model, tmp_path / "resumed", 2, variant)
     first.train(data[: 2 * ACCUMULATION])
     first.close()
     model = _lora_model()
-    second = _trainer(model, tmp_path / "resumed", steps)
+    second = _trainer(model, tmp_path / "resumed", steps, variant)
     assert second.train_steps == 2
     # Tunix skips the examples the restored steps consumed: give it all.
     second.train(data)
@@ -156,9 +163,10 @@ def test_peft_trainer_trains_and_resumes_bit_for_bit(tmp_path):
   learning_rates = np.asarray(learning_rates)
   assert learning_rates.shape == (steps,)
   np.testing.assert_allclose(
-    learning_rates[:-1], [_schedule()(step + 1) for step in range(steps - 1)], rtol=1e-6
+    learning_rates[:-1], [_schedule(variant)(step + 1) for step in range(steps - 1)], rtol=1e-6
   )
-  assert np.isclose(learning_rates[-1], [_schedule()(steps - 1), _schedule()(steps)]).any()
+  schedule = _schedule(variant)
+  assert np.isclose(learning_rates[-1], [schedule(steps - 1), schedule(steps)]).any()
   jax.tree.map(np.testing.assert_array_equal, resumed, straight)
   # The factors moved (b starts at zero).
   assert any(

@@ -15,6 +15,7 @@ import adaprelora_jax as ap
 # name -> builder from keyword arguments, for every public transform.
 TRANSFORMS = {
   "adaprelora": lambda **kw: ap.adaprelora(1e-2, **kw),
+  "adaprelora_adamw": lambda **kw: ap.adaprelora_adamw(1e-2, **kw),
   "scale_by_adaprelora": ap.scale_by_adaprelora,
   "lora_plus": lambda **kw: ap.lora_plus(1e-2, **kw),
   "scale_by_lora_plus": lambda **kw: ap.scale_by_lora_plus(**{"lr_ratio": 16.0, **kw}),
@@ -46,6 +47,11 @@ ADAPRELORA = [
   ("statistics", "full"),
   ("nonfinite", "raise"),
 ]
+# The AdamW variant's preconditioner: its eps is Adam's, Adafactor's is
+# statistics_eps, and it has no momentum of its own (b1 is Adam's).
+ADAPRELORA_ADAMW = [(name, value) for name, value in ADAPRELORA if name not in ("eps", "b1")] + [
+  ("statistics_eps", -1.0)
+]
 RIEMANNIAN = [("reg", 0.0), ("reg", -1.0)]
 LORA_PRO = [("mode", "fast"), ("lora_scale", 0.0), ("lora_scale", -2.0), ("damping", -1e-8)] + ADAM
 LORA_RITE = [
@@ -61,6 +67,7 @@ LORA_RITE = [
 # name -> [(parameter, out-of-range value)]
 BAD = {
   "adaprelora": ADAPRELORA + WEIGHT_DECAY,
+  "adaprelora_adamw": ADAPRELORA_ADAMW + ADAM + WEIGHT_DECAY,
   "scale_by_adaprelora": ADAPRELORA,
   "lora_plus": [("lr_ratio", 0.0)] + ADAM + WEIGHT_DECAY,
   "scale_by_lora_plus": [("lr_ratio", 0.0), ("lr_ratio", -16.0)],
@@ -96,7 +103,13 @@ RITE_EDGES = [
 # name -> keyword arguments at the edges of their ranges, all accepted.
 GOOD = {
   "adaprelora": ADAPRELORA_EDGES + [dict(weight_decay=0.0)],
-  "scale_by_adaprelora": ADAPRELORA_EDGES,
+  "adaprelora_adamw": [
+    {name: value for name, value in edges.items() if name not in ("eps", "b1")}
+    for edges in ADAPRELORA_EDGES
+  ]
+  + ADAM_EDGES
+  + [dict(statistics_eps=0.0, weight_decay=0.0, statistics="surrogate")],
+  "scale_by_adaprelora": ADAPRELORA_EDGES + [dict(statistics="surrogate")],
   "lora_plus": ADAM_EDGES + [dict(lr_ratio=1e-6, weight_decay=0.0)],
   "scale_by_lora_plus": [dict(lr_ratio=1e-6)],
   "scaled_gd": [dict(reg=1e-30, weight_decay=0.0)],
@@ -178,6 +191,7 @@ def test_injected_and_scheduled_hyperparameters_keep_working():
 # Per alias: a hyperparameter that rounds out of range in bfloat16.
 ROUNDED_TO_ONE = {
   "adaprelora": "b1",
+  "adaprelora_adamw": "b2",
   "lora_plus": "b2",
   "scaled_adamw": "b2",
   "lora_pro": "b2",
