@@ -393,6 +393,15 @@ def tangent_gradient_statistics(
   return tangent_statistics_from_grams(lora_a, lora_b, grad_a, grad_b, grams, inverses)
 
 
+def _gradient_grams(grams: PairGrams, mode: str) -> tuple[jax.Array, jax.Array]:
+  """The gradient Grams ``(g_aᵀ g_a, g_b g_bᵀ)`` of ``grams``, which the statistics need."""
+  if grams.grad_gram_a is None or grams.grad_gram_b is None:
+    raise ValueError(
+      f"{mode} statistics need the gradient Grams: pair_grams(..., gradient_grams=True)."
+    )
+  return grams.grad_gram_a, grams.grad_gram_b
+
+
 def tangent_statistics_from_grams(
   lora_a: jax.Array,
   lora_b: jax.Array,
@@ -437,11 +446,7 @@ def tangent_statistics_from_grams(
   Raises:
     ValueError: if ``grams`` lacks the gradient Grams.
   """
-  grad_gram_a, grad_gram_b = grams.grad_gram_a, grams.grad_gram_b
-  if grad_gram_a is None or grad_gram_b is None:
-    raise ValueError(
-      "Tangent statistics need the gradient Grams: pair_grams(..., gradient_grams=True)."
-    )
+  grad_gram_a, grad_gram_b = _gradient_grams(grams, "Tangent")
   dtype = compute_dtype(lora_a, lora_b, grad_a, grad_b)
   a, b, g_a, g_b = (x.astype(dtype) for x in (lora_a, lora_b, grad_a, grad_b))
   d_in, d_out = a.shape[0], b.shape[1]
@@ -513,11 +518,7 @@ def surrogate_statistics_from_grams(
   Raises:
     ValueError: if ``grams`` lacks the gradient Grams.
   """
-  grad_gram_a, grad_gram_b = grams.grad_gram_a, grams.grad_gram_b
-  if grad_gram_a is None or grad_gram_b is None:
-    raise ValueError(
-      "Surrogate statistics need the gradient Grams: pair_grams(..., gradient_grams=True)."
-    )
+  grad_gram_a, grad_gram_b = _gradient_grams(grams, "Surrogate")
   dtype = compute_dtype(lora_a, lora_b, grad_a, grad_b)
   a, b, g_a, g_b = (x.astype(dtype) for x in (lora_a, lora_b, grad_a, grad_b))
   d_in, d_out = a.shape[0], b.shape[1]
