@@ -22,6 +22,9 @@ Main entry points:
 * :func:`scale_by_adaprelora` -- the chainable core transform.
 * :func:`factor_update` -- the pure closed-form factor step.
 * :mod:`adaprelora_jax.nn` -- flax nnx LoRA layers with exact statistics.
+* :mod:`adaprelora_jax.qwix` -- a ``qwix.LoraProvider`` whose LoRA ops (Tunix,
+  MaxText) hand the optimizer exact statistics (needs qwix; imported on
+  first use of ``adaprelora_jax.qwix``).
 * :mod:`adaprelora_jax.sharding` -- optimizer-state shardings from the
   parameters' shardings (pjit / NamedSharding, flax nnx partitioning).
 * :func:`check_checkpoint_layout` -- checks a saved optimizer state's layout
@@ -68,6 +71,16 @@ from adaprelora_jax.transform import decay_rate_pow
 from adaprelora_jax.transform import scale_by_adaprelora
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+  # adaprelora_jax.qwix needs qwix, an optional dependency: import it on use.
+  if name == "qwix":
+    import importlib  # noqa: PLC0415
+
+    return importlib.import_module("adaprelora_jax.qwix")
+  raise AttributeError(f"module 'adaprelora_jax' has no attribute {name!r}")
+
 
 __all__ = (
   "LoRADimensionNumbers",

@@ -45,6 +45,9 @@ from flax.typing import Initializer
 from flax.typing import PromoteDtypeFn
 
 from adaprelora_jax import pairing as pairing_lib
+from adaprelora_jax.weight_statistics import gradient_statistics
+
+__all__ = ["GradientStatistic", "LoRA", "LoRALinear", "gradient_statistics", "lora_product"]
 
 default_a_initializer = initializers.he_uniform()
 default_b_initializer = initializers.zeros
@@ -56,39 +59,6 @@ class GradientStatistic(nnx.LoRAParam):
   A subclass of ``nnx.LoRAParam`` so that ``nnx.Optimizer(..., wrt=nnx.LoRAParam)``
   and ``nnx.grad(..., argnums=nnx.DiffState(0, nnx.LoRAParam))`` include it.
   """
-
-
-def gradient_statistics(inputs: jax.Array, output_grads: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Row and column means of ``G²`` for ``G = inputsᵀ @ output_grads``.
-
-  Args:
-    inputs: layer inputs ``x`` of shape (T, d_in) (T = all tokens).
-    output_grads: cotangent of the layer output ``δ`` of shape (T, d_out).
-
-  Returns:
-    ``(mean_j G_ij² (d_in,), mean_i G_ij² (d_out,))`` in float32 or wider.
-
-  Costs ``2 T² (d_in + d_out)`` flops via ``rows = diag(xᵀ (δ δᵀ) x)`` and
-  ``cols = diag(δᵀ (x xᵀ) δ)`` or ``T d_in d_out`` by forming ``G``; the
-  cheaper one is chosen from the (static) shapes.
-  """
-  dtype = jnp.result_type(jnp.float32, inputs.dtype, output_grads.dtype)
-  x = inputs.astype(dtype)
-  delta = output_grads.astype(dtype)
-  tokens, d_in = x.shape
-  d_out = delta.shape[1]
-  precision = jax.lax.Precision.HIGHEST
-  if 2 * tokens * (d_in + d_out) < d_in * d_out:
-    delta_gram = jnp.matmul(delta, delta.T, precision=precision)
-    input_gram = jnp.matmul(x, x.T, precision=precision)
-    row_sums = jnp.sum(x * jnp.matmul(delta_gram, x, precision=precision), axis=0)
-    col_sums = jnp.sum(delta * jnp.matmul(input_gram, delta, precision=precision), axis=0)
-    row_sums, col_sums = jnp.maximum(row_sums, 0.0), jnp.maximum(col_sums, 0.0)
-  else:
-    grad_w = jnp.matmul(x.T, delta, precision=precision)
-    squared = grad_w * grad_w
-    row_sums, col_sums = jnp.sum(squared, axis=1), jnp.sum(squared, axis=0)
-  return row_sums / d_out, col_sums / d_in
 
 
 @jax.custom_vjp

@@ -114,7 +114,14 @@ _NNX_ROLES: dict[str, Role] = {
 }
 # qwix (``qwix.LoraProvider``) names the factors of a weight ``w`` (``kernel``
 # for ``nnx.Linear``) ``w_lora_a`` / ``w_lora_b``, next to ``w``.
-_QWIX_SUFFIXES: tuple[tuple[str, Role], ...] = (("_lora_a", "a"), ("_lora_b", "b"))
+# :class:`adaprelora_jax.qwix.LoraProvider` adds the exact-statistics probes
+# ``w_grad_sq_rows`` / ``w_grad_sq_cols`` beside them.
+_QWIX_SUFFIXES: tuple[tuple[str, Role], ...] = (
+  ("_lora_a", "a"),
+  ("_lora_b", "b"),
+  ("_" + ROW_STATS_NAME, "row_stats"),
+  ("_" + COL_STATS_NAME, "col_stats"),
+)
 
 
 def nnx_pairing(path: tuple[str, ...], leaf: Any) -> LoRARole | None:
@@ -125,7 +132,9 @@ def nnx_pairing(path: tuple[str, ...], leaf: Any) -> LoRARole | None:
   :class:`adaprelora_jax.nn.LoRA`. qwix (``qwix.apply_lora_to_model``):
   siblings ``<weight>_lora_a`` and ``<weight>_lora_b`` (pair: the weight's
   path, e.g. ``blocks/0/attn/q_einsum/w``), whose factors may be N-D
-  (:func:`infer_dimension_numbers`).
+  (:func:`infer_dimension_numbers`), and the exact-statistics probes
+  ``<weight>_grad_sq_rows`` / ``<weight>_grad_sq_cols`` of
+  :class:`adaprelora_jax.qwix.LoraProvider`.
   """
   del leaf
   if not path:

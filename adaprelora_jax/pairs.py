@@ -92,6 +92,26 @@ class PairInfo:
     shape = canonical_shape(self, role)
     return array if tuple(array.shape) == shape else array.reshape(shape)
 
+  def statistics_to_canonical(
+    self, array: jax.Array, role: Literal["row_stats", "col_stats"]
+  ) -> jax.Array:
+    """A statistics leaf as the canonical ``(*lead, d_in)`` (rows) or
+    ``(*lead, d_out)`` (columns) array.
+
+    Statistics leaves come flat (:class:`adaprelora_jax.nn.LoRA`) or shaped
+    like their factor with a rank axis of size 1
+    (:class:`adaprelora_jax.qwix.LoraProvider`), which keeps them stacked,
+    scanned and sharded like the factor; the latter are read through the
+    factor's own layout (:meth:`to_canonical`).
+    """
+    flat = statistics_shape(self, role)
+    if tuple(array.shape) == flat:
+      return array
+    permutation = _permutation(self, "a" if role == "row_stats" else "b")
+    if permutation != tuple(range(len(permutation))):
+      array = jnp.transpose(array, permutation)
+    return array.reshape(flat)
+
   def to_leaf(self, array: jax.Array, role: Literal["a", "b"]) -> jax.Array:
     """The inverse of :meth:`to_canonical`: back into the leaf's layout."""
     permutation = _permutation(self, role)
@@ -120,6 +140,23 @@ def canonical_shape(pair: PairInfo, role: Literal["a", "b"]) -> tuple[int, ...]:
   """``(*lead, d_in, r)`` for ``a``, ``(*lead, r, d_out)`` for ``b``."""
   tail = (pair.d_in, pair.rank) if role == "a" else (pair.rank, pair.d_out)
   return (*pair.lead_shape, *tail)
+
+
+def statistics_shape(pair: PairInfo, role: Literal["row_stats", "col_stats"]) -> tuple[int, ...]:
+  """``(*lead, d_in)`` for row statistics, ``(*lead, d_out)`` for columns."""
+  return (*pair.lead_shape, pair.d_in if role == "row_stats" else pair.d_out)
+
+
+def probe_shape(pair: PairInfo, role: Literal["row_stats", "col_stats"]) -> tuple[int, ...]:
+  """The factor-shaped layout of a statistics leaf: its factor's shape with
+  the rank axis of size 1."""
+  axes = dimension_numbers.normalized(pair.dimension_numbers)
+  if role == "row_stats":
+    shape, rank_axis = list(pair.a_shape), axes.a_rank_axis
+  else:
+    shape, rank_axis = list(pair.b_shape), axes.b_rank_axis
+  shape[rank_axis] = 1
+  return tuple(shape)
 
 
 def validate_pair(
@@ -237,12 +274,15 @@ def validate_pair(
       "partner (both row and column statistics are required)."
     )
   if has_rows:
-    for role, size in (("row_stats", d_in), ("col_stats", d_out)):
+    stats_roles: tuple[Literal["row_stats", "col_stats"], ...] = ("row_stats", "col_stats")
+    for role in stats_roles:
       index = slots[role][0]
+      leaf = flat[index][1]
+      # Flat, or shaped like the factor with a rank axis of 1.
+      shapes = (statistics_shape(info, role), probe_shape(info, role))
+      expected = shapes[1] if tuple(getattr(leaf, "shape", ())) == shapes[1] else shapes[0]
       check_floating_array(
-        flat[index][1],
-        (*lead, size),
-        f"LoRA statistics leaf '{paths[index]}' of pair {pair_name!r}",
+        leaf, expected, f"LoRA statistics leaf '{paths[index]}' of pair {pair_name!r}"
       )
     info = dataclasses.replace(
       info,

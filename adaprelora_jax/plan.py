@@ -60,6 +60,21 @@ def _one_level(tree: Any) -> tuple[list[Any], Any]:
   return jax.tree_util.tree_flatten(tree, is_leaf=lambda node: node is not tree)
 
 
+def _same_node(level: Any, expected: Any) -> bool:
+  """Whether two one-level structures are the same node.
+
+  An nnx ``Variable`` node carries its metadata (e.g. its sharding names),
+  and a state leaf's Variable need not have the parameter's: the same
+  Variable type is the same node.
+  """
+  if level == expected:
+    return True
+  kind, expected_kind = level.node_data(), expected.node_data()
+  if kind is None or expected_kind is None:
+    return False
+  return kind[0] is expected_kind[0] and hasattr(kind[0], "get_metadata")
+
+
 def _leaves_up_to(treedef: Any, tree: Any) -> list[Any]:
   """``treedef.flatten_up_to(tree)``, where a bare ``MaskedNode`` may stand in
   for a whole subtree of ``treedef``."""
@@ -72,7 +87,8 @@ def _leaves_up_to(treedef: Any, tree: Any) -> list[Any]:
     # is the one ``treedef`` expects.
     children, level = _one_level(tree)
     subtrees = treedef.children()
-    if not subtrees or level != _one_level(treedef.unflatten([0] * treedef.num_leaves))[1]:
+    expected = _one_level(treedef.unflatten([0] * treedef.num_leaves))[1]
+    if not subtrees or not _same_node(level, expected):
       raise
   return [
     leaf
@@ -202,12 +218,15 @@ class LoRAPlan:
       role: which leaf of each pair.
       factor_layout: the leaves are shaped like the factor itself (so they
         are brought into the canonical layout, :meth:`PairInfo.to_canonical`);
-        False for arrays already in it, such as row/column statistics.
+        False for arrays already in it. Statistics leaves are always brought
+        into ``(*lead, d)`` (:meth:`PairInfo.statistics_to_canonical`).
     """
     arrays = []
     for pair in group.members:
       array = leaves[_role_index(pair, role)]
-      if factor_layout:
+      if role == "row_stats" or role == "col_stats":
+        array = pair.statistics_to_canonical(array, role)
+      elif factor_layout:
         array = pair.to_canonical(array, _factor_role(role))
       arrays.append(array)
     stacked = arrays[0][None] if len(arrays) == 1 else jnp.stack(arrays)

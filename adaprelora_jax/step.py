@@ -131,6 +131,7 @@ def _pair_statistics(
   g_b: jax.Array,
   grams: tangent.PairGrams,
   inverses: tangent.GramInverses,
+  scale: jax.typing.ArrayLike | None,
 ) -> tuple[jax.Array, jax.Array]:
   """Row and column means of ``G²``: exact where the pair carries them, else
   the ``estimate`` (docs/design.md §5)."""
@@ -140,10 +141,13 @@ def _pair_statistics(
     if estimate == "surrogate":
       return tangent.surrogate_statistics_from_grams(a, b, g_a, g_b, grams)
     return tangent.tangent_statistics_from_grams(a, b, g_a, g_b, grams, inverses)
-  return (
-    row_stats.astype(linalg.compute_dtype(row_stats)),
-    col_stats.astype(linalg.compute_dtype(col_stats)),
-  )
+  row_stats = row_stats.astype(linalg.compute_dtype(row_stats))
+  col_stats = col_stats.astype(linalg.compute_dtype(col_stats))
+  if scale is not None:
+    # Exact statistics are those of the gradient of a·b, like the factor
+    # gradients (docs/design.md §9): divided by s² they are those of G.
+    row_stats, col_stats = row_stats / scale**2, col_stats / scale**2
+  return row_stats, col_stats
 
 
 def update_pair(
@@ -169,7 +173,9 @@ def update_pair(
   inverses = tangent.gram_inverses(grams, damping=hyper.damping, damping_floor=hyper.damping_floor)
   if hyper.project_gradients:
     g_a, g_b, grams = tangent.consistent_gradients_unless_identity(a, b, g_a, g_b, grams, inverses)
-  row_stats, col_stats = _pair_statistics(hyper.estimate, pair, a, b, g_a, g_b, grams, inverses)
+  row_stats, col_stats = _pair_statistics(
+    hyper.estimate, pair, a, b, g_a, g_b, grams, inverses, scale
+  )
   beta2 = hyper.decay_rate_fn(count - hyper.step_offset, hyper.decay_rate)
   row_moment = decayed_moment(state["row_second_moment"], row_stats, beta2, hyper.eps)
   col_moment = decayed_moment(state["col_second_moment"], col_stats, beta2, hyper.eps)

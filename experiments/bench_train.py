@@ -22,11 +22,18 @@ for the two layer kinds at every shape and at a large-token shape
 (docs/design.md §5: ``O(T d_in d_out)`` once ``T`` exceeds ``d_in d_out /
 (d_in + d_out)``); its cost is reported as a ratio to the plain layers'.
 
+``--flagship`` runs the flagship's Tunix Llama 3 with qwix LoRA instead
+(:func:`run_flagship`): exact statistics through
+``adaprelora_jax.qwix.LoraProvider`` and tangent statistics through
+``qwix.LoraProvider``, against AdamW, at batch × window shapes.
+
 Usage::
 
   python -m experiments.bench_train [--shapes 16x128 8x512] [--large 32x512] [--rounds 5]
+  python -m experiments.bench_train --flagship [--shapes 8x128 32x128]
 
-Writes ``experiments/results/bench_train.json`` and prints a markdown table.
+Writes ``experiments/results/bench_train.json`` (``bench_train_flagship.json``)
+and prints a markdown table.
 """
 
 from __future__ import annotations
@@ -35,7 +42,9 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +52,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+import adaprelora_jax as ap
 from adaprelora_jax import nn as lora_nn
 from experiments import assets
 from experiments.models import bert
@@ -75,25 +85,34 @@ def make_batch(model: bert.BertClassifier, batch: int, tokens: int, *, seed: int
   return ids, mask, labels
 
 
-def _functional(model: bert.BertClassifier):
+def classifier_loss(model: bert.BertClassifier, batch) -> jax.Array:
+  ids, mask, labels = batch
+  return optax.softmax_cross_entropy_with_integer_labels(model(ids, mask), labels).mean()
+
+
+def _functional(model: nnx.Module, trainable_filter: Any, model_loss: Callable):
   """The model split into a graph, its trainable state and the frozen rest."""
-  graphdef, trainable, rest = nnx.split(model, bert.TRAINABLE, ...)
+  graphdef, trainable, rest = nnx.split(model, trainable_filter, ...)
 
   def loss_fn(trainable, rest, batch):
-    ids, mask, labels = batch
-    logits = nnx.merge(graphdef, trainable, rest)(ids, mask)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    return model_loss(nnx.merge(graphdef, trainable, rest), batch)
 
   return loss_fn, trainable, rest
 
 
-def compile_train_step(model, tx: optax.GradientTransformation, batch):
+def compile_train_step(
+  model,
+  tx: optax.GradientTransformation,
+  batch,
+  trainable_filter: Any = bert.TRAINABLE,
+  model_loss: Callable = classifier_loss,
+):
   """The jitted fwd + bwd + update, compiled, with its inputs.
 
   Returns:
     ``(compiled, args, compile_seconds)``; ``compiled(*args)`` runs one step.
   """
-  loss_fn, trainable, rest = _functional(model)
+  loss_fn, trainable, rest = _functional(model, trainable_filter, model_loss)
   state = tx.init(trainable)
 
   # Parameters, state and batch are arguments: closing over them would make
@@ -110,9 +129,11 @@ def compile_train_step(model, tx: optax.GradientTransformation, batch):
   return compiled, args, time.perf_counter() - start
 
 
-def compile_gradient(model, batch):
+def compile_gradient(
+  model, batch, trainable_filter: Any = bert.TRAINABLE, model_loss: Callable = classifier_loss
+):
   """The jitted fwd + bwd alone (no update), compiled, with its inputs."""
-  loss_fn, trainable, rest = _functional(model)
+  loss_fn, trainable, rest = _functional(model, trainable_filter, model_loss)
   step = jax.jit(jax.value_and_grad(loss_fn))
   args = (trainable, rest, batch)
   start = time.perf_counter()
@@ -209,8 +230,74 @@ def run(
   }
 
 
+# The flagship's optimizers: name -> (exact statistics, factory). Its LoRA has
+# alpha = rank, so no lora_scale.
+FLAGSHIP_OPTIMIZERS: dict[str, tuple[bool, Callable[[], optax.GradientTransformation]]] = {
+  "adamw": (False, lambda: optax.adamw(3e-3)),
+  "adaprelora (exact)": (True, lambda: ap.adaprelora(3e-4)),
+  "adaprelora (tangent)": (False, lambda: ap.adaprelora(3e-4)),
+  "adaprelora_adamw (exact)": (True, lambda: ap.adaprelora_adamw(3e-3)),
+  "adaprelora_adamw (tangent)": (False, lambda: ap.adaprelora_adamw(3e-3)),
+}
+
+
+def run_flagship(shapes: list[tuple[int, int]], rounds: int) -> dict:
+  """The flagship's Tunix Llama 3 with qwix LoRA on its 7 projections (28 pairs):
+  fwd + bwd + update with exact statistics
+  (:class:`adaprelora_jax.qwix.LoraProvider`) and tangent statistics
+  (``qwix.LoraProvider``) against AdamW, and fwd + bwd alone for both
+  providers, interleaved in one run. ``tokens`` is the window length."""
+  from experiments.models import llama  # noqa: PLC0415  (tunix, optional)
+  from experiments.tasks import flagship as task  # noqa: PLC0415
+
+  task._tunix().env_utils.setup_sharding_environment()
+  train_rows, gradient_rows = [], []
+  with jax.set_mesh(llama.mesh()):
+    models = {flag: task.build_model(0, flag)[0] for flag in (False, True)}
+    vocab = models[False].config.vocab_size
+    for batch, tokens in shapes:
+      rng = np.random.default_rng(0)
+      windows = jnp.asarray(rng.integers(1, vocab, size=(batch, tokens + 1)), jnp.int32)
+      programs = {}
+      for name, (flag, factory) in FLAGSHIP_OPTIMIZERS.items():
+        compiled, args, seconds = compile_train_step(
+          models[flag], factory(), windows, nnx.LoRAParam, task.loss_fn
+        )
+        programs[name] = (compiled, args)
+        print(f"  flagship {batch}x{tokens} {name}: compiled in {seconds:.1f} s", file=sys.stderr)
+      for flag in (False, True):
+        compiled, args, _ = compile_gradient(models[flag], windows, nnx.LoRAParam, task.loss_fn)
+        programs[_gradient_name(flag)] = (compiled, args)
+      measured = interleaved_medians(programs, rounds)
+      base = measured["adamw"]["seconds"]
+      for name, (flag, _) in FLAGSHIP_OPTIMIZERS.items():
+        train_rows.append(
+          {
+            "batch": batch,
+            "tokens": tokens,
+            "optimizer": name,
+            "exact_statistics": flag,
+            **measured[name],
+            "ratio_vs_adamw": measured[name]["seconds"] / base,
+          }
+        )
+      gradient_rows.append(_gradient_row(batch, tokens, measured))
+  return {
+    "config": {
+      "model": "flagship Tunix Llama 3 (experiments/tasks/flagship.py)",
+      "rank": task.RANK,
+      "targets": list(task.PROJECTIONS),
+      "pairs": len(task.PROJECTIONS) * len(models[False].layers),
+      "rounds": rounds,
+    },
+    "train_step": train_rows,
+    "backward": gradient_rows,
+    "environment": environment(),
+  }
+
+
 def _gradient_name(exact_statistics: bool) -> str:
-  return "fwd+bwd (exact statistics)" if exact_statistics else "fwd+bwd (nnx.LoRALinear)"
+  return "fwd+bwd (exact statistics)" if exact_statistics else "fwd+bwd (plain LoRA)"
 
 
 def _gradient_row(batch: int, tokens: int, measured: dict) -> dict:
@@ -245,8 +332,7 @@ def format_tables(report: dict) -> str:
     lines.append(f"| {name} | {cells} |")
   lines += [
     "",
-    "| batch×tokens | fwd+bwd, nnx.LoRALinear (ms) | fwd+bwd, exact statistics (ms) "
-    "| exact / plain |",
+    "| batch×tokens | fwd+bwd, plain LoRA (ms) | fwd+bwd, exact statistics (ms) | exact / plain |",
     "|---|---:|---:|---:|",
   ]
   for row in report["backward"]:
@@ -269,14 +355,28 @@ def main() -> None:
   )
   parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--only", nargs="*", help="optimizers to run besides adamw")
-  parser.add_argument("--output", type=Path, default=RESULTS / "bench_train.json")
+  parser.add_argument(
+    "--flagship",
+    action="store_true",
+    help="the flagship Tunix Llama instead (shapes are batch×window, default 8x128 32x128)",
+  )
+  parser.add_argument("--output", type=Path, default=None)
   args = parser.parse_args()
+  if args.flagship:
+    shapes = ["8x128", "32x128"] if args.shapes == ["16x128", "8x512"] else args.shapes
+    report = run_flagship([parse_shape(shape) for shape in shapes], args.rounds)
+    _write(report, args.output or RESULTS / "bench_train_flagship.json")
+    return
   large = None if args.large.lower() == "none" else parse_shape(args.large)
   report = run([parse_shape(shape) for shape in args.shapes], large, args.rounds, args.only)
+  _write(report, args.output or RESULTS / "bench_train.json")
+
+
+def _write(report: dict, output: Path) -> None:
   print(format_tables(report))
-  args.output.parent.mkdir(parents=True, exist_ok=True)
-  args.output.write_text(json.dumps(report, indent=1) + "\n")
-  print(f"wrote {args.output}")
+  output.parent.mkdir(parents=True, exist_ok=True)
+  output.write_text(json.dumps(report, indent=1) + "\n")
+  print(f"wrote {output}")
 
 
 if __name__ == "__main__":

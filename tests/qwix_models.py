@@ -14,6 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 import qwix
 from flax import nnx
+from qwix._src import interception
+
+from adaprelora_jax import qwix as ap_qwix
 
 D, N, H, C, E, F = 16, 4, 8, 2, 2, 32
 RANK, ALPHA = 4, 8.0
@@ -21,25 +24,59 @@ SCALE = ALPHA / RANK
 AXES = ("fsdp", "tp")
 
 
+class DenseDelta(nnx.Variable):
+  """A zero ``ΔW`` added to a weight: its gradient is the weight's ``G``.
+
+  Not an ``nnx.Param``, so neither qwix nor the optimizer takes it for a
+  weight; the product with it runs with qwix's interception off (qwix would
+  otherwise match it to the same-shaped weight and add LoRA a second time).
+  """
+
+
+def _uninterrupted(op, *args):
+  return interception.disable_interceptions(op)(*args)
+
+
 class Einsum(nnx.Module):
   """A weight used through ``jnp.einsum`` (as Tunix's ``Einsum`` modules)."""
 
-  def __init__(self, spec: str, shape, sharding, rngs: nnx.Rngs):
+  def __init__(self, spec: str, shape, sharding, rngs: nnx.Rngs, dense_delta: bool = False):
     self.spec = spec
     self.w = nnx.Param(nnx.initializers.normal(0.3)(rngs.params(), shape), out_sharding=sharding)
+    self.dw = DenseDelta(jnp.zeros(shape)) if dense_delta else None
 
   def __call__(self, x):
-    return jnp.einsum(self.spec, x, self.w[...])
+    y = jnp.einsum(self.spec, x, self.w[...])
+    if self.dw is not None:
+      y = y + _uninterrupted(jnp.einsum, self.spec, x, self.dw[...])
+    return y
+
+
+class Linear(nnx.Linear):
+  """``nnx.Linear``, optionally with a zero :class:`DenseDelta` on its kernel."""
+
+  def __init__(self, d_in: int, d_out: int, sharding, rngs: nnx.Rngs, dense_delta: bool = False):
+    super().__init__(d_in, d_out, rngs=rngs, kernel_metadata={"out_sharding": sharding})
+    self.dw = DenseDelta(jnp.zeros((d_in, d_out))) if dense_delta else None
+
+  def __call__(self, x):
+    y = super().__call__(x)
+    if self.dw is not None:
+      y = y + _uninterrupted(jnp.matmul, x, self.dw[...])
+    return y
 
 
 class GemmaLike(nnx.Module):
-  def __init__(self, rngs: nnx.Rngs):
-    self.q_einsum = Einsum("BTD,NDH->BTNH", (N, D, H), ("tp", "fsdp", None), rngs)
-    self.kv_einsum = Einsum("BTD,CNDH->CBTNH", (C, N, D, H), (None, "tp", "fsdp", None), rngs)
-    self.attn_vec_einsum = Einsum("BTNH,NHD->BTD", (N, H, D), ("tp", None, "fsdp"), rngs)
-    self.moe = Einsum("EBD,EDF->EBF", (E, D, F), (None, "fsdp", "tp"), rngs)
-    self.up = nnx.Linear(D, F, rngs=rngs, kernel_metadata={"out_sharding": ("fsdp", "tp")})
-    self.down = nnx.Linear(F, D, rngs=rngs, kernel_metadata={"out_sharding": ("tp", "fsdp")})
+  def __init__(self, rngs: nnx.Rngs, dense_delta: bool = False):
+    def einsum(spec, shape, sharding):
+      return Einsum(spec, shape, sharding, rngs, dense_delta)
+
+    self.q_einsum = einsum("BTD,NDH->BTNH", (N, D, H), ("tp", "fsdp", None))
+    self.kv_einsum = einsum("BTD,CNDH->CBTNH", (C, N, D, H), (None, "tp", "fsdp", None))
+    self.attn_vec_einsum = einsum("BTNH,NHD->BTD", (N, H, D), ("tp", None, "fsdp"))
+    self.moe = einsum("EBD,EDF->EBF", (E, D, F), (None, "fsdp", "tp"))
+    self.up = Linear(D, F, ("fsdp", "tp"), rngs, dense_delta)
+    self.down = Linear(F, D, ("tp", "fsdp"), rngs, dense_delta)
 
   def __call__(self, x):
     q = self.q_einsum(x)
@@ -74,17 +111,33 @@ def mesh(devices: int = 8) -> jax.sharding.Mesh:
   )
 
 
-def lora_model(seed: int = 0, *, random_b: bool = True) -> GemmaLike:
+def lora_model(
+  seed: int = 0,
+  *,
+  random_b: bool = True,
+  exact_statistics: bool = False,
+  dense_delta: bool = False,
+  **lora_options,
+) -> GemmaLike:
   """The model with qwix LoRA on every weight (call under ``jax.set_mesh``).
 
   Args:
     seed: initialization seed.
     random_b: give ``lora_b`` random values (qwix initializes it to zero), so
       that both factors have full rank and the step is not degenerate.
+    exact_statistics: use :class:`adaprelora_jax.qwix.LoraProvider` (probe
+      leaves with the exact statistics) instead of ``qwix.LoraProvider``.
+    dense_delta: add a zero :class:`DenseDelta` to every adapted weight.
+    **lora_options: more arguments of the provider (``dropout``,
+      ``weight_qtype``, ...).
   """
-  model = GemmaLike(nnx.Rngs(seed))
-  provider = qwix.LoraProvider(module_path=".*", rank=RANK, alpha=ALPHA)
+  model = GemmaLike(nnx.Rngs(seed), dense_delta=dense_delta)
+  provider_type = ap_qwix.LoraProvider if exact_statistics else qwix.LoraProvider
+  provider = provider_type(module_path=".*", rank=RANK, alpha=ALPHA, **lora_options)
   model = qwix.apply_lora_to_model(model, provider, jnp.ones((1, 2, D)), rngs=nnx.Rngs(seed + 1))
+  if lora_options.get("dropout"):
+    # qwix draws LoRA dropout masks from ``qwix_rngs`` at call time.
+    model.set_attributes(qwix_rngs=nnx.Rngs(dropout=seed + 3), raise_if_not_found=False)
   if random_b:
     keys = iter(jax.random.split(jax.random.key(seed + 2), 16))
     for path, variable in nnx.iter_graph(model):

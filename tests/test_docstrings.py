@@ -18,6 +18,7 @@ WITH_EXAMPLES = {
   "adaprelora_jax.nn",
   "adaprelora_jax.kernels",
   "adaprelora_jax.reports",
+  "adaprelora_jax.qwix",
 }
 
 

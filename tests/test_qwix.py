@@ -245,3 +245,19 @@ def test_sharded_update_never_gathers_a_factor():
   found, hlo = _optimizer_collectives(_sharded_pairing)
   assert not found, found
   assert "all-reduce" in hlo
+
+
+def test_update_takes_nnx_states_of_sharded_variables():
+  """``tx.update`` on ``nnx.State``s of Variables (not pure arrays), as a
+  hand-written train step passes them: the state's per-pair Variables carry
+  other sharding metadata than the factors', which must not matter."""
+  with jax.set_mesh(qm.mesh(1)):
+    model = qm.lora_model()
+    x, y = qm.batch()
+    params = nnx.state(model, nnx.LoRAParam)
+    grads = nnx.grad(qm.loss_fn, argnums=nnx.DiffState(0, nnx.LoRAParam))(model, x, y)
+    tx = ap.adaprelora(1e-2)
+    updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+    pure = nnx.as_pure(params)
+    expected, _ = jax.jit(tx.update)(nnx.as_pure(grads), tx.init(pure), pure)
+  chex.assert_trees_all_close(nnx.as_pure(updates), expected, rtol=1e-6, atol=1e-9)

@@ -1,5 +1,6 @@
 """Tunix end to end: a Qwen3 model (random weights, tiny config) made LoRA by
-qwix and trained by ``tunix.sft.PeftTrainer`` with both AdaPreLoRA variants under
+qwix (tangent statistics) or by ``adaprelora_jax.qwix.LoraProvider`` (exact
+statistics) and trained by ``tunix.sft.PeftTrainer`` with both AdaPreLoRA variants under
 ``optax.inject_hyperparams``, with gradient accumulation (Tunix wraps the
 optimizer in ``optax.MultiSteps``) and Orbax checkpoints.
 
@@ -24,6 +25,8 @@ from tunix.sft import peft_trainer  # noqa: E402
 from tunix.sft import utils as sft_utils  # noqa: E402
 from tunix.utils import env_utils  # noqa: E402
 
+from adaprelora_jax import qwix as ap_qwix  # noqa: E402
+
 # Three PeftTrainers compile their steps: minutes on a loaded 2-core CPU. CI
 # runs it as its own step (pytest -m slow tests/test_tunix.py).
 pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"), pytest.mark.slow]
@@ -47,7 +50,7 @@ def _mesh():
   )
 
 
-def _lora_model():
+def _lora_model(exact_statistics):
   config = qwen3.ModelConfig(
     num_layers=1,
     vocab_size=VOCAB,
@@ -60,7 +63,10 @@ def _lora_model():
     norm_eps=1e-6,
   )
   model = qwen3.Qwen3(config, rngs=nnx.Rngs(0))
-  provider = qwix.LoraProvider(
+  # adaprelora_jax.qwix.LoraProvider: the same adapters, plus the probes that
+  # carry the exact statistics of G.
+  provider_type = ap_qwix.LoraProvider if exact_statistics else qwix.LoraProvider
+  provider = provider_type(
     module_path=".*q_proj|.*k_proj|.*v_proj|.*o_proj|.*gate_proj|.*up_proj|.*down_proj",
     rank=RANK,
     alpha=ALPHA,
@@ -124,15 +130,18 @@ def _lora_params(model):
   return jax.tree.map(np.asarray, nnx.as_pure(nnx.state(model, nnx.LoRAParam)))
 
 
+@pytest.mark.parametrize("statistics", ["tangent", "exact"])
 @pytest.mark.parametrize("variant", sorted(PEAK_LEARNING_RATE))
-def test_peft_trainer_trains_and_resumes_bit_for_bit(tmp_path, variant):
+def test_peft_trainer_trains_and_resumes_bit_for_bit(tmp_path, variant, statistics):
+  exact = statistics == "exact"
   steps = 6
   data = _batches(steps * ACCUMULATION)
   with jax.set_mesh(_mesh()):
-    model = _lora_model()
-    plan = ap.plan_pairs(nnx.state(model, nnx.LoRAParam), strict=True)
+    model = _lora_model(exact)
+    plan = ap.plan_pairs(nnx.state(model, nnx.LoRAParam), strict=True, statistics=statistics)
     # The 7 projections of the layer, all found (N-D einsum factors included).
     assert len(plan.pairs) == 7
+    assert all(pair.has_statistics == exact for pair in plan.pairs)
     trainer = _trainer(model, tmp_path / "straight", steps, variant)
     trainer.train(data)
     losses = trainer.metrics_logger.get_metric_history("", "loss", "train")
@@ -141,11 +150,11 @@ def test_peft_trainer_trains_and_resumes_bit_for_bit(tmp_path, variant):
     straight = _lora_params(model)
 
     # The same run, stopped after 2 steps and resumed from its checkpoint.
-    model = _lora_model()
+    model = _lora_model(exact)
     first = _trainer(model, tmp_path / "resumed", 2, variant)
     first.train(data[: 2 * ACCUMULATION])
     first.close()
-    model = _lora_model()
+    model = _lora_model(exact)
     second = _trainer(model, tmp_path / "resumed", steps, variant)
     assert second.train_steps == 2
     # Tunix skips the examples the restored steps consumed: give it all.

@@ -74,14 +74,20 @@ def _tunix() -> types.SimpleNamespace:
 
 
 def build_model(seed: int, exact_statistics: bool):
-  """The pretrained model with fresh qwix adapters (drawn from ``seed``); under the mesh."""
-  if exact_statistics:
-    raise ValueError("qwix LoRA layers carry no exact statistics; use adaprelora_tangent.")
+  """The pretrained model with fresh qwix adapters (drawn from ``seed``); under the mesh.
+
+  With ``exact_statistics`` the adapters come from
+  :class:`adaprelora_jax.qwix.LoraProvider` (the same factors, plus the
+  probes that carry the exact G² statistics).
+  """
   import qwix  # pylint: disable=import-outside-toplevel
+
+  from adaprelora_jax import qwix as ap_qwix  # pylint: disable=import-outside-toplevel
 
   llama = _tunix().llama
   model, _, _ = llama.load(assets.llama_checkpoint())
-  provider = qwix.LoraProvider(
+  provider_type = ap_qwix.LoraProvider if exact_statistics else qwix.LoraProvider
+  provider = provider_type(
     module_path="|".join(f".*{name}" for name in PROJECTIONS), rank=RANK, alpha=ALPHA
   )
   dummy = np.zeros((1, milton.SEQ_LEN + 1), np.int32)

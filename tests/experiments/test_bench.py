@@ -1,5 +1,7 @@
 """Smoke tests of the benchmark scripts' floor model and tables (no timings asserted)."""
 
+import pytest
+
 from experiments import bench_step
 from experiments import bench_train
 from experiments import profile_step
@@ -64,6 +66,17 @@ def test_train_step_runs_every_layer_kind_on_the_pretrained_model():
   optimizers = [row["optimizer"] for row in report["train_step"]]
   assert optimizers == ["adamw", "adaprelora_tangent", "adaprelora"]
   assert all(row["seconds"] > 0 for row in report["train_step"])
+
+
+def test_flagship_train_step_runs_with_both_providers():
+  """One tiny round of the flagship benchmark: the Tunix Llama with qwix's
+  provider (tangent statistics) and adaprelora_jax's (exact statistics)."""
+  pytest.importorskip("tunix")
+  report = bench_train.run_flagship([(1, 16)], rounds=1)
+  optimizers = [row["optimizer"] for row in report["train_step"]]
+  assert optimizers == list(bench_train.FLAGSHIP_OPTIMIZERS)
+  assert all(row["seconds"] > 0 for row in report["train_step"])
+  assert report["backward"][0]["exact_seconds"] > 0
 
 
 def test_profile_counts_the_cost_models_products_in_the_compiled_step():

@@ -11,6 +11,9 @@ import math
 import jax
 import numpy as np
 import pytest
+from flax import nnx
+
+import adaprelora_jax as ap
 
 pytest.importorskip("qwix")
 pytest.importorskip("tunix")
@@ -157,3 +160,24 @@ def test_smoke_preset_trains_writes_results_and_resumes(tmp_path, monkeypatch):
   monkeypatch.setitem(TASKS, "flagship", dataclasses.replace(TASKS["flagship"], trainer=refuse))
   again = run.sweep("flagship", names, "smoke", **paths)
   assert again["optimizers"] == results["optimizers"]
+
+
+def test_flagship_model_builds_with_exact_statistics():
+  """adaprelora_jax.qwix.LoraProvider on the Tunix Llama: every adapted
+  projection carries exact statistics, read by the default pairing, and a
+  backward pass fills them with positive, finite values."""
+  with jax.set_mesh(llama.mesh()):
+    model, wrt = flagship_task.build_model(0, exact_statistics=True)
+    params = nnx.state(model, wrt)
+    plan = ap.plan_pairs(params, strict=True, statistics="exact")
+    assert len(plan.pairs) == len(flagship_task.PROJECTIONS) * len(model.layers)
+    assert all(pair.has_statistics for pair in plan.pairs)
+    windows = np.arange(2 * 33).reshape(2, 33) % 60
+    grads = nnx.grad(flagship_task.loss_fn, argnums=nnx.DiffState(0, wrt))(model, windows)
+  probes = [
+    np.asarray(leaf)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(nnx.as_pure(grads))[0]
+    if "grad_sq" in str(path)
+  ]
+  assert len(probes) == 2 * len(plan.pairs)
+  assert all(np.all(np.isfinite(p)) and np.all(p >= 0) and p.max() > 0 for p in probes)

@@ -1,0 +1,281 @@
+"""adaprelora_jax.qwix.LoraProvider: exact statistics from qwix LoRA ops.
+
+On the Gemma-like model of tests/qwix_models.py (2-D ``nnx.Linear``, N-D
+attention einsums, the MoE einsum), the probes' gradients equal the row and
+column means of ``G²``, where ``G`` is ``jax.grad`` with respect to a dense
+zero ``ΔW`` added to the weight, with and without QLoRA and dropout; the
+optimizer reads them with no glue, its step equals the dense H-projection
+oracle, it shards with no factor all-gather, and ``optax.MultiSteps`` hands
+it the mean of the micro-batch statistics.
+"""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import adaprelora_jax as ap
+from tests import reference
+
+pytest.importorskip("qwix")
+import qwix  # noqa: E402
+
+from adaprelora_jax import qwix as ap_qwix  # noqa: E402  (needs qwix)
+from tests import qwix_models as qm  # noqa: E402
+from tests.test_qwix import _by_path  # noqa: E402
+from tests.test_qwix import _flat_factors  # noqa: E402
+from tests.test_qwix import _sharded_pairing  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:qwix.*")
+
+PROBES = nnx.Any(nnx.LoRAParam, qm.DenseDelta)
+
+
+def _flatten(grad, in_axes, out_axes):
+  d_in = int(np.prod([grad.shape[axis] for axis in in_axes]))
+  return np.transpose(grad, (*in_axes, *out_axes)).reshape(d_in, -1)
+
+
+def _probe_and_dense_gradients(model, x, y):
+  """``{pair: (rows, cols, G)}``: the probes' gradients (flattened) and the
+  dense ``G`` of each weight, from one backward pass."""
+  grads = _by_path(nnx.grad(qm.loss_fn, argnums=nnx.DiffState(0, PROBES))(model, x, y))
+  found = {}
+  for name, (in_axes, out_axes) in qm.WEIGHT_AXES.items():
+    module = name.split("/")[0]
+    found[name] = (
+      grads[f"{name}_grad_sq_rows"].reshape(-1),
+      grads[f"{name}_grad_sq_cols"].reshape(-1),
+      _flatten(grads[f"{module}/dw"], in_axes, out_axes),
+    )
+  return found
+
+
+OPTIONS = {
+  "plain": {},
+  "nf4": {"weight_qtype": "nf4"},
+  "dropout": {"dropout": 0.5},
+}
+
+
+@pytest.mark.parametrize("options", sorted(OPTIONS))
+def test_probes_are_the_statistics_of_the_dense_weight_gradient(options):
+  with jax.set_mesh(qm.mesh(1)):
+    model = qm.lora_model(exact_statistics=True, dense_delta=True, **OPTIONS[options])
+    plain = qm.lora_model(exact_statistics=True, dense_delta=True)
+  x, y = qm.batch()
+  # QLoRA and dropout really change what the model computes.
+  assert (options == "plain") == np.allclose(model(x), plain(x), rtol=1e-6), options
+  for name, (rows, cols, grad_w) in _probe_and_dense_gradients(model, x, y).items():
+    # The statistics of s·G, the gradient of the product a·b (s = alpha/rank).
+    scaled = qm.SCALE * grad_w
+    assert np.abs(grad_w).max() > 1e-3, name  # a real gradient, not zeros
+    np.testing.assert_allclose(rows, np.mean(scaled**2, 1), rtol=2e-5, atol=1e-9, err_msg=name)
+    np.testing.assert_allclose(cols, np.mean(scaled**2, 0), rtol=2e-5, atol=1e-9, err_msg=name)
+
+
+def test_same_factors_outputs_and_gradients_as_qwix():
+  """The provider changes nothing qwix computes: same LoRA factors, same
+  outputs, same factor gradients; it only adds the probes."""
+  with jax.set_mesh(qm.mesh(1)):
+    ours = qm.lora_model(exact_statistics=True)
+    theirs = qm.lora_model()
+  x, y = qm.batch()
+  np.testing.assert_array_equal(np.asarray(ours(x)), np.asarray(theirs(x)))
+
+  def lora_grads(model):
+    grads = nnx.grad(qm.loss_fn, argnums=nnx.DiffState(0, nnx.LoRAParam))(model, x, y)
+    return {path: g for path, g in _by_path(grads).items() if "_lora_" in path}
+
+  ours_grads, theirs_grads = lora_grads(ours), lora_grads(theirs)
+  assert sorted(ours_grads) == sorted(theirs_grads)
+  chex.assert_trees_all_close(ours_grads, theirs_grads, rtol=1e-6, atol=1e-7)
+  probes = [path for path in _by_path(nnx.state(ours, nnx.LoRAParam)) if "grad_sq" in path]
+  assert len(probes) == 2 * len(qm.WEIGHT_AXES)
+
+
+def test_every_pair_has_exact_statistics_with_no_glue():
+  with jax.set_mesh(qm.mesh(1)):
+    model = qm.lora_model(exact_statistics=True)
+  plan = ap.plan_pairs(nnx.state(model, nnx.LoRAParam), strict=True, statistics="exact")
+  assert sorted(pair.name for pair in plan.pairs) == sorted(qm.WEIGHT_AXES)
+  assert all(pair.has_statistics for pair in plan.pairs)
+
+
+@pytest.mark.parametrize("lora_scale", [None, qm.SCALE], ids=["unscaled", "lora_scale"])
+def test_step_with_exact_statistics_matches_the_dense_oracle(lora_scale):
+  """One step on every pair equals the dense H-projection of the Adafactor
+  step built from the exact statistics of G (docs/design.md §3, §9)."""
+  with jax.set_mesh(qm.mesh(1)):
+    model = qm.lora_model(exact_statistics=True, dense_delta=True)
+  x, y = qm.batch()
+  dense = _probe_and_dense_gradients(model, x, y)
+  params = nnx.as_pure(nnx.state(model, nnx.LoRAParam))
+  grads = nnx.as_pure(nnx.grad(qm.loss_fn, argnums=nnx.DiffState(0, nnx.LoRAParam))(model, x, y))
+  tx = ap.scale_by_adaprelora(
+    damping=0.0, clipping_threshold=None, lora_scale=lora_scale, statistics="exact"
+  )
+  updates, state = jax.jit(tx.update)(grads, tx.init(params), params)
+  rows, cols = ap.second_moments(state, params)
+  rows, cols, updates = _by_path(rows), _by_path(cols), _by_path(updates)
+  s = 1.0 if lora_scale is None else lora_scale
+  for name, (a, b) in _flat_factors(model).items():
+    # What the optimizer works with: G' = (SCALE / s)·G (docs/design.md §9).
+    grad_w = (qm.SCALE / s) * dense[name][2]
+    want_rows, want_cols = np.mean(grad_w**2, 1), np.mean(grad_w**2, 0)
+    got_rows, got_cols = rows[f"{name}_lora_a"], cols[f"{name}_lora_b"]
+    np.testing.assert_allclose(got_rows, want_rows, rtol=1e-4, atol=1e-12, err_msg=name)
+    np.testing.assert_allclose(got_cols, want_cols, rtol=1e-4, atol=1e-12, err_msg=name)
+    row_scale, col_scale = np.sqrt(want_rows / want_rows.mean()), np.sqrt(want_cols)
+    delta_a = updates[f"{name}_lora_a"].reshape(a.shape)
+    delta_b = updates[f"{name}_lora_b"].reshape(b.shape)
+    weight_step = qm.SCALE * (delta_a @ b + a @ delta_b)
+    expected = (qm.SCALE / s) * reference.h_projection(a, b, grad_w, row_scale, col_scale)
+    np.testing.assert_allclose(
+      weight_step, expected, rtol=2e-3, atol=2e-3 * np.abs(expected).max(), err_msg=name
+    )
+
+
+def test_exact_and_tangent_statistics_give_different_steps():
+  """The control for the oracle test: the probes are what the step uses."""
+  with jax.set_mesh(qm.mesh(1)):
+    model = qm.lora_model(exact_statistics=True)
+  x, y = qm.batch()
+  params = nnx.as_pure(nnx.state(model, nnx.LoRAParam))
+  grads = nnx.as_pure(nnx.grad(qm.loss_fn, argnums=nnx.DiffState(0, nnx.LoRAParam))(model, x, y))
+
+  def step(statistics, grads):
+    tx = ap.scale_by_adaprelora(statistics=statistics)
+    return tx.update(grads, tx.init(params), params)[0]
+
+  exact = _by_path(step("auto", grads))
+  tangent = _by_path(step("tangent", grads))
+  name = "q_einsum/w_lora_a"
+  assert not np.allclose(exact[name], tangent[name], rtol=1e-2)
+
+
+def _train(model, tx, steps, batches=None):
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)
+
+  @nnx.jit
+  def step(model, optimizer, x, y):
+    loss, grads = nnx.value_and_grad(qm.loss_fn, argnums=nnx.DiffState(0, nnx.LoRAParam))(
+      model, x, y
+    )
+    optimizer.update(model, grads)
+    return loss
+
+  batches = batches or [qm.batch()] * steps
+  return [float(step(model, optimizer, x, y)) for x, y in batches], optimizer
+
+
+def test_trains_from_qwix_init():
+  with jax.set_mesh(qm.mesh(1)):
+    model = qm.lora_model(exact_statistics=True, random_b=False)
+    losses, _ = _train(model, ap.adaprelora(1e-2, lora_scale=qm.SCALE), 12)
+  assert np.all(np.isfinite(losses)), losses
+  assert losses[-1] < 0.8 * losses[0], losses
+
+
+def _sharded_run(devices, steps=2):
+  with jax.set_mesh(qm.mesh(devices)):
+    model = qm.lora_model(exact_statistics=True)
+    tx = ap.adaprelora(1e-2, b1=0.9, lora_scale=qm.SCALE, pairing=_sharded_pairing(model))
+    losses, optimizer = _train(model, tx, steps)
+  return (
+    losses,
+    nnx.as_pure(nnx.state(model, nnx.LoRAParam)),
+    nnx.as_pure(nnx.state(optimizer, nnx.OptState)),
+    model,
+  )
+
+
+def test_sharded_training_equals_unsharded():
+  """(fsdp 2, tp 4) mesh: the probes take the factors' shardings, and the run
+  equals the one-device run."""
+  expected_losses, expected_params, expected_state, _ = _sharded_run(1)
+  losses, params, state, model = _sharded_run(8)
+  np.testing.assert_allclose(losses, expected_losses, rtol=1e-5)
+  chex.assert_trees_all_close(params, expected_params, rtol=2e-4, atol=2e-6)
+  chex.assert_trees_all_close(state, expected_state, rtol=2e-4, atol=2e-6)
+  specs = nnx.get_partition_spec(nnx.state(model, nnx.LoRAParam))
+  assert specs["kv_einsum"]["w_grad_sq_cols"].get_value() == jax.P(None, None, "tp", None)
+  assert specs["kv_einsum"]["w_lora_b"].get_value() == jax.P(None, None, "tp", None)
+
+
+def test_sharded_update_never_gathers_a_factor():
+  with jax.set_mesh(qm.mesh(8)):
+    model = qm.lora_model(exact_statistics=True)
+    tx = ap.adaprelora(1e-2, lora_scale=qm.SCALE, pairing=_sharded_pairing(model))
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)
+    x, y = qm.batch()
+    grads = nnx.grad(qm.loss_fn, argnums=nnx.DiffState(0, nnx.LoRAParam))(model, x, y)
+    update = nnx.jit(lambda model, optimizer, grads: optimizer.update(model, grads))
+    hlo = update.lower(model, optimizer, grads).compile().as_text()
+  for collective in ("all-gather", "all-to-all", "collective-permute"):
+    assert f" {collective}(" not in hlo and f" {collective}-start(" not in hlo, collective
+
+
+def test_multisteps_averages_the_micro_batch_statistics():
+  """Under ``optax.MultiSteps`` the optimizer sees the mean of the probes'
+  micro-batch statistics (not the statistics of the accumulated G): after
+  the first real step (β2 = 0) the second moments are that mean (+ eps)."""
+  with jax.set_mesh(qm.mesh(1)):
+    model = qm.lora_model(exact_statistics=True, dense_delta=True)
+  micro_batches = [qm.batch(seed) for seed in (0, 1)]
+  per_batch = [_probe_and_dense_gradients(model, x, y) for x, y in micro_batches]
+  eps = 1e-30
+  tx = optax.MultiSteps(ap.scale_by_adaprelora(eps=eps), every_k_schedule=2)
+  params = nnx.as_pure(nnx.state(model, nnx.LoRAParam))
+  state = tx.init(params)
+  for x, y in micro_batches:
+    grads = nnx.grad(qm.loss_fn, argnums=nnx.DiffState(0, nnx.LoRAParam))(model, x, y)
+    _, state = tx.update(nnx.as_pure(grads), state, params)
+  rows, cols = ap.second_moments(state.inner_opt_state, params)
+  rows, cols = _by_path(rows), _by_path(cols)
+  for name in qm.WEIGHT_AXES:
+    mean_rows = np.mean([found[name][0] for found in per_batch], axis=0)
+    mean_cols = np.mean([found[name][1] for found in per_batch], axis=0)
+    np.testing.assert_allclose(rows[f"{name}_lora_a"], mean_rows + eps, rtol=1e-5, err_msg=name)
+    np.testing.assert_allclose(cols[f"{name}_lora_b"], mean_cols + eps, rtol=1e-5, err_msg=name)
+    # ... which is not the statistic of the accumulated gradient.
+    accumulated = qm.SCALE * np.mean([found[name][2] for found in per_batch], axis=0)
+    assert not np.allclose(mean_rows, np.mean(accumulated**2, 1), rtol=1e-2), name
+
+
+def test_batched_dot_general_pairs_keep_their_layer_axis():
+  """A batched dot_general (layers stacked on axis 0): the pair's batch axis
+  is the layer axis, and the probes are per layer."""
+
+  class Stacked(nnx.Module):
+    def __init__(self, rngs):
+      self.w = nnx.Param(jax.random.normal(rngs.params(), (3, qm.D, 5)))
+      self.dw = qm.DenseDelta(jnp.zeros((3, qm.D, 5)))
+
+    def __call__(self, x):
+      dims = (((2,), (1,)), ((0,), (0,)))
+      y = jax.lax.dot_general(x, self.w[...], dims)
+      return y + qm.interception.disable_interceptions(jax.lax.dot_general)(x, self.dw[...], dims)
+
+  provider = ap_qwix.LoraProvider(module_path=".*", rank=2, alpha=4.0)
+  model = qwix.apply_lora_to_model(
+    Stacked(nnx.Rngs(0)), provider, jnp.ones((3, 4, qm.D)), rngs=nnx.Rngs(1)
+  )
+  model.w_lora_b.set_value(0.3 * jax.random.normal(jax.random.key(2), model.w_lora_b.shape))
+  assert model.w_grad_sq_rows.shape == (3, qm.D, 1)
+  assert model.w_grad_sq_cols.shape == (3, 1, 5)
+  x = jax.random.normal(jax.random.key(3), (3, 7, qm.D))
+  grads = nnx.grad(lambda m: jnp.sum(jnp.sin(m(x))), argnums=nnx.DiffState(0, PROBES))(model)
+  grad_w = 2.0 * np.asarray(grads["dw"][...], np.float64)  # s = alpha / rank = 2
+  np.testing.assert_allclose(
+    np.asarray(grads["w_grad_sq_rows"][...])[..., 0], np.mean(grad_w**2, -1), rtol=2e-5
+  )
+  np.testing.assert_allclose(
+    np.asarray(grads["w_grad_sq_cols"][...])[:, 0], np.mean(grad_w**2, -2), rtol=2e-5
+  )
+  plan = ap.plan_pairs(nnx.state(model, nnx.LoRAParam), statistics="exact")
+  (pair,) = plan.pairs
+  assert (pair.lead_shape, pair.d_in, pair.d_out) == ((3,), qm.D, 5)
