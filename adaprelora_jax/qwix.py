@@ -55,7 +55,9 @@ version pinned by the package's extras.
 from __future__ import annotations
 
 import functools
-from typing import Any
+import math
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -66,6 +68,7 @@ from qwix._src.providers import ptq
 from qwix._src.utils import flax_util
 
 from adaprelora_jax import pairing as pairing_lib
+from adaprelora_jax import validation
 from adaprelora_jax.nn import GradientStatistic
 from adaprelora_jax.weight_statistics import EinsumWeightLayout
 from adaprelora_jax.weight_statistics import check_einsum_weight_layout
@@ -80,15 +83,29 @@ COL_STATS_SUFFIX = "_" + pairing_lib.COL_STATS_NAME
 apply_lora_to_model = qwix.apply_lora_to_model
 
 
-# layout and scale are static.
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+class StatisticsSpec(NamedTuple):
+  """What one op's probes report (static, hashable).
+
+  Attributes:
+    layout: how the weight enters the op (:class:`EinsumWeightLayout`).
+    scale: the LoRA scale ``s = alpha / rank``.
+    groups: token groups of per-shard statistics (1: global statistics).
+    group_axes: the mesh axes the groups lie on, or None.
+  """
+
+  layout: EinsumWeightLayout
+  scale: float
+  groups: int = 1
+  group_axes: tuple[str, ...] | None = None
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def report_statistics(
   outputs: jax.Array,
   inputs: jax.Array,
   rows_probe: jax.Array,
   cols_probe: jax.Array,
-  layout: EinsumWeightLayout,
-  scale: float,
+  spec: StatisticsSpec,
 ) -> jax.Array:
   """Identity in ``outputs``; the probes' cotangents are ``s²``·the G² statistics.
 
@@ -97,26 +114,27 @@ def report_statistics(
     inputs: the op's input ``x``; its cotangent from here is zero.
     rows_probe: zero leaf shaped like ``lora_a`` with a rank axis of 1.
     cols_probe: zero leaf shaped like ``lora_b`` with a rank axis of 1.
-    layout: how ``W`` enters the op (:class:`EinsumWeightLayout`).
-    scale: the LoRA scale ``s``.
+    spec: the op's :class:`StatisticsSpec`.
 
   Returns:
     ``outputs``.
   """
-  del inputs, rows_probe, cols_probe, layout, scale
+  del inputs, rows_probe, cols_probe, spec
   return outputs
 
 
-def _report_statistics_fwd(outputs, inputs, rows_probe, cols_probe, layout, scale):
-  del layout, scale
+def _report_statistics_fwd(outputs, inputs, rows_probe, cols_probe, spec):
+  del spec
   return outputs, (inputs, rows_probe, cols_probe)
 
 
-def _report_statistics_bwd(layout, scale, residuals, output_grads):
+def _report_statistics_bwd(spec, residuals, output_grads):
   inputs, rows_probe, cols_probe = residuals
-  rows, cols = einsum_weight_statistics(inputs, output_grads, layout)
+  rows, cols = einsum_weight_statistics(
+    inputs, output_grads, spec.layout, groups=spec.groups, group_axes=spec.group_axes
+  )
   # Statistics of s·∂L/∂W, the gradient of the product a·b (module docstring).
-  squared_scale = scale * scale
+  squared_scale = spec.scale * spec.scale
   return (
     output_grads,
     jnp.zeros_like(inputs),
@@ -200,6 +218,30 @@ class LoraProvider(qwix.LoraProvider):
   ``qwix.LoraRule``); the model gets the same LoRA factors and computes the
   same outputs, plus the probe leaves described in the module docstring.
 
+  Args:
+    rules: a list of ``qwix.LoraRule``, or None to build one from ``kwargs``.
+    statistics_batch_axes: None (default): the statistics of the gradient of
+      the whole batch. Under data parallelism over the batch, forming them
+      needs an all-reduce of a weight-sized ``G`` (or of token Grams) per
+      adapted op (README, measured). Mesh axes here (those the batch is
+      sharded over, e.g. ``("data",)``) select **per-shard statistics**
+      instead: the mean over the ``n`` shards of the statistics of ``n·G_k``
+      (each shard's gradient rescaled to the batch), which needs only an
+      all-reduce of the ``d_in + d_out`` statistics. They are not the
+      statistics of ``G`` (an option of this library, not the paper's;
+      :func:`adaprelora_jax.weight_statistics.einsum_weight_statistics`).
+      The batch must be the major token axis of each op's input, split
+      evenly over these axes of the current mesh (``jax.set_mesh``). A
+      number ``n`` instead computes the same statistics for ``n`` shards
+      with no mesh (e.g. to compare them with global ones on one device).
+    disable_jit: as in ``qwix.LoraProvider``.
+    **kwargs: a ``qwix.LoraRule``'s fields, as in ``qwix.LoraProvider``.
+
+  Raises:
+    ValueError: at trace time, if ``statistics_batch_axes`` names an axis
+      the current mesh does not have, or an op's layout has no exact
+      statistics (naming the weight).
+
   Example::
 
     >>> import jax.numpy as jnp
@@ -214,6 +256,21 @@ class LoraProvider(qwix.LoraProvider):
     >>> model.kernel_lora_b.shape, model.kernel_grad_sq_cols.shape
     ((2, 4), (1, 4))
   """
+
+  def __init__(
+    self,
+    rules: Sequence[qwix.LoraRule] | None = None,
+    *,
+    statistics_batch_axes: Sequence[str] | int | None = None,
+    disable_jit: bool = False,
+    **kwargs: Any,
+  ):
+    super().__init__(rules, disable_jit=disable_jit, **kwargs)
+    if isinstance(statistics_batch_axes, int):
+      validation.check_positive("statistics_batch_axes", statistics_batch_axes)
+    elif statistics_batch_axes is not None:
+      statistics_batch_axes = tuple(statistics_batch_axes)
+    self.statistics_batch_axes = statistics_batch_axes
 
   def dot_general(
     self,
@@ -234,7 +291,8 @@ class LoraProvider(qwix.LoraProvider):
     weight_name, scale = found
     layout = dot_general_layout(lhs.ndim, rhs.ndim, dimension_numbers)
     b_rank_axis = len(dimension_numbers[1][1])
-    return _with_statistics(outputs, lhs, weight_name, layout, scale, b_rank_axis)
+    spec = self._statistics_spec(layout, scale)
+    return _with_statistics(outputs, lhs, weight_name, spec, b_rank_axis)
 
   def einsum(self, einsum_str: str, *operands: Any, **kwargs: Any) -> jax.Array:
     """qwix's LoRA ``einsum``, reporting the weight's G² statistics."""
@@ -247,7 +305,24 @@ class LoraProvider(qwix.LoraProvider):
       return outputs
     weight_name, scale = found
     layout = einsum_layout(einsum_str, lhs.ndim, rhs.ndim)
-    return _with_statistics(outputs, lhs, weight_name, layout, scale, b_rank_axis=0)
+    spec = self._statistics_spec(layout, scale)
+    return _with_statistics(outputs, lhs, weight_name, spec, b_rank_axis=0)
+
+  def _statistics_spec(self, layout: EinsumWeightLayout, scale: float) -> StatisticsSpec:
+    axes = self.statistics_batch_axes
+    if axes is None:
+      return StatisticsSpec(layout, scale)
+    if isinstance(axes, int):
+      return StatisticsSpec(layout, scale, groups=axes)
+    mesh = jax.sharding.get_abstract_mesh()
+    missing = [axis for axis in axes if axis not in mesh.axis_names]
+    if missing:
+      raise ValueError(
+        f"LoraProvider(statistics_batch_axes={axes}): the current mesh has no axis "
+        f"{missing} (its axes: {mesh.axis_names}); call the model under jax.set_mesh."
+      )
+    groups = math.prod(mesh.shape[axis] for axis in axes)
+    return StatisticsSpec(layout, scale, groups, axes)
 
   def _lora_weight(self, op_name: str, rhs: Any) -> tuple[str, float] | None:
     """``(weight name, alpha / rank)`` if qwix just added LoRA to this op."""
@@ -265,14 +340,13 @@ def _with_statistics(
   outputs: jax.Array,
   inputs: jax.Array,
   weight_name: str,
-  layout: EinsumWeightLayout,
-  scale: float,
+  spec: StatisticsSpec,
   b_rank_axis: int,
 ) -> jax.Array:
   """Creates (or reads) the weight's probes and routes the statistics to them."""
   module = flax_util.get_current_module()
   try:
-    check_einsum_weight_layout(layout)
+    check_einsum_weight_layout(spec.layout)
   except ValueError as error:
     path = "/".join(map(str, flax_util.get_current_module_path()))
     raise ValueError(
@@ -295,4 +369,4 @@ def _with_statistics(
     lambda: _probe_init(lora_b, tuple(b_shape)),
     nnx_param_type=GradientStatistic,
   )
-  return report_statistics(outputs, inputs, rows_probe, cols_probe, layout, scale)
+  return report_statistics(outputs, inputs, rows_probe, cols_probe, spec)

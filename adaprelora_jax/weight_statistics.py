@@ -136,6 +136,9 @@ def einsum_weight_statistics(
   inputs: jax.Array,
   output_grads: jax.Array,
   layout: EinsumWeightLayout,
+  *,
+  groups: int = 1,
+  group_axes: tuple[str, ...] | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """Row and column means of ``G²`` for the weight of ``y = einsum(x, W)``.
 
@@ -147,10 +150,21 @@ def einsum_weight_statistics(
   columns are summed over blocks. Input axes in neither the weight nor the
   output are summed first (as the einsum does).
 
+  With ``groups = n > 1`` the tokens (major axis first, e.g. the batch) are
+  split into ``n`` contiguous groups and the result is the mean over groups
+  of the statistics of ``n·G_k``, each group's gradient rescaled to the
+  whole batch (``n·G_k`` is the gradient of the group's own mean loss when
+  the loss is a mean over the batch): per-shard statistics, which data
+  parallelism computes with no weight-sized all-reduce. They are not the
+  statistics of ``G = Σ_k G_k``.
+
   Args:
     inputs: ``x``, laid out as ``layout.inputs``.
     output_grads: ``δ = ∂L/∂y``, laid out as ``layout.outputs``.
     layout: the weight's axes (checked by :func:`check_einsum_weight_layout`).
+    groups: number of token groups (1: the statistics of ``G``).
+    group_axes: mesh axes the groups are laid out on (a sharding hint, so
+      that each device forms its own group's statistics); None: no hint.
 
   Returns:
     ``(rows (*lead, d_in), cols (*lead, d_out))``, means over ``d_out`` and
@@ -158,7 +172,8 @@ def einsum_weight_statistics(
 
   Raises:
     ValueError: if ``layout`` is not readable (see
-      :func:`check_einsum_weight_layout`).
+      :func:`check_einsum_weight_layout`), or the tokens do not split into
+      ``groups``.
   """
   check_einsum_weight_layout(layout)
   sizes = dict(zip(layout.inputs, inputs.shape, strict=True))
@@ -176,9 +191,18 @@ def einsum_weight_statistics(
   batch = layout.lead + blocks
   x = jnp.einsum(f"{layout.inputs}->{batch}{tokens}{contracted}", inputs)
   delta = jnp.einsum(f"{layout.outputs}->{batch}{tokens}{layout.out_chars}", output_grads)
-  x = x.reshape(size(batch), size(tokens), size(contracted))
-  delta = delta.reshape(size(batch), size(tokens), size(layout.out_chars))
-  row_sums, col_sums = jax.vmap(gradient_square_sums)(x, delta)
+  if size(tokens) % groups:
+    raise ValueError(f"{size(tokens)} tokens do not split into {groups} groups.")
+  grouped = (size(batch), groups, size(tokens) // groups)
+  x = x.reshape(*grouped, size(contracted))
+  delta = delta.reshape(*grouped, size(layout.out_chars))
+  if group_axes is not None:
+    spec = jax.sharding.PartitionSpec(None, group_axes)
+    x = jax.lax.with_sharding_constraint(x, spec)
+    delta = jax.lax.with_sharding_constraint(delta, spec)
+  row_sums, col_sums = jax.vmap(jax.vmap(gradient_square_sums))(x, delta)
+  # Mean over groups of the statistics of groups·G_k.
+  row_sums, col_sums = groups * row_sums.sum(axis=1), groups * col_sums.sum(axis=1)
   lead_shape = tuple(sizes[c] for c in layout.lead)
   # Rows: (lead, blocks, contracted) into the pair's d_in order.
   row_sums = row_sums.reshape(tuple(sizes[c] for c in batch + contracted))

@@ -57,14 +57,19 @@ class OptimizerSpec:
     factory: ``learning_rate -> optax transform``.
     default_learning_rate: used by the smoke preset (no sweep).
     exact_statistics: build the model with ``adaprelora_jax.nn`` LoRA layers
-      (exact gradient statistics in the gradient tree).
+      (exact gradient statistics in the gradient tree), or
+      ``adaprelora_jax.qwix.LoraProvider`` for qwix models.
     description: one line for reports.
+    statistics_shards: for qwix models with exact statistics, per-shard
+      statistics over this many batch shards (``LoraProvider``'s
+      ``statistics_batch_axes``); None: global statistics.
   """
 
   factory: Callable[[float], optax.GradientTransformation]
   default_learning_rate: float
   exact_statistics: bool = False
   description: str = ""
+  statistics_shards: int | None = None
 
 
 OPTIMIZERS: dict[str, OptimizerSpec] = {
@@ -74,6 +79,14 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
     exact_statistics=True,
     description="AdaPreLoRA, exact statistics from the LoRA layers, no momentum, "
     "the paper's gauge rule (default)",
+  ),
+  "adaprelora_per_shard": OptimizerSpec(
+    lambda lr: ap.adaprelora(lr),
+    1e-2,
+    exact_statistics=True,
+    statistics_shards=8,
+    description="AdaPreLoRA, per-shard statistics of 8 batch shards (the data-parallel "
+    "option of adaprelora_jax.qwix.LoraProvider; qwix models only)",
   ),
   "adaprelora_tangent": OptimizerSpec(
     lambda lr: ap.adaprelora(lr),

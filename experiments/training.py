@@ -155,6 +155,11 @@ def train(
   Returns:
     The :class:`RunResult` (final held-out metrics and curves).
   """
+  if spec.statistics_shards is not None:
+    raise ValueError(
+      f"{config.optimizer}: per-shard statistics need qwix LoRA layers "
+      f"(the flagship task), not {task.name}'s."
+    )
   task.prepare(budget)
   start_time = time.perf_counter()
   model, trainable = task.build_model(config.seed, spec.exact_statistics)

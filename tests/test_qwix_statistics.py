@@ -279,3 +279,40 @@ def test_batched_dot_general_pairs_keep_their_layer_axis():
   plan = ap.plan_pairs(nnx.state(model, nnx.LoRAParam), statistics="exact")
   (pair,) = plan.pairs
   assert (pair.lead_shape, pair.d_in, pair.d_out) == ((3,), qm.D, 5)
+
+
+@pytest.mark.parametrize("devices", [1, 8])
+def test_per_shard_statistics_on_a_sharded_batch(devices):
+  """``statistics_batch_axes=("fsdp",)``: with the batch split over the
+  mesh's fsdp axis (2 shards on 8 devices, 1 on one), the probes are the
+  mean over shards of the statistics of each shard's own mean-loss gradient
+  (dense ΔW gradients of each half-batch); with one shard, the global ones."""
+  shards = 2 if devices == 8 else 1
+  mesh = qm.mesh(devices)
+  with jax.set_mesh(mesh):
+    model = qm.lora_model(exact_statistics=True, dense_delta=True, statistics_batch_axes=("fsdp",))
+    x, y = qm.batch()
+    batch_sharding = jax.NamedSharding(mesh, jax.P("fsdp"))
+    found = _probe_and_dense_gradients(
+      model, jax.device_put(x, batch_sharding), jax.device_put(y, batch_sharding)
+    )
+    halves = [
+      _probe_and_dense_gradients(model, x[k * 2 : (k + 1) * 2], y[k * 2 : (k + 1) * 2])
+      for k in range(2)
+    ]
+  for name, (rows, cols, grad_w) in found.items():
+    per_half = [qm.SCALE * half[name][2] for half in halves]
+    if shards == 1:
+      scaled = qm.SCALE * grad_w
+      want_rows, want_cols = np.mean(scaled**2, 1), np.mean(scaled**2, 0)
+    else:
+      want_rows = np.mean([np.mean(g**2, 1) for g in per_half], axis=0)
+      want_cols = np.mean([np.mean(g**2, 0) for g in per_half], axis=0)
+    np.testing.assert_allclose(rows, want_rows, rtol=2e-5, atol=1e-9, err_msg=name)
+    np.testing.assert_allclose(cols, want_cols, rtol=2e-5, atol=1e-9, err_msg=name)
+
+
+def test_per_shard_statistics_name_a_missing_mesh_axis():
+  with jax.set_mesh(qm.mesh(1)):
+    with pytest.raises(ValueError, match=r"no axis \['data'\]"):
+      qm.lora_model(exact_statistics=True, statistics_batch_axes=("data",))

@@ -127,3 +127,43 @@ def test_gradient_square_sums_paths_agree():
       rows, cols = ws.gradient_square_sums(jnp.asarray(x), jnp.asarray(delta))
     np.testing.assert_allclose(np.asarray(rows), np.sum(grad_w**2, 1), rtol=1e-10)
     np.testing.assert_allclose(np.asarray(cols), np.sum(grad_w**2, 0), rtol=1e-10)
+
+
+@pytest.mark.parametrize("name", ["linear", "q", "moe", "batched"])
+@pytest.mark.parametrize("groups", [2, 3])
+def test_groups_give_the_mean_of_rescaled_per_group_statistics(name, groups):
+  """Per-shard statistics: the tokens' major axis split into ``groups``
+  contiguous groups, each group's G_k rescaled to the batch (groups·G_k),
+  their statistics averaged."""
+  layout = LAYOUTS[name]
+  rng = np.random.default_rng(groups)
+  sizes = {c: int(rng.integers(2, 4)) for c in set(layout.inputs + layout.outputs)}
+  token_chars = [c for c in layout.inputs if c in layout.outputs and c not in layout.lead]
+  token_chars = [c for c in token_chars if c not in layout.in_chars]
+  sizes[token_chars[0]] = 2 * groups  # the major token axis splits evenly
+  x = rng.normal(size=[sizes[c] for c in layout.inputs])
+  delta = rng.normal(size=[sizes[c] for c in layout.outputs])
+  axis_x, axis_d = layout.inputs.index(token_chars[0]), layout.outputs.index(token_chars[0])
+  parts = [
+    _dense_statistics(groups * xk, dk, layout, {**sizes, token_chars[0]: 2})
+    for xk, dk in zip(
+      np.split(x, groups, axis=axis_x), np.split(delta, groups, axis=axis_d), strict=True
+    )
+  ]
+  want_rows = np.mean([rows for rows, _ in parts], axis=0)
+  want_cols = np.mean([cols for _, cols in parts], axis=0)
+  with jax.enable_x64(True):
+    rows, cols = ws.einsum_weight_statistics(
+      jnp.asarray(x), jnp.asarray(delta), layout, groups=groups
+    )
+  np.testing.assert_allclose(np.asarray(rows), want_rows, rtol=1e-10, atol=1e-12)
+  np.testing.assert_allclose(np.asarray(cols), want_cols, rtol=1e-10, atol=1e-12)
+  # One group is the global statistic, and more groups are not.
+  global_rows, _ = _dense_statistics(x, delta, layout, sizes)
+  assert not np.allclose(np.asarray(rows), global_rows, rtol=1e-3)
+
+
+def test_tokens_that_do_not_split_are_an_error():
+  layout = ws.EinsumWeightLayout("td", "tf", "", "d", "f")
+  with pytest.raises(ValueError, match="5 tokens do not split into 2 groups"):
+    ws.einsum_weight_statistics(jnp.ones((5, 3)), jnp.ones((5, 4)), layout, groups=2)

@@ -73,12 +73,13 @@ def _tunix() -> types.SimpleNamespace:
   )
 
 
-def build_model(seed: int, exact_statistics: bool):
+def build_model(seed: int, exact_statistics: bool, **provider_options):
   """The pretrained model with fresh qwix adapters (drawn from ``seed``); under the mesh.
 
   With ``exact_statistics`` the adapters come from
   :class:`adaprelora_jax.qwix.LoraProvider` (the same factors, plus the
-  probes that carry the exact G² statistics).
+  probes that carry the exact G² statistics), with ``provider_options``
+  (e.g. ``statistics_batch_axes``).
   """
   import qwix  # pylint: disable=import-outside-toplevel
 
@@ -88,7 +89,10 @@ def build_model(seed: int, exact_statistics: bool):
   model, _, _ = llama.load(assets.llama_checkpoint())
   provider_type = ap_qwix.LoraProvider if exact_statistics else qwix.LoraProvider
   provider = provider_type(
-    module_path="|".join(f".*{name}" for name in PROJECTIONS), rank=RANK, alpha=ALPHA
+    module_path="|".join(f".*{name}" for name in PROJECTIONS),
+    rank=RANK,
+    alpha=ALPHA,
+    **provider_options,
   )
   dummy = np.zeros((1, milton.SEQ_LEN + 1), np.int32)
   model = qwix.apply_lora_to_model(
@@ -209,7 +213,10 @@ def train(
   # directory, or a scratch one (never the working directory).
   with tempfile.TemporaryDirectory() as scratch, jax.set_mesh(llama.mesh()):
     logs = str(Path(checkpoint_dir or scratch) / "logs")
-    model, _ = task.build_model(config.seed, spec.exact_statistics)
+    options = {}
+    if spec.statistics_shards is not None:
+      options["statistics_batch_axes"] = spec.statistics_shards
+    model, _ = task.build_model(config.seed, spec.exact_statistics, **options)
     training_config = peft_trainer.TrainingConfig(
       eval_every_n_steps=config.steps + 1,
       max_steps=config.steps,
