@@ -136,17 +136,22 @@ def run(batch: int, window: int) -> dict:
 
 
 def format_table(report: dict) -> str:
-  kinds = sorted({kind for row in report["rows"] for kind in row["collectives"]})
+  base = report["rows"][0]["collectives"].get("all-reduce", {"bytes": 0})["bytes"]
   lines = [
-    "| configuration | " + " | ".join(f"{kind}: count, MB" for kind in kinds) + " |",
-    "|---|" + "---:|" * len(kinds),
+    "| configuration | all-reduce ops | all-reduce MB | / "
+    + report["rows"][0]["configuration"]
+    + " | largest array (KB) | other collectives |",
+    "|---|---:|---:|---:|---:|---|",
   ]
   for row in report["rows"]:
-    cells = []
-    for kind in kinds:
-      entry = row["collectives"].get(kind, {"count": 0, "bytes": 0})
-      cells.append(f"{entry['count']}, {entry['bytes'] / 1e6:.2f}")
-    lines.append(f"| {row['configuration']} | " + " | ".join(cells) + " |")
+    found = dict(row["collectives"])
+    reduce = found.pop("all-reduce", {"count": 0, "bytes": 0, "largest": 0})
+    others = ", ".join(f"{kind} ×{entry['count']}" for kind, entry in found.items()) or "none"
+    ratio = reduce["bytes"] / base if base else float("nan")
+    lines.append(
+      f"| {row['configuration']} | {reduce['count']} | {reduce['bytes'] / 1e6:.2f} | "
+      f"{ratio:.1f} | {reduce['largest'] / 1e3:.0f} | {others} |"
+    )
   return "\n".join(lines)
 
 

@@ -316,3 +316,86 @@ def test_per_shard_statistics_name_a_missing_mesh_axis():
   with jax.set_mesh(qm.mesh(1)):
     with pytest.raises(ValueError, match=r"no axis \['data'\]"):
       qm.lora_model(exact_statistics=True, statistics_batch_axes=("data",))
+
+
+def test_linen_scanned_layers_with_the_layer_axis_in_the_middle():
+  """MaxText's layout: linen layers under ``nn.scan`` with the parameters'
+  layer axis at 1 (``a (d, L, r)``, ``b (r, L, d)``). The probes are stacked
+  like the factors (``(d, L, 1)``, ``(1, L, d)``), carry each layer's exact
+  statistics, and the declared dimension numbers read them."""
+  from flax import linen  # noqa: PLC0415
+
+  d, layers, rank, alpha = 6, 3, 2, 4.0
+
+  class Block(linen.Module):
+    @linen.compact
+    def __call__(self, x, _):
+      dense = linen.Dense(d, use_bias=False, kernel_init=linen.initializers.normal(0.5))
+      return jnp.tanh(dense(x)), None
+
+  class Model(linen.Module):
+    @linen.compact
+    def __call__(self, x):
+      scan = linen.scan(
+        Block, variable_axes={"params": 1}, split_rngs={"params": True}, length=layers
+      )
+      return scan()(x, None)[0]
+
+  provider = ap_qwix.LoraProvider(module_path=".*", rank=rank, alpha=alpha)
+  model = qwix.apply_lora_to_model(Model(), provider)
+  x = jax.random.normal(jax.random.key(0), (5, d))
+  params = model.init(jax.random.key(1), x)["params"]
+  dense = params["ScanBlock_0"]["Dense_0"]
+  assert dense["kernel_lora_a"].shape == (d, layers, rank)
+  assert dense["kernel_grad_sq_rows"].shape == (d, layers, 1)
+  assert dense["kernel_grad_sq_cols"].shape == (1, layers, d)
+  dense["kernel_lora_b"] = 0.5 * jax.random.normal(jax.random.key(2), dense["kernel_lora_b"].shape)
+
+  def loss(params):
+    return jnp.sum(jnp.sin(model.apply({"params": params}, x)))
+
+  grads = jax.grad(loss)(params)["ScanBlock_0"]["Dense_0"]
+  scaled = (alpha / rank) * np.asarray(grads["kernel"], np.float64)  # (d, L, d)
+  rows, cols = np.asarray(grads["kernel_grad_sq_rows"]), np.asarray(grads["kernel_grad_sq_cols"])
+  np.testing.assert_allclose(rows[:, :, 0], np.mean(scaled**2, axis=2), rtol=2e-5)
+  np.testing.assert_allclose(cols[0], np.mean(scaled**2, axis=0), rtol=2e-5)
+  pairing = ap.annotate_pairing(
+    dimension_numbers=ap.LoRADimensionNumbers(a_batch_axes=(1,), b_batch_axes=(1,))
+  )
+  tx = ap.scale_by_adaprelora(pairing=pairing, statistics="exact", eps=0.0)
+  _, state = tx.update(jax.grad(loss)(params), tx.init(params), params)
+  got_rows, got_cols = ap.second_moments(state, params, pairing=pairing)
+  got_rows = np.asarray(got_rows["ScanBlock_0"]["Dense_0"]["kernel_lora_a"])
+  got_cols = np.asarray(got_cols["ScanBlock_0"]["Dense_0"]["kernel_lora_b"])
+  # One row vector per layer, (L, d), in each pair's canonical layout.
+  np.testing.assert_allclose(got_rows, np.mean(scaled**2, axis=2).T, rtol=2e-5)
+  np.testing.assert_allclose(got_cols, np.mean(scaled**2, axis=0), rtol=2e-5)
+
+
+def test_bfloat16_models_get_float32_statistics():
+  """A bf16 layer: the probes, and the statistics in them, are float32 and
+  match the float32 layer's to bf16 rounding."""
+
+  def build(dtype):
+    layer = nnx.Linear(16, 8, rngs=nnx.Rngs(0))
+    provider = ap_qwix.LoraProvider(module_path=".*", rank=2, alpha=2.0)
+    layer = qwix.apply_lora_to_model(layer, provider, jnp.ones((1, 16)), rngs=nnx.Rngs(1))
+    layer.kernel_lora_b.set_value(0.3 * jax.random.normal(jax.random.key(2), (2, 8)))
+    # The same values in the model's dtype (the probes stay as created).
+    for variable in (layer.kernel, layer.bias, layer.kernel_lora_a, layer.kernel_lora_b):
+      variable.set_value(variable.get_value().astype(dtype))
+    layer.dtype = dtype
+    return layer
+
+  x = jax.random.normal(jax.random.key(3), (32, 16))
+  stats = {}
+  for dtype in (jnp.float32, jnp.bfloat16):
+    layer = build(dtype)
+    assert layer.kernel_grad_sq_rows.get_value().dtype == jnp.float32
+    grads = nnx.grad(
+      lambda m, dtype=dtype: jnp.mean(m(x.astype(dtype)).astype(jnp.float32) ** 2),
+      argnums=nnx.DiffState(0, nnx.LoRAParam),
+    )(layer)
+    stats[dtype] = np.asarray(grads["kernel_grad_sq_rows"][...])
+    assert stats[dtype].dtype == np.float32
+  np.testing.assert_allclose(stats[jnp.bfloat16], stats[jnp.float32], rtol=5e-2)

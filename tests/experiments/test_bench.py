@@ -102,3 +102,17 @@ def test_profile_counts_the_cost_models_products_in_the_compiled_step():
     "adaprelora, project_gradients=False",
   }
   assert "| exact: products |" in profile_step.format_report(report)
+
+
+def test_collectives_reads_tuple_all_reduces_of_an_hlo():
+  from experiments import collectives  # noqa: PLC0415
+
+  hlo = (
+    "  %all-reduce.8 = (f32[256,8]{1,0}, /*index=1*/bf16[4]{0}) all-reduce(%a, %b), "
+    "to_apply=%add\n"
+    "  %ag = f32[16,8]{1,0} all-gather-start(%c), dimensions={0}\n"
+    "  %x = f32[2]{0} add(%d, %e)\n"
+  )
+  found = collectives.collectives(hlo)
+  assert found["all-reduce"] == {"count": 1, "bytes": 256 * 8 * 4 + 4 * 2, "largest": 8192}
+  assert found["all-gather"]["count"] == 1 and "add" not in found
