@@ -5,7 +5,7 @@
   suite). AdaPreLoRA's default, 1e-2, is far too large a weight-space step
   for this model (weights of std 0.02) and diverges; the sweep picks its lr.
 * ``sweep``: ``experiments.run``'s protocol (pilot over the decade grid, then
-  the half-decade grid around each pilot best, 3 seeds, 48 steps) for the six
+  the half-decade grid around each pilot best, 3 seeds, 48 steps) for the
   optimizers of :data:`experiments.tasks.flagship.OPTIMIZERS`; writes
   ``results/flagship.json``, figures and RESULTS.md.
 * ``long``: each optimizer at its best learning rate of the sweep, 3 seeds,

@@ -124,21 +124,27 @@ def test_nd_pairs_match_the_dense_oracle(lora_scale):
     got_rows, got_cols = rows[f"{name}_lora_a"], cols[f"{name}_lora_b"]
     np.testing.assert_allclose(got_rows, want_rows, rtol=2e-3, atol=1e-9, err_msg=name)
     np.testing.assert_allclose(got_cols, want_cols, rtol=2e-3, atol=1e-9, err_msg=name)
-    # The step: p = sqrt(R / mean R), q = sqrt(C) (docs/design.md §2).
-    row_scale, col_scale = np.sqrt(got_rows / got_rows.mean()), np.sqrt(got_cols)
-    delta_a = updates[f"{name}_lora_a"].reshape(a.shape)
-    delta_b = updates[f"{name}_lora_b"].reshape(b.shape)
-    weight_step = qm.SCALE * (delta_a @ b + a @ delta_b)
-    oracle = reference.h_projection(a, b, (qm.SCALE / s) * grad_w, row_scale, col_scale)
-    # With lora_scale the weight-space step is the projected Adafactor step;
-    # without, it is SCALE times that.
-    expected = oracle * (qm.SCALE / s)
-    np.testing.assert_allclose(
-      weight_step, expected, rtol=2e-3, atol=2e-3 * np.abs(expected).max(), err_msg=name
-    )
+    assert_step_is_the_oracle(updates, name, a, b, (qm.SCALE / s) * grad_w, got_rows, got_cols, s)
 
 
-def _train(model, tx, steps, *, wrt=nnx.LoRAParam):
+def assert_step_is_the_oracle(updates, name, a, b, grad_w, rows, cols, s):
+  """The pair's weight step is the dense H-projection of the Adafactor step
+  for the gradient ``grad_w`` the optimizer works with and statistics
+  ``rows``, ``cols`` (p = sqrt(R / mean R), q = sqrt(C), docs/design.md §2);
+  ``s`` is the scale the optimizer was told (docs/design.md §9)."""
+  row_scale, col_scale = np.sqrt(rows / rows.mean()), np.sqrt(cols)
+  delta_a = updates[f"{name}_lora_a"].reshape(a.shape)
+  delta_b = updates[f"{name}_lora_b"].reshape(b.shape)
+  weight_step = qm.SCALE * (delta_a @ b + a @ delta_b)
+  # With lora_scale the weight-space step is the projected Adafactor step;
+  # without, it is SCALE times that.
+  expected = (qm.SCALE / s) * reference.h_projection(a, b, grad_w, row_scale, col_scale)
+  np.testing.assert_allclose(
+    weight_step, expected, rtol=2e-3, atol=2e-3 * np.abs(expected).max(), err_msg=name
+  )
+
+
+def train(model, tx, steps, *, wrt=nnx.LoRAParam):
   optimizer = nnx.Optimizer(model, tx, wrt=wrt)
 
   @nnx.jit
@@ -167,7 +173,7 @@ def test_qwix_model_trains_with_every_optimizer(name):
   with jax.set_mesh(qm.mesh(1)):
     model = qm.lora_model(random_b=False)  # b = 0, as qwix initializes it
     base = _by_path(nnx.state(model, BASE))
-    losses, _ = _train(model, OPTIMIZERS[name](), 12)
+    losses, _ = train(model, OPTIMIZERS[name](), 12)
   assert np.all(np.isfinite(losses)), losses
   assert losses[-1] < 0.8 * losses[0], losses
   # Only the LoRA factors moved.
@@ -175,12 +181,14 @@ def test_qwix_model_trains_with_every_optimizer(name):
     np.testing.assert_array_equal(value, base[path], err_msg=path)
 
 
-def _sharded_run(devices, use_sharded_pairing, steps=2):
+def sharded_run(devices, use_sharded_pairing, steps=2, **model_options):
+  """Two steps of adaprelora on the qwix model on ``devices`` devices:
+  ``(losses, LoRA params, optimizer state, model)``."""
   with jax.set_mesh(qm.mesh(devices)):
-    model = qm.lora_model()
-    pairing = _sharded_pairing(model) if use_sharded_pairing else "nnx"
+    model = qm.lora_model(**model_options)
+    pairing = sharded_pairing_of(model) if use_sharded_pairing else "nnx"
     tx = ap.adaprelora(1e-2, b1=0.9, lora_scale=qm.SCALE, pairing=pairing)
-    losses, optimizer = _train(model, tx, steps)
+    losses, optimizer = train(model, tx, steps)
   return (
     losses,
     nnx.as_pure(nnx.state(model, nnx.LoRAParam)),
@@ -189,7 +197,7 @@ def _sharded_run(devices, use_sharded_pairing, steps=2):
   )
 
 
-def _sharded_pairing(model):
+def sharded_pairing_of(model):
   return sharding.sharded_pairing(nnx.get_partition_spec(nnx.state(model, nnx.LoRAParam)))
 
 
@@ -199,8 +207,8 @@ def test_sharded_training_equals_unsharded(use_sharded_pairing):
   on one device, and factors and state keep the layout their metadata asks
   for. (The unsharded run uses the same pairing: sharded_pairing reorders
   the flattening of N-D factors, hence the order of their d_out vectors.)"""
-  expected_losses, expected_params, expected_state, _ = _sharded_run(1, use_sharded_pairing)
-  losses, params, state, model = _sharded_run(8, use_sharded_pairing)
+  expected_losses, expected_params, expected_state, _ = sharded_run(1, use_sharded_pairing)
+  losses, params, state, model = sharded_run(8, use_sharded_pairing)
   np.testing.assert_allclose(losses, expected_losses, rtol=1e-5)
   chex.assert_trees_all_close(params, expected_params, rtol=2e-4, atol=2e-6)
   chex.assert_trees_all_close(state, expected_state, rtol=2e-4, atol=2e-6)
@@ -242,7 +250,7 @@ def test_sharded_update_never_gathers_a_factor():
   assert "all-gather" not in found, found
   assert "all-reduce" in hlo  # the r×r Gram matrices are reduced across shards
   assert found.get("all-to-all") or found.get("collective-permute")
-  found, hlo = _optimizer_collectives(_sharded_pairing)
+  found, hlo = _optimizer_collectives(sharded_pairing_of)
   assert not found, found
   assert "all-reduce" in hlo
 

@@ -18,7 +18,6 @@ import pytest
 from flax import nnx
 
 import adaprelora_jax as ap
-from tests import reference
 
 pytest.importorskip("qwix")
 import qwix  # noqa: E402
@@ -27,7 +26,10 @@ from adaprelora_jax import qwix as ap_qwix  # noqa: E402  (needs qwix)
 from tests import qwix_models as qm  # noqa: E402
 from tests.test_qwix import _by_path  # noqa: E402
 from tests.test_qwix import _flat_factors  # noqa: E402
-from tests.test_qwix import _sharded_pairing  # noqa: E402
+from tests.test_qwix import assert_step_is_the_oracle  # noqa: E402
+from tests.test_qwix import sharded_pairing_of  # noqa: E402
+from tests.test_qwix import sharded_run  # noqa: E402
+from tests.test_qwix import train  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:qwix.*")
 
@@ -129,14 +131,7 @@ def test_step_with_exact_statistics_matches_the_dense_oracle(lora_scale):
     got_rows, got_cols = rows[f"{name}_lora_a"], cols[f"{name}_lora_b"]
     np.testing.assert_allclose(got_rows, want_rows, rtol=1e-4, atol=1e-12, err_msg=name)
     np.testing.assert_allclose(got_cols, want_cols, rtol=1e-4, atol=1e-12, err_msg=name)
-    row_scale, col_scale = np.sqrt(want_rows / want_rows.mean()), np.sqrt(want_cols)
-    delta_a = updates[f"{name}_lora_a"].reshape(a.shape)
-    delta_b = updates[f"{name}_lora_b"].reshape(b.shape)
-    weight_step = qm.SCALE * (delta_a @ b + a @ delta_b)
-    expected = (qm.SCALE / s) * reference.h_projection(a, b, grad_w, row_scale, col_scale)
-    np.testing.assert_allclose(
-      weight_step, expected, rtol=2e-3, atol=2e-3 * np.abs(expected).max(), err_msg=name
-    )
+    assert_step_is_the_oracle(updates, name, a, b, grad_w, want_rows, want_cols, s)
 
 
 def test_exact_and_tangent_statistics_give_different_steps():
@@ -157,47 +152,19 @@ def test_exact_and_tangent_statistics_give_different_steps():
   assert not np.allclose(exact[name], tangent[name], rtol=1e-2)
 
 
-def _train(model, tx, steps, batches=None):
-  optimizer = nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)
-
-  @nnx.jit
-  def step(model, optimizer, x, y):
-    loss, grads = nnx.value_and_grad(qm.loss_fn, argnums=nnx.DiffState(0, nnx.LoRAParam))(
-      model, x, y
-    )
-    optimizer.update(model, grads)
-    return loss
-
-  batches = batches or [qm.batch()] * steps
-  return [float(step(model, optimizer, x, y)) for x, y in batches], optimizer
-
-
 def test_trains_from_qwix_init():
   with jax.set_mesh(qm.mesh(1)):
     model = qm.lora_model(exact_statistics=True, random_b=False)
-    losses, _ = _train(model, ap.adaprelora(1e-2, lora_scale=qm.SCALE), 12)
+    losses, _ = train(model, ap.adaprelora(1e-2, lora_scale=qm.SCALE), 12)
   assert np.all(np.isfinite(losses)), losses
   assert losses[-1] < 0.8 * losses[0], losses
-
-
-def _sharded_run(devices, steps=2):
-  with jax.set_mesh(qm.mesh(devices)):
-    model = qm.lora_model(exact_statistics=True)
-    tx = ap.adaprelora(1e-2, b1=0.9, lora_scale=qm.SCALE, pairing=_sharded_pairing(model))
-    losses, optimizer = _train(model, tx, steps)
-  return (
-    losses,
-    nnx.as_pure(nnx.state(model, nnx.LoRAParam)),
-    nnx.as_pure(nnx.state(optimizer, nnx.OptState)),
-    model,
-  )
 
 
 def test_sharded_training_equals_unsharded():
   """(fsdp 2, tp 4) mesh: the probes take the factors' shardings, and the run
   equals the one-device run."""
-  expected_losses, expected_params, expected_state, _ = _sharded_run(1)
-  losses, params, state, model = _sharded_run(8)
+  expected_losses, expected_params, expected_state, _ = sharded_run(1, True, exact_statistics=True)
+  losses, params, state, model = sharded_run(8, True, exact_statistics=True)
   np.testing.assert_allclose(losses, expected_losses, rtol=1e-5)
   chex.assert_trees_all_close(params, expected_params, rtol=2e-4, atol=2e-6)
   chex.assert_trees_all_close(state, expected_state, rtol=2e-4, atol=2e-6)
@@ -209,7 +176,7 @@ def test_sharded_training_equals_unsharded():
 def test_sharded_update_never_gathers_a_factor():
   with jax.set_mesh(qm.mesh(8)):
     model = qm.lora_model(exact_statistics=True)
-    tx = ap.adaprelora(1e-2, lora_scale=qm.SCALE, pairing=_sharded_pairing(model))
+    tx = ap.adaprelora(1e-2, lora_scale=qm.SCALE, pairing=sharded_pairing_of(model))
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)
     x, y = qm.batch()
     grads = nnx.grad(qm.loss_fn, argnums=nnx.DiffState(0, nnx.LoRAParam))(model, x, y)

@@ -50,7 +50,16 @@ from experiments.training import RunResult
 RANK = ALPHA = 8
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # The optimizers of the study: AdaPreLoRA with tangent statistics, the baselines.
-OPTIMIZERS = ("adaprelora_tangent", "adamw", "lora_plus", "scaled_adamw", "lora_pro", "lora_rite")
+OPTIMIZERS = (
+  "adaprelora",
+  "adaprelora_per_shard",
+  "adaprelora_tangent",
+  "adamw",
+  "lora_plus",
+  "scaled_adamw",
+  "lora_pro",
+  "lora_rite",
+)
 
 
 @functools.cache
