@@ -43,6 +43,9 @@ What the statistics are:
   micro-batches, which is the mean of the micro-batch statistics, not the
   statistics of the accumulated gradient.
 * Statistics are float32 or wider whatever the model's dtype.
+* The probes are gradient leaves: transforms chained before the optimizer
+  (``optax.clip_by_global_norm``) and Tunix's logged ``grad_norm`` see them
+  too; mask them out of a clip (README).
 
 ``conv_general_dilated`` LoRA (qwix supports it) gets no probes: such pairs
 fall back to the tangent estimate under ``statistics="auto"``.

@@ -366,3 +366,31 @@ def test_bfloat16_models_get_float32_statistics():
     stats[dtype] = np.asarray(grads["kernel_grad_sq_rows"][...])
     assert stats[dtype].dtype == np.float32
   np.testing.assert_allclose(stats[jnp.bfloat16], stats[jnp.float32], rtol=5e-2)
+
+
+def test_global_norm_clipping_can_skip_the_probes():
+  """The probes are gradient leaves, so a transform chained before the
+  optimizer sees them (as Tunix's logged grad_norm does). The README's
+  recipe masks them out of global-norm clipping: the factor gradients are
+  clipped by their own norm and the statistics pass through untouched."""
+  with jax.set_mesh(qm.mesh(1)):
+    model = qm.lora_model(exact_statistics=True)
+  x, y = qm.batch()
+  grads = nnx.as_pure(nnx.grad(qm.loss_fn, argnums=nnx.DiffState(0, nnx.LoRAParam))(model, x, y))
+
+  def not_statistics(tree):
+    return jax.tree_util.tree_map_with_path(
+      lambda path, _: "grad_sq_" not in jax.tree_util.keystr(path), tree
+    )
+
+  clip = optax.masked(optax.clip_by_global_norm(1e-3), not_statistics)
+  clipped, _ = clip.update(grads, clip.init(grads))
+  flat, clipped_flat = _by_path(grads), _by_path(clipped)
+  factors = [path for path in flat if "_lora_" in path]
+  probes = [path for path in flat if "grad_sq_" in path]
+  norm = np.sqrt(sum(np.sum(flat[path] ** 2) for path in factors))
+  assert norm > 1e-3
+  for path in factors:
+    np.testing.assert_allclose(clipped_flat[path], flat[path] * 1e-3 / norm, rtol=1e-5)
+  for path in probes:
+    np.testing.assert_array_equal(clipped_flat[path], flat[path])
