@@ -50,8 +50,8 @@ def _mesh():
   )
 
 
-def _lora_model(exact_statistics):
-  config = qwen3.ModelConfig(
+def _qwen3_config():
+  return qwen3.ModelConfig(
     num_layers=1,
     vocab_size=VOCAB,
     embed_dim=32,
@@ -62,7 +62,10 @@ def _lora_model(exact_statistics):
     rope_theta=10_000,
     norm_eps=1e-6,
   )
-  model = qwen3.Qwen3(config, rngs=nnx.Rngs(0))
+
+
+def _lora_model(exact_statistics):
+  model = qwen3.Qwen3(_qwen3_config(), rngs=nnx.Rngs(0))
   # adaprelora_jax.qwix.LoraProvider: the same adapters, plus the probes that
   # carry the exact statistics of G.
   provider_type = ap_qwix.LoraProvider if exact_statistics else qwix.LoraProvider
@@ -182,4 +185,41 @@ def test_peft_trainer_trains_and_resumes_bit_for_bit(tmp_path, variant, statisti
     np.any(leaf != 0)
     for path, leaf in jax.tree_util.tree_leaves_with_path(straight)
     if "lora_b" in jax.tree_util.keystr(path)
+  )
+
+
+def test_yaml_config_trains_with_adaprelora(tmp_path):
+  """Tunix's YAML machinery end to end with ``opt_type: adaprelora``
+  (adaprelora_jax.tunix_cli): the optimizer and the training config from the
+  YAML, a dummy Qwen3 (``create_dummy_model``) made LoRA by Tunix's own
+  ``lora_config`` code, a few PeftTrainer steps; the logged learning rate is
+  the YAML's schedule and the loss falls."""
+  from tunix.cli.utils import model as tunix_model  # noqa: PLC0415
+  from tunix.models import dummy_model_creator  # noqa: PLC0415
+
+  from tests import test_tunix_cli  # noqa: PLC0415
+
+  steps = 4
+  pipeline = test_tunix_cli.pipeline(tmp_path, test_tunix_cli.SCHEDULED)
+  with jax.set_mesh(_mesh()):
+    base = dummy_model_creator.create_dummy_model(qwen3.Qwen3, _qwen3_config(), mesh=_mesh())
+    model = tunix_model.apply_lora_to_model(
+      base, None, pipeline.config["model_config"]["lora_config"]
+    )
+    optimizer = pipeline.create_optimizer("optimizer_config")
+    config = peft_trainer.TrainingConfig(
+      **pipeline.obtain_training_config_dict("training_config"),
+      metrics_logging_options=metrics_logger.MetricsLoggerOptions(log_dir=str(tmp_path / "logs")),
+      pbar_description=None,
+    )
+    trainer = peft_trainer.PeftTrainer(model, optimizer, config)
+    trainer = trainer.with_gen_model_input_fn(_model_input)
+    trainer.train(_batches(steps))
+    losses = np.asarray(trainer.metrics_logger.get_metric_history("", "loss", "train"))
+    learning_rates = trainer.metrics_logger.get_metric_history("", "learning_rate", "train")
+    trainer.close()
+  schedule = optax.linear_schedule(0.03, 0.01, 6)
+  assert losses.shape == (steps,) and losses[-1] < losses[0], losses
+  np.testing.assert_allclose(
+    learning_rates[:-1], [schedule(step + 1) for step in range(steps - 1)], rtol=1e-6
   )
