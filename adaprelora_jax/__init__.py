@@ -27,6 +27,9 @@ Main entry points:
   first use of ``adaprelora_jax.qwix``).
 * :mod:`adaprelora_jax.sharding` -- optimizer-state shardings from the
   parameters' shardings (pjit / NamedSharding, flax nnx partitioning).
+* :func:`step_metrics` -- the last update's metrics (H-norm of the step,
+  clipping, tangent share, factor norms, skipped pairs) for a trainer's logs
+  (``metrics=True``, or :func:`track_step_metrics` in any chain).
 * :func:`check_checkpoint_layout` -- checks a saved optimizer state's layout
   version before an orbax restore (:mod:`adaprelora_jax.state_layout`).
 * :mod:`adaprelora_jax.baselines` -- the LoRA optimizers it is compared with:
@@ -36,6 +39,7 @@ Main entry points:
 
 from adaprelora_jax import baselines
 from adaprelora_jax import kernels
+from adaprelora_jax import metrics
 from adaprelora_jax import nn
 from adaprelora_jax import pairing
 from adaprelora_jax import pairs
@@ -60,10 +64,12 @@ from adaprelora_jax.pairing import peft_pairing
 from adaprelora_jax.plan import plan_pairs
 from adaprelora_jax.reports import nonfinite_report
 from adaprelora_jax.reports import second_moments
+from adaprelora_jax.reports import step_metrics
 from adaprelora_jax.state_layout import STATE_LAYOUT_VERSION
 from adaprelora_jax.state_layout import StateLayoutError
 from adaprelora_jax.state_layout import check_checkpoint_layout
 from adaprelora_jax.state_layout import check_state_layout
+from adaprelora_jax.tracking import track_step_metrics
 from adaprelora_jax.transform import ScaleByAdaPreLoRAState
 from adaprelora_jax.transform import adaprelora
 from adaprelora_jax.transform import adaprelora_adamw
@@ -100,6 +106,7 @@ __all__ = (
   "lora_plus",
   "lora_pro",
   "lora_rite",
+  "metrics",
   "nn",
   "nnx_pairing",
   "nonfinite_report",
@@ -118,4 +125,6 @@ __all__ = (
   "scaled_gd",
   "second_moments",
   "sharding",
+  "step_metrics",
+  "track_step_metrics",
 )

@@ -26,7 +26,9 @@ declaration of its per-pair state (:mod:`adaprelora_jax.slots`).
 3. the kernel is ``jax.vmap``-ed (or ``jax.lax.map``-ed) over the group's
    pairs (the traced program does not grow with the number of layers);
 4. the factor updates are scattered back to the leaves, each field writes
-   its results, and the router finishes the other leaves.
+   its results, and the router finishes the other leaves;
+5. with ``metrics=True``, the per-pair metrics (:mod:`adaprelora_jax.metrics`)
+   are aggregated over all pairs into the state.
 
 Kernels that need a reduction over *all* pairs before updating any
 (LoRA-RITE's global gradient clipping) supply a ``prepare_pair`` first pass.
@@ -45,6 +47,7 @@ import jax.numpy as jnp
 import optax
 
 from adaprelora_jax import linalg
+from adaprelora_jax import metrics as metrics_lib
 from adaprelora_jax import nnx_metadata
 from adaprelora_jax import plan as plan_lib
 from adaprelora_jax import routing
@@ -88,14 +91,17 @@ class PairInputs(NamedTuple):
     )
 
 
-# update_pair(inputs, state, count, total) -> (delta_a, delta_b, new_state):
-# ``inputs`` is a PairInputs (or what ``prepare_pair`` returned), ``state`` a
-# dict of the pair's fields, ``count`` the number of previous updates and
-# ``total`` the sum over all pairs of prepare_pair's scalar (None without it).
+# update_pair(inputs, state, count, total) -> (delta_a, delta_b, new_state,
+# metrics): ``inputs`` is a PairInputs (or what ``prepare_pair`` returned),
+# ``state`` a dict of the pair's fields, ``count`` the number of previous
+# updates and ``total`` the sum over all pairs of prepare_pair's scalar (None
+# without it); ``metrics`` the kernel's own per-pair scalars (a dict, may be
+# empty; read only with ``metrics=True``).
 PairKernel = Callable[
   [Any, dict[str, Any], jax.Array, jax.Array | None],
-  tuple[jax.Array, jax.Array, dict[str, Any]],
+  tuple[jax.Array, jax.Array, dict[str, Any], dict[str, jax.Array]],
 ]
+KernelResult = tuple[jax.Array, jax.Array, dict[str, Any], dict[str, jax.Array]]
 PreparePair = Callable[[PairInputs], tuple[Any, jax.Array]]
 
 
@@ -187,7 +193,7 @@ def _run_kernels(
   pair_states: list[dict[str, Any]],
   count: jax.Array,
   map_pairs: bool,
-) -> list[tuple[jax.Array, jax.Array, dict[str, Any]]]:
+) -> list[KernelResult]:
   """The kernel over each group's pairs, after the optional first pass."""
   total = None
   if prepare_pair is not None:
@@ -209,13 +215,14 @@ def pairwise_transform(
   router: routing.Router,
   prepare_pair: PreparePair | None = None,
   map_pairs: bool | Literal["on_cpu"] = False,
+  metrics: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """An optax transform from a rule for one LoRA pair.
 
   For each group of same-shaped pairs the kernel is ``jax.vmap``-ed over the
   stacked pairs::
 
-    delta_a, delta_b, new_state = update_pair(inputs, state, count, total)
+    delta_a, delta_b, new_state, pair_metrics = update_pair(inputs, state, count, total)
 
   ``delta_*`` are the factor updates (any floating dtype; cast to the
   parameter dtype), ``state`` / ``new_state`` map each name of ``fields`` to
@@ -224,7 +231,9 @@ def pairwise_transform(
   a first pass computes ``(carry, contribution) = prepare_pair(inputs)`` for
   every pair, ``total`` is the sum of all contributions (over every pair of
   the tree) and the kernel receives ``carry`` instead of ``inputs``;
-  otherwise ``total`` is None.
+  otherwise ``total`` is None. ``pair_metrics`` is a dict of the kernel's
+  own per-pair scalars (:mod:`adaprelora_jax.metrics`; a ``"skipped"`` flag
+  counts skipped pairs), read only with ``metrics``.
 
   Args:
     update_pair: the per-pair kernel (above).
@@ -234,7 +243,8 @@ def pairwise_transform(
       state entry is None).
     state_type: called as ``state_type(count=..., non_lora=...,
       pair_position=..., layout_version=..., **entries)`` with one entry per
-      field; normally the transform's state NamedTuple. ``count`` and
+      field, and ``metrics=`` a :class:`adaprelora_jax.metrics.StepMetrics`
+      with ``metrics=True``; normally the transform's state NamedTuple. ``count`` and
       ``non_lora`` are as in optax; ``pair_position`` is the engine's
       bookkeeping (each pair's place in its group, at its ``lora_a``, int32):
       set by ``init``, never changed; an edited position makes its group's
@@ -251,6 +261,10 @@ def pairwise_transform(
       deadlock the intra-op thread pool (docs/design.md §10). The updates
       are the same; only the schedule differs. ``"on_cpu"``: when the
       default backend is CPU, decided when the update is traced.
+    metrics: keep the last update's metrics in the state
+      (:mod:`adaprelora_jax.metrics`; read them with
+      :func:`adaprelora_jax.step_metrics`). Off, the state holds None and the
+      update computes nothing extra.
 
   Returns:
     The :class:`optax.GradientTransformationExtraArgs`.
@@ -264,14 +278,22 @@ def pairwise_transform(
     plan = router.plan(params)
     labels = nnx_metadata.StateLabels.of(plan, params)
     labels.check_uniform()
-    return state_type(
+    state = state_type(
       count=jnp.zeros([], jnp.int32),
       non_lora=router.init_non_lora(plan, params),
       pair_position=_init_positions(plan, labels),
       layout_version=state_layout.version_leaf(),
+      **({"metrics": None} if metrics else {}),
       **{name: kind.init(plan, labels) for name, kind in kinds.items()},
       **absent,
     )
+    if not metrics:
+      return state
+    # Which metrics the kernel reports (e.g. only for pairs with exact
+    # statistics) is known once it is traced: trace one update abstractly,
+    # so that the state's structure is fixed from the start.
+    shapes = jax.eval_shape(lambda p, s: update_fn(p, s, p)[1].metrics, params, state)
+    return state._replace(metrics=jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes))
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
@@ -289,7 +311,7 @@ def pairwise_transform(
 
     out = list(grads)
     member_positions = _member_positions(plan, state.pair_position)
-    for group, (delta_a, delta_b, _), (positions, valid) in zip(
+    for group, (delta_a, delta_b, *_), (positions, valid) in zip(
       plan.groups, results, member_positions, strict=True
     ):
       dtype = group.members[0].dtype
@@ -301,7 +323,7 @@ def pairwise_transform(
     all_positions = [positions for positions, _ in member_positions]
     entries = {
       name: kind.write(
-        plan, getattr(state, name), [new[name] for *_, new in results], all_positions, labels
+        plan, getattr(state, name), [new[name] for _, _, new, _ in results], all_positions, labels
       )
       for name, kind in kinds.items()
     }
@@ -311,8 +333,21 @@ def pairwise_transform(
       non_lora=non_lora_state,
       pair_position=state.pair_position,
       layout_version=state.layout_version,
+      **({"metrics": _step_metrics(inputs, results)} if metrics else {}),
       **entries,
       **absent,
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _step_metrics(inputs: list[PairInputs], results: list[KernelResult]) -> metrics_lib.StepMetrics:
+  """The factor metrics of every pair and the kernel's own, aggregated."""
+  per_pair = []
+  for group, (delta_a, delta_b, _, kernel_metrics) in zip(inputs, results, strict=True):
+    scale = () if group.lora_scale is None else (group.lora_scale,)
+    factor = jax.vmap(metrics_lib.factor_metrics)(
+      group.lora_a, group.lora_b, delta_a, delta_b, *scale
+    )
+    per_pair.append({**factor, **kernel_metrics})
+  return metrics_lib.StepMetrics(metrics_lib.aggregate(per_pair))

@@ -11,7 +11,7 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Reading an AdaPreLoRA optimizer state: second moments and skipped steps."""
+"""Reading an optimizer state: second moments, skipped steps, step metrics."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from adaprelora_jax import metrics as metrics_lib
 from adaprelora_jax import nnx_metadata
 from adaprelora_jax import pairing as pairing_lib
 from adaprelora_jax import plan as plan_lib
@@ -117,3 +118,51 @@ def nonfinite_report(
       if skipped:
         report[pair.a_path] = report.get(pair.a_path, 0) + skipped
   return report
+
+
+def step_metrics(state: Any) -> dict[str, jax.Array]:
+  """The last update's metrics, as a flat dict a trainer can log.
+
+  Reads every :class:`adaprelora_jax.metrics.StepMetrics` in an optimizer
+  state: through ``optax.chain``, ``optax.inject_hyperparams``,
+  ``optax.MultiSteps`` (the last completed update) and ``nnx.Optimizer``'s
+  ``opt_state``. Works inside ``jax.jit``; the values are device arrays.
+
+  Example::
+
+    >>> import jax.numpy as jnp
+    >>> from adaprelora_jax import adaprelora, step_metrics
+    >>> params = {"q": {"lora_a": jnp.ones((8, 2)), "lora_b": jnp.ones((2, 4))}}
+    >>> tx = adaprelora(1e-2, metrics=True)
+    >>> grads = {"q": {"lora_a": jnp.ones((8, 2)), "lora_b": jnp.ones((2, 4))}}
+    >>> _, state = tx.update(grads, tx.init(params), params)
+    >>> float(step_metrics(state)["clip_factor/min"]) <= 1.0
+    True
+
+  Args:
+    state: an optimizer state holding one or more ``StepMetrics`` (built with
+      ``metrics=True``, or with :func:`adaprelora_jax.track_step_metrics` in
+      the chain).
+
+  Returns:
+    ``{name: scalar}``, names as in :mod:`adaprelora_jax.metrics`; with
+    several ``StepMetrics`` in the state, each name is prefixed by its
+    position, ``"0/"``, ``"1/"``, ... in the state's tree order.
+
+  Raises:
+    ValueError: if the state holds none.
+  """
+  found = [
+    node
+    for node in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, metrics_lib.StepMetrics))
+    if isinstance(node, metrics_lib.StepMetrics)
+  ]
+  if not found:
+    raise ValueError(
+      "The optimizer state holds no step metrics: build the optimizer with "
+      "metrics=True, or put adaprelora_jax.track_step_metrics() in its chain."
+    )
+  values = [{k: nnx_metadata.unwrap(v) for k, v in entry.values.items()} for entry in found]
+  if len(values) == 1:
+    return values[0]
+  return {f"{index}/{k}": v for index, entry in enumerate(values) for k, v in entry.items()}

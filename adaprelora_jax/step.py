@@ -59,14 +59,13 @@ def decayed_moment(
   return beta2 * moment + (1.0 - beta2) * (statistic + eps)
 
 
-def clip_by_weighted_rms(
-  deltas: tuple[jax.Array, jax.Array],
+def weighted_rms_clip_factor(
   descent: jax.Array,
   row_scale: jax.Array,
   col_scale: jax.Array,
   threshold: jax.typing.ArrayLike,
-) -> tuple[jax.Array, jax.Array]:
-  """Scales the factor steps so the H-weighted RMS of ``δW`` is <= ``threshold``.
+) -> jax.Array:
+  """The factor in (0, 1] that brings the H-weighted RMS of ``δW`` to <= ``threshold``.
 
   The RMS is ``sqrt(‖δW‖²_H / Σ_ij p_i q_j)``, 1 for a step of unit entries
   when the statistics match (Adafactor's RMS(U) = 1); ``descent`` is
@@ -74,9 +73,31 @@ def clip_by_weighted_rms(
   """
   weight_total = jnp.sum(row_scale) * jnp.sum(col_scale)
   rms = jnp.sqrt(jnp.maximum(descent, 0.0) / weight_total)
-  scale = 1.0 / jnp.maximum(1.0, rms / threshold)
-  delta_a, delta_b = deltas
-  return delta_a * scale, delta_b * scale
+  return 1.0 / jnp.maximum(1.0, rms / threshold)
+
+
+def tangent_share(
+  descent: jax.Array,
+  row_stats: jax.Array,
+  col_stats: jax.Array,
+  row_scale: jax.Array,
+  col_scale: jax.Array,
+) -> jax.Array:
+  """``‖δW‖_H / ‖H⁻¹G‖_H``: the share of the Adafactor step the tangent step keeps.
+
+  ``‖H⁻¹G‖²_H = Σ_ij G²_ij / (p_i q_j)`` needs all of ``G²``; the statistics
+  hold its row and column means, so ``G²`` is taken as Adafactor models it,
+  ``r cᵀ / mean(r)`` (exact when ``G²`` has rank one, e.g. one token), which
+  gives ``(Σ_i r_i/p_i)(Σ_j c_j/q_j) / mean(r)``. ``descent`` is
+  ``‖δW‖²_H`` of the unclipped step (docs/design.md §6). A pair with no
+  gradient (``G = 0``, e.g. an adapter the loss does not reach) has nothing
+  to capture: its share is 1.
+  """
+  mean_row = jnp.mean(row_stats)
+  full = jnp.sum(row_stats / row_scale) * jnp.sum(col_stats / col_scale) / mean_row
+  has_gradient = mean_row > 0
+  ratio = jnp.maximum(descent, 0.0) / jnp.where(has_gradient, full, 1.0)
+  return jnp.where(has_gradient, jnp.sqrt(ratio), 1.0)
 
 
 def momentum_step(
@@ -156,8 +177,9 @@ def update_pair(
   state: dict[str, Any],
   count: jax.Array,
   total: None,
-) -> tuple[jax.Array, jax.Array, dict[str, Any]]:
-  """One pair's AdaPreLoRA step (the kernel of :func:`scale_by_adaprelora`)."""
+) -> pairwise.KernelResult:
+  """One pair's AdaPreLoRA step (the kernel of :func:`scale_by_adaprelora`),
+  with its metrics (:func:`adaprelora_jax.scale_by_adaprelora`)."""
   del total
   a, b, g_a, g_b = pair.lora_a, pair.lora_b, pair.grad_a, pair.grad_b
   # docs/design.md §9: for ΔW = s·a·b the factor gradients are s·J*(G);
@@ -198,9 +220,20 @@ def update_pair(
     cross=(grams.cross_a, grams.cross_b),
   )
   deltas = (step.delta_a, step.delta_b)
+  clip_factor = jnp.ones([], step.descent.dtype)
   if hyper.clipping_threshold is not None:
-    deltas = clip_by_weighted_rms(
-      deltas, step.descent, row_scale, col_scale, hyper.clipping_threshold
+    clip_factor = weighted_rms_clip_factor(
+      step.descent, row_scale, col_scale, hyper.clipping_threshold
+    )
+    deltas = (deltas[0] * clip_factor, deltas[1] * clip_factor)
+  # Unused outputs are dropped when the transform keeps no metrics.
+  metrics = {
+    "step_h_norm": jnp.sqrt(jnp.maximum(step.descent, 0.0)) * clip_factor,
+    "clip_factor": clip_factor,
+  }
+  if pair.row_stats is not None:
+    metrics["tangent_share"] = tangent_share(
+      step.descent, row_stats, col_stats, row_scale, col_scale
     )
   if scale is not None:
     deltas = (deltas[0] / scale, deltas[1] / scale)
@@ -223,4 +256,4 @@ def update_pair(
     deltas = (jnp.where(ok, deltas[0], 0.0), jnp.where(ok, deltas[1], 0.0))
     skipped = ~ok
   skips = state["nonfinite_count"] + skipped.astype(jnp.int32)
-  return *deltas, {**moments, "nonfinite_count": skips}
+  return *deltas, {**moments, "nonfinite_count": skips}, {**metrics, "skipped": skipped}

@@ -27,6 +27,7 @@ import optax
 from adaprelora_jax import factorwise
 from adaprelora_jax import gauge
 from adaprelora_jax import kernels
+from adaprelora_jax import metrics as metrics_lib
 from adaprelora_jax import pairing as pairing_lib
 from adaprelora_jax import pairwise
 from adaprelora_jax import routing
@@ -78,6 +79,8 @@ class ScaleByAdaPreLoRAState(NamedTuple):
     layout_version: the state layout (int32,
       :data:`adaprelora_jax.STATE_LAYOUT_VERSION`).
     non_lora: state of the transform applied to the other leaves.
+    metrics: the last update's metrics with ``metrics=True``, else None
+      (:func:`adaprelora_jax.step_metrics`).
   """
 
   count: chex.Array
@@ -88,6 +91,7 @@ class ScaleByAdaPreLoRAState(NamedTuple):
   pair_position: optax.Updates
   layout_version: chex.Array
   non_lora: optax.OptState
+  metrics: metrics_lib.StepMetrics | None = None
 
 
 ROW_SECOND_MOMENT = slots.GroupSlot("a", ("d_in",))
@@ -112,6 +116,7 @@ def scale_by_adaprelora(
   strict: bool = False,
   nonfinite: NonFinitePolicy = "skip",
   lora_scale: float | None = None,
+  metrics: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Rescale LoRA factor gradients with the AdaPreLoRA closed-form step.
 
@@ -202,6 +207,18 @@ def scale_by_adaprelora(
       weight space whatever alpha and rank. Without it (None: ``s = 1``) the
       weight-space step of a scaled model is ``s`` times that
       (docs/design.md §9). Must be > 0 or None.
+    metrics: keep the last update's metrics in the state, for
+      :func:`adaprelora_jax.step_metrics` (``docs/design.md`` §11): those of
+      every pairwise optimizer (:mod:`adaprelora_jax.metrics`: factor norms,
+      ``update_norm``, which is the step of the unit map ``a·b``, so the
+      weight change of a model with ``lora_scale`` is that many times it)
+      and ``step_h_norm`` (``‖δW‖_H``, the H-norm of the clipped weight
+      step), ``clip_factor`` (1 when not clipped), ``tangent_share``
+      (``‖δW‖_H / ‖H⁻¹G‖_H`` before clipping, for pairs with exact
+      statistics, under Adafactor's factored model of ``G²``:
+      :func:`adaprelora_jax.step.tangent_share`) and ``skipped_pairs``. Off
+      (default), the state's ``metrics`` is None and the step computes
+      nothing extra.
 
   Returns:
     The corresponding :class:`optax.GradientTransformationExtraArgs`.
@@ -260,6 +277,7 @@ def scale_by_adaprelora(
     },
     state_type=ScaleByAdaPreLoRAState,
     router=routing.Router.create("scale_by_adaprelora", pairing, non_lora, strict, statistics),
+    metrics=metrics,
   )
 
 
@@ -284,6 +302,7 @@ def adaprelora(
   strict: bool = False,
   nonfinite: NonFinitePolicy = "skip",
   lora_scale: float | None = None,
+  metrics: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""AdaPreLoRA: adaptive preconditioned optimizer for LoRA factors.
 
@@ -329,6 +348,7 @@ def adaprelora(
     nonfinite: see :func:`scale_by_adaprelora`.
     lora_scale: see :func:`scale_by_adaprelora` (e.g. qwix's
       ``alpha / rank``).
+    metrics: see :func:`scale_by_adaprelora`.
 
   Returns:
     The corresponding :class:`optax.GradientTransformationExtraArgs`.
@@ -361,6 +381,7 @@ def adaprelora(
       strict=strict,
       nonfinite=nonfinite,
       lora_scale=lora_scale,
+      metrics=metrics,
     ),
     optax.add_decayed_weights(weight_decay, mask),
     optax.scale_by_learning_rate(learning_rate),
@@ -393,6 +414,7 @@ def adaprelora_adamw(
   strict: bool = False,
   nonfinite: NonFinitePolicy = "skip",
   lora_scale: float | None = None,
+  metrics: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""AdaPreLoRA AdamW: AdamW's moments over the AdaPreLoRA factor directions.
 
@@ -472,6 +494,8 @@ def adaprelora_adamw(
     strict: see :func:`scale_by_adaprelora`.
     nonfinite: ``"skip"`` or ``"propagate"`` (above).
     lora_scale: see :func:`scale_by_adaprelora`.
+    metrics: see :func:`scale_by_adaprelora`; they describe the AdaPreLoRA
+      direction fed to Adam.
 
   Returns:
     The corresponding :class:`optax.GradientTransformationExtraArgs`.
@@ -517,6 +541,7 @@ def adaprelora_adamw(
       strict=strict,
       nonfinite=nonfinite,
       lora_scale=lora_scale,
+      metrics=metrics,
     ),
     factorwise.factorwise_transform(
       adam,

@@ -154,6 +154,8 @@ OPTIMIZERS: dict[str, tuple[Callable[[], optax.GradientTransformation], bool]] =
   "adaprelora (exact)": (lambda: ap.adaprelora(1e-4), True),
   "adaprelora (tangent, b1=0.9)": (lambda: ap.adaprelora(1e-4, b1=0.9), False),
   "adaprelora (surrogate)": (lambda: ap.adaprelora(1e-4, statistics="surrogate"), False),
+  "adaprelora (exact, metrics)": (lambda: ap.adaprelora(1e-4, metrics=True), True),
+  "adaprelora (tangent, metrics)": (lambda: ap.adaprelora(1e-4, metrics=True), False),
   "adaprelora_adamw (exact)": (lambda: ap.adaprelora_adamw(1e-4), True),
   "adaprelora_adamw (tangent)": (lambda: ap.adaprelora_adamw(1e-4, statistics="tangent"), False),
   "lora_plus": (lambda: ap.lora_plus(1e-4), False),
@@ -201,12 +203,16 @@ class CostModel:
 #     (g_a B, a K_b, a g_b g_bᵀ), 8 per side; + a statistics pass (read a, g).
 #   adaprelora_adamw: the preconditioner's, then Adam over its output: + read
 #     and write m, v (4 passes; the direction stays in registers when fused).
+#   metrics=True: + the two 2r×2r Grams of ‖δa b + a δb‖ (4 r×r products per
+#     side) and the factor norms; + a pass reading a, b and the step.
 COST_MODELS: dict[str, CostModel] = {
   "adamw": CostModel(0, 0, 7, note="element-wise: p, g, m, v in; p, m, v out"),
   "adaprelora (tangent)": CostModel(8, 8, 8),
   "adaprelora (exact)": CostModel(5, 5, 5),
   "adaprelora (tangent, b1=0.9)": CostModel(8, 8, 10),
   "adaprelora (surrogate)": CostModel(8, 8, 7),
+  "adaprelora (exact, metrics)": CostModel(9, 9, 6, note="exact + the metrics' Grams"),
+  "adaprelora (tangent, metrics)": CostModel(12, 12, 9, note="tangent + the metrics' Grams"),
   "adaprelora_adamw (exact)": CostModel(5, 5, 9, note="exact + Adam moments"),
   "adaprelora_adamw (tangent)": CostModel(8, 8, 12, note="tangent + Adam moments"),
   "lora_plus": CostModel(0, 0, 7, note="AdamW with a second learning rate"),

@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -362,7 +362,9 @@ for name, tx in (
 # which hands the optimizer the exact row/column statistics of the full-weight gradient; the
 # second uses plain `nnx.LoRALinear`, for which the optimizer estimates them from the factor
 # gradients (the tangent projection of $G$). The heatmaps show $\sqrt{v_{row}}$ (input
-# pixels) and $\sqrt{v_{col}}$ (hidden units) over training.
+# pixels) and $\sqrt{v_{col}}$ (hidden units) over training. The optimizer is built with
+# `metrics=True`, so every step also leaves its own geometry in the state
+# (`ap.step_metrics`), plotted below the heatmaps.
 
 # %%
 from sklearn.datasets import load_digits
@@ -395,7 +397,7 @@ for _ in range(150):
 
 model.head = nnx.Linear(128, 5, rngs=nnx.Rngs(1))
 trainable = nnx.Any(nnx.LoRAParam, nnx.PathContains("head"))
-optimizer = nnx.Optimizer(model, ap.adaprelora(1e-2), wrt=trainable)
+optimizer = nnx.Optimizer(model, ap.adaprelora(1e-2, metrics=True), wrt=trainable)
 x_target, y_target = jnp.asarray(images[target]), jnp.asarray(labels[target] - 5)
 
 
@@ -409,8 +411,10 @@ def train_step(model, optimizer):
 
 
 history = {"loss": [], "rows1": [], "cols1": [], "rows2": [], "cols2": []}
+step_metrics = []
 for _ in range(100):
   history["loss"].append(float(train_step(model, optimizer)))
+  step_metrics.append(jax.device_get(ap.step_metrics(optimizer.opt_state)))
   rows, cols = ap.second_moments(
     nnx.as_pure(optimizer.opt_state), nnx.as_pure(nnx.state(model, trainable))
   )
@@ -449,6 +453,44 @@ plt.show()
 # (border pixels of the 8×8 images are nearly always blank, so their gradient rows vanish):
 # exactly the kind of row scale that a diagonal-Kronecker preconditioner exploits and that
 # factor-wise AdamW cannot see, since it never looks at the full-weight gradient.
+
+# %% [markdown]
+# What each step did, from `ap.step_metrics` (aggregated over the two LoRA pairs): the
+# $H$-norm of the weight step $\|\delta W\|_H$ and its clipping factor, the norms of the
+# factors and of the first-order weight change $\|\delta a\, b + a\, \delta b\|_F$, and,
+# for the layer with exact statistics, the *tangent share*
+# $\|\delta W\|_H / \|H^{-1}G\|_H$: how much of the Adafactor step the rank-4 tangent
+# space can hold (§4 shows that no tangent direction holds more).
+
+# %%
+series = {name: np.array([m[name] for m in step_metrics]) for name in step_metrics[0]}
+share = series["tangent_share/mean"]
+print(
+  f"tangent share of hidden1: step 1 {share[0]:.3f}, last {share[-1]:.3f}, "
+  f"min over the run {share.min():.3f}; "
+  f"clipped steps: {(series['clip_factor/min'] < 1).sum()} of {len(share)}"
+)
+fig, axes = plt.subplots(1, 4, figsize=(16, 3.2))
+axes[0].semilogy(series["step_h_norm/mean"], label="mean")
+axes[0].semilogy(series["step_h_norm/max"], label="max")
+axes[0].set_title("‖δW‖_H (before the learning rate)")
+axes[1].plot(series["clip_factor/min"])
+axes[1].set_ylim(0, 1.05)
+axes[1].set_title("clipping factor (min over pairs)")
+axes[2].plot(series["factor_norm_a/max"], label="max ‖a‖")
+axes[2].plot(series["factor_norm_b/max"], label="max ‖b‖")
+axes[2].plot(series["update_norm/max"], label="max ‖δa b + a δb‖")
+axes[2].set_yscale("log")
+axes[2].set_title("factor and update norms")
+axes[3].plot(share)
+axes[3].set_ylim(0, 1.05)
+axes[3].set_title("tangent share, hidden1 (exact statistics)")
+for axis in axes:
+  axis.set_xlabel("step")
+for axis in axes[[0, 2]]:
+  axis.legend(fontsize=8)
+plt.tight_layout()
+plt.show()
 
 # %% [markdown]
 # ## 7. Is the paper's gauge rule biased? The study's answer

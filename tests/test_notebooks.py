@@ -71,6 +71,8 @@ def test_update_geometry_notebook():
     _number(r"adamw\s+relative difference of the two weight updates: ([0-9.e+-]+)", text) > 1e-2
   )
   assert _number(r"training accuracy ([0-9.]+)", text) > 0.9
+  # §6: the step metrics; a projection never holds more than what it projects.
+  assert 0.0 < _number(r"min over the run ([0-9.]+)", text) <= 1.0
   # §4: LoRA-Pro is the H = I projection; adaprelora captures the largest share of H⁻¹G.
   assert (
     _number(r"LoRA-Pro δW vs the H = I projection: relative difference ([0-9.e+-]+)", text) < 1e-8

@@ -20,13 +20,35 @@ def test_clip_bounds_the_weighted_rms_of_delta_w_and_keeps_small_steps(size):
   p, q = rng.uniform(0.5, 2.0, 6), rng.uniform(0.5, 2.0, 5)
   delta_w = delta_a @ b + a @ delta_b
   descent = np.sum(np.outer(p, q) * delta_w**2)  # ‖δW‖²_H
-  clipped = step.clip_by_weighted_rms((delta_a, delta_b), descent, p, q, 1.0)
+  factor = step.weighted_rms_clip_factor(descent, p, q, 1.0)
+  clipped = (delta_a * factor, delta_b * factor)
   clipped_w = np.asarray(clipped[0]) @ b + a @ np.asarray(clipped[1])
   before = _weighted_rms(delta_w, p, q)
   after = _weighted_rms(clipped_w, p, q)
   np.testing.assert_allclose(after, min(before, 1.0), rtol=1e-5)
   if before <= 1.0:
     chex.assert_trees_all_close(clipped, (delta_a, delta_b), rtol=1e-6)
+
+
+def test_tangent_share_is_exact_for_a_rank_one_g_squared():
+  # One token: G = x gᵀ, so G² = x² (g²)ᵀ has rank one and the factored
+  # model of G² is exact; the share is then ‖δW‖_H / ‖H⁻¹G‖_H in full.
+  rng = np.random.default_rng(1)
+  x, g = rng.normal(size=6), rng.normal(size=5)
+  grad_w = np.outer(x, g)
+  p, q = rng.uniform(0.5, 2.0, 6), rng.uniform(0.5, 2.0, 5)
+  full = np.sum(grad_w**2 / np.outer(p, q))  # ‖H⁻¹G‖²_H
+  descent = 0.3 * full
+  share = step.tangent_share(
+    jnp.asarray(descent), jnp.mean(grad_w**2, 1), jnp.mean(grad_w**2, 0), p, q
+  )
+  np.testing.assert_allclose(share, np.sqrt(0.3), rtol=1e-5)
+
+
+def test_tangent_share_of_a_pair_without_gradient_is_one():
+  zeros = jnp.zeros(4)
+  share = step.tangent_share(jnp.asarray(0.0), zeros, jnp.zeros(3), jnp.ones(4), jnp.ones(3))
+  assert float(share) == 1.0
 
 
 def test_momentum_is_bias_corrected_from_the_first_step():

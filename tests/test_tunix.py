@@ -26,6 +26,7 @@ from tunix.sft import utils as sft_utils  # noqa: E402
 from tunix.utils import env_utils  # noqa: E402
 
 from adaprelora_jax import qwix as ap_qwix  # noqa: E402
+from adaprelora_jax import tunix_hooks  # noqa: E402
 
 # Three PeftTrainers compile their steps: minutes on a loaded 2-core CPU. CI
 # runs it as its own step (pytest -m slow tests/test_tunix.py).
@@ -115,7 +116,7 @@ def _trainer(model, tmp_path, max_steps, variant):
   # The recipe of the README: the scale qwix applies (alpha / rank) is given
   # as lora_scale, so the statistics are those of G itself.
   optimizer = optax.inject_hyperparams(getattr(ap, variant))(
-    learning_rate=_schedule(variant), lora_scale=ALPHA / RANK
+    learning_rate=_schedule(variant), lora_scale=ALPHA / RANK, metrics=True
   )
   config = peft_trainer.TrainingConfig(
     eval_every_n_steps=1000,
@@ -126,7 +127,17 @@ def _trainer(model, tmp_path, max_steps, variant):
     metrics_logging_options=metrics_logger.MetricsLoggerOptions(log_dir=str(tmp_path / "logs")),
     pbar_description=None,
   )
-  return peft_trainer.PeftTrainer(model, optimizer, config).with_gen_model_input_fn(_model_input)
+  trainer = peft_trainer.PeftTrainer(model, optimizer, config).with_gen_model_input_fn(_model_input)
+  # with_training_hooks returns None, unlike the other with_* methods.
+  trainer.with_training_hooks(tunix_hooks.StepMetricsHook())
+  return trainer
+
+
+def _step_metric_history(trainer):
+  """The optimizer metrics the hook logged: ``{name: (steps,) array}``."""
+  names = ap.step_metrics(trainer.optimizer.opt_state)
+  history = trainer.metrics_logger.get_metric_history
+  return {name: np.asarray(history("", f"optimizer/{name}", "train")) for name in names}
 
 
 def _lora_params(model):
@@ -149,6 +160,8 @@ def test_peft_trainer_trains_and_resumes_bit_for_bit(tmp_path, variant, statisti
     trainer.train(data)
     losses = trainer.metrics_logger.get_metric_history("", "loss", "train")
     learning_rates = trainer.metrics_logger.get_metric_history("", "learning_rate", "train")
+    metrics = _step_metric_history(trainer)
+    last_metrics = jax.device_get(ap.step_metrics(trainer.optimizer.opt_state))
     trainer.close()
     straight = _lora_params(model)
 
@@ -162,6 +175,7 @@ def test_peft_trainer_trains_and_resumes_bit_for_bit(tmp_path, variant, statisti
     assert second.train_steps == 2
     # Tunix skips the examples the restored steps consumed: give it all.
     second.train(data)
+    resumed_metrics = _step_metric_history(second)
     second.close()
     resumed = _lora_params(model)
 
@@ -180,6 +194,22 @@ def test_peft_trainer_trains_and_resumes_bit_for_bit(tmp_path, variant, statisti
   schedule = _schedule(variant)
   assert np.isclose(learning_rates[-1], [schedule(steps - 1), schedule(steps)]).any()
   jax.tree.map(np.testing.assert_array_equal, resumed, straight)
+  # The hook logged the optimizer's metrics once per optimizer step, the
+  # last one that of the final state; the resumed run logged its 4 new steps,
+  # bit for bit those of the straight run.
+  expected = {"clip_factor/min", "factor_norm_b/max", "step_h_norm/mean", "skipped_pairs"}
+  assert expected | ({"tangent_share/min"} if exact else set()) <= set(metrics)
+  if not exact:
+    assert "tangent_share/min" not in metrics
+  for name, values in metrics.items():
+    assert values.shape == (steps,), name
+    np.testing.assert_array_equal(values[-1], last_metrics[name], err_msg=name)
+    np.testing.assert_array_equal(resumed_metrics[name], values[2:], err_msg=name)
+  assert np.all(metrics["skipped_pairs"] == 0)
+  # b starts at zero; its norm grows with the steps.
+  assert metrics["factor_norm_b/max"][0] == 0 and metrics["factor_norm_b/max"][-1] > 0
+  if exact:
+    assert np.all((metrics["tangent_share/min"] > 0) & (metrics["tangent_share/mean"] < 1.5))
   # The factors moved (b starts at zero).
   assert any(
     np.any(leaf != 0)

@@ -24,6 +24,7 @@ from adaprelora_jax import factorwise
 from adaprelora_jax import pairing as pairing_lib
 from adaprelora_jax import plan as plan_lib
 from adaprelora_jax import routing
+from adaprelora_jax import tracking
 from adaprelora_jax import validation
 
 
@@ -84,6 +85,7 @@ def lora_plus(
   pairing: pairing_lib.Pairing = "nnx",
   non_lora: optax.GradientTransformation | None = None,
   strict: bool = False,
+  metrics: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""LoRA+: AdamW with the ``lora_b`` learning rate multiplied by ``lr_ratio``.
 
@@ -136,6 +138,9 @@ def lora_plus(
     non_lora: transform for leaves that are not LoRA factors; default
       ``optax.scale_by_adam()``.
     strict: raise if the params contain leaves that are not LoRA factors.
+    metrics: record the factor metrics of the step before the learning rate
+      (:func:`adaprelora_jax.track_step_metrics`), for
+      :func:`adaprelora_jax.step_metrics`.
 
   Returns:
     The corresponding :class:`optax.GradientTransformationExtraArgs`.
@@ -162,5 +167,6 @@ def lora_plus(
     ),
     optax.add_decayed_weights(weight_decay, mask),
     scale_by_lora_plus(lr_ratio, pairing=pairing),
+    *([tracking.track_step_metrics(pairing=pairing)] if metrics else []),
     optax.scale_by_learning_rate(learning_rate),
   )

@@ -50,6 +50,7 @@ from adaprelora_jax import pairing as pairing_lib
 from adaprelora_jax import pairwise
 from adaprelora_jax import routing
 from adaprelora_jax import slots
+from adaprelora_jax import tracking
 from adaprelora_jax import validation
 
 LoRAProMode = Literal["efficient", "full"]
@@ -143,12 +144,12 @@ def _projected_gradients(
   state: dict[str, Any],
   count: jax.Array,
   total: None,
-) -> tuple[jax.Array, jax.Array, dict[str, Any]]:
+) -> pairwise.KernelResult:
   """``mode="efficient"``'s kernel: the projected factor gradients."""
   del state, count, total
   a, b, g_a, g_b = pair.promoted()
   projection = _Projection.at(a, b, damping=damping, lora_scale=lora_scale)
-  return (*projection.directions(g_a, g_b), {})
+  return (*projection.directions(g_a, g_b), {}, {})
 
 
 def _full_space_adam(
@@ -157,7 +158,7 @@ def _full_space_adam(
   state: dict[str, Any],
   count: jax.Array,
   total: None,
-) -> tuple[jax.Array, jax.Array, dict[str, Any]]:
+) -> pairwise.KernelResult:
   """``mode="full"``'s kernel: Adam on the equivalent full-weight gradient."""
   del total
   a, b, g_a, g_b = pair.promoted()
@@ -172,7 +173,7 @@ def _full_space_adam(
   direction = mu_hat / (jnp.sqrt(nu_hat + hyper.eps_root) + hyper.eps)
   u_a = linalg.matmul(direction, b.T) * hyper.lora_scale
   u_b = linalg.matmul(a.T, direction) * hyper.lora_scale
-  return (*projection.directions(u_a, u_b), {"mu": mu, "nu": nu})
+  return (*projection.directions(u_a, u_b), {"mu": mu, "nu": nu}, {})
 
 
 def scale_by_lora_pro(
@@ -313,6 +314,7 @@ def lora_pro(
   pairing: pairing_lib.Pairing = "nnx",
   non_lora: optax.GradientTransformation | None = None,
   strict: bool = False,
+  metrics: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""LoRA-Pro: equivalent-gradient projection with Adam.
 
@@ -341,6 +343,9 @@ def lora_pro(
     pairing: see :func:`scale_by_lora_pro`.
     non_lora: see :func:`scale_by_lora_pro`.
     strict: see :func:`scale_by_lora_pro`.
+    metrics: record the factor metrics of the step before the learning rate
+      (:func:`adaprelora_jax.track_step_metrics`), for
+      :func:`adaprelora_jax.step_metrics`.
 
   Returns:
     The corresponding :class:`optax.GradientTransformationExtraArgs`.
@@ -370,5 +375,6 @@ def lora_pro(
       strict=strict,
     ),
     optax.add_decayed_weights(weight_decay, mask),
+    *([tracking.track_step_metrics(pairing=pairing)] if metrics else []),
     optax.scale_by_learning_rate(learning_rate),
   )

@@ -49,6 +49,7 @@ from adaprelora_jax import pairs as pairs_lib
 from adaprelora_jax import pairwise
 from adaprelora_jax import routing
 from adaprelora_jax import slots
+from adaprelora_jax import tracking
 from adaprelora_jax import validation
 
 
@@ -202,7 +203,7 @@ def _update_pair(
   state: dict[str, Any],
   count: jax.Array,
   total: jax.Array,
-) -> tuple[jax.Array, jax.Array, dict[str, Any]]:
+) -> pairwise.KernelResult:
   """Both factors' steps from the first pass's results (the pairwise kernel)."""
   factor_a, factor_b = factors
   clip_scale: float | jax.Array = 1.0
@@ -242,7 +243,7 @@ def _update_pair(
     "basis": (factor_a.basis, factor_b.basis.T),
     "escape_mass": (moments_a.escape, moments_b.escape) if hyper.escape_mass else None,
   }
-  return delta_a, delta_b.T, new_state
+  return delta_a, delta_b.T, new_state, {}
 
 
 def scale_by_lora_rite(
@@ -380,6 +381,7 @@ def lora_rite(
   pairing: pairing_lib.Pairing = "nnx",
   non_lora: optax.GradientTransformation | None = None,
   strict: bool = False,
+  metrics: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""LoRA-RITE: transformation-invariant adaptive optimizer for LoRA factors.
 
@@ -404,6 +406,9 @@ def lora_rite(
     pairing: see :func:`scale_by_lora_rite`.
     non_lora: see :func:`scale_by_lora_rite`.
     strict: see :func:`scale_by_lora_rite`.
+    metrics: record the factor metrics of the step before the learning rate
+      (:func:`adaprelora_jax.track_step_metrics`), for
+      :func:`adaprelora_jax.step_metrics`.
 
   Returns:
     The corresponding :class:`optax.GradientTransformationExtraArgs`.
@@ -433,5 +438,6 @@ def lora_rite(
       strict=strict,
     ),
     optax.add_decayed_weights(weight_decay, mask),
+    *([tracking.track_step_metrics(pairing=pairing)] if metrics else []),
     optax.scale_by_learning_rate(learning_rate),
   )

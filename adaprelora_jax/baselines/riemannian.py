@@ -36,6 +36,7 @@ from adaprelora_jax import linalg
 from adaprelora_jax import pairing as pairing_lib
 from adaprelora_jax import pairwise
 from adaprelora_jax import routing
+from adaprelora_jax import tracking
 from adaprelora_jax import validation
 
 
@@ -71,13 +72,13 @@ def _preconditioned_gradients(
   state: dict[str, Any],
   count: jax.Array,
   total: None,
-) -> tuple[jax.Array, jax.Array, dict[str, Any]]:
+) -> pairwise.KernelResult:
   """The pairwise kernel: each factor's gradient times the other's inverse Gram."""
   del state, count, total
   a, b, g_a, g_b = pair.promoted()
   preconditioned_a = linalg.matmul(g_a, _regularized_inverse(linalg.matmul(b, b.T), reg))
   preconditioned_b = linalg.matmul(_regularized_inverse(linalg.matmul(a.T, a), reg), g_b)
-  return preconditioned_a, preconditioned_b, {}
+  return preconditioned_a, preconditioned_b, {}, {}
 
 
 def scale_by_riemannian_preconditioner(
@@ -151,6 +152,7 @@ def scaled_gd(
   pairing: pairing_lib.Pairing = "nnx",
   non_lora: optax.GradientTransformation | None = None,
   strict: bool = False,
+  metrics: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Scaled GD for LoRA (Riemannian preconditioned SGD).
 
@@ -176,6 +178,9 @@ def scaled_gd(
     pairing: see :func:`scale_by_riemannian_preconditioner`.
     non_lora: see :func:`scale_by_riemannian_preconditioner`.
     strict: see :func:`scale_by_riemannian_preconditioner`.
+    metrics: record the factor metrics of the step before the learning rate
+      (:func:`adaprelora_jax.track_step_metrics`), for
+      :func:`adaprelora_jax.step_metrics`.
 
   Returns:
     The corresponding :class:`optax.GradientTransformationExtraArgs`.
@@ -194,6 +199,7 @@ def scaled_gd(
   return optax.chain(
     scale_by_riemannian_preconditioner(reg, pairing=pairing, non_lora=non_lora, strict=strict),
     optax.add_decayed_weights(weight_decay, mask),
+    *([tracking.track_step_metrics(pairing=pairing)] if metrics else []),
     optax.scale_by_learning_rate(learning_rate),
   )
 
@@ -211,6 +217,7 @@ def scaled_adamw(
   pairing: pairing_lib.Pairing = "nnx",
   non_lora: optax.GradientTransformation | None = None,
   strict: bool = False,
+  metrics: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Scaled AdamW for LoRA (Riemannian preconditioned AdamW).
 
@@ -266,6 +273,9 @@ def scaled_adamw(
     non_lora: transform for leaves that are not LoRA factors; default
       ``optax.scale_by_adam()``.
     strict: raise if the params contain leaves that are not LoRA factors.
+    metrics: record the factor metrics of the step before the learning rate
+      (:func:`adaprelora_jax.track_step_metrics`), for
+      :func:`adaprelora_jax.step_metrics`.
 
   Returns:
     The corresponding :class:`optax.GradientTransformationExtraArgs`.
@@ -294,5 +304,6 @@ def scaled_adamw(
       router=routing.Router.create("scaled_adamw", pairing, non_lora, strict),
     ),
     optax.add_decayed_weights(weight_decay, mask),
+    *([tracking.track_step_metrics(pairing=pairing)] if metrics else []),
     optax.scale_by_learning_rate(learning_rate),
   )

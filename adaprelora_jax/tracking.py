@@ -1,0 +1,95 @@
+# Copyright 2026 The adaprelora_jax Authors.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
+"""A pass-through transform that records the factor metrics of any chain."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import chex
+import jax
+import optax
+
+from adaprelora_jax import metrics as metrics_lib
+from adaprelora_jax import pairing as pairing_lib
+from adaprelora_jax import pairwise
+from adaprelora_jax import routing
+
+
+class TrackStepMetricsState(NamedTuple):
+  """State of :func:`track_step_metrics`.
+
+  Attributes:
+    count: number of updates so far (int32).
+    pair_position: the engine's bookkeeping (see
+      :func:`adaprelora_jax.pairwise.pairwise_transform`).
+    layout_version: the state layout (int32,
+      :data:`adaprelora_jax.STATE_LAYOUT_VERSION`).
+    non_lora: empty (other leaves pass through).
+    metrics: the last update's :class:`adaprelora_jax.metrics.StepMetrics`.
+  """
+
+  count: chex.Array
+  pair_position: optax.Updates
+  layout_version: chex.Array
+  non_lora: optax.OptState
+  metrics: metrics_lib.StepMetrics
+
+
+def _unchanged(
+  pair: pairwise.PairInputs, state: dict[str, Any], count: jax.Array, total: jax.Array | None
+) -> pairwise.KernelResult:
+  del state, count, total
+  return pair.grad_a, pair.grad_b, {}, {}
+
+
+def track_step_metrics(
+  *, pairing: pairing_lib.Pairing = "nnx"
+) -> optax.GradientTransformationExtraArgs:
+  """Pass updates through unchanged, recording their LoRA factor metrics.
+
+  Put it in any chain, after the transforms whose output it should describe
+  and before the learning rate, to read the metrics of every pairwise
+  optimizer (:mod:`adaprelora_jax.metrics`: ``factor_norm_a``,
+  ``factor_norm_b``, ``update_norm``) with
+  :func:`adaprelora_jax.step_metrics`, e.g. for ``optax.adamw``. The
+  baselines' ``metrics=True`` appends it. Leaves that are not LoRA factors
+  pass through unchanged.
+
+  Example::
+
+    >>> import jax.numpy as jnp, optax
+    >>> from adaprelora_jax import step_metrics, track_step_metrics
+    >>> params = {"q": {"lora_a": jnp.ones((8, 2)), "lora_b": jnp.zeros((2, 4))}}
+    >>> tx = optax.chain(optax.scale_by_adam(), track_step_metrics(), optax.scale(-1e-2))
+    >>> grads = {"q": {"lora_a": jnp.zeros((8, 2)), "lora_b": jnp.ones((2, 4))}}
+    >>> _, state = tx.update(grads, tx.init(params), params)
+    >>> float(step_metrics(state)["factor_norm_a/max"])
+    4.0
+
+  Args:
+    pairing: ``"nnx"``, ``"peft"`` or a pairing callable (see
+      :func:`adaprelora_jax.plan_pairs`).
+
+  Returns:
+    The corresponding :class:`optax.GradientTransformationExtraArgs`; its
+    state is a :class:`TrackStepMetricsState`.
+  """
+  return pairwise.pairwise_transform(
+    _unchanged,
+    fields={},
+    state_type=TrackStepMetricsState,
+    router=routing.Router.create("track_step_metrics", pairing, optax.identity(), False),
+    metrics=True,
+  )
