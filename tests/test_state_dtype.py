@@ -40,6 +40,9 @@ TRANSFORMS = {
   "lora_rite": lambda: ap.lora_rite(1e-2),
   "lora_rite_escape_mass": lambda: ap.lora_rite(1e-2, escape_mass=True),
   "scale_by_lora_rite": ap.scale_by_lora_rite,
+  "adaprelora_metrics": lambda: ap.adaprelora(1e-2, metrics=True),
+  "lora_rite_metrics": lambda: ap.lora_rite(1e-2, metrics=True),
+  "track_step_metrics": ap.track_step_metrics,
 }
 
 # (parameter dtype, x64): float32 under x64 too, where float64 hyperparameter

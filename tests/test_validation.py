@@ -26,6 +26,7 @@ TRANSFORMS = {
   "scale_by_lora_pro": ap.scale_by_lora_pro,
   "lora_rite": lambda **kw: ap.lora_rite(1e-2, **kw),
   "scale_by_lora_rite": ap.scale_by_lora_rite,
+  "track_step_metrics": ap.track_step_metrics,
 }
 
 NAN = math.nan
@@ -78,6 +79,7 @@ BAD = {
   "scale_by_lora_pro": LORA_PRO,
   "lora_rite": LORA_RITE + WEIGHT_DECAY,
   "scale_by_lora_rite": LORA_RITE,
+  "track_step_metrics": [],  # no numeric hyperparameters
 }
 
 ADAM_EDGES = [dict(b1=0.0, b2=0.0), dict(eps=0.0, eps_root=0.0), dict(b1=0.999999)]
@@ -92,6 +94,7 @@ ADAPRELORA_EDGES = [
   dict(clipping_threshold=1e-12),
   dict(step_offset=0),
   dict(step_offset=10),
+  dict(metrics=True),
   # A custom schedule gives decay_rate its own meaning: it is not checked.
   dict(decay_rate=-1.0, decay_rate_fn=lambda step, rate: jnp.asarray(0.5)),
 ]
@@ -119,6 +122,7 @@ GOOD = {
   "scale_by_lora_pro": ADAM_EDGES + [dict(mode="full", lora_scale=1e-3, damping=0.0)],
   "lora_rite": RITE_EDGES + [dict(weight_decay=0.0)],
   "scale_by_lora_rite": RITE_EDGES,
+  "track_step_metrics": [dict(pairing="nnx")],
 }
 
 
