@@ -45,7 +45,7 @@ What the statistics are:
 * Statistics are float32 or wider whatever the model's dtype.
 * The probes are gradient leaves: transforms chained before the optimizer
   (``optax.clip_by_global_norm``) and Tunix's logged ``grad_norm`` see them
-  too; mask them out of a clip (README).
+  too; mask them out of a clip (docs/usage.md).
 
 ``conv_general_dilated`` LoRA (qwix supports it) gets no probes: such pairs
 fall back to the tangent estimate under ``statistics="auto"``.
@@ -226,7 +226,7 @@ class LoraProvider(qwix.LoraProvider):
     statistics_batch_axes: None (default): the statistics of the gradient of
       the whole batch. Under data parallelism over the batch, forming them
       needs an all-reduce of a weight-sized ``G`` (or of token Grams) per
-      adapted op (README, measured). Mesh axes here (those the batch is
+      adapted op (docs/tunix.md, measured). Mesh axes here (those the batch is
       sharded over, e.g. ``("data",)``) select **per-shard statistics**
       instead: the mean over the ``n`` shards of the statistics of ``n·G_k``
       (each shard's gradient rescaled to the batch), which needs only an

@@ -370,7 +370,7 @@ def test_bfloat16_models_get_float32_statistics():
 
 def test_global_norm_clipping_can_skip_the_probes():
   """The probes are gradient leaves, so a transform chained before the
-  optimizer sees them (as Tunix's logged grad_norm does). The README's
+  optimizer sees them (as Tunix's logged grad_norm does). docs/usage.md's
   recipe masks them out of global-norm clipping: the factor gradients are
   clipped by their own norm and the statistics pass through untouched."""
   with jax.set_mesh(qm.mesh(1)):

@@ -113,7 +113,7 @@ def _schedule(variant):
 
 
 def _trainer(model, tmp_path, max_steps, variant):
-  # The recipe of the README: the scale qwix applies (alpha / rank) is given
+  # The recipe of docs/tunix.md: the scale qwix applies (alpha / rank) is given
   # as lora_scale, so the statistics are those of G itself.
   optimizer = optax.inject_hyperparams(getattr(ap, variant))(
     learning_rate=_schedule(variant), lora_scale=ALPHA / RANK, metrics=True
