@@ -16,16 +16,14 @@
 A pairwise optimizer built with ``metrics=True`` keeps a :class:`StepMetrics`
 in its state: per-pair scalars of the last update, aggregated over all pairs
 (stacked layers count one pair each). Every such optimizer reports
-
-* ``factor_norm_a`` / ``factor_norm_b``: ``‖a‖_F`` and ``‖b‖_F`` before the
-  update;
-* ``update_norm``: ``‖s·(δa b + a δb)‖_F``, the first-order change of the
-  pair's weight for the transform's output ``(δa, δb)`` (before the
-  learning rate and anything later in the chain), ``s`` the pairing's LoRA
-  scale;
-
-and the kernel adds its own (:func:`adaprelora_jax.scale_by_adaprelora`:
-the step's H-norm, the clipping factor, the tangent share, skipped pairs).
+``factor_norm_a`` / ``factor_norm_b`` (``‖a‖_F`` and ``‖b‖_F`` before the
+update), and its kernel adds its own: :func:`adaprelora_jax.scale_by_adaprelora`
+the step's H-norm, the clipping factor, the tangent share and skipped pairs
+(all free: the step computes them anyway);
+:func:`adaprelora_jax.track_step_metrics`, which any chain can hold,
+``update_norm``, ``‖s·(δa b + a δb)‖_F``: the first-order change of the
+pair's weight for the updates reaching it, ``s`` the pairing's LoRA scale
+(two 2r×2r Grams per pair, :func:`weight_change_norm`).
 Each per-pair metric ``m`` becomes ``m/mean`` and ``m/max`` (``m/min`` for
 factors in (0, 1], where the smallest is the notable one); a per-pair
 ``skipped`` flag becomes ``skipped_pairs`` (their number), and skipped pairs
@@ -75,22 +73,12 @@ def weight_change_norm(
   return jnp.sqrt(jnp.maximum(squared, 0.0))
 
 
-def factor_metrics(
-  lora_a: jax.Array,
-  lora_b: jax.Array,
-  delta_a: jax.Array,
-  delta_b: jax.Array,
-  lora_scale: jax.Array | None = None,
-) -> dict[str, jax.Array]:
+def factor_norms(lora_a: jax.Array, lora_b: jax.Array) -> dict[str, jax.Array]:
   """One pair's metrics that every pairwise optimizer reports (above)."""
   dtype = linalg.compute_dtype(lora_a, lora_b)
-  update_norm = weight_change_norm(lora_a, lora_b, delta_a, delta_b)
-  if lora_scale is not None:
-    update_norm = update_norm * jnp.abs(lora_scale)
   return {
     "factor_norm_a": jnp.linalg.norm(lora_a.astype(dtype)),
     "factor_norm_b": jnp.linalg.norm(lora_b.astype(dtype)),
-    "update_norm": update_norm,
   }
 
 

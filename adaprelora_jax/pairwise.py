@@ -342,12 +342,9 @@ def pairwise_transform(
 
 
 def _step_metrics(inputs: list[PairInputs], results: list[KernelResult]) -> metrics_lib.StepMetrics:
-  """The factor metrics of every pair and the kernel's own, aggregated."""
-  per_pair = []
-  for group, (delta_a, delta_b, _, kernel_metrics) in zip(inputs, results, strict=True):
-    scale = () if group.lora_scale is None else (group.lora_scale,)
-    factor = jax.vmap(metrics_lib.factor_metrics)(
-      group.lora_a, group.lora_b, delta_a, delta_b, *scale
-    )
-    per_pair.append({**factor, **kernel_metrics})
+  """The factor norms of every pair and the kernel's own metrics, aggregated."""
+  per_pair = [
+    {**jax.vmap(metrics_lib.factor_norms)(group.lora_a, group.lora_b), **kernel_metrics}
+    for group, (*_, kernel_metrics) in zip(inputs, results, strict=True)
+  ]
   return metrics_lib.StepMetrics(metrics_lib.aggregate(per_pair))

@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 
 import chex
 import jax
+import jax.numpy as jnp
 import optax
 
 from adaprelora_jax import metrics as metrics_lib
@@ -50,8 +51,12 @@ class TrackStepMetricsState(NamedTuple):
 def _unchanged(
   pair: pairwise.PairInputs, state: dict[str, Any], count: jax.Array, total: jax.Array | None
 ) -> pairwise.KernelResult:
+  """The updates as they come, and the norm of their weight change."""
   del state, count, total
-  return pair.grad_a, pair.grad_b, {}, {}
+  update_norm = metrics_lib.weight_change_norm(pair.lora_a, pair.lora_b, pair.grad_a, pair.grad_b)
+  if pair.lora_scale is not None:
+    update_norm = update_norm * jnp.abs(pair.lora_scale)
+  return pair.grad_a, pair.grad_b, {}, {"update_norm": update_norm}
 
 
 def track_step_metrics(
@@ -60,12 +65,13 @@ def track_step_metrics(
   """Pass updates through unchanged, recording their LoRA factor metrics.
 
   Put it in any chain, after the transforms whose output it should describe
-  and before the learning rate, to read the metrics of every pairwise
-  optimizer (:mod:`adaprelora_jax.metrics`: ``factor_norm_a``,
-  ``factor_norm_b``, ``update_norm``) with
-  :func:`adaprelora_jax.step_metrics`, e.g. for ``optax.adamw``. The
-  baselines' ``metrics=True`` appends it. Leaves that are not LoRA factors
-  pass through unchanged.
+  and before the learning rate, to read with
+  :func:`adaprelora_jax.step_metrics` the factor norms (``factor_norm_a``,
+  ``factor_norm_b``) and ``update_norm``, ``‖s·(δa b + a δb)‖_F`` of the
+  updates reaching it (:mod:`adaprelora_jax.metrics`; two 2r×2r Grams per
+  pair), e.g. for ``optax.adamw`` or beside
+  ``adaprelora(..., metrics=True)``. The baselines' ``metrics=True`` appends
+  it. Leaves that are not LoRA factors pass through unchanged.
 
   Example::
 

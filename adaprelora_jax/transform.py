@@ -208,17 +208,16 @@ def scale_by_adaprelora(
       weight-space step of a scaled model is ``s`` times that
       (docs/design.md §9). Must be > 0 or None.
     metrics: keep the last update's metrics in the state, for
-      :func:`adaprelora_jax.step_metrics` (``docs/design.md`` §11): those of
-      every pairwise optimizer (:mod:`adaprelora_jax.metrics`: factor norms,
-      ``update_norm``, which is the step of the unit map ``a·b``, so the
-      weight change of a model with ``lora_scale`` is that many times it)
-      and ``step_h_norm`` (``‖δW‖_H``, the H-norm of the clipped weight
-      step), ``clip_factor`` (1 when not clipped), ``tangent_share``
+      :func:`adaprelora_jax.step_metrics` (``docs/design.md`` §11): the
+      factor norms, ``step_h_norm`` (``‖δW‖_H``, the H-norm of the clipped
+      weight step), ``clip_factor`` (1 when not clipped), ``tangent_share``
       (``‖δW‖_H / ‖H⁻¹G‖_H`` before clipping, for pairs with exact
       statistics, under Adafactor's factored model of ``G²``:
-      :func:`adaprelora_jax.step.tangent_share`) and ``skipped_pairs``. Off
-      (default), the state's ``metrics`` is None and the step computes
-      nothing extra.
+      :func:`adaprelora_jax.step.tangent_share`) and ``skipped_pairs``; the
+      step computes all of them anyway. Chain
+      :func:`adaprelora_jax.track_step_metrics` after it for the Frobenius
+      norm of the weight change. Off (default), the state's ``metrics`` is
+      None.
 
   Returns:
     The corresponding :class:`optax.GradientTransformationExtraArgs`.

@@ -457,8 +457,7 @@ plt.show()
 # %% [markdown]
 # What each step did, from `ap.step_metrics` (aggregated over the two LoRA pairs): the
 # $H$-norm of the weight step $\|\delta W\|_H$ and its clipping factor, the norms of the
-# factors and of the first-order weight change $\|\delta a\, b + a\, \delta b\|_F$, and,
-# for the layer with exact statistics, the *tangent share*
+# factors, and, for the layer with exact statistics, the *tangent share*
 # $\|\delta W\|_H / \|H^{-1}G\|_H$: how much of the Adafactor step the rank-4 tangent
 # space can hold (§4 shows that no tangent direction holds more).
 
@@ -479,9 +478,8 @@ axes[1].set_ylim(0, 1.05)
 axes[1].set_title("clipping factor (min over pairs)")
 axes[2].plot(series["factor_norm_a/max"], label="max ‖a‖")
 axes[2].plot(series["factor_norm_b/max"], label="max ‖b‖")
-axes[2].plot(series["update_norm/max"], label="max ‖δa b + a δb‖")
 axes[2].set_yscale("log")
-axes[2].set_title("factor and update norms")
+axes[2].set_title("factor norms")
 axes[3].plot(share)
 axes[3].set_ylim(0, 1.05)
 axes[3].set_title("tangent share, hidden1 (exact statistics)")
