@@ -69,7 +69,7 @@ def environment() -> dict:
     "machine": platform.machine(),
     "python": platform.python_version(),
     "commit": commit,
-    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
   }
 
 
