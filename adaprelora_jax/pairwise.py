@@ -97,11 +97,8 @@ class PairInputs(NamedTuple):
 # updates and ``total`` the sum over all pairs of prepare_pair's scalar (None
 # without it); ``metrics`` the kernel's own per-pair scalars (a dict, may be
 # empty; read only with ``metrics=True``).
-PairKernel = Callable[
-  [Any, dict[str, Any], jax.Array, jax.Array | None],
-  tuple[jax.Array, jax.Array, dict[str, Any], dict[str, jax.Array]],
-]
 KernelResult = tuple[jax.Array, jax.Array, dict[str, Any], dict[str, jax.Array]]
+PairKernel = Callable[[Any, dict[str, Any], jax.Array, jax.Array | None], KernelResult]
 PreparePair = Callable[[PairInputs], tuple[Any, jax.Array]]
 
 
@@ -244,8 +241,8 @@ def pairwise_transform(
     state_type: called as ``state_type(count=..., non_lora=...,
       pair_position=..., layout_version=..., **entries)`` with one entry per
       field, and ``metrics=`` a :class:`adaprelora_jax.metrics.StepMetrics`
-      with ``metrics=True``; normally the transform's state NamedTuple. ``count`` and
-      ``non_lora`` are as in optax; ``pair_position`` is the engine's
+      with ``metrics=True``; normally the transform's state NamedTuple.
+      ``count`` and ``non_lora`` are as in optax; ``pair_position`` is the engine's
       bookkeeping (each pair's place in its group, at its ``lora_a``, int32):
       set by ``init``, never changed; an edited position makes its group's
       updates NaN rather than swapping pairs. ``layout_version`` is
@@ -263,8 +260,8 @@ def pairwise_transform(
       default backend is CPU, decided when the update is traced.
     metrics: keep the last update's metrics in the state
       (:mod:`adaprelora_jax.metrics`; read them with
-      :func:`adaprelora_jax.step_metrics`). Off, the state holds None and the
-      update computes nothing extra.
+      :func:`adaprelora_jax.step_metrics`). Off, ``state_type`` gets no
+      ``metrics`` and the update computes nothing extra.
 
   Returns:
     The :class:`optax.GradientTransformationExtraArgs`.

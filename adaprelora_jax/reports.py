@@ -29,13 +29,15 @@ from adaprelora_jax.transform import ROW_SECOND_MOMENT
 from adaprelora_jax.transform import ScaleByAdaPreLoRAState
 
 
+def _nodes_of_type(state: Any, node_type: type) -> list[Any]:
+  """Every node of ``node_type`` inside an optimizer state, in tree order."""
+  is_node = lambda x: isinstance(x, node_type)  # noqa: E731
+  return [node for node in jax.tree.leaves(state, is_leaf=is_node) if is_node(node)]
+
+
 def _adaprelora_states(state: Any) -> list[ScaleByAdaPreLoRAState]:
   """Every :class:`ScaleByAdaPreLoRAState` inside an optimizer state."""
-  found = [
-    node
-    for node in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, ScaleByAdaPreLoRAState))
-    if isinstance(node, ScaleByAdaPreLoRAState)
-  ]
+  found = _nodes_of_type(state, ScaleByAdaPreLoRAState)
   if not found:
     raise ValueError("No ScaleByAdaPreLoRAState found in the optimizer state.")
   return found
@@ -152,11 +154,7 @@ def step_metrics(state: Any) -> dict[str, jax.Array]:
   Raises:
     ValueError: if the state holds none.
   """
-  found = [
-    node
-    for node in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, metrics_lib.StepMetrics))
-    if isinstance(node, metrics_lib.StepMetrics)
-  ]
+  found = _nodes_of_type(state, metrics_lib.StepMetrics)
   if not found:
     raise ValueError(
       "The optimizer state holds no step metrics: build the optimizer with "

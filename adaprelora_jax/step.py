@@ -31,6 +31,7 @@ import jax.numpy as jnp
 
 from adaprelora_jax import kernels
 from adaprelora_jax import linalg
+from adaprelora_jax import metrics as metrics_lib
 from adaprelora_jax import pairwise
 from adaprelora_jax import tangent
 
@@ -256,4 +257,4 @@ def update_pair(
     deltas = (jnp.where(ok, deltas[0], 0.0), jnp.where(ok, deltas[1], 0.0))
     skipped = ~ok
   skips = state["nonfinite_count"] + skipped.astype(jnp.int32)
-  return *deltas, {**moments, "nonfinite_count": skips}, {**metrics, "skipped": skipped}
+  return *deltas, {**moments, "nonfinite_count": skips}, {**metrics, metrics_lib.SKIPPED: skipped}
