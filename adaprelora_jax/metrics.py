@@ -14,8 +14,8 @@
 """Per-step metrics: what an optimizer's last update did, as a few scalars.
 
 A pairwise optimizer built with ``metrics=True`` keeps a :class:`StepMetrics`
-in its state: per-pair scalars of the last update, aggregated over all pairs
-(stacked layers count one pair each). Every such optimizer reports
+beside its state (:class:`WithMetricsState`): per-pair scalars of the last
+update, aggregated over all pairs (stacked layers count one pair each). Every such optimizer reports
 ``factor_norm_a`` / ``factor_norm_b`` (``‖a‖_F`` and ``‖b‖_F`` before the
 update), and its kernel adds its own: :func:`adaprelora_jax.scale_by_adaprelora`
 the step's H-norm, the clipping factor, the tangent share and skipped pairs
@@ -34,7 +34,7 @@ reads them from a whole optimizer state.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -56,6 +56,22 @@ class StepMetrics(NamedTuple):
   """
 
   values: dict[str, jax.Array]
+
+
+class WithMetricsState(NamedTuple):
+  """State of a transform built with ``metrics=True``.
+
+  A wrapper, like optax's ``InjectHyperparamsState``, so that the wrapped
+  state keeps the structure it has without metrics (and checkpoints saved
+  without them keep restoring into it).
+
+  Attributes:
+    inner_state: the transform's own state.
+    metrics: the last update's :class:`StepMetrics`.
+  """
+
+  inner_state: Any
+  metrics: StepMetrics
 
 
 def weight_change_norm(

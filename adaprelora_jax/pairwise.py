@@ -28,7 +28,7 @@ declaration of its per-pair state (:mod:`adaprelora_jax.slots`).
 4. the factor updates are scattered back to the leaves, each field writes
    its results, and the router finishes the other leaves;
 5. with ``metrics=True``, the per-pair metrics (:mod:`adaprelora_jax.metrics`)
-   are aggregated over all pairs into the state.
+   are aggregated over all pairs, beside the state.
 
 Kernels that need a reduction over *all* pairs before updating any
 (LoRA-RITE's global gradient clipping) supply a ``prepare_pair`` first pass.
@@ -240,9 +240,8 @@ def pairwise_transform(
       state entry is None).
     state_type: called as ``state_type(count=..., non_lora=...,
       pair_position=..., layout_version=..., **entries)`` with one entry per
-      field, and ``metrics=`` a :class:`adaprelora_jax.metrics.StepMetrics`
-      with ``metrics=True``; normally the transform's state NamedTuple.
-      ``count`` and ``non_lora`` are as in optax; ``pair_position`` is the engine's
+      field; normally the transform's state NamedTuple. ``count`` and
+      ``non_lora`` are as in optax; ``pair_position`` is the engine's
       bookkeeping (each pair's place in its group, at its ``lora_a``, int32):
       set by ``init``, never changed; an edited position makes its group's
       updates NaN rather than swapping pairs. ``layout_version`` is
@@ -258,10 +257,12 @@ def pairwise_transform(
       deadlock the intra-op thread pool (docs/design.md §10). The updates
       are the same; only the schedule differs. ``"on_cpu"``: when the
       default backend is CPU, decided when the update is traced.
-    metrics: keep the last update's metrics in the state
-      (:mod:`adaprelora_jax.metrics`; read them with
-      :func:`adaprelora_jax.step_metrics`). Off, ``state_type`` gets no
-      ``metrics`` and the update computes nothing extra.
+    metrics: keep the last update's metrics: the state is then a
+      :class:`adaprelora_jax.metrics.WithMetricsState` around
+      ``state_type``'s (read them with :func:`adaprelora_jax.step_metrics`).
+      Off, the state is ``state_type``'s alone, exactly as without metrics
+      (checkpoints saved before metrics existed restore into it), and the
+      update computes nothing extra.
 
   Returns:
     The :class:`optax.GradientTransformationExtraArgs`.
@@ -280,7 +281,6 @@ def pairwise_transform(
       non_lora=router.init_non_lora(plan, params),
       pair_position=_init_positions(plan, labels),
       layout_version=state_layout.version_leaf(),
-      **({"metrics": None} if metrics else {}),
       **{name: kind.init(plan, labels) for name, kind in kinds.items()},
       **absent,
     )
@@ -289,11 +289,13 @@ def pairwise_transform(
     # Which metrics the kernel reports (e.g. only for pairs with exact
     # statistics) is known once it is traced: trace one update abstractly,
     # so that the state's structure is fixed from the start.
-    shapes = jax.eval_shape(lambda p, s: update_fn(p, s, p)[1].metrics, params, state)
-    return state._replace(metrics=jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes))
+    shapes = jax.eval_shape(lambda p, s: update_state(p, s, p)[2], params, state)
+    return metrics_lib.WithMetricsState(
+      state, jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
+    )
 
-  def update_fn(updates, state, params=None, **extra_args):
-    del extra_args
+  def update_state(updates, state, params):
+    """The updates, the new state and, with ``metrics``, the step's metrics."""
     plan = router.plan(params)
     grads = plan_lib.check_matching_tree(plan, updates, "gradient")
     param_leaves = plan.leaves(params)
@@ -325,15 +327,22 @@ def pairwise_transform(
       for name, kind in kinds.items()
     }
     new_updates, non_lora_state = router.finish(plan, out, updates, state.non_lora, params)
-    return new_updates, state_type(
+    new_state = state_type(
       count=optax.safe_increment(state.count),
       non_lora=non_lora_state,
       pair_position=state.pair_position,
       layout_version=state.layout_version,
-      **({"metrics": _step_metrics(inputs, results)} if metrics else {}),
       **entries,
       **absent,
     )
+    return new_updates, new_state, _step_metrics(inputs, results) if metrics else None
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del extra_args
+    if not metrics:
+      return update_state(updates, state, params)[:2]
+    new_updates, new_state, step = update_state(updates, state.inner_state, params)
+    return new_updates, metrics_lib.WithMetricsState(new_state, step)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

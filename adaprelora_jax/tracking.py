@@ -38,14 +38,12 @@ class TrackStepMetricsState(NamedTuple):
     layout_version: the state layout (int32,
       :data:`adaprelora_jax.STATE_LAYOUT_VERSION`).
     non_lora: empty (other leaves pass through).
-    metrics: the last update's :class:`adaprelora_jax.metrics.StepMetrics`.
   """
 
   count: chex.Array
   pair_position: optax.Updates
   layout_version: chex.Array
   non_lora: optax.OptState
-  metrics: metrics_lib.StepMetrics
 
 
 def _unchanged(
@@ -90,7 +88,8 @@ def track_step_metrics(
 
   Returns:
     The corresponding :class:`optax.GradientTransformationExtraArgs`; its
-    state is a :class:`TrackStepMetricsState`.
+    state is a :class:`adaprelora_jax.metrics.WithMetricsState` around a
+    :class:`TrackStepMetricsState`.
   """
   return pairwise.pairwise_transform(
     _unchanged,

@@ -27,7 +27,6 @@ import optax
 from adaprelora_jax import factorwise
 from adaprelora_jax import gauge
 from adaprelora_jax import kernels
-from adaprelora_jax import metrics as metrics_lib
 from adaprelora_jax import pairing as pairing_lib
 from adaprelora_jax import pairwise
 from adaprelora_jax import routing
@@ -79,8 +78,6 @@ class ScaleByAdaPreLoRAState(NamedTuple):
     layout_version: the state layout (int32,
       :data:`adaprelora_jax.STATE_LAYOUT_VERSION`).
     non_lora: state of the transform applied to the other leaves.
-    metrics: the last update's metrics with ``metrics=True``, else None
-      (:func:`adaprelora_jax.step_metrics`).
   """
 
   count: chex.Array
@@ -91,7 +88,6 @@ class ScaleByAdaPreLoRAState(NamedTuple):
   pair_position: optax.Updates
   layout_version: chex.Array
   non_lora: optax.OptState
-  metrics: metrics_lib.StepMetrics | None = None
 
 
 ROW_SECOND_MOMENT = slots.GroupSlot("a", ("d_in",))
@@ -216,8 +212,9 @@ def scale_by_adaprelora(
       :func:`adaprelora_jax.step.tangent_share`) and ``skipped_pairs``; the
       step computes all of them anyway. Chain
       :func:`adaprelora_jax.track_step_metrics` after it for the Frobenius
-      norm of the weight change. Off (default), the state's ``metrics`` is
-      None.
+      norm of the weight change. The state is then a
+      :class:`adaprelora_jax.metrics.WithMetricsState` around this one; off
+      (default), it is this one alone, as before metrics existed.
 
   Returns:
     The corresponding :class:`optax.GradientTransformationExtraArgs`.

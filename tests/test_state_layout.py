@@ -21,6 +21,9 @@ import adaprelora_jax as ap
 from tests.optimizers import EVERY_OPTIMIZER
 
 LAYOUT2_CHECKPOINT = Path(__file__).parent / "fixtures" / "layout2_adaprelora_state"
+# adaprelora(1e-2, b1=0.9) after one update, saved by commit 0ce8979 (layout
+# 3, before per-step metrics existed).
+LAYOUT3_CHECKPOINT = Path(__file__).parent / "fixtures" / "layout3_adaprelora_state"
 
 
 def _params():
@@ -60,6 +63,16 @@ def test_checkpoint_of_this_layout_passes_and_restores(tmp_path):
   _save(tmp_path / "state", state)
   ap.check_checkpoint_layout(tmp_path / "state", state)
   restored = ocp.StandardCheckpointer().restore(tmp_path / "state", tx.init(params))
+  chex.assert_trees_all_equal(restored, state)
+
+
+def test_layout3_checkpoint_saved_before_step_metrics_restores_bit_for_bit():
+  params = _params()
+  grads = {"layer": {"lora_a": jnp.full((4, 2), 0.1), "lora_b": jnp.full((2, 3), -0.2)}}
+  tx = ap.adaprelora(1e-2, b1=0.9)
+  _, state = tx.update(grads, tx.init(params), params)
+  ap.check_checkpoint_layout(LAYOUT3_CHECKPOINT, state)
+  restored = ocp.StandardCheckpointer().restore(LAYOUT3_CHECKPOINT, tx.init(params))
   chex.assert_trees_all_equal(restored, state)
 
 
