@@ -21,7 +21,8 @@ Main entry points:
   over the AdaPreLoRA factor directions.
 * :func:`scale_by_adaprelora` -- the chainable core transform.
 * :func:`factor_update` -- the pure closed-form factor step.
-* :mod:`adaprelora_jax.nn` -- flax nnx LoRA layers with exact statistics.
+* :mod:`adaprelora_jax.nn` -- flax nnx LoRA layers with exact statistics
+  (imported on first use: the optimizer itself does not import flax).
 * :mod:`adaprelora_jax.qwix` -- a ``qwix.LoraProvider`` whose LoRA ops (Tunix,
   MaxText) hand the optimizer exact statistics (needs qwix; imported on
   first use of ``adaprelora_jax.qwix``).
@@ -40,7 +41,6 @@ Main entry points:
 from adaprelora_jax import baselines
 from adaprelora_jax import kernels
 from adaprelora_jax import metrics
-from adaprelora_jax import nn
 from adaprelora_jax import pairing
 from adaprelora_jax import pairs
 from adaprelora_jax import pairwise
@@ -80,11 +80,12 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-  # adaprelora_jax.qwix needs qwix, an optional dependency: import it on use.
-  if name == "qwix":
+  # adaprelora_jax.nn needs flax and adaprelora_jax.qwix needs qwix, an
+  # optional dependency; the optimizer needs neither, so import them on use.
+  if name in ("nn", "qwix"):
     import importlib  # noqa: PLC0415
 
-    return importlib.import_module("adaprelora_jax.qwix")
+    return importlib.import_module(f"adaprelora_jax.{name}")
   raise AttributeError(f"module 'adaprelora_jax' has no attribute {name!r}")
 
 

@@ -25,16 +25,19 @@ state lays them out like the parameters (``docs/design.md`` §10).
 This is the only flax-facing part of the optimizer engine: the engine
 (:mod:`adaprelora_jax.pairwise`) hands it the params and calls it on every
 entry it builds; for params without ``Variable`` nodes it changes nothing.
+It does not import flax: a leaf can only be an ``nnx.Variable`` once flax is
+imported, so :func:`is_variable` looks flax up in ``sys.modules`` and the
+optimizer on plain array trees runs without flax installed or imported.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
 import optax
-from flax import nnx
 
 from adaprelora_jax import pairs as pairs_lib
 from adaprelora_jax import plan as plan_lib
@@ -42,7 +45,9 @@ from adaprelora_jax import slots as slots_lib
 
 
 def is_variable(node: Any) -> bool:
-  return isinstance(node, nnx.Variable)
+  """Whether ``node`` is a flax ``nnx.Variable`` (False while flax is not imported)."""
+  nnx = sys.modules.get("flax.nnx")
+  return nnx is not None and isinstance(node, nnx.Variable)
 
 
 def unwrap(node: Any) -> Any:

@@ -1,6 +1,9 @@
-"""The version floors CI installs are the ones pyproject.toml declares."""
+"""Packaging: the version floors CI installs are the ones pyproject.toml
+declares, and the optimizer runs without importing flax."""
 
 import re
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -33,3 +36,28 @@ def test_every_declared_floor_is_the_version_ci_installs():
 def test_python_floor_is_the_one_jax_needs():
   project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
   assert project["requires-python"] == ">=3.11"
+
+
+OPTIMIZERS_ON_A_PLAIN_TREE = """
+import sys
+import jax.numpy as jnp
+import adaprelora_jax as ap
+params = {"layer": {"lora_a": jnp.ones((4, 2)), "lora_b": jnp.zeros((2, 3))}, "head": jnp.ones(3)}
+for tx in (ap.adaprelora(1e-2, metrics=True), ap.adaprelora_adamw(1e-2), ap.lora_plus(1e-2),
+           ap.scaled_adamw(1e-2), ap.lora_pro(1e-2), ap.lora_rite(1e-2)):
+  updates, state = tx.update(params, tx.init(params), params)
+  assert jnp.isfinite(updates["layer"]["lora_a"]).all()
+tx = ap.adaprelora(1e-2, metrics=True)
+assert ap.step_metrics(tx.update(params, tx.init(params), params)[1])
+print(sorted({name.split(".")[0] for name in sys.modules} & {"flax", "qwix", "tunix"}))
+"""
+
+
+def test_the_optimizers_do_not_import_flax():
+  # flax's nnx labelling of state is looked up only when a leaf is an
+  # nnx.Variable, which needs flax imported by the caller first.
+  run = subprocess.run(
+    [sys.executable, "-c", OPTIMIZERS_ON_A_PLAIN_TREE], capture_output=True, text=True
+  )
+  assert run.returncode == 0, run.stderr
+  assert run.stdout.strip() == "[]", run.stdout
