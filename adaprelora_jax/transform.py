@@ -220,9 +220,8 @@ def scale_by_adaprelora(
     The corresponding :class:`optax.GradientTransformationExtraArgs`.
 
   Raises:
-    ValueError: for a hyperparameter out of its range, naming it. Only host
-      numbers are checked; JAX arrays (traced, or from
-      ``optax.inject_hyperparams``) and schedules are not.
+    ValueError: for a hyperparameter out of its range, naming it (which
+      values are checked: :mod:`adaprelora_jax.validation`).
 
   References:
     Bian, Cai, Liu, `AdaPreLoRA: adaptive preconditioned low-rank adaptation

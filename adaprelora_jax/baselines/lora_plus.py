@@ -54,9 +54,8 @@ def scale_by_lora_plus(
     The corresponding :class:`optax.GradientTransformationExtraArgs`.
 
   Raises:
-    ValueError: for a hyperparameter out of its range, naming it. Only host
-      numbers are checked; JAX arrays (traced, or from
-      ``optax.inject_hyperparams``) and schedules are not.
+    ValueError: for a hyperparameter out of its range, naming it (which
+      values are checked: :mod:`adaprelora_jax.validation`).
 
   References:
     Hayou, Ghosh, Yu, `LoRA+: Efficient Low Rank Adaptation of Large Models
@@ -146,9 +145,8 @@ def lora_plus(
     The corresponding :class:`optax.GradientTransformationExtraArgs`.
 
   Raises:
-    ValueError: for a hyperparameter out of its range, naming it. Only host
-      numbers are checked; JAX arrays (traced, or from
-      ``optax.inject_hyperparams``) and schedules are not.
+    ValueError: for a hyperparameter out of its range, naming it (which
+      values are checked: :mod:`adaprelora_jax.validation`).
 
   References:
     Hayou, Ghosh, Yu, `LoRA+: Efficient Low Rank Adaptation of Large Models

@@ -260,9 +260,8 @@ def scale_by_lora_pro(
     The corresponding :class:`optax.GradientTransformationExtraArgs`.
 
   Raises:
-    ValueError: for a hyperparameter out of its range, naming it. Only host
-      numbers are checked; JAX arrays (traced, or from
-      ``optax.inject_hyperparams``) and schedules are not.
+    ValueError: for a hyperparameter out of its range, naming it (which
+      values are checked: :mod:`adaprelora_jax.validation`).
 
   References:
     Wang, Liang, He, Wang, Tan, `LoRA-Pro: Are Low-Rank Adapters Properly
@@ -279,7 +278,10 @@ def scale_by_lora_pro(
     weight_shaped = slots.Slot("a", ("d_in", "d_out"))
     return pairwise.pairwise_transform(
       functools.partial(
-        _full_space_adam, _ProHyperparams(b1, b2, eps, eps_root, lora_scale, damping)
+        _full_space_adam,
+        _ProHyperparams(
+          b1=b1, b2=b2, eps=eps, eps_root=eps_root, lora_scale=lora_scale, damping=damping
+        ),
       ),
       fields={"mu": weight_shaped, "nu": weight_shaped},
       state_type=ScaleByLoRAProState,
@@ -351,9 +353,8 @@ def lora_pro(
     The corresponding :class:`optax.GradientTransformationExtraArgs`.
 
   Raises:
-    ValueError: for a hyperparameter out of its range, naming it. Only host
-      numbers are checked; JAX arrays (traced, or from
-      ``optax.inject_hyperparams``) and schedules are not.
+    ValueError: for a hyperparameter out of its range, naming it (which
+      values are checked: :mod:`adaprelora_jax.validation`).
 
   References:
     Wang, Liang, He, Wang, Tan, `LoRA-Pro: Are Low-Rank Adapters Properly

@@ -323,9 +323,8 @@ def scale_by_lora_rite(
     The corresponding :class:`optax.GradientTransformationExtraArgs`.
 
   Raises:
-    ValueError: for a hyperparameter out of its range, naming it (only host
-      numbers are checked; JAX arrays, traced or from
-      ``optax.inject_hyperparams``, and schedules are not); and, when the
+    ValueError: for a hyperparameter out of its range, naming it (which
+      values are checked: :mod:`adaprelora_jax.validation`); and, when the
       pairs are found, for a pair whose rank exceeds ``d_in`` or ``d_out``,
       naming its path.
 
@@ -342,7 +341,13 @@ def scale_by_lora_rite(
   validation.check_positive("update_skipping", update_skipping, allow_none=True)
   validation.check_positive("update_capping", update_capping, allow_none=True)
   hyper = _RiteHyperparams(
-    b1, b2, eps, clip_unmagnified_grad, update_skipping, update_capping, escape_mass
+    b1=b1,
+    b2=b2,
+    eps=eps,
+    clip_unmagnified_grad=clip_unmagnified_grad,
+    update_skipping=update_skipping,
+    update_capping=update_capping,
+    escape_mass=escape_mass,
   )
 
   def both(*dims_a_b):

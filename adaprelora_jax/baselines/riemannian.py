@@ -123,9 +123,8 @@ def scale_by_riemannian_preconditioner(
     The corresponding :class:`optax.GradientTransformationExtraArgs`.
 
   Raises:
-    ValueError: for a hyperparameter out of its range, naming it. Only host
-      numbers are checked; JAX arrays (traced, or from
-      ``optax.inject_hyperparams``) and schedules are not.
+    ValueError: for a hyperparameter out of its range, naming it (which
+      values are checked: :mod:`adaprelora_jax.validation`).
 
   References:
     Zhang and Pilanci, `Riemannian Preconditioned LoRA for Fine-Tuning
@@ -186,9 +185,8 @@ def scaled_gd(
     The corresponding :class:`optax.GradientTransformationExtraArgs`.
 
   Raises:
-    ValueError: for a hyperparameter out of its range, naming it. Only host
-      numbers are checked; JAX arrays (traced, or from
-      ``optax.inject_hyperparams``) and schedules are not.
+    ValueError: for a hyperparameter out of its range, naming it (which
+      values are checked: :mod:`adaprelora_jax.validation`).
 
   References:
     Zhang and Pilanci, `Riemannian Preconditioned LoRA for Fine-Tuning
@@ -281,9 +279,8 @@ def scaled_adamw(
     The corresponding :class:`optax.GradientTransformationExtraArgs`.
 
   Raises:
-    ValueError: for a hyperparameter out of its range, naming it. Only host
-      numbers are checked; JAX arrays (traced, or from
-      ``optax.inject_hyperparams``) and schedules are not.
+    ValueError: for a hyperparameter out of its range, naming it (which
+      values are checked: :mod:`adaprelora_jax.validation`).
 
   References:
     Zhang and Pilanci, `Riemannian Preconditioned LoRA for Fine-Tuning
