@@ -20,7 +20,7 @@ whatever the number of layers, and per-layer leaves are cut out of the
 stacked results at positions read from the state (one compiled slice kernel
 per shape, not one per layer).
 
-Each row also gets its floor (``experiments/bench_step.py``: the optimizer's
+Each row also gets its floor (``experiments/benchmarking.py``: the optimizer's
 modelled flops over this machine's skinny-matmul throughput plus its bytes
 over its element-wise bandwidth, both measured in the same run for the
 setup's shapes) and measured / floor. The adaprelora rows use the tangent
@@ -40,18 +40,18 @@ import numpy as np
 import optax
 
 import adaprelora_jax as ap
-from experiments.bench_step import COST_MODELS
-from experiments.bench_step import RESULTS
-from experiments.bench_step import llama_lora_shapes
-from experiments.bench_step import make_lora_tree
-from experiments.bench_step import measure_machine
-from experiments.bench_step import model_work
-from experiments.bench_step import time_step
-from experiments.bench_step import tree_bytes
-from experiments.run import environment
+from experiments.benchmarking import COST_MODELS
+from experiments.benchmarking import llama_lora_shapes
+from experiments.benchmarking import make_lora_tree
+from experiments.benchmarking import measure_machine
+from experiments.benchmarking import model_work
+from experiments.benchmarking import time_step
+from experiments.benchmarking import tree_bytes
+from experiments.paths import RESULTS
+from experiments.paths import environment
 
 OPTIMIZERS = {"adamw": lambda: optax.adamw(1e-4), "adaprelora": lambda: ap.adaprelora(1e-4)}
-# The cost model of each row (experiments/bench_step.py::COST_MODELS).
+# The cost model of each row (experiments/benchmarking.py::COST_MODELS).
 MODELS = {"adamw": COST_MODELS["adamw"], "adaprelora": COST_MODELS["adaprelora (tangent)"]}
 
 

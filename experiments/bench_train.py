@@ -55,13 +55,14 @@ from flax import nnx
 import adaprelora_jax as ap
 from adaprelora_jax import nn as lora_nn
 from experiments import assets
+from experiments.benchmarking import functional
 from experiments.models import bert
 from experiments.models.layers import PROJECTIONS
 from experiments.models.layers import LoRAConfig
 from experiments.optimizers import OPTIMIZERS
-from experiments.run import environment
+from experiments.paths import RESULTS
+from experiments.paths import environment
 
-RESULTS = Path(__file__).parent / "results"
 RANK = 8
 NUM_CLASSES = 5
 
@@ -90,16 +91,6 @@ def classifier_loss(model: bert.BertClassifier, batch) -> jax.Array:
   return optax.softmax_cross_entropy_with_integer_labels(model(ids, mask), labels).mean()
 
 
-def _functional(model: nnx.Module, trainable_filter: Any, model_loss: Callable):
-  """The model split into a graph, its trainable state and the frozen rest."""
-  graphdef, trainable, rest = nnx.split(model, trainable_filter, ...)
-
-  def loss_fn(trainable, rest, batch):
-    return model_loss(nnx.merge(graphdef, trainable, rest), batch)
-
-  return loss_fn, trainable, rest
-
-
 def compile_train_step(
   model,
   tx: optax.GradientTransformation,
@@ -112,7 +103,7 @@ def compile_train_step(
   Returns:
     ``(compiled, args, compile_seconds)``; ``compiled(*args)`` runs one step.
   """
-  loss_fn, trainable, rest = _functional(model, trainable_filter, model_loss)
+  loss_fn, trainable, rest = functional(model, trainable_filter, model_loss)
   state = tx.init(trainable)
 
   # Parameters, state and batch are arguments: closing over them would make
@@ -133,7 +124,7 @@ def compile_gradient(
   model, batch, trainable_filter: Any = bert.TRAINABLE, model_loss: Callable = classifier_loss
 ):
   """The jitted fwd + bwd alone (no update), compiled, with its inputs."""
-  loss_fn, trainable, rest = _functional(model, trainable_filter, model_loss)
+  loss_fn, trainable, rest = functional(model, trainable_filter, model_loss)
   step = jax.jit(jax.value_and_grad(loss_fn))
   args = (trainable, rest, batch)
   start = time.perf_counter()

@@ -42,9 +42,10 @@ import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import adaprelora_jax as ap  # noqa: E402
-from experiments.run import environment  # noqa: E402
+from experiments.benchmarking import functional  # noqa: E402
+from experiments.paths import RESULTS  # noqa: E402
+from experiments.paths import environment  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
 DEVICES = 8
 
 _COLLECTIVE = re.compile(
@@ -90,7 +91,6 @@ CONFIGURATIONS = {
 
 
 def run(batch: int, window: int) -> dict:
-  from experiments.bench_train import _functional  # noqa: PLC0415
   from experiments.tasks import flagship as task  # noqa: PLC0415
 
   task._tunix().env_utils.setup_sharding_environment()
@@ -100,7 +100,7 @@ def run(batch: int, window: int) -> dict:
     for name, (provider, factory) in CONFIGURATIONS.items():
       options = {"statistics_batch_axes": ("fsdp",)} if provider == "per_shard" else {}
       model, _ = task.build_model(0, provider != "qwix", **options)
-      loss_fn, trainable, rest = _functional(model, nnx.LoRAParam, task.loss_fn)
+      loss_fn, trainable, rest = functional(model, nnx.LoRAParam, task.loss_fn)
       tx = factory()
       state = tx.init(trainable)
       rng = np.random.default_rng(0)

@@ -21,11 +21,11 @@ import matplotlib
 import numpy as np
 
 from experiments.optimizers import OPTIMIZERS
-from experiments.run import COMPILATION_CACHE
-from experiments.run import RESULTS
+from experiments.paths import COMPILATION_CACHE
+from experiments.paths import RESULTS
 from experiments.tasks import TASKS
 from experiments.tasks.base import Budget
-from experiments.training import RunConfig
+from experiments.tasks.base import RunConfig
 from experiments.training import enable_compilation_cache
 from experiments.training import train
 

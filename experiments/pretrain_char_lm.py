@@ -14,8 +14,9 @@
 """Pretrains the character transformer on Shakespeare (the LoRA base model).
 
 No pretrained decoder is installable offline, so the project makes its own:
-full-parameter AdamW with linear warm-up and cosine decay, fixed seed, on
-the 42 Shakespeare works (:func:`experiments.data.shakespeare_chars`).
+full-parameter AdamW with linear warm-up and cosine decay
+(:mod:`experiments.pretraining`), fixed seed, on the 42 Shakespeare works
+(:func:`experiments.data.shakespeare_chars`).
 Writes the weights (:func:`experiments.models.char_lm.save`) and a JSON
 record (config, seed, steps, validation bits per character, sha256 of the
 data) next to them. The defaults regenerate the committed checkpoint
@@ -30,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import importlib.metadata
 import json
 import time
@@ -38,44 +38,13 @@ from pathlib import Path
 
 import jax
 import numpy as np
-import optax
 from flax import nnx
 
 from experiments import assets
 from experiments import data
 from experiments.models import char_lm
-
-
-@dataclasses.dataclass(frozen=True)
-class PretrainConfig:
-  seed: int = 0
-  steps: int = 2000
-  batch_size: int = 32
-  warmup_steps: int = 100
-  peak_learning_rate: float = 3e-3
-  final_learning_rate: float = 1e-4
-  weight_decay: float = 0.1
-  clip_norm: float = 1.0
-  eval_every: int = 250
-
-
-# Cached so that runs with equal configs share one transform object, which
-# is static in the jitted step: it then compiles once per process.
-@functools.cache
-def _optimizer(config: PretrainConfig) -> optax.GradientTransformation:
-  schedule = optax.warmup_cosine_decay_schedule(
-    0.0, config.peak_learning_rate, config.warmup_steps, config.steps, config.final_learning_rate
-  )
-
-  # Decay matrices only, as is usual for transformers: shrinking gains,
-  # biases and LayerNorm parameters only hurts.
-  def decay_mask(params):
-    return jax.tree.map(lambda p: p.ndim >= 2, params)
-
-  return optax.chain(
-    optax.clip_by_global_norm(config.clip_norm),
-    optax.adamw(schedule, weight_decay=config.weight_decay, mask=decay_mask),
-  )
+from experiments.pretraining import PretrainConfig
+from experiments.pretraining import pretrain_optimizer
 
 
 @nnx.jit
@@ -95,7 +64,7 @@ def pretrain(model_config: char_lm.CharLMConfig, config: PretrainConfig, output:
     raise ValueError(f"vocab_size must be {corpus.vocab.size}")
   val_windows = data.lm_eval_windows(corpus.test, model_config.max_length)
   model = char_lm.CharLM(model_config, rngs=nnx.Rngs(config.seed))
-  optimizer = nnx.Optimizer(model, _optimizer(config), wrt=nnx.Param)
+  optimizer = nnx.Optimizer(model, pretrain_optimizer(config), wrt=nnx.Param)
   batches = data.lm_batches(
     corpus.train, config.batch_size, model_config.max_length, seed=config.seed
   )

@@ -4,7 +4,8 @@ The base model of the flagship study (``experiments.tasks.flagship``):
 ``tunix.models.llama3.Llama3`` at 4 layers, d=256, 4 query / 2 key-value
 heads of 64, SwiGLU 512 (2.4M parameters), trained from scratch with
 full-parameter AdamW, warm-up and cosine decay (the schedule and clipping of
-``experiments.pretrain_char_lm``), fixed seed, on the 42 Shakespeare works.
+``experiments.pretrain_char_lm``: :mod:`experiments.pretraining`), fixed
+seed, on the 42 Shakespeare works.
 
 Tokenizer: characters (:func:`experiments.data.char_vocab`, 85 ids), not a
 byte-level BPE. Under a 2-core budget the model is so small that its cost
@@ -47,8 +48,8 @@ from tunix.utils import env_utils
 from experiments import assets
 from experiments import data
 from experiments.models import llama
-from experiments.pretrain_char_lm import PretrainConfig
-from experiments.pretrain_char_lm import _optimizer as pretrain_optimizer
+from experiments.pretraining import PretrainConfig
+from experiments.pretraining import pretrain_optimizer
 
 SEQ_LEN = 128
 # The committed checkpoint's training run: 1,000 steps of 16 x 128 characters

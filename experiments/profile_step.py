@@ -1,12 +1,14 @@
 """Where adaprelora's optimizer step spends its time, against its cost model.
 
 On the tree of :mod:`experiments.bench_step` (56 Llama-shaped pairs by
-default), for exact and tangent statistics:
+default; :mod:`experiments.benchmarking` builds it), for exact and tangent
+statistics:
 
 1. **Counted work.** The dot products of the compiled step, read from its
    optimized HLO: executed flops against the cost model of ``bench_step``
-   (products inside the conditional gradient projection, which backprop
-   gradients skip, are reported apart), the LAPACK calls and the copies.
+   (:data:`experiments.benchmarking.COST_MODELS`; products inside the
+   conditional gradient projection, which backprop gradients skip, are
+   reported apart), the LAPACK calls and the copies.
 2. **Same-run timings**, each a ratio to ``optax.adamw``:
 
    * ``step``: the whole update + apply;
@@ -43,9 +45,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import adaprelora_jax as ap
-from experiments import bench_step
+from experiments import benchmarking
+from experiments.paths import RESULTS
 
-RESULTS = Path(__file__).parent / "results"
 _PRECISION = jax.lax.Precision.HIGHEST
 _DEFINITION = re.compile(r"\s*(?:ROOT )?(%[\w.\-]+) = \w+\[([0-9,]*)\]")
 _DOT = re.compile(r"\s*(?:ROOT )?%[\w.\-]+ = \w+\[([0-9,]*)\]\S* dot\((%[\w.\-]+), (%[\w.\-]+)\)")
@@ -91,7 +93,7 @@ def hlo_work(hlo: str) -> dict:
   }
 
 
-def products_alone(plan: ap.plan.LoRAPlan, leaves: list, model: bench_step.CostModel):
+def products_alone(plan: ap.plan.LoRAPlan, leaves: list, model: benchmarking.CostModel):
   """The cost model's d×r×r products on pre-stacked group arrays, and those arrays.
 
   Per side (``model.products_a`` on ``lora_a``'s, ``model.products_b`` on
@@ -149,18 +151,18 @@ def _compiled(fn, args) -> dict:
 def compile_attribution(layer_counts: tuple[int, ...], trials: int) -> list[dict]:
   """Compile seconds of adamw and adaprelora with and without the projection."""
   variants = {
-    "adamw": bench_step.OPTIMIZERS["adamw"][0],
-    "adaprelora": bench_step.OPTIMIZERS["adaprelora (tangent)"][0],
+    "adamw": benchmarking.OPTIMIZERS["adamw"][0],
+    "adaprelora": benchmarking.OPTIMIZERS["adaprelora (tangent)"][0],
     "adaprelora, project_gradients=False": lambda: ap.adaprelora(1e-4, project_gradients=False),
   }
   rows = []
   for layers in layer_counts:
-    params, grads = bench_step.make_lora_tree(256, 688, layers, 16)
+    params, grads = benchmarking.make_lora_tree(256, 688, layers, 16)
     seconds: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(trials):
       for name, factory in variants.items():
         jax.clear_caches()
-        seconds[name].append(bench_step.compile_step(factory(), params, grads)["compile_seconds"])
+        seconds[name].append(benchmarking.compile_step(factory(), params, grads)["compile_seconds"])
     adamw = float(np.median(seconds["adamw"]))
     rows += [
       {
@@ -185,16 +187,16 @@ def run(
 ) -> dict:
   programs = {}
   counted = {}
-  shapes = list(bench_step.llama_lora_shapes(hidden, ffn).values()) * layers
+  shapes = list(benchmarking.llama_lora_shapes(hidden, ffn).values()) * layers
   for statistics in ("exact", "tangent"):
-    factory, exact = bench_step.OPTIMIZERS[f"adaprelora ({statistics})"]
-    model = bench_step.COST_MODELS[f"adaprelora ({statistics})"]
-    params, grads = bench_step.make_lora_tree(hidden, ffn, layers, rank, exact_statistics=exact)
-    step = bench_step.compile_step(factory(), params, grads)
+    factory, exact = benchmarking.OPTIMIZERS[f"adaprelora ({statistics})"]
+    model = benchmarking.COST_MODELS[f"adaprelora ({statistics})"]
+    params, grads = benchmarking.make_lora_tree(hidden, ffn, layers, rank, exact_statistics=exact)
+    step = benchmarking.compile_step(factory(), params, grads)
     counted[statistics] = hlo_work(step["compiled"].as_text())
-    counted[statistics]["model_flops"] = bench_step.model_work(model, shapes, rank)["flops"]
+    counted[statistics]["model_flops"] = benchmarking.model_work(model, shapes, rank)["flops"]
     programs[f"{statistics}: step"] = step
-    programs[f"{statistics}: step, one group per pair"] = bench_step.compile_step(
+    programs[f"{statistics}: step, one group per pair"] = benchmarking.compile_step(
       ap.adaprelora(1e-4, pairing=one_group_per_pair), params, grads
     )
     plan = ap.plan_pairs(params)
@@ -202,8 +204,10 @@ def run(
       *products_alone(plan, plan.leaves(params), model)
     )
     programs[f"{statistics}: stacking"] = _compiled(*stacking_alone(plan, params, grads))
-  programs["adamw"] = bench_step.compile_step(bench_step.OPTIMIZERS["adamw"][0](), params, grads)
-  timings = bench_step.time_interleaved(programs, repeats)
+  programs["adamw"] = benchmarking.compile_step(
+    benchmarking.OPTIMIZERS["adamw"][0](), params, grads
+  )
+  timings = benchmarking.time_interleaved(programs, repeats)
   adamw = timings["adamw"]["step_seconds"]
   return {
     "config": {"hidden": hidden, "ffn": ffn, "layers": layers, "rank": rank, "repeats": repeats},
@@ -260,7 +264,7 @@ def format_report(report: dict) -> str:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  bench_step.add_tree_arguments(parser)
+  benchmarking.add_tree_arguments(parser)
   parser.add_argument("--output", type=Path, default=RESULTS / "profile_step.json")
   args = parser.parse_args()
   report = run(args.hidden, args.ffn, args.layers, args.rank, args.repeats)

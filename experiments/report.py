@@ -17,10 +17,15 @@ Schema of ``experiments/results/<task>.json`` (one file per task)::
 differ when ``python -m experiments.run --merge`` reran only some optimizers.
 Files written before it existed lack it; :func:`provenance` then takes every
 entry's from ``environment``.
+
+A long leg's results (``results/<task>_long.json``: the schema above plus
+``time_to_target``, see ``experiments.flagship``) get their own section of
+RESULTS.md and figure (:func:`long_leg_markdown`, :func:`plot_long`).
 """
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -237,15 +242,101 @@ def results_markdown(all_results: list[dict[str, Any]]) -> str:
   return "\n".join(parts)
 
 
+def best_curves(entry: dict) -> dict[str, Any]:
+  """The curves of an optimizer's entry at its best learning rate."""
+  (curves,) = [
+    lr_entry["curves"] for lr, lr_entry in entry["lrs"].items() if float(lr) == entry["best_lr"]
+  ]
+  return curves
+
+
+def time_to_target_table(results: dict) -> str:
+  """Markdown table of a long leg's ``time_to_target`` (ranked by final metric).
+
+  ``time_to_target`` is :func:`experiments.flagship.time_to_target`'s summary.
+  """
+  summary, metric = results["time_to_target"], results["metric"]
+  steps = best_curves(results["optimizers"][summary["reference"]])["eval_step"][-1]
+  lines = [
+    f"Long leg: {steps} steps, each optimizer at its best learning rate of the "
+    f"sweep. Target: {summary['reference']}'s final held-out {metric}, "
+    f"{summary['target']:.4f}; seconds are training seconds (evaluations left out, "
+    "compilation in).",
+    "",
+    f"| optimizer | lr | final {metric} (mean ± std) | steps to target | "
+    "seconds to target | reached (seeds) | tokens/s |",
+    "|---|---:|---:|---:|---:|---:|---:|",
+  ]
+  ranked = sorted(
+    summary["optimizers"].items(),
+    key=lambda item: -score(item[1]["final_mean"], results["higher_is_better"]),
+  )
+  for name, row in ranked:
+    steps = "not reached" if row["steps"] is None else f"{row['steps']:.0f}"
+    seconds = "not reached" if row["seconds"] is None else f"{row['seconds']:.0f}"
+    lines.append(
+      f"| {name} | {row['learning_rate']:g} | {row['final_mean']:.4f} ± "
+      f"{row['final_std']:.4f} | {steps} | {seconds} | {row['reached']}/"
+      f"{row['seeds']} | {row['tokens_per_second']:.0f} |"
+    )
+  return "\n".join(lines)
+
+
+def long_leg_markdown(results: dict) -> str:
+  """The long leg's section of RESULTS.md."""
+  task = results["task"]
+  return "\n".join(
+    [
+      f"## {task} (long leg)",
+      "",
+      time_to_target_table(results),
+      "",
+      provenance_line(results),
+      "",
+      f"![long leg](results/{task}_long_curves.png)",
+      "",
+    ]
+  )
+
+
+def plot_long(results: dict, directory: Path) -> Path:
+  """Held-out metric vs step and vs training seconds, mean and seed range, target dashed."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
+  metric, target = results["metric"], results["time_to_target"]["target"]
+  fig, (step_axis, time_axis) = plt.subplots(1, 2, figsize=(12, 4))
+  for name, entry in results["optimizers"].items():
+    curves = best_curves(entry)
+    values = np.asarray(curves[f"eval_{metric}"], dtype=float)
+    label = f"{name} (lr {entry['best_lr']:g})"
+    for axis, x in (
+      (step_axis, np.asarray(curves["eval_step"])),
+      (time_axis, np.asarray(curves["eval_seconds"], dtype=float).mean(0)),
+    ):
+      (line,) = axis.plot(x, values.mean(0), marker=".", label=label)
+      axis.fill_between(x, values.min(0), values.max(0), color=line.get_color(), alpha=0.15)
+  for axis, xlabel in ((step_axis, "step"), (time_axis, "training seconds (mean over seeds)")):
+    axis.axhline(target, color="gray", linestyle="--", linewidth=1)
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel(f"held-out {metric} (mean, seed range)")
+    axis.legend(fontsize=7)
+  step_axis.set_title(f"{results['task']} long leg: held-out {metric} vs step")
+  time_axis.set_title(f"{results['task']} long leg: vs wall-clock seconds")
+  fig.tight_layout()
+  path = directory / f"{results['task']}_long_curves.png"
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
+
+
 RESULTS_DIR = Path(__file__).parent / "results"
 
 
 def write_report(results_dir: Path = RESULTS_DIR) -> Path:
   """Regenerates figures and ``experiments/RESULTS.md`` from the task JSON files."""
-  import json  # pylint: disable=import-outside-toplevel
-
-  from experiments import flagship  # pylint: disable=import-outside-toplevel
-
   all_results, long_legs = [], []
   for path in sorted(results_dir.glob("*.json")):
     results = json.loads(path.read_text())
@@ -253,8 +344,8 @@ def write_report(results_dir: Path = RESULTS_DIR) -> Path:
       plot(results, results_dir)
       all_results.append(results)
     elif "time_to_target" in results:
-      flagship.plot_long(results, results_dir)
-      long_legs.append(flagship.long_leg_markdown(results))
+      plot_long(results, results_dir)
+      long_legs.append(long_leg_markdown(results))
   output = results_dir.parent / "RESULTS.md"
   output.write_text("\n".join([results_markdown(all_results), *long_legs]) + "\n")
   return output

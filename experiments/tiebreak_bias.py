@@ -89,10 +89,10 @@ import optax
 
 import adaprelora_jax as ap
 from adaprelora_jax import kernels
+from experiments.paths import RESULTS
 from experiments.tasks.base import example_order
 from experiments.tasks.digits import digits_split
 
-RESULTS = Path(__file__).parent / "results"
 RULES: tuple[str, ...] = kernels.TIE_BREAKERS
 DEFAULT_RULE = "min_imbalance"  # the paper's rule, ap.adaprelora's default
 CLAIM = 0.04  # the authors' bound on the H-norm deviation

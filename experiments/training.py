@@ -9,10 +9,8 @@ step: batches are a pure function of seed and step) and the curves so far, so
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from pathlib import Path
-from typing import Any
 
 import jax
 import optax
@@ -23,43 +21,13 @@ from tqdm.auto import tqdm
 import adaprelora_jax as ap
 from experiments.optimizers import OptimizerSpec
 from experiments.tasks.base import Budget
+from experiments.tasks.base import RunConfig
+from experiments.tasks.base import RunResult
 from experiments.tasks.base import Task
 
 
 class CheckpointError(ValueError):
   """A checkpoint cannot be used to resume this run."""
-
-
-@dataclasses.dataclass(frozen=True)
-class RunConfig:
-  """Identity of one run."""
-
-  task: str
-  optimizer: str
-  learning_rate: float
-  seed: int
-  preset: str
-  steps: int
-
-  def identity(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
-
-
-@dataclasses.dataclass
-class RunResult:
-  """Outcome of :func:`train` (``model``/``optimizer`` are the live objects).
-
-  ``seconds`` is the run's wall-clock time from building the model to the last
-  evaluation, compilation included; the task's one-time ``prepare`` is not in it.
-  """
-
-  config: RunConfig
-  final: dict[str, float]
-  curves: dict[str, list[float]]
-  seconds: float
-  completed: bool
-  model: nnx.Module
-  optimizer: nnx.Optimizer
 
 
 def enable_compilation_cache(directory: Path | str) -> None:

@@ -1,4 +1,4 @@
-"""What an experiment task provides to the runner."""
+"""What an experiment task provides to the runner, and what one run is and returns."""
 
 from __future__ import annotations
 
@@ -95,3 +95,37 @@ class Task:
   evaluate: Callable[[nnx.Module, Budget], dict[str, float]]
   prepare: Callable[[Budget], None] = lambda budget: None
   trainer: Callable[..., Any] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  """Identity of one run."""
+
+  task: str
+  optimizer: str
+  learning_rate: float
+  seed: int
+  preset: str
+  steps: int
+
+  def identity(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class RunResult:
+  """Outcome of one run (``model``/``optimizer`` are the live objects).
+
+  Returned by :func:`experiments.training.train` and by a task's ``trainer``.
+
+  ``seconds`` is the run's wall-clock time from building the model to the last
+  evaluation, compilation included; the task's one-time ``prepare`` is not in it.
+  """
+
+  config: RunConfig
+  final: dict[str, float]
+  curves: dict[str, list[float]]
+  seconds: float
+  completed: bool
+  model: nnx.Module
+  optimizer: nnx.Optimizer

@@ -43,9 +43,9 @@ from experiments import assets
 from experiments.optimizers import OptimizerSpec
 from experiments.tasks import milton
 from experiments.tasks.base import Budget
+from experiments.tasks.base import RunConfig
+from experiments.tasks.base import RunResult
 from experiments.tasks.base import Task
-from experiments.training import RunConfig
-from experiments.training import RunResult
 
 RANK = ALPHA = 8
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -4,23 +4,24 @@ import pytest
 
 from experiments import bench_step
 from experiments import bench_train
+from experiments import benchmarking
 from experiments import profile_step
 
 
 def test_cost_model_counts_products_and_passes():
-  model = bench_step.CostModel(products_a=2, products_b=3, passes=4)
-  work = bench_step.model_work(model, [(10, 20)], rank=4)
+  model = benchmarking.CostModel(products_a=2, products_b=3, passes=4)
+  work = benchmarking.model_work(model, [(10, 20)], rank=4)
   assert work["flops"] == 2 * 16 * (2 * 10 + 3 * 20)
   assert work["bytes"] == 4 * 4 * (10 + 20) * 4
 
 
 def test_every_benchmarked_optimizer_has_a_cost_model():
-  assert set(bench_step.OPTIMIZERS) <= set(bench_step.COST_MODELS)
+  assert set(benchmarking.OPTIMIZERS) <= set(benchmarking.COST_MODELS)
 
 
 def test_machine_measurement_and_table_at_tiny_sizes():
   shapes = [(8, 8), (8, 16)]
-  machine = bench_step.measure_machine(shapes, rank=2, repeats=2)
+  machine = benchmarking.measure_machine(shapes, rank=2, repeats=2)
   assert machine["matmul_flops_per_second"] > 0 and machine["bytes_per_second"] > 0
   results = {
     "adamw": {

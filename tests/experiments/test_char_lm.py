@@ -11,6 +11,7 @@ import adaprelora_jax
 from experiments import assets
 from experiments import data
 from experiments import pretrain_char_lm
+from experiments import pretraining
 from experiments.models import char_lm
 from experiments.models.layers import LoRAConfig
 
@@ -89,7 +90,7 @@ def test_load_rejects_a_mismatched_checkpoint(tmp_path):
 
 
 def test_pretraining_is_seeded_and_writes_its_record(tmp_path):
-  config = pretrain_char_lm.PretrainConfig(steps=3, batch_size=2, warmup_steps=1, eval_every=3)
+  config = pretraining.PretrainConfig(steps=3, batch_size=2, warmup_steps=1, eval_every=3)
   records = [pretrain_char_lm.pretrain(TINY, config, tmp_path / f"{i}.npz") for i in range(2)]
   assert records[0]["final_val_bpc"] == records[1]["final_val_bpc"]
   assert json.loads((tmp_path / "0.json").read_text())["training"]["steps"] == 3

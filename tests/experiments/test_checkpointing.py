@@ -12,8 +12,8 @@ import adaprelora_jax as ap
 from adaprelora_jax import state_layout
 from experiments import optimizers
 from experiments.tasks import TASKS
+from experiments.tasks.base import RunConfig
 from experiments.training import CheckpointError
-from experiments.training import RunConfig
 from experiments.training import train
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -31,7 +31,8 @@ import adaprelora_jax as ap
 from adaprelora_jax import state_layout
 from experiments import optimizers
 from experiments.tasks import TASKS
-from experiments.training import RunConfig, train
+from experiments.tasks.base import RunConfig
+from experiments.training import train
 config = RunConfig(**json.loads(sys.argv[1]))
 task = TASKS[config.task]
 result = train(task, optimizers.OPTIMIZERS[config.optimizer], config, task.presets["smoke"],

@@ -22,7 +22,8 @@ from tunix.utils import env_utils  # noqa: E402
 from experiments import assets  # noqa: E402
 from experiments import data  # noqa: E402
 from experiments import flagship  # noqa: E402
-from experiments import run  # noqa: E402
+from experiments import report  # noqa: E402
+from experiments import sweeps  # noqa: E402
 from experiments.models import llama  # noqa: E402
 from experiments.tasks import TASKS  # noqa: E402
 from experiments.tasks import flagship as flagship_task  # noqa: E402
@@ -113,9 +114,9 @@ def test_time_to_target_reads_each_seed_curve(tmp_path):
   assert rows["slow"]["tokens_per_second"] == pytest.approx(20 * 1024 / 10)
   # The long leg's RESULTS.md section and figure.
   results.update(task="x", time_to_target=summary, environment={"commit": "abc", "date": "d"})
-  section = flagship.long_leg_markdown(results)
+  section = report.long_leg_markdown(results)
   assert "| slow | 0.1 | 2.8000 ± 0.0000 | not reached | not reached | 0/2 | 2048 |" in section
-  assert flagship.plot_long(results, tmp_path).exists()
+  assert report.plot_long(results, tmp_path).exists()
 
 
 def test_smoke_preset_trains_writes_results_and_resumes(tmp_path, monkeypatch):
@@ -126,7 +127,7 @@ def test_smoke_preset_trains_writes_results_and_resumes(tmp_path, monkeypatch):
     checkpoints=tmp_path / "ckpt",
     progress=False,
   )
-  results = run.sweep("flagship", names, "smoke", **paths)
+  results = sweeps.sweep("flagship", names, "smoke", **paths)
   written = json.loads((tmp_path / "results" / "flagship_smoke.json").read_text())
   assert written["optimizers"] == results["optimizers"]
   for key in ("task", "model", "dataset", "metric", "higher_is_better", "environment"):
@@ -158,7 +159,7 @@ def test_smoke_preset_trains_writes_results_and_resumes(tmp_path, monkeypatch):
     raise AssertionError("retrained a stored run")
 
   monkeypatch.setitem(TASKS, "flagship", dataclasses.replace(TASKS["flagship"], trainer=refuse))
-  again = run.sweep("flagship", names, "smoke", **paths)
+  again = sweeps.sweep("flagship", names, "smoke", **paths)
   assert again["optimizers"] == results["optimizers"]
 
 

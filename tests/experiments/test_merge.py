@@ -13,16 +13,17 @@ import pytest
 
 from experiments import report
 from experiments import run
+from experiments import sweeps
 from experiments.optimizers import PILOT_GRID
 from experiments.optimizers import sweep_grid
-from experiments.training import RunConfig
+from experiments.tasks.base import RunConfig
 
 TASK = "digits"
 STEPS = 300  # digits' full preset; synthetic runs are never trained
 
 
 class FakeEnvironment:
-  """Stands in for run.environment: the commit is set by each test stage."""
+  """Stands in for sweeps.environment: the commit is set by each test stage."""
 
   def __init__(self):
     self.commit = ""
@@ -34,7 +35,7 @@ class FakeEnvironment:
 @pytest.fixture
 def env(monkeypatch):
   fake = FakeEnvironment()
-  monkeypatch.setattr(run, "environment", fake)
+  monkeypatch.setattr(sweeps, "environment", fake)
   return fake
 
 
@@ -62,7 +63,7 @@ def _store_sweep(cache, name, center, base):
       },
       "seconds": 1.0,
     }
-    path = run.run_file(cache, config)
+    path = sweeps.run_file(cache, config)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record) + "\n")
 
@@ -82,7 +83,7 @@ def old_file(tmp_path, env):
   cache = tmp_path / "old_runs"
   _store_sweep(cache, "adamw", 1e-3, 0.90)
   _store_sweep(cache, "adaprelora", 1e-2, 0.95)
-  results = run.write_task_results(
+  results = sweeps.write_task_results(
     TASK, "full", tmp_path / "results", cache, pilot_centers={"adamw": 1e-3, "adaprelora": 1e-2}
   )
   # Files written before per-optimizer provenance existed lack the key.
@@ -92,15 +93,15 @@ def old_file(tmp_path, env):
   return path
 
 
-def _rerun(tmp_path, env, commit, sweeps, *, merge=True):
-  """Reruns ``sweeps`` ({name: center}) from a fresh cache, as on another machine."""
+def _rerun(tmp_path, env, commit, centers, *, merge=True):
+  """Reruns ``centers``' sweeps ({name: center}) from a fresh cache, as on another machine."""
   env.commit = commit
   cache = tmp_path / f"{commit}_runs"
-  for name, center in sweeps.items():
+  for name, center in centers.items():
     _store_sweep(cache, name, center, 0.80)
-  options = dict(optimizers=list(sweeps), merge=True) if merge else {}
-  return run.write_task_results(
-    TASK, "full", tmp_path / "results", cache, pilot_centers=dict(sweeps), **options
+  options = dict(optimizers=list(centers), merge=True) if merge else {}
+  return sweeps.write_task_results(
+    TASK, "full", tmp_path / "results", cache, pilot_centers=dict(centers), **options
   )
 
 
@@ -157,11 +158,11 @@ def test_without_merge_the_optimizers_missing_from_the_cache_are_dropped(tmp_pat
 
 def test_merge_refuses_what_it_cannot_merge(tmp_path, env, old_file):
   with pytest.raises(ValueError, match="optimizers="):
-    run.write_task_results(
+    sweeps.write_task_results(
       TASK, "full", tmp_path / "results", tmp_path / "none", pilot_centers={}, merge=True
     )
   with pytest.raises(ValueError, match="No stored runs"):
-    run.write_task_results(
+    sweeps.write_task_results(
       TASK,
       "full",
       tmp_path / "results",
@@ -197,7 +198,7 @@ def test_report_reads_merged_and_old_files(tmp_path, env, old_file):
 def test_smoke_sweep_merges_a_subset_into_the_file(tmp_path):
   # Real runs through sweep(): each optimizer trained on its own machine (cache).
   results_dir = tmp_path / "results"
-  first = run.sweep(
+  first = sweeps.sweep(
     TASK,
     ["adamw"],
     "smoke",
@@ -208,7 +209,7 @@ def test_smoke_sweep_merges_a_subset_into_the_file(tmp_path):
   )
   path = results_dir / f"{TASK}_smoke.json"
   first_text = path.read_text()
-  merged = run.sweep(
+  merged = sweeps.sweep(
     TASK,
     ["adaprelora"],
     "smoke",

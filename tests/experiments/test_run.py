@@ -8,7 +8,7 @@ import pytest
 
 from experiments import optimizers
 from experiments import report
-from experiments import run
+from experiments import sweeps
 from experiments.tasks import TASKS
 
 
@@ -66,7 +66,7 @@ def test_diverged_runs_rank_last_when_lower_is_better():
 def test_smoke_sweep_of_every_core_optimizer(task_name, tmp_path):
   names = [name for name in optimizers.CORE if name in optimizers.OPTIMIZERS]
   assert {"adaprelora", "adamw"} <= set(names)
-  results = run.sweep(
+  results = sweeps.sweep(
     task_name,
     names,
     "smoke",
@@ -89,7 +89,7 @@ def test_smoke_sweep_of_every_core_optimizer(task_name, tmp_path):
     steps = task.presets["smoke"].steps
     assert len(lr_entry["curves"]["train_loss"][0]) == steps
   # A second call reuses every stored run instead of training again.
-  again = run.sweep(
+  again = sweeps.sweep(
     task_name,
     names,
     "smoke",

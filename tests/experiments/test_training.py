@@ -5,7 +5,7 @@ import dataclasses
 from experiments import optimizers
 from experiments import training
 from experiments.tasks import TASKS
-from experiments.training import RunConfig
+from experiments.tasks.base import RunConfig
 from experiments.training import train
 
 TASK = TASKS["digits"]
