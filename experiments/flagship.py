@@ -32,9 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any
-
-import numpy as np
 
 from experiments import report
 from experiments.optimizers import canonical_lr
@@ -53,7 +50,7 @@ from experiments.training import enable_compilation_cache
 TASK = flagship.TASK.name
 SMOKE_OPTIMIZERS = ("adaprelora_tangent", "adamw")
 REFERENCE = "adamw"  # whose final held-out loss is the target of the long leg
-TOKENS_PER_STEP = flagship.milton.BATCH * flagship.milton.SEQ_LEN
+TOKENS_PER_STEP = flagship.TOKENS_PER_STEP
 
 
 def long_leg(
@@ -92,48 +89,9 @@ def long_leg(
     description=f"{TASK} long",
   )
   results = write_task_results(TASK, "long", results_dir, cache, optimizers=optimizers, merge=merge)
-  results["time_to_target"] = time_to_target(results)
+  results["time_to_target"] = report.time_to_target(results, REFERENCE, TOKENS_PER_STEP)
   results_file(results_dir, TASK, "long").write_text(json.dumps(results, indent=1) + "\n")
   return results
-
-
-def time_to_target(results: dict, reference: str = REFERENCE) -> dict[str, Any]:
-  """Steps and training seconds until each seed's held-out metric reaches ``reference``'s
-  final mean, and steady-state tokens per second (the first evaluation interval, which
-  holds compilation, left out).
-
-  Per optimizer: ``reached`` seeds of ``seeds``; ``steps``/``seconds`` means over the seeds
-  that reached the target (None: none did).
-  """
-  metric, lower = f"eval_{results['metric']}", not results["higher_is_better"]
-  target = results["optimizers"][reference]["best_mean"]
-  summary: dict[str, Any] = {"reference": reference, "target": target, "optimizers": {}}
-  for name, entry in results["optimizers"].items():
-    curves = report.best_curves(entry)
-    steps, seconds, throughput = [], [], []
-    for values, clock in zip(curves[metric], curves["eval_seconds"], strict=True):
-      hits = [
-        i for i, value in enumerate(values) if (value <= target if lower else value >= target)
-      ]
-      if hits:
-        steps.append(curves["eval_step"][hits[0]])
-        seconds.append(clock[hits[0]])
-      throughput.append(
-        TOKENS_PER_STEP
-        * (curves["eval_step"][-1] - curves["eval_step"][0])
-        / (clock[-1] - clock[0])
-      )
-    summary["optimizers"][name] = {
-      "final_mean": entry["best_mean"],
-      "final_std": entry["best_std"],
-      "learning_rate": entry["best_lr"],
-      "seeds": len(curves[metric]),
-      "reached": len(steps),
-      "steps": float(np.mean(steps)) if steps else None,
-      "seconds": float(np.mean(seconds)) if seconds else None,
-      "tokens_per_second": float(np.mean(throughput)),
-    }
-  return summary
 
 
 def main() -> None:

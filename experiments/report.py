@@ -102,6 +102,45 @@ def summarize_optimizer(
   }
 
 
+def time_to_target(results: dict, reference: str, tokens_per_step: int) -> dict[str, Any]:
+  """Steps and training seconds until each seed's held-out metric reaches ``reference``'s
+  final mean, and steady-state tokens per second (the first evaluation interval, which
+  holds compilation, left out).
+
+  Per optimizer: ``reached`` seeds of ``seeds``; ``steps``/``seconds`` means over the seeds
+  that reached the target (None: none did).
+  """
+  metric, lower = f"eval_{results['metric']}", not results["higher_is_better"]
+  target = results["optimizers"][reference]["best_mean"]
+  summary: dict[str, Any] = {"reference": reference, "target": target, "optimizers": {}}
+  for name, entry in results["optimizers"].items():
+    curves = best_curves(entry)
+    steps, seconds, throughput = [], [], []
+    for values, clock in zip(curves[metric], curves["eval_seconds"], strict=True):
+      hits = [
+        i for i, value in enumerate(values) if (value <= target if lower else value >= target)
+      ]
+      if hits:
+        steps.append(curves["eval_step"][hits[0]])
+        seconds.append(clock[hits[0]])
+      throughput.append(
+        tokens_per_step
+        * (curves["eval_step"][-1] - curves["eval_step"][0])
+        / (clock[-1] - clock[0])
+      )
+    summary["optimizers"][name] = {
+      "final_mean": entry["best_mean"],
+      "final_std": entry["best_std"],
+      "learning_rate": entry["best_lr"],
+      "seeds": len(curves[metric]),
+      "reached": len(steps),
+      "steps": float(np.mean(steps)) if steps else None,
+      "seconds": float(np.mean(seconds)) if seconds else None,
+      "tokens_per_second": float(np.mean(throughput)),
+    }
+  return summary
+
+
 def provenance(results: dict[str, Any]) -> dict[str, dict[str, str]]:
   """{optimizer: {"commit", "date"}} of each entry of a results file."""
   environment = results.get("environment", {})

@@ -108,11 +108,13 @@ def sweep(
   progress: bool = True,
   merge: bool = False,
 ) -> dict:
-  """Runs (or reuses) every run of the sweep and writes ``<task>.json``.
+  """Runs (or reuses) every run of the sweep and writes its results file
+  (:func:`results_file`).
 
-  ``full``: pilot over the decade grid (seed 0), then the half-decade grid
-  around each optimizer's pilot best, every seed (see experiments.optimizers).
-  ``smoke``: each optimizer's default learning rate.
+  Every preset but ``smoke`` (``full``, and e.g. the decoder study's
+  ``tune``): pilot over the decade grid (seed 0), then the half-decade grid
+  around each optimizer's pilot best, every seed of the preset (see
+  experiments.optimizers). ``smoke``: each optimizer's default learning rate.
 
   With ``merge``, only ``optimizers``' entries of the existing ``<task>.json``
   are replaced; see :func:`write_task_results`.
@@ -129,7 +131,7 @@ def sweep(
       for seed in seeds
     ]
 
-  if preset != "full":
+  if preset == "smoke":
     run_all(
       [
         config
@@ -183,8 +185,9 @@ def write_task_results(
 ) -> dict:
   """Aggregates the task's stored runs into ``<task>.json``.
 
-  For ``full``, an optimizer's entry covers its sweep grid (every seed); its
-  pilot-only learning rates are listed under ``pilot``.
+  For a swept preset (``pilot_centers`` given), an optimizer's entry covers
+  its sweep grid (every seed); its pilot-only learning rates are listed
+  under ``pilot``.
 
   Args:
     task_name: the task.
@@ -192,7 +195,7 @@ def write_task_results(
       ``<task>_<preset>.json``).
     results_dir: where the JSON goes.
     cache: the per-run cache the entries are built from.
-    pilot_centers: for ``full``, each swept optimizer's pilot best.
+    pilot_centers: for a swept preset, each optimizer's pilot best.
     optimizers: build entries only from these optimizers' stored runs (None:
       every optimizer in the cache).
     merge: keep the existing file's entries (``optimizers``, ``lr_selection``
@@ -217,6 +220,10 @@ def write_task_results(
     record = json.loads(path.read_text())
     optimizer, lr = record["config"]["optimizer"], record["config"]["learning_rate"]
     if optimizers is not None and optimizer not in optimizers:
+      continue
+    if record["config"]["seed"] >= task.presets[preset].seeds:
+      # More seeds at a selected learning rate (experiments/decoder_study.py)
+      # are not the sweep's: selection stays on the preset's seeds.
       continue
     if record["config"]["seed"] == 0 and lr in PILOT_GRID:
       pilot.setdefault(optimizer, {})[str(lr)] = record["final_metric"]

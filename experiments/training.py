@@ -42,8 +42,11 @@ def enable_compilation_cache(directory: Path | str) -> None:
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-def make_optimizer(spec: OptimizerSpec, learning_rate: float) -> optax.GradientTransformation:
-  """``spec``'s transform with the learning rate held in its state, not baked in."""
+def make_optimizer(
+  spec: OptimizerSpec, learning_rate: optax.ScalarOrSchedule
+) -> optax.GradientTransformation:
+  """``spec``'s transform with the learning rate (a number, or a schedule
+  evaluated at each step) held in its state, not baked in."""
   return optax.inject_hyperparams(spec.factory)(learning_rate)
 
 
@@ -131,7 +134,9 @@ def train(
   task.prepare(budget)
   start_time = time.perf_counter()
   model, trainable = task.build_model(config.seed, spec.exact_statistics)
-  optimizer = nnx.Optimizer(model, make_optimizer(spec, config.learning_rate), wrt=trainable)
+  optimizer = nnx.Optimizer(
+    model, make_optimizer(spec, budget.learning_rate(config.learning_rate)), wrt=trainable
+  )
   checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
   manager = _checkpoint_manager(checkpoint_dir) if checkpoint_dir is not None else None
   curves: dict[str, list[float]] = {"train_loss": [], "eval_step": []}

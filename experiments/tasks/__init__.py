@@ -9,7 +9,14 @@ from experiments.tasks.base import Task
 
 TASKS: dict[str, Task] = {
   task.name: task
-  for task in (minilm.BBC, minilm.SHAKESPEARE_GENRE, milton.TASK, digits.TASK, flagship.TASK)
+  for task in (
+    minilm.BBC,
+    minilm.SHAKESPEARE_GENRE,
+    milton.TASK,
+    digits.TASK,
+    flagship.TASK,
+    flagship.BBC_TASK,
+  )
 }
 
 __all__ = ["Budget", "TASKS", "Task"]

@@ -7,9 +7,11 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import optax
 from flax import nnx
 
 Batch = Any
+SCHEDULES = ("constant", "warmup_cosine")
 
 
 def example_order(num_examples: int, seed: int, step: int, batch_size: int) -> np.ndarray:
@@ -43,6 +45,11 @@ class Budget:
     max_train_examples: use at most this many training examples (None: all).
     max_eval_examples: evaluate on at most this many held-out examples
       (None: all); a fixed subset, the same for every run.
+    schedule: the learning rate over the run, for every optimizer alike:
+      ``"constant"``, or ``"warmup_cosine"`` (linear warmup from 0 over
+      ``warmup_fraction`` of the steps, then cosine decay to 0 at the last
+      step).
+    warmup_fraction: see ``schedule``.
   """
 
   steps: int
@@ -51,6 +58,26 @@ class Budget:
   checkpoint_every: int = 0
   max_train_examples: int | None = None
   max_eval_examples: int | None = None
+  schedule: str = "constant"
+  warmup_fraction: float = 0.0
+
+  def __post_init__(self):
+    if self.schedule not in SCHEDULES:
+      raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+    if not 0.0 <= self.warmup_fraction < 1.0:
+      raise ValueError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
+
+  def learning_rate(self, peak: float) -> optax.ScalarOrSchedule:
+    """The learning rate of a run whose (peak) learning rate is ``peak``."""
+    if self.schedule == "constant":
+      return peak
+    return optax.warmup_cosine_decay_schedule(
+      init_value=0.0,
+      peak_value=peak,
+      warmup_steps=round(self.warmup_fraction * self.steps),
+      decay_steps=self.steps,
+      end_value=0.0,
+    )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Flagship: a Tunix Llama 3 LoRA-adapted to Milton through Tunix's PeftTrainer.
+"""Flagship: a Tunix Llama 3 LoRA-adapted to Milton (and to BBC prose) through Tunix's PeftTrainer.
 
 The base model is ``tunix.models.llama3.Llama3`` (4 layers, d=256, 2.4M
 parameters) pretrained by the project on the Shakespeare plays over
@@ -13,9 +13,14 @@ trained on *Paradise Lost* and *Paradise Regained* by
 Data order and held-out split are those of ``experiments.tasks.milton``
 (windows of 128 characters, batch 8; the last 10 % of each work held out, a
 fixed prefix of its windows evaluated), so the two Milton studies share
-their data. The metric is held-out bits per character. qwix's layers carry
-no exact gradient statistics, so AdaPreLoRA runs on tangent statistics
-(``adaprelora_tangent``); optimizers that need exact ones are refused.
+their data. :data:`BBC_TASK` trains the same model the same way on modern
+prose (``experiments.tasks.bbc_prose``), a real domain shift. The metric is
+held-out bits per character. Optimizers with exact statistics get the
+adapters of :class:`adaprelora_jax.qwix.LoraProvider`, the others qwix's.
+
+The ``tune`` preset is the decoder study's (``experiments/decoder_study.py``):
+192 steps under linear warmup (1/16 of the steps) then cosine decay to 0,
+for every optimizer.
 
 Runs are stored and resumed whole by ``experiments.run`` (PeftTrainer's own
 checkpoints are not used: a run is at most a few minutes). Besides the
@@ -30,6 +35,7 @@ import functools
 import tempfile
 import time
 import types
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -41,6 +47,7 @@ from tqdm.auto import tqdm
 
 from experiments import assets
 from experiments.optimizers import OptimizerSpec
+from experiments.tasks import bbc_prose
 from experiments.tasks import milton
 from experiments.tasks.base import Budget
 from experiments.tasks.base import RunConfig
@@ -103,7 +110,7 @@ def build_model(seed: int, exact_statistics: bool, **provider_options):
     alpha=ALPHA,
     **provider_options,
   )
-  dummy = np.zeros((1, milton.SEQ_LEN + 1), np.int32)
+  dummy = np.zeros((1, SEQ_LEN + 1), np.int32)
   model = qwix.apply_lora_to_model(
     model, provider, rngs=nnx.Rngs(seed), input_tokens=dummy, cache=None, **llama.model_input(dummy)
   )
@@ -114,9 +121,18 @@ def loss_fn(model: nnx.Module, windows) -> jnp.ndarray:
   return jnp.mean(_tunix().llama.next_token_nats(model, windows))
 
 
-def evaluate(model: nnx.Module, budget: Budget) -> dict[str, float]:
-  windows, _ = milton.eval_windows(budget.max_eval_examples)
+def _bits_per_char(model: nnx.Module, windows: np.ndarray) -> dict[str, float]:
   return {"bpc": _tunix().llama.bits_per_char(model, windows, batch_size=min(32, len(windows)))}
+
+
+def evaluate(model: nnx.Module, budget: Budget) -> dict[str, float]:
+  """Held-out Milton bits per character."""
+  return _bits_per_char(model, milton.eval_windows(budget.max_eval_examples)[0])
+
+
+def evaluate_bbc(model: nnx.Module, budget: Budget) -> dict[str, float]:
+  """Held-out BBC bits per character."""
+  return _bits_per_char(model, bbc_prose.eval_windows(budget.max_eval_examples))
 
 
 def _model_input(example):
@@ -139,11 +155,12 @@ def _clock_hooks_class() -> type:
   hooks = _tunix().hooks
 
   class ClockHooks(hooks.TrainingHooks):
-    """Appends ``eval_step``, ``eval_seconds`` and ``eval_<metric>`` to ``curves``."""
+    """Appends ``eval_step``, ``eval_seconds`` and ``eval_<metric>`` to ``curves``,
+    and calls ``probe(done)`` (if given) before every step."""
 
-    def __init__(self, evaluate, eval_every: int, steps: int, curves: dict, bar):
+    def __init__(self, evaluate, eval_every: int, steps: int, curves: dict, bar, probe=None):
       self._evaluate, self._eval_every, self._steps = evaluate, eval_every, steps
-      self._curves, self._bar = curves, bar
+      self._curves, self._bar, self._probe = curves, bar, probe
       self._training_seconds, self._resumed_at = 0.0, time.perf_counter()
 
     def evaluate(self, done: int) -> None:
@@ -160,6 +177,8 @@ def _clock_hooks_class() -> type:
     def on_train_step_start(self, train_ctx):
       done = train_ctx.train_steps
       self._bar.update(done - self._bar.n)
+      if self._probe is not None:
+        self._probe(done)
       if done and done % self._eval_every == 0 and done < self._steps:
         self.evaluate(done)
 
@@ -179,18 +198,19 @@ def _clock_hooks_class() -> type:
   return ClockHooks
 
 
-def _optimizer(spec: OptimizerSpec, learning_rate: float):
-  """``spec``'s transform, the learning rate injected under the name Tunix logs it by.
+def _optimizer(spec: OptimizerSpec, learning_rate: optax.ScalarOrSchedule):
+  """``spec``'s transform, the learning rate (a number or a schedule) injected
+  under the name Tunix logs it by.
 
   (:func:`experiments.training.make_optimizer` keeps the factory's own name.)
   """
   return optax.inject_hyperparams(lambda learning_rate: spec.factory(learning_rate))(learning_rate)
 
 
-def _batches(seed: int, steps: int, budget: Budget):
+def _batches(task: Task, seed: int, steps: int, budget: Budget):
   training_input = _tunix().peft_trainer.TrainingInput
   for step in range(steps):
-    windows = np.asarray(milton.train_batch(seed, step, budget))
+    windows = np.asarray(task.train_batch(seed, step, budget))
     yield training_input(input_tokens=windows, input_mask=np.ones_like(windows, bool))
 
 
@@ -203,11 +223,16 @@ def train(
   checkpoint_dir: Path | str | None = None,
   resume: bool = False,
   progress: bool = True,
+  step_probe: Callable[[int, nnx.Module, nnx.Optimizer], None] | None = None,
 ) -> RunResult:
   """One run through ``PeftTrainer``; the ``Task.trainer`` contract of ``experiments.run``.
 
   ``checkpoint_dir`` holds Tunix's metrics logs only (None: a scratch
-  directory); ``resume`` is ignored (runs are stored whole).
+  directory); ``resume`` is ignored (runs are stored whole). ``step_probe``
+  is called as ``step_probe(done, model, optimizer)`` when the model holds
+  ``done`` updates, for ``done`` from 0 to ``config.steps`` (outside the
+  training clock's evaluations but inside its time: for diagnostics, not
+  timed runs).
   """
   del resume
   tunix = _tunix()
@@ -233,7 +258,7 @@ def train(
       pbar_description=None,
     )
     trainer = peft_trainer.PeftTrainer(
-      model, _optimizer(spec, config.learning_rate), training_config
+      model, _optimizer(spec, budget.learning_rate(config.learning_rate)), training_config
     ).with_gen_model_input_fn(_model_input)
     with tqdm(
       total=config.steps,
@@ -241,11 +266,19 @@ def train(
       leave=False,
       disable=not progress,
     ) as bar:
+      probe = None
+      if step_probe is not None:
+
+        def probe(done: int) -> None:
+          step_probe(done, model, trainer.optimizer)
+
       hooks = _clock_hooks_class()(
-        lambda: task.evaluate(model, budget), budget.eval_every, config.steps, curves, bar
+        lambda: task.evaluate(model, budget), budget.eval_every, config.steps, curves, bar, probe
       )
       trainer.with_training_hooks(hooks)
-      trainer.train(_batches(config.seed, config.steps, budget))
+      trainer.train(_batches(task, config.seed, config.steps, budget))
+      if probe is not None:
+        probe(config.steps)
       hooks.evaluate(config.steps)
     curves["train_loss"] = [
       float(loss) for loss in trainer.metrics_logger.get_metric_history("", "loss", "train")
@@ -260,32 +293,62 @@ def train(
   )
 
 
+SEQ_LEN = milton.SEQ_LEN
+TOKENS_PER_STEP = milton.BATCH * milton.SEQ_LEN
+MODEL = (
+  f"tunix.models.llama3.Llama3, 4 layers, d=256, 4 query / 2 kv heads, SwiGLU 512 "
+  f"(2.4M params), pretrained by the project on Shakespeare over characters; qwix "
+  f"LoRA r={RANK} alpha={ALPHA} on {','.join(PROJECTIONS)} of all layers, trained "
+  f"by tunix PeftTrainer; windows of {milton.SEQ_LEN}, batch {milton.BATCH}"
+)
+# Caps: examples = characters of training text, eval = windows.
+SMOKE = Budget(steps=4, eval_every=2, seeds=1, max_train_examples=20_000, max_eval_examples=16)
+# The decoder study's budget: at least 192 steps (the curves still fall there
+# at constant learning rate), each optimizer's learning rate selected at this
+# budget and schedule.
+TUNE = Budget(
+  steps=192,
+  eval_every=24,
+  seeds=3,
+  max_eval_examples=128,
+  schedule="warmup_cosine",
+  warmup_fraction=1 / 16,
+)
+
 TASK = Task(
   name="flagship",
-  model=(
-    f"tunix.models.llama3.Llama3, 4 layers, d=256, 4 query / 2 kv heads, SwiGLU 512 "
-    f"(2.4M params), pretrained by the project on Shakespeare over characters; qwix "
-    f"LoRA r={RANK} alpha={ALPHA} on {','.join(PROJECTIONS)} of all layers, trained "
-    f"by tunix PeftTrainer; windows of {milton.SEQ_LEN}, batch {milton.BATCH}"
-  ),
+  model=MODEL,
   dataset=milton.TASK.dataset,
   metric="bpc",
   higher_is_better=False,
   presets={
-    # Caps: examples = characters of training text, eval = windows.
-    "smoke": Budget(
-      steps=4, eval_every=2, seeds=1, max_train_examples=20_000, max_eval_examples=16
-    ),
+    "smoke": SMOKE,
     # The pilot and half-decade sweep of experiments.run: 102 runs, about an
     # hour on 2 shared cores; the long leg (each optimizer's best lr, 4x the
-    # budget, 18 runs) about 40 minutes.
+    # budget, 18 runs) about 40 minutes. Constant learning rate.
     "full": Budget(steps=48, eval_every=24, seeds=3, max_eval_examples=128),
     "long": Budget(steps=192, eval_every=24, seeds=3, max_eval_examples=128),
+    "tune": TUNE,
   },
   build_model=build_model,
   train_batch=milton.train_batch,
   loss_fn=loss_fn,
   evaluate=evaluate,
   prepare=milton.prepare,
+  trainer=train,
+)
+
+BBC_TASK = Task(
+  name="flagship_bbc",
+  model=MODEL,
+  dataset=bbc_prose.DATASET,
+  metric="bpc",
+  higher_is_better=False,
+  presets={"smoke": SMOKE, "tune": TUNE},
+  build_model=build_model,
+  train_batch=bbc_prose.train_batch,
+  loss_fn=loss_fn,
+  evaluate=evaluate_bbc,
+  prepare=bbc_prose.prepare,
   trainer=train,
 )

@@ -68,10 +68,9 @@ def build_model(seed: int, exact_statistics: bool):
 
 def train_batch(seed: int, step: int, budget: Budget):
   """(BATCH, SEQ_LEN + 1) windows at offsets drawn from (seed, step)."""
-  train = corpora()[0].train
-  span = limit(len(train), budget.max_train_examples)
-  starts = np.random.default_rng([seed, step]).integers(0, span - SEQ_LEN - 1, size=BATCH)
-  return jnp.asarray(train[starts[:, None] + np.arange(SEQ_LEN + 1)])
+  return jnp.asarray(
+    data.lm_train_windows(corpora()[0].train, seed, step, BATCH, SEQ_LEN, budget.max_train_examples)
+  )
 
 
 def loss_fn(model: char_lm.CharLM, windows) -> jnp.ndarray:

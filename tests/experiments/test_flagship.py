@@ -103,7 +103,7 @@ def test_time_to_target_reads_each_seed_curve(tmp_path):
       "slow": entry([[3.0, 2.9, 2.8], [3.0, 2.9, 2.8]], [[5, 10, 15], [5, 10, 15]]),
     },
   }
-  summary = flagship.time_to_target(results)
+  summary = report.time_to_target(results, flagship.REFERENCE, flagship.TOKENS_PER_STEP)
   assert summary["target"] == pytest.approx(2.1)
   rows = summary["optimizers"]
   assert rows["adamw"]["reached"] == 1 and rows["adamw"]["steps"] == 30
@@ -150,7 +150,7 @@ def test_smoke_preset_trains_writes_results_and_resumes(tmp_path, monkeypatch):
   # for weights of std 0.02: it is checked for finiteness only, the sweep
   # finds its learning rate.)
   assert results["optimizers"]["adamw"]["best_mean"] < base_bpc
-  summary = flagship.time_to_target(results)
+  summary = report.time_to_target(results, flagship.REFERENCE, flagship.TOKENS_PER_STEP)
   assert summary["optimizers"]["adamw"]["reached"] == 1
   assert summary["optimizers"]["adamw"]["tokens_per_second"] > 0
 
