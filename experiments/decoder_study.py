@@ -19,10 +19,12 @@ same command again continues where it stopped):
   steps and seconds to AdamW's final mean, and tokens per second. Writes
   ``results/<task>_study.json``.
 * ``early``: the first :data:`EARLY_STEPS` steps of seed 0 at the selected
-  learning rate with :func:`adaprelora_jax.track_step_metrics` appended:
-  ``max|a|``, ``max|b|`` over all adapters after each step, and the
-  weight-space norm of each step (first order, ``‖s(δa b + a δb)‖_F``, mean
-  and max over pairs). Writes ``results/<task>_early.json``.
+  learning rate (or at each of ``--learning-rates``; ``--preset long`` for
+  the first study's constant learning rate) with
+  :func:`adaprelora_jax.track_step_metrics` appended: ``max|a|``, ``max|b|``
+  over all adapters after each step, and the weight-space norm of each step
+  (first order, ``‖s(δa b + a δb)‖_F``, mean and max over pairs). Adds to
+  ``results/<task>_early.json``.
 
 Usage::
 
@@ -39,6 +41,7 @@ import argparse
 import dataclasses
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -244,25 +247,56 @@ def early_steps(
   return curves
 
 
-def early_stage(task_name: str, names: list[str], preset: str, results_dir: Path) -> dict:
-  """The early-step curves of every optimizer; writes ``<task>_early.json``."""
-  if preset == "smoke":
-    learning_rates = {name: canonical_lr(OPTIMIZERS[name].default_learning_rate) for name in names}
+def early_stage(
+  task_name: str,
+  names: list[str],
+  preset: str,
+  results_dir: Path,
+  learning_rates: Sequence[float] | None = None,
+) -> dict:
+  """The early-step curves of every optimizer; adds them to ``<task>_early.json``.
+
+  Args:
+    task_name: the task.
+    names: the optimizers.
+    preset: the budget and schedule the steps are taken under (``tune``;
+      ``long`` for the constant learning rate of the first study).
+    results_dir: where the file goes.
+    learning_rates: run every optimizer at each of these (how the early
+      steps change with the learning rate); None: each at its selected one
+      (for ``smoke``, its default).
+
+  Returns:
+    The file's contents: one entry per (optimizer, learning rate, preset)
+    under ``runs``; a run already in the file is not repeated.
+  """
+  if learning_rates is not None:
+    grid = {name: [canonical_lr(lr) for lr in learning_rates] for name in names}
+  elif preset == "smoke":
+    grid = {name: [canonical_lr(OPTIMIZERS[name].default_learning_rate)] for name in names}
   else:
-    learning_rates = selected_learning_rates(task_name, names, results_dir)
-  path = results_dir / f"{task_name}_early{'' if preset == 'tune' else '_' + preset}.json"
-  results = json.loads(path.read_text()) if path.exists() else {"optimizers": {}}
-  for name in names:
-    entry = results["optimizers"].get(name, {})
-    if entry.get("learning_rate") == learning_rates[name]:
-      continue  # resumable: done at this learning rate
-    results["optimizers"][name] = {
-      "learning_rate": learning_rates[name],
-      "curves": early_steps(task_name, name, learning_rates[name], preset),
+    grid = {
+      name: [lr] for name, lr in selected_learning_rates(task_name, names, results_dir).items()
     }
-    results.update(task=task_name, preset=preset, environment=environment())
-    results_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=1) + "\n")
+  path = results_dir / f"{task_name}_early{'_smoke' if preset == 'smoke' else ''}.json"
+  results = json.loads(path.read_text()) if path.exists() else {"task": task_name, "runs": []}
+  done = {(run["optimizer"], run["learning_rate"], run["preset"]) for run in results["runs"]}
+  for name in names:
+    for learning_rate in grid[name]:
+      if (name, learning_rate, preset) in done:
+        continue
+      results["runs"].append(
+        {
+          "optimizer": name,
+          "learning_rate": learning_rate,
+          "preset": preset,
+          "schedule": TASKS[task_name].presets[preset].schedule,
+          "curves": early_steps(task_name, name, learning_rate, preset),
+        }
+      )
+      results["environment"] = environment()
+      results_dir.mkdir(parents=True, exist_ok=True)
+      path.write_text(json.dumps(results, indent=1) + "\n")
   return results
 
 
@@ -272,7 +306,19 @@ def main() -> None:
   parser.add_argument(
     "--stage", nargs="+", default=["tune", "report", "early"], choices=("tune", "report", "early")
   )
-  parser.add_argument("--preset", default="tune", choices=("tune", "smoke"))
+  parser.add_argument(
+    "--preset",
+    default="tune",
+    choices=("tune", "smoke", "long"),
+    help="long (constant learning rate, 192 steps): for --stage early only",
+  )
+  parser.add_argument(
+    "--learning-rates",
+    nargs="+",
+    type=float,
+    default=None,
+    help="--stage early at each of these instead of the selected learning rate",
+  )
   parser.add_argument("--optimizer", nargs="+", default=None)
   parser.add_argument("--results-dir", type=Path, default=RESULTS)
   parser.add_argument("--no-progress", action="store_true")
@@ -286,7 +332,7 @@ def main() -> None:
     results = report_stage(args.task, names, args.preset, args.results_dir, progress=progress)
     print(json.dumps(results.get("paired_difference", {}), indent=1))
   if "early" in args.stage:
-    early_stage(args.task, names, args.preset, args.results_dir)
+    early_stage(args.task, names, args.preset, args.results_dir, args.learning_rates)
 
 
 if __name__ == "__main__":

@@ -130,7 +130,9 @@ def test_report_and_early_stages_end_to_end_on_the_smoke_preset(tmp_path):
   assert target["reference"] == "adamw" and target["optimizers"]["adamw"]["tokens_per_second"] > 0
 
   early = decoder_study.early_stage("flagship", ["adaprelora"], "smoke", tmp_path)
-  curves = early["optimizers"]["adaprelora"]["curves"]
+  (run,) = early["runs"]
+  assert (run["optimizer"], run["learning_rate"], run["preset"]) == ("adaprelora", 1e-2, "smoke")
+  curves = run["curves"]
   budget_steps = TASKS["flagship"].presets["smoke"].steps
   assert all(len(values) == budget_steps + 1 for values in curves.values())
   # LoRA's b starts at zero and moves; no step before the first.
@@ -140,7 +142,7 @@ def test_report_and_early_stages_end_to_end_on_the_smoke_preset(tmp_path):
   assert curves["update_norm_max"][1] >= curves["update_norm_mean"][1]
   # Resumable: a second call with the same learning rate trains nothing.
   again = decoder_study.early_stage("flagship", ["adaprelora"], "smoke", tmp_path)
-  assert again["optimizers"]["adaprelora"] == early["optimizers"]["adaprelora"]
+  assert again["runs"] == early["runs"]
 
 
 def test_schedule_reaches_the_optimizer_through_inject_hyperparams():
