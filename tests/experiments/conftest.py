@@ -23,3 +23,12 @@ def offline_assets() -> dict[str, Path]:
       "package registry.",
       pytrace=False,
     )
+
+
+@pytest.fixture
+def tunix_sharding_environment() -> None:
+  """What importing tunix.models does (tests/conftest.py resets flax's default
+  before each test): the Tunix models shard their variables themselves."""
+  from tunix.utils import env_utils  # noqa: PLC0415  (tunix is an optional extra)
+
+  env_utils.setup_sharding_environment()

@@ -12,7 +12,6 @@ import pytest
 
 pytest.importorskip("qwix")
 pytest.importorskip("tunix")
-from tunix.utils import env_utils  # noqa: E402
 
 from experiments import data  # noqa: E402
 from experiments import decoder_study  # noqa: E402
@@ -21,12 +20,10 @@ from experiments.tasks import TASKS  # noqa: E402
 from experiments.tasks import bbc_prose  # noqa: E402
 from experiments.tasks.base import Budget  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
-
-
-@pytest.fixture(autouse=True)
-def _tunix_sharding_environment():
-  env_utils.setup_sharding_environment()
+pytestmark = [
+  pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+  pytest.mark.usefixtures("tunix_sharding_environment"),
+]
 
 
 def test_the_study_schedule_warms_up_then_decays_to_zero():

@@ -17,7 +17,6 @@ import adaprelora_jax as ap
 
 pytest.importorskip("qwix")
 pytest.importorskip("tunix")
-from tunix.utils import env_utils  # noqa: E402
 
 from experiments import assets  # noqa: E402
 from experiments import data  # noqa: E402
@@ -28,14 +27,10 @@ from experiments.models import llama  # noqa: E402
 from experiments.tasks import TASKS  # noqa: E402
 from experiments.tasks import flagship as flagship_task  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
-
-
-@pytest.fixture(autouse=True)
-def _tunix_sharding_environment():
-  # What importing tunix.models does (tests/conftest.py resets flax's default
-  # before each test): the Tunix models shard their variables themselves.
-  env_utils.setup_sharding_environment()
+pytestmark = [
+  pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+  pytest.mark.usefixtures("tunix_sharding_environment"),
+]
 
 
 def test_checkpoint_record_matches_weights_and_current_data():
