@@ -72,7 +72,9 @@ REFERENCE = "adamw"
 REPORT_SEEDS = 5
 EARLY_STEPS = 32
 # Milton: the paper's two variants with exact statistics, the AdamW variant
-# with the zero-cost tangent statistics, and the five baselines.
+# with the zero-cost tangent statistics, the five baselines, and this
+# library's own option motivated by the early steps (a damping floor that
+# bounds the SGD variant's early jump in a; not the paper's).
 MILTON_OPTIMIZERS = (
   "adaprelora",
   "adaprelora_adamw",
@@ -82,6 +84,7 @@ MILTON_OPTIMIZERS = (
   "scaled_adamw",
   "lora_pro",
   "lora_rite",
+  "adaprelora_floor_1e-2",
 )
 # BBC: AdamW, both AdaPreLoRA variants, and the best baseline of the Milton
 # study (added by name once that study has picked it).

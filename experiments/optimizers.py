@@ -113,6 +113,13 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
     exact_statistics=True,
     description="AdaPreLoRA, exact statistics, momentum b1=0.9",
   ),
+  "adaprelora_floor_1e-2": OptimizerSpec(
+    lambda lr: ap.adaprelora(lr, damping_floor=1e-2),
+    1e-2,
+    exact_statistics=True,
+    description="AdaPreLoRA, exact statistics, damping floor 1e-2 instead of the library's "
+    "1e-8 (neither is the paper's): bounds the early jump of a while b is small",
+  ),
   "adaprelora_adamw": OptimizerSpec(
     lambda lr: ap.adaprelora_adamw(lr),
     1e-3,
