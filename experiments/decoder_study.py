@@ -329,13 +329,18 @@ def main() -> None:
   enable_compilation_cache(COMPILATION_CACHE)
   names = args.optimizer or list(OPTIMIZERS_OF_TASK[args.task])
   progress = not args.no_progress
+  stem = f"{args.task}_{args.preset}"
   if "tune" in args.stage:
-    print(report.results_table(tune(args.task, names, args.preset, args.results_dir, progress)))
+    results = tune(args.task, names, args.preset, args.results_dir, progress)
+    report.plot(results, args.results_dir, stem=stem)
+    print(report.results_table(results))
   if "report" in args.stage:
     results = report_stage(args.task, names, args.preset, args.results_dir, progress=progress)
+    report.plot_long(results, args.results_dir, stem="study")
     print(json.dumps(results.get("paired_difference", {}), indent=1))
   if "early" in args.stage:
-    early_stage(args.task, names, args.preset, args.results_dir, args.learning_rates)
+    early = early_stage(args.task, names, args.preset, args.results_dir, args.learning_rates)
+    report.plot_early(early, args.results_dir)
 
 
 if __name__ == "__main__":

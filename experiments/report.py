@@ -191,7 +191,7 @@ def _lr_key(entry: dict) -> str:
   return next(lr for lr in entry["lrs"] if float(lr) == entry["best_lr"])
 
 
-def plot(results: dict[str, Any], directory: Path) -> list[Path]:
+def plot(results: dict[str, Any], directory: Path, stem: str | None = None) -> list[Path]:
   """Loss curves at each optimizer's best lr, and final metric vs lr."""
   import matplotlib  # pylint: disable=import-outside-toplevel
 
@@ -225,7 +225,7 @@ def plot(results: dict[str, Any], directory: Path) -> list[Path]:
   eval_axis.set_ylabel(f"held-out {metric}")
   eval_axis.set_title(f"{task}: held-out {metric} at best lr")
   fig.tight_layout()
-  curves_path = directory / f"{task}_curves.png"
+  curves_path = directory / f"{stem or task}_curves.png"
   fig.savefig(curves_path, dpi=120)
   plt.close(fig)
 
@@ -246,7 +246,7 @@ def plot(results: dict[str, Any], directory: Path) -> list[Path]:
   axis.set_title(f"{task}: final held-out {metric} vs learning rate")
   axis.legend(fontsize=7)
   fig.tight_layout()
-  lr_path = directory / f"{task}_lr.png"
+  lr_path = directory / f"{stem or task}_lr.png"
   fig.savefig(lr_path, dpi=120)
   plt.close(fig)
   return [curves_path, lr_path]
@@ -338,8 +338,9 @@ def long_leg_markdown(results: dict) -> str:
   )
 
 
-def plot_long(results: dict, directory: Path) -> Path:
-  """Held-out metric vs step and vs training seconds, mean and seed range, target dashed."""
+def plot_long(results: dict, directory: Path, stem: str = "long") -> Path:
+  """Held-out metric vs step and vs training seconds, mean and seed range, target dashed;
+  written to ``<task>_<stem>_curves.png``."""
   import matplotlib  # pylint: disable=import-outside-toplevel
 
   matplotlib.use("Agg")
@@ -362,10 +363,52 @@ def plot_long(results: dict, directory: Path) -> Path:
     axis.set_xlabel(xlabel)
     axis.set_ylabel(f"held-out {metric} (mean, seed range)")
     axis.legend(fontsize=7)
-  step_axis.set_title(f"{results['task']} long leg: held-out {metric} vs step")
-  time_axis.set_title(f"{results['task']} long leg: vs wall-clock seconds")
+  step_axis.set_title(f"{results['task']} {stem}: held-out {metric} vs step")
+  time_axis.set_title(f"{results['task']} {stem}: vs wall-clock seconds")
   fig.tight_layout()
-  path = directory / f"{results['task']}_long_curves.png"
+  path = directory / f"{results['task']}_{stem}_curves.png"
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
+
+
+def plot_early(early: dict, directory: Path) -> Path:
+  """``max|a|``, ``max|b|`` and the step's weight-space norm over the first steps
+  (``experiments.decoder_study``'s early stage), one row per preset, one colour
+  per optimizer, darker for larger learning rates; ``<task>_early.png``."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
+  presets = sorted({run["preset"] for run in early["runs"]})
+  names = list(dict.fromkeys(run["optimizer"] for run in early["runs"]))
+  rates = sorted({run["learning_rate"] for run in early["runs"]})
+  panels = (("max_abs_a", "max |a|"), ("max_abs_b", "max |b|"), ("update_norm_mean", "step norm"))
+  fig, axes = plt.subplots(len(presets), 3, figsize=(15, 4 * len(presets)), squeeze=False)
+  colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+  for run in early["runs"]:
+    row = presets.index(run["preset"])
+    shade = 0.35 + 0.65 * (rates.index(run["learning_rate"]) + 1) / len(rates)
+    for axis, (key, _) in zip(axes[row], panels, strict=True):
+      axis.plot(
+        run["curves"][key],
+        color=colours[names.index(run["optimizer"]) % len(colours)],
+        alpha=shade,
+        label=f"{run['optimizer']} lr {run['learning_rate']:g}",
+      )
+  for row, preset in enumerate(presets):
+    for axis, (key, title) in zip(axes[row], panels, strict=True):
+      # b and the step norm start at 0: linear near 0, logarithmic above.
+      if key == "max_abs_a":
+        axis.set_yscale("log")
+      else:
+        axis.set_yscale("symlog", linthresh=1e-4)
+      axis.set_xlabel("step")
+      axis.set_title(f"{early['task']} ({preset}): {title}")
+    axes[row][0].legend(fontsize=6)
+  fig.tight_layout()
+  path = directory / f"{early['task']}_early.png"
   fig.savefig(path, dpi=120)
   plt.close(fig)
   return path

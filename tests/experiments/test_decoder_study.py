@@ -15,6 +15,7 @@ pytest.importorskip("tunix")
 
 from experiments import data  # noqa: E402
 from experiments import decoder_study  # noqa: E402
+from experiments import report  # noqa: E402
 from experiments import sweeps  # noqa: E402
 from experiments.tasks import TASKS  # noqa: E402
 from experiments.tasks import bbc_prose  # noqa: E402
@@ -137,6 +138,8 @@ def test_report_and_early_stages_end_to_end_on_the_smoke_preset(tmp_path):
   assert curves["update_norm_mean"][0] == 0.0 and curves["update_norm_mean"][1] > 0.0
   assert curves["max_abs_a"][0] > 0.0
   assert curves["update_norm_max"][1] >= curves["update_norm_mean"][1]
+  assert report.plot_early(early, tmp_path).exists()
+  assert report.plot_long(results, tmp_path, stem="study").name == "flagship_bbc_study_curves.png"
   # Resumable: a second call with the same learning rate trains nothing.
   again = decoder_study.early_stage("flagship", ["adaprelora"], "smoke", tmp_path)
   assert again["runs"] == early["runs"]
