@@ -19,12 +19,13 @@
   tragedy) or which play a passage of spoken lines comes from; a harder one.
   Each play is cut into contiguous blocks of non-overlapping passages and
   whole blocks go to the test split, so no text is shared across splits.
-* :func:`shakespeare_chars` / :func:`milton_chars` -- character-level
-  corpora (pretraining on Shakespeare, LoRA adaptation to Milton) over one
-  vocabulary, :func:`char_vocab`.
+* :func:`shakespeare_chars` / :func:`milton_chars` / :func:`bbc_prose_chars`
+  -- character-level corpora (pretraining on Shakespeare, LoRA adaptation to
+  Milton or to BBC News prose) over one vocabulary, :func:`char_vocab`.
 * :func:`shuffled_batches`, :func:`padded_batches`, :func:`lm_batches`,
-  :func:`lm_eval_windows` -- index/window streams that depend only on their
-  arguments, so every optimizer in a comparison sees the same data order.
+  :func:`lm_train_windows`, :func:`lm_eval_windows` -- index/window streams
+  that depend only on their arguments, so every optimizer in a comparison
+  sees the same data order.
 
 Everything is a pure function of the installed assets and the arguments.
 """

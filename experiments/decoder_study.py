@@ -109,13 +109,16 @@ def paired_difference(values: list[float], reference: list[float]) -> dict[str, 
 
 
 def selected_learning_rates(
-  task_name: str, names: list[str], results_dir: Path
+  task_name: str, names: list[str], preset: str, results_dir: Path
 ) -> dict[str, float]:
-  """Each optimizer's best learning rate of the ``tune`` stage.
+  """Each optimizer's best learning rate of the ``tune`` stage (for ``smoke``,
+  which tunes nothing, its default learning rate).
 
   Raises:
     ValueError: ``tune`` has not been run for one of ``names``.
   """
+  if preset == "smoke":
+    return {name: canonical_lr(OPTIMIZERS[name].default_learning_rate) for name in names}
   path = results_file(results_dir, task_name, "tune")
   tuned = json.loads(path.read_text())["optimizers"] if path.exists() else {}
   missing = sorted(set(names) - set(tuned))
@@ -152,11 +155,11 @@ def summarize(task_name: str, records: list[dict], reference: str = REFERENCE) -
     "optimizers": optimizers,
   }
   if reference in optimizers:
-    reference_seeds = optimizers[reference]["lrs"][str(optimizers[reference]["best_lr"])]["seeds"]
+    reference_seeds = report.best_lr_entry(optimizers[reference])["seeds"]
     results["paired_difference"] = {
       "reference": reference,
       "optimizers": {
-        name: paired_difference(entry["lrs"][str(entry["best_lr"])]["seeds"], reference_seeds)
+        name: paired_difference(report.best_lr_entry(entry)["seeds"], reference_seeds)
         for name, entry in optimizers.items()
         if name != reference
       },
@@ -177,10 +180,7 @@ def report_stage(
 ) -> dict:
   """Runs (or reuses) ``seeds`` seeds at each selected learning rate; writes the study file."""
   budget = TASKS[task_name].presets[preset]
-  if preset == "smoke":
-    learning_rates = {name: canonical_lr(OPTIMIZERS[name].default_learning_rate) for name in names}
-  else:
-    learning_rates = selected_learning_rates(task_name, names, results_dir)
+  learning_rates = selected_learning_rates(task_name, names, preset, results_dir)
   records = run_all(
     [
       RunConfig(task_name, name, learning_rates[name], seed, preset, budget.steps)
@@ -201,16 +201,15 @@ def report_stage(
   return results
 
 
-def _max_abs(model: nnx.Module, suffix: str) -> float:
-  """The largest ``|entry|`` of the model's LoRA leaves whose name ends with ``suffix``."""
-
-  def name(path) -> str:
-    return [key.key for key in path if isinstance(key, jax.tree_util.DictKey)][-1]
-
-  leaves = jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.LoRAParam))
-  return max(
-    float(np.max(np.abs(np.asarray(leaf)))) for path, leaf in leaves if name(path).endswith(suffix)
-  )
+def _max_abs_factors(model: nnx.Module) -> dict[str, float]:
+  """The largest ``|entry|`` over the model's ``*lora_a`` and over its ``*lora_b`` leaves."""
+  found = {"lora_a": 0.0, "lora_b": 0.0}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.LoRAParam)):
+    name = [key.key for key in path if isinstance(key, jax.tree_util.DictKey)][-1]
+    for suffix in found:
+      if name.endswith(suffix):
+        found[suffix] = max(found[suffix], float(np.max(np.abs(np.asarray(leaf)))))
+  return found
 
 
 def early_steps(
@@ -235,11 +234,11 @@ def early_steps(
   }
 
   def probe(done, model, optimizer):
-    if done > steps:
-      return
+    del done  # called once per step, in order
     metrics = ap.step_metrics(optimizer.opt_state)
-    curves["max_abs_a"].append(_max_abs(model, "lora_a"))
-    curves["max_abs_b"].append(_max_abs(model, "lora_b"))
+    factors = _max_abs_factors(model)
+    curves["max_abs_a"].append(factors["lora_a"])
+    curves["max_abs_b"].append(factors["lora_b"])
     curves["update_norm_mean"].append(float(metrics["update_norm/mean"]))
     curves["update_norm_max"].append(float(metrics["update_norm/max"]))
 
@@ -275,12 +274,9 @@ def early_stage(
   """
   if learning_rates is not None:
     grid = {name: [canonical_lr(lr) for lr in learning_rates] for name in names}
-  elif preset == "smoke":
-    grid = {name: [canonical_lr(OPTIMIZERS[name].default_learning_rate)] for name in names}
   else:
-    grid = {
-      name: [lr] for name, lr in selected_learning_rates(task_name, names, results_dir).items()
-    }
+    selected = selected_learning_rates(task_name, names, preset, results_dir)
+    grid = {name: [lr] for name, lr in selected.items()}
   path = results_dir / f"{task_name}_early{'_smoke' if preset == 'smoke' else ''}.json"
   results = json.loads(path.read_text()) if path.exists() else {"task": task_name, "runs": []}
   done = {(run["optimizer"], run["learning_rate"], run["preset"]) for run in results["runs"]}

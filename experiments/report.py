@@ -19,7 +19,7 @@ Files written before it existed lack it; :func:`provenance` then takes every
 entry's from ``environment``.
 
 A long leg's results (``results/<task>_long.json``: the schema above plus
-``time_to_target``, see ``experiments.flagship``) get their own section of
+``time_to_target``, :func:`time_to_target`) get their own section of
 RESULTS.md and figure (:func:`long_leg_markdown`, :func:`plot_long`).
 """
 
@@ -281,18 +281,21 @@ def results_markdown(all_results: list[dict[str, Any]]) -> str:
   return "\n".join(parts)
 
 
+def best_lr_entry(entry: dict) -> dict[str, Any]:
+  """An optimizer's entry at its best learning rate (its ``seeds``, ``mean``, ``curves``...)."""
+  (found,) = [lr_entry for lr, lr_entry in entry["lrs"].items() if float(lr) == entry["best_lr"]]
+  return found
+
+
 def best_curves(entry: dict) -> dict[str, Any]:
   """The curves of an optimizer's entry at its best learning rate."""
-  (curves,) = [
-    lr_entry["curves"] for lr, lr_entry in entry["lrs"].items() if float(lr) == entry["best_lr"]
-  ]
-  return curves
+  return best_lr_entry(entry)["curves"]
 
 
 def time_to_target_table(results: dict) -> str:
   """Markdown table of a long leg's ``time_to_target`` (ranked by final metric).
 
-  ``time_to_target`` is :func:`experiments.flagship.time_to_target`'s summary.
+  ``time_to_target`` is :func:`time_to_target`'s summary.
   """
   summary, metric = results["time_to_target"], results["metric"]
   steps = best_curves(results["optimizers"][summary["reference"]])["eval_step"][-1]

@@ -216,12 +216,13 @@ def write_task_results(
   task = TASKS[task_name]
   runs: dict[str, dict[str, list[dict]]] = {}
   pilot: dict[str, dict[str, float]] = {}
+  seeds = task.presets[preset].seeds
   for path in sorted((cache / task_name / preset).glob("*/*/seed=*.json")):
     record = json.loads(path.read_text())
     optimizer, lr = record["config"]["optimizer"], record["config"]["learning_rate"]
     if optimizers is not None and optimizer not in optimizers:
       continue
-    if record["config"]["seed"] >= task.presets[preset].seeds:
+    if record["config"]["seed"] >= seeds:
       # More seeds at a selected learning rate (experiments/decoder_study.py)
       # are not the sweep's: selection stays on the preset's seeds.
       continue
