@@ -19,7 +19,8 @@ Main entry points:
   paper's AdaPreLoRA SGD.
 * :func:`adaprelora_adamw` -- the paper's AdaPreLoRA AdamW: AdamW's moments
   over the AdaPreLoRA factor directions.
-* :func:`scale_by_adaprelora` -- the chainable core transform.
+* :func:`scale_by_adaprelora` -- the chainable core transform (LoRA factors
+  only; :func:`lora_labels` labels the other leaves for ``optax.partition``).
 * :func:`factor_update` -- the pure closed-form factor step.
 * :mod:`adaprelora_jax.nn` -- flax nnx LoRA layers with exact statistics
   (imported on first use: the optimizer itself does not import flax).
@@ -65,6 +66,7 @@ from adaprelora_jax.plan import plan_pairs
 from adaprelora_jax.reports import nonfinite_report
 from adaprelora_jax.reports import second_moments
 from adaprelora_jax.reports import step_metrics
+from adaprelora_jax.routing import lora_labels
 from adaprelora_jax.state_layout import STATE_LAYOUT_VERSION
 from adaprelora_jax.state_layout import StateLayoutError
 from adaprelora_jax.state_layout import check_checkpoint_layout
@@ -104,6 +106,7 @@ __all__ = (
   "decay_rate_pow",
   "factor_update",
   "kernels",
+  "lora_labels",
   "lora_plus",
   "lora_pro",
   "lora_rite",

@@ -15,8 +15,8 @@
 
 :func:`factorwise_transform` hands ``optax.scale_by_adam`` and the like the
 ``lora_a``/``lora_b`` leaves, leaf by leaf, with float32 state whatever the
-parameter dtype, and routes the other leaves as
-:func:`adaprelora_jax.pairwise.pairwise_transform` does. For element-wise
+parameter dtype; like the pairwise transforms (:mod:`adaprelora_jax.pairwise`)
+it owns the LoRA factors and their statistics probes only. For element-wise
 rules this avoids the copies that stacking same-shaped pairs would cost.
 """
 
@@ -45,12 +45,10 @@ class FactorwiseState(NamedTuple):
       ``optax.MaskedNode()`` elsewhere.
     layout_version: the state layout (int32,
       :data:`adaprelora_jax.STATE_LAYOUT_VERSION`).
-    non_lora: state of the transform applied to the other leaves.
   """
 
   factors: optax.OptState
   layout_version: chex.Array
-  non_lora: optax.OptState
 
 
 def _factor_tree(plan: plan_lib.LoRAPlan, leaves: Sequence[Any]) -> Any:
@@ -67,23 +65,22 @@ def _factor_tree(plan: plan_lib.LoRAPlan, leaves: Sequence[Any]) -> Any:
 def factorwise_transform(
   inner: optax.GradientTransformation,
   *,
-  router: routing.Router,
+  finder: routing.PairFinder,
 ) -> optax.GradientTransformationExtraArgs:
-  """Applies ``inner`` to the LoRA factors and ``non_lora`` to other leaves.
+  """Applies ``inner`` to the LoRA factors, leaf by leaf.
 
   ``inner`` sees a tree shaped like the params that holds float32 (or wider,
   as the parameter) copies of the ``lora_a``/``lora_b`` leaves, in their own
   layout, and ``optax.MaskedNode()`` elsewhere, so its state is float32
   whatever the narrower parameter dtype, and keeps the dtypes of its
   ``init``; its updates are cast back to the parameter dtype.
-  Pairs are validated as in
-  :func:`adaprelora_jax.pairwise.pairwise_transform`; statistics probes
-  get zero updates.
+  Pairs are validated as in :func:`adaprelora_jax.pairwise.find_pairs`;
+  statistics probes get zero updates.
 
   Args:
     inner: transform for the factor leaves (element-wise or per leaf).
-    router: finds the pairs and routes the other leaves
-      (:meth:`adaprelora_jax.routing.Router.create`).
+    finder: finds the pairs; other leaves raise
+      (:meth:`adaprelora_jax.routing.PairFinder.create`).
 
   Returns:
     The :class:`optax.GradientTransformationExtraArgs`.
@@ -91,15 +88,14 @@ def factorwise_transform(
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params):
-    plan = router.plan(params)
+    plan = finder.plan(params)
     return FactorwiseState(
       factors=inner.init(_factor_tree(plan, plan.leaves(params))),
       layout_version=state_layout.version_leaf(),
-      non_lora=router.init_non_lora(plan, params),
     )
 
   def update_fn(updates, state, params=None, **extra_args):
-    plan = router.plan(params)
+    plan = finder.plan(params)
     grads = plan_lib.check_matching_tree(plan, updates, "gradient")
     param_leaves = plan.leaves(params)
     factor_updates, factors_state = inner.update(
@@ -116,7 +112,6 @@ def factorwise_transform(
     for pair in plan.pairs:
       for index in (pair.a_index, pair.b_index):
         out[index] = factor_leaves[index].astype(param_leaves[index].dtype)
-    new_updates, non_lora_state = router.finish(plan, out, updates, state.non_lora, params)
-    return new_updates, FactorwiseState(factors_state, state.layout_version, non_lora_state)
+    return finder.finish(plan, out), FactorwiseState(factors_state, state.layout_version)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

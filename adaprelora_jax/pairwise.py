@@ -11,27 +11,29 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Turning a rule for one LoRA pair into an optax transform.
+"""The pairwise engine: helpers on the plan for transforms built per LoRA pair.
 
 Every per-pair optimizer of this package is a kernel for a single pair
-``(a, b)`` (canonical flax layout ``a: (d_in, r)``, ``b: (r, d_out)``) and a
-declaration of its per-pair state (:mod:`adaprelora_jax.slots`).
-:func:`pairwise_transform` does the rest; one gradient goes through it as:
+``(a, b)`` (canonical flax layout ``a: (d_in, r)``, ``b: (r, d_out)``), a
+typed per-pair state (a NamedTuple) and where each of its fields is stored
+(``storage``: the same NamedTuple holding kinds of
+:mod:`adaprelora_jax.slots`). Its state is ``(count, pairs, bookkeeping)``
+and its ``init_fn`` / ``update_fn`` read::
 
-1. :class:`adaprelora_jax.routing.Router` finds the pairs
-   (:func:`adaprelora_jax.plan.plan_pairs`) and checks the gradients
-   against them;
-2. each group of same-shaped pairs is gathered into stacked
-   :class:`PairInputs` and each state field is read for it;
-3. the kernel is ``jax.vmap``-ed (or ``jax.lax.map``-ed) over the group's
-   pairs (the traced program does not grow with the number of layers);
-4. the factor updates are scattered back to the leaves, each field writes
-   its results, and the router finishes the other leaves;
-5. with ``metrics=True``, the per-pair metrics (:mod:`adaprelora_jax.metrics`)
-   are aggregated over all pairs, beside the state.
+  plan, labels = find_pairs(finder, params)
+  State(count, init_pairs(plan, labels, storage), init_bookkeeping(plan, labels))
 
-Kernels that need a reduction over *all* pairs before updating any
-(LoRA-RITE's global gradient clipping) supply a ``prepare_pair`` first pass.
+  plan, labels = find_pairs(finder, params)
+  step = update_pairs(kernel, plan, labels, updates, params, state, storage=storage)
+
+:func:`update_pairs` is one update of every pair: gather each group of
+same-shaped pairs (:func:`gather_inputs`), map the kernel over it
+(:func:`map_groups`: ``jax.vmap``, so the traced program does not grow with
+the number of layers, ``docs/design.md`` §10), scatter the steps back
+(:func:`scatter_updates`) and store the new per-pair state
+(:func:`write_pairs`). :func:`transformation` makes the optax transform,
+with the optional per-step metrics (:mod:`adaprelora_jax.metrics`) beside
+the state.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from __future__ import annotations
 import functools
 import math
 import operator
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
 import jax
@@ -91,18 +93,145 @@ class PairInputs(NamedTuple):
     )
 
 
-# update_pair(inputs, state, count, total) -> (delta_a, delta_b, new_state,
-# metrics): ``inputs`` is a PairInputs (or what ``prepare_pair`` returned),
-# ``state`` a dict of the pair's fields, ``count`` the number of previous
-# updates and ``total`` the sum over all pairs of prepare_pair's scalar (None
-# without it); ``metrics`` the kernel's own per-pair scalars (a dict, may be
-# empty; read only with ``metrics=True``).
-KernelResult = tuple[jax.Array, jax.Array, dict[str, Any], dict[str, jax.Array]]
-PairKernel = Callable[[Any, dict[str, Any], jax.Array, jax.Array | None], KernelResult]
+class KernelResult(NamedTuple):
+  """What a kernel returns for one pair (stacked over a group by :func:`map_groups`).
+
+  Attributes:
+    delta_a: the update of ``a`` (d_in, r), any floating dtype (cast to the
+      parameter dtype when scattered).
+    delta_b: the update of ``b`` (r, d_out).
+    state: the pair's new state, of the transform's per-pair NamedTuple type
+      (None for a transform without per-pair state).
+    metrics: the kernel's own per-pair scalars (may be empty; read only with
+      ``metrics=True``; a ``"skipped"`` flag counts skipped pairs).
+  """
+
+  delta_a: jax.Array
+  delta_b: jax.Array
+  state: Any
+  metrics: dict[str, jax.Array]
+
+
+# kernel(inputs, state, count, total) -> KernelResult: ``inputs`` is a
+# PairInputs (or what ``prepare_pair`` returned), ``state`` the pair's
+# per-pair NamedTuple (None without per-pair state), ``count`` the number of
+# previous updates and ``total`` the sum over all pairs of prepare_pair's
+# scalar (None without it).
+PairKernel = Callable[[Any, Any, jax.Array, jax.Array | None], KernelResult]
 PreparePair = Callable[[PairInputs], tuple[Any, jax.Array]]
 
 
-def _gather_inputs(
+class Bookkeeping(NamedTuple):
+  """The engine's own entries of every pairwise transform's state.
+
+  Attributes:
+    pair_position: where each pair sits among the members of its group, an
+      int32 at each ``lora_a`` (shaped like the factor's leading axes),
+      ``optax.MaskedNode()`` elsewhere; set by ``init``, never changed. An
+      edited position makes its group's updates NaN rather than swapping
+      pairs. Positions are state rather than Python ints because a static
+      slice offset is part of its XLA kernel: every member's slice would
+      compile separately, and compile time would grow linearly with the
+      number of per-layer pairs. Offsets known only at run time make the
+      slices of all members of a shape one kernel (docs/design.md §10).
+    layout_version: the state layout (int32,
+      :data:`adaprelora_jax.STATE_LAYOUT_VERSION`,
+      :mod:`adaprelora_jax.state_layout`).
+  """
+
+  pair_position: Any
+  layout_version: jax.Array
+
+
+_POSITION_SLOT = slots_lib.Slot("a", (), jnp.int32)
+
+
+def find_pairs(
+  finder: routing.PairFinder, params: Any
+) -> tuple[plan_lib.LoRAPlan, nnx_metadata.StateLabels]:
+  """The params' plan and how their state is labelled (nnx sharding names).
+
+  Raises:
+    ValueError: as :meth:`adaprelora_jax.routing.PairFinder.plan`, or for
+      same-shaped pairs whose state would be sharded differently.
+  """
+  plan = finder.plan(params)
+  labels = nnx_metadata.StateLabels.of(plan, params)
+  labels.check_uniform()
+  return plan, labels
+
+
+def init_bookkeeping(plan: plan_lib.LoRAPlan, labels: nnx_metadata.StateLabels) -> Bookkeeping:
+  """The :class:`Bookkeeping` of a new state."""
+  member_position = {
+    pair.a_index: position for group in plan.groups for position, pair in enumerate(group.members)
+  }
+  positions = plan.mirror(
+    lambda pair, role: jnp.full(pair.lead_shape, member_position[pair.a_index], jnp.int32),
+    roles=("a",),
+  )
+  return Bookkeeping(labels.mirrored(positions, (_POSITION_SLOT,)), state_layout.version_leaf())
+
+
+def init_pairs(plan: plan_lib.LoRAPlan, labels: nnx_metadata.StateLabels, storage: Any) -> Any:
+  """Every pair's state at zero, as ``storage`` lays it out.
+
+  Args:
+    plan: the params' plan.
+    labels: from :func:`find_pairs`.
+    storage: the transform's per-pair NamedTuple holding, for each field, a
+      kind of :mod:`adaprelora_jax.slots` (a plain tuple of slots is
+      :class:`adaprelora_jax.slots.Slots`), or None (the field is absent).
+
+  Returns:
+    A NamedTuple of ``storage``'s type holding each field's state entry.
+  """
+  return type(storage)(
+    *(
+      None if kind is None else slots_lib.as_field(name, kind).init(plan, labels)
+      for name, kind in zip(storage._fields, storage, strict=True)
+    )
+  )
+
+
+def read_pairs(plan: plan_lib.LoRAPlan, storage: Any, entries: Any) -> list[Any]:
+  """Per group, its pairs' state stacked, as the kernel's per-pair NamedTuple."""
+  values = [
+    [None] * len(plan.groups)
+    if kind is None
+    else slots_lib.as_field(name, kind).read(plan, getattr(entries, name), name)
+    for name, kind in zip(storage._fields, storage, strict=True)
+  ]
+  return [type(storage)(*(field[index] for field in values)) for index in range(len(plan.groups))]
+
+
+def write_pairs(
+  plan: plan_lib.LoRAPlan,
+  labels: nnx_metadata.StateLabels,
+  storage: Any,
+  entries: Any,
+  results: list[KernelResult],
+  positions: list[tuple[list[jax.Array], jax.Array]],
+) -> Any:
+  """The kernels' new per-pair states stored back, as :func:`init_pairs` laid them out."""
+  group_positions = [members for members, _ in positions]
+  return type(storage)(
+    *(
+      None
+      if kind is None
+      else slots_lib.as_field(name, kind).write(
+        plan,
+        getattr(entries, name),
+        [getattr(result.state, name) for result in results],
+        group_positions,
+        labels,
+      )
+      for name, kind in zip(storage._fields, storage, strict=True)
+    )
+  )
+
+
+def _gather_group(
   plan: plan_lib.LoRAPlan,
   group: plan_lib.PairGroup,
   param_leaves: list[Any],
@@ -131,39 +260,15 @@ def _gather_inputs(
   )
 
 
-# Where each pair sits among the members of its group: an int32 at each
-# ``lora_a`` (shaped like the factor's leading axes). Positions are state
-# rather than Python ints because a static slice offset is part of its XLA
-# kernel: every member's slice would compile separately, and compile time
-# would grow linearly with the number of per-layer pairs. Offsets known only
-# at run time make the slices of all members of a shape one kernel
-# (docs/design.md §10).
-POSITION_SLOT = slots_lib.Slot("a", (), jnp.int32)
+def gather_inputs(plan: plan_lib.LoRAPlan, updates: Any, params: Any) -> list[PairInputs]:
+  """Per group, its pairs' factors, gradients and statistics, stacked.
 
-
-def _init_positions(plan: plan_lib.LoRAPlan, labels: nnx_metadata.StateLabels) -> Any:
-  member_position = {
-    pair.a_index: position for group in plan.groups for position, pair in enumerate(group.members)
-  }
-  positions = plan.mirror(
-    lambda pair, role: jnp.full(pair.lead_shape, member_position[pair.a_index], jnp.int32),
-    roles=("a",),
-  )
-  return labels.mirrored(positions, (POSITION_SLOT,))
-
-
-def _member_positions(
-  plan: plan_lib.LoRAPlan, entry: Any
-) -> list[tuple[list[jax.Array], jax.Array]]:
-  """Per group, the members' positions from the state and whether they are
-  ``0, 1, ...`` (False for a state that was edited)."""
-  leaves = plan.leaves(entry)
-  found = []
-  for group in plan.groups:
-    positions = [jnp.ravel(leaves[pair.a_index])[0] for pair in group.members]
-    expected = jnp.arange(len(positions), dtype=jnp.int32)
-    found.append((positions, jnp.all(jnp.stack(positions) == expected)))
-  return found
+  Raises:
+    ValueError: for gradients that do not match the params, naming the path.
+  """
+  grads = plan_lib.check_matching_tree(plan, updates, "gradient")
+  param_leaves = plan.leaves(params)
+  return [_gather_group(plan, group, param_leaves, grads) for group in plan.groups]
 
 
 def _over_pairs(fn: Callable[..., Any], map_pairs: bool) -> Callable[..., Any]:
@@ -183,73 +288,27 @@ def _default_backend_is_cpu() -> bool:
   return jax.default_backend() == "cpu"
 
 
-def _run_kernels(
-  update_pair: PairKernel,
-  prepare_pair: PreparePair | None,
+def map_groups(
+  kernel: PairKernel,
   inputs: list[PairInputs],
-  pair_states: list[dict[str, Any]],
+  pair_states: list[Any] | None,
   count: jax.Array,
-  map_pairs: bool,
-) -> list[KernelResult]:
-  """The kernel over each group's pairs, after the optional first pass."""
-  total = None
-  if prepare_pair is not None:
-    prepared = [_over_pairs(prepare_pair, map_pairs)((group,)) for group in inputs]
-    inputs = [carry for carry, _ in prepared]
-    total = functools.reduce(operator.add, [jnp.sum(contribution) for _, contribution in prepared])
-  kernel = _over_pairs(update_pair, map_pairs)
-  return [
-    kernel((group_inputs, pair_state), count, total)
-    for group_inputs, pair_state in zip(inputs, pair_states, strict=True)
-  ]
-
-
-def pairwise_transform(
-  update_pair: PairKernel,
   *,
-  fields: Mapping[str, slots_lib.Field | None],
-  state_type: Callable[..., Any],
-  router: routing.Router,
   prepare_pair: PreparePair | None = None,
   map_pairs: bool | Literal["on_cpu"] = False,
-  metrics: bool = False,
-) -> optax.GradientTransformationExtraArgs:
-  """An optax transform from a rule for one LoRA pair.
-
-  For each group of same-shaped pairs the kernel is ``jax.vmap``-ed over the
-  stacked pairs::
-
-    delta_a, delta_b, new_state, pair_metrics = update_pair(inputs, state, count, total)
-
-  ``delta_*`` are the factor updates (any floating dtype; cast to the
-  parameter dtype), ``state`` / ``new_state`` map each name of ``fields`` to
-  the pair's arrays (a tuple for multi-slot fields, None for a None field),
-  ``count`` is the number of previous updates. If ``prepare_pair`` is given,
-  a first pass computes ``(carry, contribution) = prepare_pair(inputs)`` for
-  every pair, ``total`` is the sum of all contributions (over every pair of
-  the tree) and the kernel receives ``carry`` instead of ``inputs``;
-  otherwise ``total`` is None. ``pair_metrics`` is a dict of the kernel's
-  own per-pair scalars (:mod:`adaprelora_jax.metrics`; a ``"skipped"`` flag
-  counts skipped pairs), read only with ``metrics``.
+) -> list[KernelResult]:
+  """The kernel over each group's pairs, after the optional first pass.
 
   Args:
-    update_pair: the per-pair kernel (above).
-    fields: per-pair state: field name -> a field of
-      :mod:`adaprelora_jax.slots` (a plain tuple of slots at distinct factors
-      is a :class:`adaprelora_jax.slots.Slots`), or None (field absent; its
-      state entry is None).
-    state_type: called as ``state_type(count=..., non_lora=...,
-      pair_position=..., layout_version=..., **entries)`` with one entry per
-      field; normally the transform's state NamedTuple. ``count`` and
-      ``non_lora`` are as in optax; ``pair_position`` is the engine's
-      bookkeeping (each pair's place in its group, at its ``lora_a``, int32):
-      set by ``init``, never changed; an edited position makes its group's
-      updates NaN rather than swapping pairs. ``layout_version`` is
-      :data:`adaprelora_jax.STATE_LAYOUT_VERSION`
-      (:mod:`adaprelora_jax.state_layout`).
-    router: finds the pairs and routes the other leaves
-      (:meth:`adaprelora_jax.routing.Router.create`).
-    prepare_pair: optional first pass (above).
+    kernel: the per-pair rule (``PairKernel``).
+    inputs: from :func:`gather_inputs`.
+    pair_states: from :func:`read_pairs`, or None without per-pair state.
+    count: the number of previous updates.
+    prepare_pair: a first pass over every pair, for kernels that need a
+      reduction over all pairs before updating any (LoRA-RITE's global
+      gradient clipping): ``(carry, contribution) = prepare_pair(inputs)``;
+      the kernel then receives ``carry`` and the sum of all contributions as
+      ``total`` (None without it).
     map_pairs: run the kernel over a group's pairs with ``jax.lax.map``
       instead of ``jax.vmap``, so that every decomposition it calls is
       unbatched. For kernels built on batched LAPACK calls (QR, SVD, eigh)
@@ -257,100 +316,174 @@ def pairwise_transform(
       deadlock the intra-op thread pool (docs/design.md §10). The updates
       are the same; only the schedule differs. ``"on_cpu"``: when the
       default backend is CPU, decided when the update is traced.
+
+  Returns:
+    One :class:`KernelResult` per group, stacked over its pairs.
+  """
+  mapped = _default_backend_is_cpu() if map_pairs == "on_cpu" else bool(map_pairs)
+  total = None
+  if prepare_pair is not None:
+    prepared = [_over_pairs(prepare_pair, mapped)((group,)) for group in inputs]
+    inputs = [carry for carry, _ in prepared]
+    total = functools.reduce(operator.add, [jnp.sum(contribution) for _, contribution in prepared])
+  over = _over_pairs(kernel, mapped)
+  states = [None] * len(inputs) if pair_states is None else pair_states
+  return [
+    over((group_inputs, pair_state), count, total)
+    for group_inputs, pair_state in zip(inputs, states, strict=True)
+  ]
+
+
+def member_positions(
+  plan: plan_lib.LoRAPlan, bookkeeping: Bookkeeping
+) -> list[tuple[list[jax.Array], jax.Array]]:
+  """Per group, the members' positions from the state and whether they are
+  ``0, 1, ...`` (False for a state that was edited)."""
+  leaves = plan.leaves(bookkeeping.pair_position)
+  found = []
+  for group in plan.groups:
+    positions = [jnp.ravel(leaves[pair.a_index])[0] for pair in group.members]
+    expected = jnp.arange(len(positions), dtype=jnp.int32)
+    found.append((positions, jnp.all(jnp.stack(positions) == expected)))
+  return found
+
+
+def scatter_updates(
+  plan: plan_lib.LoRAPlan,
+  updates: Any,
+  results: list[KernelResult],
+  positions: list[tuple[list[jax.Array], jax.Array]],
+) -> Any:
+  """The update tree: each pair's factor steps at its leaves, in the
+  parameter dtype, and zero at the statistics probes."""
+  out = list(plan.leaves(updates))
+  for group, result, (members, valid) in zip(plan.groups, results, positions, strict=True):
+    dtype = group.members[0].dtype
+    deltas: tuple[tuple[plan_lib.Role, jax.Array], ...] = (
+      ("a", result.delta_a),
+      ("b", result.delta_b),
+    )
+    for role, delta in deltas:
+      # Wrong positions would silently swap the pairs' updates: make them NaN.
+      delta = jnp.where(valid, delta, jnp.nan).astype(dtype)
+      plan.scatter(out, group, role, delta, positions=members)
+  return routing.PairFinder.finish(plan, out)
+
+
+class PairwiseStep(NamedTuple):
+  """One update of every pair (:func:`update_pairs`).
+
+  Attributes:
+    updates: the update tree: each pair's factor steps at its leaves, in the
+      parameter dtype, zero at the statistics probes.
+    pairs: the new per-pair state entries (None without per-pair state).
+    metrics: ``() -> StepMetrics`` of the update (:func:`step_metrics`),
+      called only by transforms that keep metrics.
+  """
+
+  updates: Any
+  pairs: Any
+  metrics: Callable[[], metrics_lib.StepMetrics]
+
+
+def update_pairs(
+  kernel: PairKernel,
+  plan: plan_lib.LoRAPlan,
+  labels: nnx_metadata.StateLabels,
+  updates: Any,
+  params: Any,
+  state: Any,
+  *,
+  storage: Any = None,
+  prepare_pair: PreparePair | None = None,
+  map_pairs: bool | Literal["on_cpu"] = False,
+) -> PairwiseStep:
+  """One update of every pair: gather, map the kernel, scatter, store.
+
+  Args:
+    kernel: the per-pair rule (``PairKernel``).
+    plan: from :func:`find_pairs`.
+    labels: from :func:`find_pairs`.
+    updates: the incoming updates (gradients).
+    params: the params.
+    state: the transform's state: its ``count``, ``bookkeeping`` and, with
+      ``storage``, ``pairs``.
+    storage: where each per-pair field is stored (:func:`init_pairs`), or
+      None without per-pair state.
+    prepare_pair: see :func:`map_groups`.
+    map_pairs: see :func:`map_groups`.
+
+  Returns:
+    The :class:`PairwiseStep`.
+  """
+  inputs = gather_inputs(plan, updates, params)
+  pair_states = None if storage is None else read_pairs(plan, storage, state.pairs)
+  results = map_groups(
+    kernel, inputs, pair_states, state.count, prepare_pair=prepare_pair, map_pairs=map_pairs
+  )
+  positions = member_positions(plan, state.bookkeeping)
+  pairs = (
+    None if storage is None else write_pairs(plan, labels, storage, state.pairs, results, positions)
+  )
+  return PairwiseStep(
+    scatter_updates(plan, updates, results, positions),
+    pairs,
+    functools.partial(step_metrics, inputs, results),
+  )
+
+
+def step_metrics(inputs: list[PairInputs], results: list[KernelResult]) -> metrics_lib.StepMetrics:
+  """The factor norms of every pair and the kernel's own metrics, aggregated."""
+  per_pair = [
+    {**jax.vmap(metrics_lib.factor_norms)(group.lora_a, group.lora_b), **result.metrics}
+    for group, result in zip(inputs, results, strict=True)
+  ]
+  return metrics_lib.StepMetrics(metrics_lib.aggregate(per_pair))
+
+
+UpdateWithMetrics = Callable[..., tuple[Any, Any, Callable[[], metrics_lib.StepMetrics]]]
+
+
+def transformation(
+  init_fn: Callable[[Any], Any], update_fn: UpdateWithMetrics, *, metrics: bool
+) -> optax.GradientTransformationExtraArgs:
+  """The optax transform of a pairwise ``init_fn`` and ``update_fn``.
+
+  Args:
+    init_fn: ``params -> state``.
+    update_fn: ``(updates, state, params) -> (updates, state,
+      step_metrics)``, ``step_metrics()`` giving the update's
+      :class:`adaprelora_jax.metrics.StepMetrics` (e.g. a partial of
+      :func:`step_metrics`), called only with ``metrics``.
     metrics: keep the last update's metrics: the state is then a
-      :class:`adaprelora_jax.metrics.WithMetricsState` around
-      ``state_type``'s (read them with :func:`adaprelora_jax.step_metrics`).
-      Off, the state is ``state_type``'s alone, exactly as without metrics
-      (checkpoints saved before metrics existed restore into it), and the
-      update computes nothing extra.
+      :class:`adaprelora_jax.metrics.WithMetricsState` around ``init_fn``'s
+      (read them with :func:`adaprelora_jax.step_metrics`). Off, the state
+      is ``init_fn``'s alone.
 
   Returns:
     The :class:`optax.GradientTransformationExtraArgs`.
   """
-  kinds = {
-    name: slots_lib.as_field(name, field) for name, field in fields.items() if field is not None
-  }
-  absent = {name: None for name in fields if name not in kinds}
+  if not metrics:
 
-  def init_fn(params):
-    plan = router.plan(params)
-    labels = nnx_metadata.StateLabels.of(plan, params)
-    labels.check_uniform()
-    state = state_type(
-      count=jnp.zeros([], jnp.int32),
-      non_lora=router.init_non_lora(plan, params),
-      pair_position=_init_positions(plan, labels),
-      layout_version=state_layout.version_leaf(),
-      **{name: kind.init(plan, labels) for name, kind in kinds.items()},
-      **absent,
-    )
-    if not metrics:
-      return state
+    def update_without_metrics(updates, state, params=None, **extra_args):
+      del extra_args
+      return update_fn(updates, state, params)[:2]
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_without_metrics)
+
+  def init_with_metrics(params):
+    state = init_fn(params)
     # Which metrics the kernel reports (e.g. only for pairs with exact
     # statistics) is known once it is traced: trace one update abstractly,
     # so that the state's structure is fixed from the start.
-    shapes = jax.eval_shape(lambda p, s: update_state(p, s, p)[2], params, state)
+    shapes = jax.eval_shape(lambda p, s: update_fn(p, s, p)[2](), params, state)
     return metrics_lib.WithMetricsState(
       state, jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
     )
 
-  def update_state(updates, state, params):
-    """The updates, the new state and, with ``metrics``, the step's metrics."""
-    plan = router.plan(params)
-    grads = plan_lib.check_matching_tree(plan, updates, "gradient")
-    param_leaves = plan.leaves(params)
-    inputs = [_gather_inputs(plan, group, param_leaves, grads) for group in plan.groups]
-    read = {name: kind.read(plan, getattr(state, name), name) for name, kind in kinds.items()}
-    pair_states = [
-      {**{name: values[index] for name, values in read.items()}, **absent}
-      for index in range(len(plan.groups))
-    ]
-    mapped = _default_backend_is_cpu() if map_pairs == "on_cpu" else bool(map_pairs)
-    results = _run_kernels(update_pair, prepare_pair, inputs, pair_states, state.count, mapped)
-
-    out = list(grads)
-    member_positions = _member_positions(plan, state.pair_position)
-    for group, (delta_a, delta_b, *_), (positions, valid) in zip(
-      plan.groups, results, member_positions, strict=True
-    ):
-      dtype = group.members[0].dtype
-      for role, delta in (("a", delta_a), ("b", delta_b)):
-        # Wrong positions would silently swap the pairs' updates: make them NaN.
-        delta = jnp.where(valid, delta, jnp.nan).astype(dtype)
-        plan.scatter(out, group, role, delta, positions=positions)
-    labels = nnx_metadata.StateLabels.of(plan, params)
-    all_positions = [positions for positions, _ in member_positions]
-    entries = {
-      name: kind.write(
-        plan, getattr(state, name), [new[name] for _, _, new, _ in results], all_positions, labels
-      )
-      for name, kind in kinds.items()
-    }
-    new_updates, non_lora_state = router.finish(plan, out, updates, state.non_lora, params)
-    new_state = state_type(
-      count=optax.safe_increment(state.count),
-      non_lora=non_lora_state,
-      pair_position=state.pair_position,
-      layout_version=state.layout_version,
-      **entries,
-      **absent,
-    )
-    return new_updates, new_state, _step_metrics(inputs, results) if metrics else None
-
-  def update_fn(updates, state, params=None, **extra_args):
+  def update_with_metrics(updates, state, params=None, **extra_args):
     del extra_args
-    if not metrics:
-      return update_state(updates, state, params)[:2]
-    new_updates, new_state, step = update_state(updates, state.inner_state, params)
-    return new_updates, metrics_lib.WithMetricsState(new_state, step)
+    new_updates, new_state, step = update_fn(updates, state.inner_state, params)
+    return new_updates, metrics_lib.WithMetricsState(new_state, step())
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def _step_metrics(inputs: list[PairInputs], results: list[KernelResult]) -> metrics_lib.StepMetrics:
-  """The factor norms of every pair and the kernel's own metrics, aggregated."""
-  per_pair = [
-    {**jax.vmap(metrics_lib.factor_norms)(group.lora_a, group.lora_b), **kernel_metrics}
-    for group, (*_, kernel_metrics) in zip(inputs, results, strict=True)
-  ]
-  return metrics_lib.StepMetrics(metrics_lib.aggregate(per_pair))
+  return optax.GradientTransformationExtraArgs(init_with_metrics, update_with_metrics)

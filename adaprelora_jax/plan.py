@@ -254,7 +254,7 @@ class LoRAPlan:
       positions: the member positions ``0, 1, ...`` (at least one per member)
         as int32 scalars; members are cut out with dynamic slices at these
         positions. When the compiler cannot see their values (see
-        :func:`adaprelora_jax.pairwise.pairwise_transform`), every member's
+        :class:`adaprelora_jax.pairwise.Bookkeeping`), every member's
         slice compiles to the same kernel.
     """
     tail = stacked.shape[1:]
@@ -368,7 +368,7 @@ def plan_pairs(
       f"strict=True but {len(others)} leaves are not LoRA factors: {listed}"
       + (" ..." if len(others) > 10 else "")
       + ". Train them with another optimizer (e.g. optax.partition) or pass "
-      "strict=False to use the fallback transform."
+      "strict=False to train them with the optimizer's non_lora transform."
     )
 
   pairs: list[PairInfo] = []

@@ -24,8 +24,7 @@ from adaprelora_jax import metrics as metrics_lib
 from adaprelora_jax import nnx_metadata
 from adaprelora_jax import pairing as pairing_lib
 from adaprelora_jax import plan as plan_lib
-from adaprelora_jax.transform import COL_SECOND_MOMENT
-from adaprelora_jax.transform import ROW_SECOND_MOMENT
+from adaprelora_jax.transform import STORAGE
 from adaprelora_jax.transform import ScaleByAdaPreLoRAState
 
 
@@ -80,11 +79,12 @@ def second_moments(
       "the one whose second moments you want."
     )
   plan = plan_lib.plan_pairs(params, pairing)
+  pairs = found[0].pairs
   return tuple(
     slot.unstack(plan, [nnx_metadata.unwrap(array) for array in entry])
     for slot, entry in (
-      (ROW_SECOND_MOMENT, found[0].row_second_moment),
-      (COL_SECOND_MOMENT, found[0].col_second_moment),
+      (STORAGE.row_second_moment, pairs.row_second_moment),
+      (STORAGE.col_second_moment, pairs.col_second_moment),
     )
   )
 
@@ -108,7 +108,7 @@ def nonfinite_report(
   rows = plan.pair_rows()
   report: dict[str, int] = {}
   for inner in _adaprelora_states(state):
-    counts = np.asarray(inner.nonfinite_count)
+    counts = np.asarray(inner.pairs.nonfinite_count)
     if counts.shape != (plan.num_rows,):
       raise ValueError(
         f"nonfinite_count has shape {counts.shape} but the params have "

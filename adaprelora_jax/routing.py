@@ -11,14 +11,20 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""What every LoRA transform does around its rule: find pairs, route leaves.
+"""Which leaves a LoRA transform owns, and the others routed by composition.
 
-:class:`Router` finds and validates the LoRA pairs of the params (the one
-place a transform resolves its ``pairing``), hands the leaves that are not
-LoRA factors to a fallback transform, and gives the exact-statistics probe
-leaves of :class:`adaprelora_jax.nn.LoRA` zero updates. Both engines,
-:func:`adaprelora_jax.pairwise.pairwise_transform` and
-:func:`adaprelora_jax.factorwise.factorwise_transform`, use it.
+The ``scale_by_*`` cores of this package transform the LoRA factors and the
+exact-statistics probes beside them (:class:`adaprelora_jax.nn.LoRA`,
+:class:`adaprelora_jax.qwix.LoraProvider`), and nothing else: a core given
+another leaf raises, naming it. The aliases (:func:`adaprelora_jax.adaprelora`
+and the baselines) hand every other leaf (a head, biases, norms) to a
+transform of its own with ``optax.partition``, as ``optax.contrib.muon`` does
+(:func:`partition_non_lora`); :func:`lora_labels` gives the labels for a
+partition of one's own::
+
+  tx = optax.partition(
+      {"lora": ap.scale_by_adaprelora(), "non_lora": optax.scale_by_adam()},
+      ap.lora_labels())
 """
 
 from __future__ import annotations
@@ -35,118 +41,166 @@ from adaprelora_jax import pairing as pairing_lib
 from adaprelora_jax import pairs as pairs_lib
 from adaprelora_jax import plan as plan_lib
 
+LORA = "lora"
+NON_LORA = "non_lora"
 
-def default_non_lora(
+
+def lora_labels(pairing: pairing_lib.Pairing = "nnx") -> Callable[[Any], Any]:
+  """Labels for ``optax.partition``: ``"lora"`` or ``"non_lora"`` per leaf.
+
+  ``"lora"`` marks the factors of every pair ``pairing`` finds and their
+  exact-statistics probes (a core reads the probes and gives them zero
+  updates); ``"non_lora"`` marks every other leaf.
+
+  Example::
+
+    >>> import jax.numpy as jnp
+    >>> import adaprelora_jax as ap
+    >>> params = {"lora_a": jnp.ones((4, 2)), "lora_b": jnp.zeros((2, 3)),
+    ...           "head": jnp.ones((3,))}
+    >>> ap.lora_labels()(params)
+    {'head': 'non_lora', 'lora_a': 'lora', 'lora_b': 'lora'}
+
+  Args:
+    pairing: ``"nnx"``, ``"peft"`` or a pairing callable (see
+      :func:`adaprelora_jax.plan_pairs`).
+
+  Returns:
+    A function from a parameter tree to a tree of labels of its structure.
+  """
+  return _labels(pairing_lib.resolve_pairing(pairing), strict=False)
+
+
+def _labels(pairing_fn: pairing_lib.PairingFn, strict: bool) -> Callable[[Any], Any]:
+  def labels(params: Any) -> Any:
+    plan = plan_lib.plan_pairs(params, pairing_fn, strict=strict)
+    leaf_labels = [LORA] * plan.num_leaves
+    for index in plan.other_indices:
+      leaf_labels[index] = NON_LORA
+    return plan.unflatten(leaf_labels)
+
+  return labels
+
+
+def partition_non_lora(
+  lora: optax.GradientTransformation,
+  *,
+  pairing: pairing_lib.Pairing,
   non_lora: optax.GradientTransformation | None,
-) -> optax.GradientTransformation:
-  """The fallback for leaves that are not LoRA factors: Adam unless given."""
-  return optax.scale_by_adam() if non_lora is None else non_lora
+  strict: bool,
+) -> optax.GradientTransformationExtraArgs:
+  """``lora`` on the LoRA factors and probes, ``non_lora`` on the other leaves.
+
+  ``optax.partition`` over :func:`lora_labels`. Over an ``nnx.State`` the
+  state holds a bare ``optax.MaskedNode`` wherever ``optax.masked`` would
+  leave a flax ``Variable`` holding one, so that Orbax restores against the
+  state's shardings (Tunix's ``CheckpointManager``) see one structure
+  (:func:`adaprelora_jax.nnx_metadata.unwrap_masked_nodes`); the update reads
+  it back in ``optax.partition``'s own structure.
+
+  Args:
+    lora: the core for the LoRA leaves.
+    pairing: as the core's.
+    non_lora: transform for the other leaves; None means
+      ``optax.scale_by_adam()``.
+    strict: raise, naming them, if the params hold leaves that are not LoRA
+      factors, instead of routing them.
+
+  Returns:
+    The :class:`optax.GradientTransformationExtraArgs`.
+  """
+  transforms = {LORA: lora, NON_LORA: optax.scale_by_adam() if non_lora is None else non_lora}
+  labels = _labels(pairing_lib.resolve_pairing(pairing), strict)
+
+  def partition(params: Any) -> optax.GradientTransformationExtraArgs:
+    # Labelled from the params (optax.partition's callable labels would be
+    # given the updates), so that gradients are checked against the params.
+    return optax.partition(transforms, labels(params))
+
+  def init_fn(params):
+    return nnx_metadata.unwrap_masked_nodes(partition(params).init(params))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    if params is None:
+      raise ValueError(
+        "The optimizer needs the params to find the LoRA pairs: call update(grads, state, params)."
+      )
+    transform = partition(params)
+    # Back from the bare MaskedNodes: the same leaves in partition's structure.
+    structure = jax.tree.structure(jax.eval_shape(transform.init, params))
+    state = jax.tree.unflatten(structure, jax.tree.leaves(state))
+    updates, state = transform.update(updates, state, params, **extra_args)
+    return updates, nnx_metadata.unwrap_masked_nodes(state)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-class Router(NamedTuple):
-  """Pair finding and leaf routing for one transform.
-
-  Build it with :meth:`create`, which fails early on a bad pairing.
+class PairFinder(NamedTuple):
+  """The pairs a core transforms, found and checked once per trace.
 
   Attributes:
     owner: the transform's public name, for error messages.
     pairing: the resolved pairing function.
-    non_lora: transform for leaves that are not LoRA factors.
-    strict: raise if the params contain leaves that are not LoRA factors.
     statistics: which pairs receive exact statistics (see
       :func:`adaprelora_jax.plan.plan_pairs`).
     check_pair: called with every pair found; raises for pairs the rule
       cannot handle.
+    pass_others: let other leaves through unchanged (a pass-through such as
+      :func:`adaprelora_jax.track_step_metrics`) instead of raising.
   """
 
   owner: str
   pairing: pairing_lib.PairingFn
-  non_lora: optax.GradientTransformation
-  strict: bool
-  statistics: pairing_lib.Statistics
+  statistics: pairing_lib.Statistics = "tangent"
   check_pair: Callable[[pairs_lib.PairInfo], None] | None = None
+  pass_others: bool = False
 
   @classmethod
   def create(
     cls,
     owner: str,
     pairing: pairing_lib.Pairing,
-    non_lora: optax.GradientTransformation | None,
-    strict: bool,
     statistics: pairing_lib.Statistics = "tangent",
     check_pair: Callable[[pairs_lib.PairInfo], None] | None = None,
-  ) -> Router:
-    """A router; ``non_lora=None`` means :func:`default_non_lora`.
+    pass_others: bool = False,
+  ) -> PairFinder:
+    """A finder; fails early on a bad pairing.
 
     Raises:
       ValueError: for an unknown pairing preset name.
     """
-    return cls(
-      owner,
-      pairing_lib.resolve_pairing(pairing),
-      default_non_lora(non_lora),
-      strict,
-      statistics,
-      check_pair,
-    )
+    return cls(owner, pairing_lib.resolve_pairing(pairing), statistics, check_pair, pass_others)
 
   def plan(self, params: Any) -> plan_lib.LoRAPlan:
-    """The validated pairs of ``params`` (errors name the parameter paths)."""
+    """The validated pairs of ``params`` (errors name the parameter paths).
+
+    Raises:
+      ValueError: without params, for malformed pairs, or (unless
+        ``pass_others``) for leaves that are not LoRA factors.
+    """
     if params is None:
       raise ValueError(
         f"{self.owner} needs the params to find the LoRA pairs: call update(grads, state, params)."
       )
-    plan = plan_lib.plan_pairs(params, self.pairing, strict=self.strict, statistics=self.statistics)
+    plan = plan_lib.plan_pairs(params, self.pairing, statistics=self.statistics)
+    if plan.other_indices and not self.pass_others:
+      listed = ", ".join(f"'{plan.paths[i]}'" for i in plan.other_indices[:10])
+      raise ValueError(
+        f"{self.owner} transforms LoRA factors only, but {len(plan.other_indices)} leaves "
+        f"are not LoRA factors: {listed}"
+        + (" ..." if len(plan.other_indices) > 10 else "")
+        + ". Use the optimizer's alias (e.g. adaprelora(...)), which trains them with its "
+        "non_lora transform, or route them with optax.partition and "
+        "adaprelora_jax.lora_labels()."
+      )
     if self.check_pair is not None:
       for pair in plan.pairs:
         self.check_pair(pair)
     return plan
 
-  def non_lora_transform(self, plan: plan_lib.LoRAPlan) -> optax.GradientTransformation:
-    return optax.masked(self.non_lora, plan.other_mask())
-
-  def init_non_lora(self, plan: plan_lib.LoRAPlan, params: Any) -> optax.OptState:
-    """The fallback's state, masked positions as bare ``MaskedNode``s.
-
-    ``optax.masked`` leaves a flax ``Variable`` holding a ``MaskedNode`` at
-    each masked position of an ``nnx.State``; the bare node has the same (no)
-    leaves and keeps Orbax restores working
-    (:func:`adaprelora_jax.nnx_metadata.unwrap_masked_nodes`). :meth:`finish`
-    reads the state back in ``optax.masked``'s own structure.
-    """
-    return nnx_metadata.unwrap_masked_nodes(self.non_lora_transform(plan).init(params))
-
-  def finish(
-    self,
-    plan: plan_lib.LoRAPlan,
-    out: list[Any],
-    updates: Any,
-    non_lora_state: optax.OptState,
-    params: Any,
-  ) -> tuple[Any, optax.OptState]:
-    """Zero updates for statistics probes and the fallback for other leaves.
-
-    Args:
-      plan: the params' plan.
-      out: the flattened updates with the LoRA factors already set.
-      updates: the incoming updates (for the fallback).
-      non_lora_state: the fallback's state.
-      params: the params.
-
-    Returns:
-      The update tree and the fallback's new state.
-    """
+  @staticmethod
+  def finish(plan: plan_lib.LoRAPlan, out: list[Any]) -> Any:
+    """The update tree, statistics probes set to zero (they are not parameters)."""
     for index in plan.statistics_indices:
-      # Statistics probes are not parameters to move.
       out[index] = jnp.zeros_like(out[index])
-    if plan.other_indices:
-      transform = self.non_lora_transform(plan)
-      # Back from init_non_lora's bare MaskedNodes: same leaves, masked's structure.
-      structure = jax.tree.structure(jax.eval_shape(transform.init, params))
-      masked_state = jax.tree.unflatten(structure, jax.tree.leaves(non_lora_state))
-      other_updates, masked_state = transform.update(updates, masked_state, params)
-      non_lora_state = nnx_metadata.unwrap_masked_nodes(masked_state)
-      other_leaves = plan.leaves(other_updates)
-      for index in plan.other_indices:
-        out[index] = other_leaves[index]
-    return plan.unflatten(out), non_lora_state
+    return plan.unflatten(out)

@@ -24,7 +24,7 @@ would fail on the tree structure (CHANGELOG.md lists the layouts).
   >>> import adaprelora_jax as ap
   >>> params = {"lora_a": jnp.ones((4, 2)), "lora_b": jnp.zeros((2, 3))}
   >>> state = ap.scale_by_adaprelora().init(params)
-  >>> int(state.layout_version) == ap.STATE_LAYOUT_VERSION
+  >>> int(state.bookkeeping.layout_version) == ap.STATE_LAYOUT_VERSION
   True
   >>> ap.check_state_layout(state, state)  # the same layout: no error
 """
@@ -39,8 +39,9 @@ import jax.numpy as jnp
 import numpy as np
 
 # Layout 1: second moments per factor; 2: stacked per group (0.1.0);
-# 3: the same with this version leaf (CHANGELOG.md, "State layout").
-STATE_LAYOUT_VERSION = 3
+# 3: the same with this version leaf; 4: no non_lora field in the cores, the
+# aliases' other leaves in an optax.partition (CHANGELOG.md, "State layout").
+STATE_LAYOUT_VERSION = 4
 # The newest layout that was saved without a version leaf.
 _LAST_UNVERSIONED_LAYOUT = 2
 _FIELD = "layout_version"

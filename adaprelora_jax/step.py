@@ -14,8 +14,9 @@
 """One LoRA pair's AdaPreLoRA step, as a composition of small pure functions.
 
 :func:`update_pair` is the kernel that
-:func:`adaprelora_jax.scale_by_adaprelora` hands to
-:func:`adaprelora_jax.pairwise.pairwise_transform`: it projects the factor
+:func:`adaprelora_jax.scale_by_adaprelora` maps over
+each group of same-shaped pairs (:func:`adaprelora_jax.pairwise.map_groups`):
+it projects the factor
 gradients, decays the factored second moments, takes the closed-form step
 (:mod:`adaprelora_jax.kernels`), clips it, applies momentum and skips the
 pair if anything is not finite (``docs/design.md`` §3–§6).
@@ -114,6 +115,27 @@ def momentum_step(
   return (new_a, new_b), (new_a / bias_correction, new_b / bias_correction)
 
 
+class PairState(NamedTuple):
+  """One pair's AdaPreLoRA state, as :func:`update_pair` reads and returns it.
+
+  :class:`adaprelora_jax.ScaleByAdaPreLoRAState` holds every pair's, stored
+  as :data:`adaprelora_jax.transform.STORAGE` says.
+
+  Attributes:
+    row_second_moment: EMA of the row means of ``G²`` (d_in,), float32 or
+      wider.
+    col_second_moment: EMA of the column means of ``G²`` (d_out,).
+    momentum: EMA of the factor steps ``(m_a (d_in, r), m_b (r, d_out))``,
+      or None without momentum (``b1=None``).
+    nonfinite_count: how many of the pair's steps were skipped (int32).
+  """
+
+  row_second_moment: Any
+  col_second_moment: Any
+  momentum: Any
+  nonfinite_count: Any
+
+
 class Hyperparams(NamedTuple):
   """:func:`scale_by_adaprelora`'s arguments, as the pair kernel reads them."""
 
@@ -175,12 +197,12 @@ def _pair_statistics(
 def update_pair(
   hyper: Hyperparams,
   pair: pairwise.PairInputs,
-  state: dict[str, Any],
+  state: PairState,
   count: jax.Array,
   total: None,
 ) -> pairwise.KernelResult:
-  """One pair's AdaPreLoRA step (the kernel of :func:`scale_by_adaprelora`),
-  with its metrics (:func:`adaprelora_jax.scale_by_adaprelora`)."""
+  """One pair's AdaPreLoRA step (the kernel of
+  :func:`adaprelora_jax.scale_by_adaprelora`), with its metrics."""
   del total
   a, b, g_a, g_b = pair.lora_a, pair.lora_b, pair.grad_a, pair.grad_b
   # docs/design.md §9: for ΔW = s·a·b the factor gradients are s·J*(G);
@@ -200,13 +222,9 @@ def update_pair(
     hyper.estimate, pair, a, b, g_a, g_b, grams, inverses, scale
   )
   beta2 = hyper.decay_rate_fn(count - hyper.step_offset, hyper.decay_rate)
-  row_moment = decayed_moment(state["row_second_moment"], row_stats, beta2, hyper.eps)
-  col_moment = decayed_moment(state["col_second_moment"], col_stats, beta2, hyper.eps)
-  moments: dict[str, Any] = {
-    "row_second_moment": row_moment,
-    "col_second_moment": col_moment,
-    "momentum": None,
-  }
+  row_moment = decayed_moment(state.row_second_moment, row_stats, beta2, hyper.eps)
+  col_moment = decayed_moment(state.col_second_moment, col_stats, beta2, hyper.eps)
+  moments: tuple[Any, Any, Any] = (row_moment, col_moment, None)
   row_scale, col_scale = kernels.factored_scales(row_moment, col_moment)
   step = kernels.factor_step(
     a,
@@ -239,7 +257,8 @@ def update_pair(
   if scale is not None:
     deltas = (deltas[0] / scale, deltas[1] / scale)
   if hyper.b1 is not None:
-    moments["momentum"], deltas = momentum_step(state["momentum"], deltas, hyper.b1, count)
+    momentum, deltas = momentum_step(state.momentum, deltas, hyper.b1, count)
+    moments = (row_moment, col_moment, momentum)
   skipped = jnp.array(False)
   if hyper.nonfinite == "skip":
     # The step's descent u + v − w is checked, and exact statistics, but
@@ -253,8 +272,10 @@ def update_pair(
     # and must not enter the moments.
     checked = [step.descent] + ([] if pair.row_stats is None else [row_stats, col_stats])
     ok = all_finite(*checked)
-    moments = keep_if_finite(ok, moments, {name: state[name] for name in moments})
+    moments = keep_if_finite(ok, moments, tuple(state[:3]))
     deltas = (jnp.where(ok, deltas[0], 0.0), jnp.where(ok, deltas[1], 0.0))
     skipped = ~ok
-  skips = state["nonfinite_count"] + skipped.astype(jnp.int32)
-  return *deltas, {**moments, "nonfinite_count": skips}, {**metrics, metrics_lib.SKIPPED: skipped}
+  skips = state.nonfinite_count + skipped.astype(jnp.int32)
+  return pairwise.KernelResult(
+    *deltas, PairState(*moments, skips), {**metrics, metrics_lib.SKIPPED: skipped}
+  )

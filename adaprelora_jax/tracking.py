@@ -15,7 +15,7 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import chex
 import jax
@@ -33,28 +33,24 @@ class TrackStepMetricsState(NamedTuple):
 
   Attributes:
     count: number of updates so far (int32).
-    pair_position: the engine's bookkeeping (see
-      :func:`adaprelora_jax.pairwise.pairwise_transform`).
-    layout_version: the state layout (int32,
-      :data:`adaprelora_jax.STATE_LAYOUT_VERSION`).
-    non_lora: empty (other leaves pass through).
+    bookkeeping: the pairwise engine's
+      (:class:`adaprelora_jax.pairwise.Bookkeeping`: each pair's place in
+      its group, the state layout version).
   """
 
   count: chex.Array
-  pair_position: optax.Updates
-  layout_version: chex.Array
-  non_lora: optax.OptState
+  bookkeeping: pairwise.Bookkeeping
 
 
 def _unchanged(
-  pair: pairwise.PairInputs, state: dict[str, Any], count: jax.Array, total: jax.Array | None
+  pair: pairwise.PairInputs, state: None, count: jax.Array, total: jax.Array | None
 ) -> pairwise.KernelResult:
   """The updates as they come, and the norm of their weight change."""
   del state, count, total
   update_norm = metrics_lib.weight_change_norm(pair.lora_a, pair.lora_b, pair.grad_a, pair.grad_b)
   if pair.lora_scale is not None:
     update_norm = update_norm * jnp.abs(pair.lora_scale)
-  return pair.grad_a, pair.grad_b, {}, {"update_norm": update_norm}
+  return pairwise.KernelResult(pair.grad_a, pair.grad_b, None, {"update_norm": update_norm})
 
 
 def track_step_metrics(
@@ -91,10 +87,17 @@ def track_step_metrics(
     state is a :class:`adaprelora_jax.metrics.WithMetricsState` around a
     :class:`TrackStepMetricsState`.
   """
-  return pairwise.pairwise_transform(
-    _unchanged,
-    fields={},
-    state_type=TrackStepMetricsState,
-    router=routing.Router.create("track_step_metrics", pairing, optax.identity(), False),
-    metrics=True,
-  )
+  finder = routing.PairFinder.create("track_step_metrics", pairing, pass_others=True)
+
+  def init_fn(params):
+    plan, labels = pairwise.find_pairs(finder, params)
+    return TrackStepMetricsState(
+      count=jnp.zeros([], jnp.int32), bookkeeping=pairwise.init_bookkeeping(plan, labels)
+    )
+
+  def update_fn(updates, state, params):
+    plan, labels = pairwise.find_pairs(finder, params)
+    step = pairwise.update_pairs(_unchanged, plan, labels, updates, params, state)
+    return step.updates, state._replace(count=optax.safe_increment(state.count)), step.metrics
+
+  return pairwise.transformation(init_fn, update_fn, metrics=True)

@@ -53,45 +53,39 @@ def decay_rate_pow(step: jax.typing.ArrayLike, exponent: jax.typing.ArrayLike = 
 class ScaleByAdaPreLoRAState(NamedTuple):
   """State of :func:`scale_by_adaprelora`.
 
-  The second moments are stacked per group of same-shaped pairs (the groups
-  of :func:`adaprelora_jax.plan_pairs`, in order): one array per group, the
-  first axis running over the group's pairs; :func:`second_moments` returns
-  them as trees that mirror the params. The momentum mirrors the parameter
-  tree: a pair's entries sit at the position of its ``lora_a`` and ``lora_b``
-  leaves (so they can be sharded like those factors); every other position
-  holds ``optax.MaskedNode()``. Float entries are float32, or float64 for
-  float64 parameters; updates keep them in that dtype.
+  Float entries are float32, or float64 for float64 parameters; updates keep
+  them in that dtype.
 
   Attributes:
     count: number of updates so far (int32).
-    row_second_moment: per group, EMA of the row means of ``G²``, shape
-      (pairs, ..., d_in), laid out like ``lora_a``'s input axis.
-    col_second_moment: per group, EMA of the column means of ``G²``, shape
-      (pairs, ..., d_out), laid out like ``lora_b``'s output axis.
-    momentum: EMA of the factor updates at ``lora_a``/``lora_b`` (factor
-      shape), or ``None`` when ``b1 is None``.
-    nonfinite_count: how many steps of each pair were skipped because its
-      gradients were not finite, one int32 vector for all pairs; read it with
-      :func:`nonfinite_report`.
-    pair_position: the engine's bookkeeping (see
-      :func:`adaprelora_jax.pairwise.pairwise_transform`).
-    layout_version: the state layout (int32,
-      :data:`adaprelora_jax.STATE_LAYOUT_VERSION`).
-    non_lora: state of the transform applied to the other leaves.
+    pairs: every pair's :class:`adaprelora_jax.step.PairState`, stored as
+      :data:`STORAGE` says: the second moments stacked per group of
+      same-shaped pairs (the groups of :func:`adaprelora_jax.plan_pairs`, in
+      order; one array per group, the first axis running over the group's
+      pairs, read them per pair with :func:`second_moments`); the momentum
+      in trees that mirror the params, a pair's entries at its ``lora_a``
+      and ``lora_b`` positions (so they are sharded like those factors) and
+      ``optax.MaskedNode()`` elsewhere, or None when ``b1 is None``; the
+      skip counts (:func:`nonfinite_report`) in one int32 vector for all
+      pairs.
+    bookkeeping: the pairwise engine's
+      (:class:`adaprelora_jax.pairwise.Bookkeeping`).
   """
 
   count: chex.Array
-  row_second_moment: optax.Updates
-  col_second_moment: optax.Updates
-  momentum: optax.Updates | None
-  nonfinite_count: optax.Updates
-  pair_position: optax.Updates
-  layout_version: chex.Array
-  non_lora: optax.OptState
+  pairs: step.PairState
+  bookkeeping: pairwise.Bookkeeping
 
 
-ROW_SECOND_MOMENT = slots.GroupSlot("a", ("d_in",))
-COL_SECOND_MOMENT = slots.GroupSlot("b", ("d_out",))
+# Where each field of a pair's state is stored (docs/design.md §10): the
+# statistics stacked per group (only the update touches them), the momentum
+# at the factors (sharded like them), the skip counts in one vector.
+STORAGE = step.PairState(
+  row_second_moment=slots.GroupSlot("a", ("d_in",)),
+  col_second_moment=slots.GroupSlot("b", ("d_out",)),
+  momentum=slots.Slots((slots.Slot("a", ("d_in", "rank")), slots.Slot("b", ("rank", "d_out")))),
+  nonfinite_count=slots.PairScalar(jnp.int32),
+)
 
 
 def scale_by_adaprelora(
@@ -108,8 +102,6 @@ def scale_by_adaprelora(
   step_offset: int = 0,
   decay_rate_fn: Callable[[jax.Array, Any], jax.Array] | None = None,
   pairing: pairing_lib.Pairing = "nnx",
-  non_lora: optax.GradientTransformation | None = None,
-  strict: bool = False,
   nonfinite: NonFinitePolicy = "skip",
   lora_scale: float | None = None,
   metrics: bool = False,
@@ -152,8 +144,13 @@ def scale_by_adaprelora(
   gradients or statistics (or resulting step) are not all finite gets a zero
   update and keeps its state; ``nonfinite_count`` in the state counts the
   skips per pair (see :func:`adaprelora_jax.nonfinite_report`).
-  ``"propagate"`` applies no check. Leaves that are not LoRA factors follow
-  the ``non_lora`` transform's own semantics.
+  ``"propagate"`` applies no check.
+
+  The transform owns the LoRA factors and their statistics probes (which get
+  zero updates) and raises, naming them, for other leaves: :func:`adaprelora`
+  trains those with its ``non_lora`` transform, and
+  :func:`adaprelora_jax.lora_labels` labels them for an ``optax.partition``
+  of one's own.
 
   Same-shaped pairs are stacked and processed by one ``jax.vmap``, so the
   traced program does not grow with the number of layers.
@@ -191,9 +188,6 @@ def scale_by_adaprelora(
       (``lora_A``/``lora_B`` in PyTorch layout) or a callable
       ``(path, leaf) -> LoRARole | None`` (see :mod:`adaprelora_jax.pairing`;
       list a callable in ``static_args`` of ``optax.inject_hyperparams``).
-    non_lora: transform for leaves that are not LoRA factors (e.g. a
-      classifier head); default ``optax.scale_by_adam()``.
-    strict: raise if the params contain leaves that are not LoRA factors.
     nonfinite: ``"skip"`` or ``"propagate"`` (above).
     lora_scale: the LoRA scale ``s`` of a model computing ``x·(s·a·b)``
       (qwix and peft: ``alpha / rank``); multiplies each pair's
@@ -221,7 +215,9 @@ def scale_by_adaprelora(
 
   Raises:
     ValueError: for a hyperparameter out of its range, naming it (which
-      values are checked: :mod:`adaprelora_jax.validation`).
+      values are checked: :mod:`adaprelora_jax.validation`); at ``init`` or
+      ``update``, for leaves that are not LoRA factors or malformed pairs,
+      naming their paths.
 
   References:
     Bian, Cai, Liu, `AdaPreLoRA: adaptive preconditioned low-rank adaptation
@@ -260,20 +256,29 @@ def scale_by_adaprelora(
     lora_scale=lora_scale,
     estimate="surrogate" if statistics == "surrogate" else "tangent",
   )
-  return pairwise.pairwise_transform(
-    functools.partial(step.update_pair, hyper),
-    fields={
-      "row_second_moment": ROW_SECOND_MOMENT,
-      "col_second_moment": COL_SECOND_MOMENT,
-      "momentum": None
-      if b1 is None
-      else (slots.Slot("a", ("d_in", "rank")), slots.Slot("b", ("rank", "d_out"))),
-      "nonfinite_count": slots.PairScalar(jnp.int32),
-    },
-    state_type=ScaleByAdaPreLoRAState,
-    router=routing.Router.create("scale_by_adaprelora", pairing, non_lora, strict, statistics),
-    metrics=metrics,
-  )
+  storage = STORAGE if b1 is not None else STORAGE._replace(momentum=None)
+  finder = routing.PairFinder.create("scale_by_adaprelora", pairing, statistics)
+  update_pair = functools.partial(step.update_pair, hyper)
+
+  def init_fn(params):
+    plan, labels = pairwise.find_pairs(finder, params)
+    return ScaleByAdaPreLoRAState(
+      count=jnp.zeros([], jnp.int32),
+      pairs=pairwise.init_pairs(plan, labels, storage),
+      bookkeeping=pairwise.init_bookkeeping(plan, labels),
+    )
+
+  def update_fn(updates, state, params):
+    plan, labels = pairwise.find_pairs(finder, params)
+    # Every group of same-shaped pairs at once: gathered, stepped by
+    # step.update_pair (vmapped), scattered back, the new state stored.
+    step_ = pairwise.update_pairs(
+      update_pair, plan, labels, updates, params, state, storage=storage
+    )
+    new_state = state._replace(count=optax.safe_increment(state.count), pairs=step_.pairs)
+    return step_.updates, new_state, step_.metrics
+
+  return pairwise.transformation(init_fn, update_fn, metrics=metrics)
 
 
 def adaprelora(
@@ -338,8 +343,11 @@ def adaprelora(
     step_offset: see :func:`scale_by_adaprelora`.
     decay_rate_fn: see :func:`scale_by_adaprelora`.
     pairing: see :func:`scale_by_adaprelora`.
-    non_lora: see :func:`scale_by_adaprelora`.
-    strict: see :func:`scale_by_adaprelora`.
+    non_lora: transform for leaves that are not LoRA factors (e.g. a
+      classifier head), routed by ``optax.partition``
+      (:func:`adaprelora_jax.lora_labels`); default ``optax.scale_by_adam()``.
+    strict: raise, naming them, if the params contain leaves that are not
+      LoRA factors.
     nonfinite: see :func:`scale_by_adaprelora`.
     lora_scale: see :func:`scale_by_adaprelora` (e.g. qwix's
       ``alpha / rank``).
@@ -358,26 +366,25 @@ def adaprelora(
   """
   # The other hyperparameters are checked by scale_by_adaprelora.
   validation.check_positive("weight_decay", weight_decay, allow_zero=True)
+  core = scale_by_adaprelora(
+    decay_rate=decay_rate,
+    eps=eps,
+    b1=b1,
+    damping=damping,
+    damping_floor=damping_floor,
+    clipping_threshold=clipping_threshold,
+    tie_breaker=tie_breaker,
+    project_gradients=project_gradients,
+    statistics=statistics,
+    step_offset=step_offset,
+    decay_rate_fn=decay_rate_fn,
+    pairing=pairing,
+    nonfinite=nonfinite,
+    lora_scale=lora_scale,
+    metrics=metrics,
+  )
   return optax.chain(
-    scale_by_adaprelora(
-      decay_rate=decay_rate,
-      eps=eps,
-      b1=b1,
-      damping=damping,
-      damping_floor=damping_floor,
-      clipping_threshold=clipping_threshold,
-      tie_breaker=tie_breaker,
-      project_gradients=project_gradients,
-      statistics=statistics,
-      step_offset=step_offset,
-      decay_rate_fn=decay_rate_fn,
-      pairing=pairing,
-      non_lora=non_lora,
-      strict=strict,
-      nonfinite=nonfinite,
-      lora_scale=lora_scale,
-      metrics=metrics,
-    ),
+    routing.partition_non_lora(core, pairing=pairing, non_lora=non_lora, strict=strict),
     optax.add_decayed_weights(weight_decay, mask),
     optax.scale_by_learning_rate(learning_rate),
   )
@@ -483,10 +490,11 @@ def adaprelora_adamw(
     step_offset: see :func:`scale_by_adaprelora`.
     decay_rate_fn: see :func:`scale_by_adaprelora`.
     pairing: see :func:`scale_by_adaprelora`.
-    non_lora: transform for leaves that are not LoRA factors; default
+    non_lora: transform for leaves that are not LoRA factors, routed by
+      ``optax.partition`` (:func:`adaprelora_jax.lora_labels`); default
       ``optax.scale_by_adam`` with ``b1``, ``b2``, ``eps``, ``eps_root``,
       ``mu_dtype`` and ``nesterov`` above.
-    strict: see :func:`scale_by_adaprelora`.
+    strict: see :func:`adaprelora`.
     nonfinite: ``"skip"`` or ``"propagate"`` (above).
     lora_scale: see :func:`scale_by_adaprelora`.
     metrics: see :func:`scale_by_adaprelora`; they describe the AdaPreLoRA
@@ -518,7 +526,7 @@ def adaprelora_adamw(
   adam = optax.scale_by_adam(
     b1=b1, b2=b2, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype, nesterov=nesterov
   )
-  return optax.chain(
+  directions = optax.chain(
     scale_by_adaprelora(
       decay_rate=decay_rate,
       eps=statistics_eps,
@@ -531,18 +539,18 @@ def adaprelora_adamw(
       step_offset=step_offset,
       decay_rate_fn=decay_rate_fn,
       pairing=pairing,
-      # Other leaves pass through untouched to the one Adam below.
-      non_lora=optax.identity(),
-      strict=strict,
       nonfinite=nonfinite,
       lora_scale=lora_scale,
       metrics=metrics,
     ),
     factorwise.factorwise_transform(
-      adam,
-      router=routing.Router.create(
-        "adaprelora_adamw", pairing, adam if non_lora is None else non_lora, strict
-      ),
+      adam, finder=routing.PairFinder.create("adaprelora_adamw", pairing)
+    ),
+  )
+  return optax.chain(
+    # The other leaves get the same Adam, once, as in optax.adamw.
+    routing.partition_non_lora(
+      directions, pairing=pairing, non_lora=adam if non_lora is None else non_lora, strict=strict
     ),
     optax.add_decayed_weights(weight_decay, mask),
     optax.scale_by_learning_rate(learning_rate),

@@ -167,7 +167,9 @@ def test_metrics_change_neither_the_updates_nor_the_default_state(variant):
   inner = [s for s in jax.tree.leaves(plain_state, is_leaf=_is_core) if _is_core(s)]
   assert len(inner) == 1 and "metrics" not in inner[0]._fields
   wrapped = factory(1e-2, metrics=True).init(params)
-  chex.assert_trees_all_equal_structs(wrapped[0].inner_state, plain_state[0])
+  is_wrapped = lambda node: isinstance(node, ap.metrics.WithMetricsState)  # noqa: E731
+  (wrapped,) = [s for s in jax.tree.leaves(wrapped, is_leaf=is_wrapped) if is_wrapped(s)]
+  chex.assert_trees_all_equal_structs(wrapped.inner_state, inner[0])
   with pytest.raises(ValueError, match="metrics=True"):
     ap.step_metrics(plain_state)
 
@@ -299,7 +301,7 @@ def test_metrics_with_state_shardings_on_eight_devices():
   shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
   tx = ap.adaprelora(1e-2, metrics=True)
   state_shardings = ap.sharding.state_shardings(tx, params, shardings)
-  metric_shardings = jax.tree.leaves(state_shardings[0].metrics)
+  metric_shardings = jax.tree.leaves(optax.tree_utils.tree_get(state_shardings, "metrics"))
   assert metric_shardings and all(s.spec == P() for s in metric_shardings)
   sharded_params = jax.device_put(params, shardings)
   state = jax.jit(tx.init, out_shardings=state_shardings)(sharded_params)

@@ -234,10 +234,10 @@ def test_declared_scan_axis_equals_the_leading_layer_layout():
 
   chex.assert_trees_all_close(back(got_updates), want_updates, rtol=1e-5, atol=1e-7)
   # Factor-shaped state (momentum) stays in the leaf's own layout.
-  momentum = got_state[0].momentum["layers"]
-  assert momentum["w_lora_a"].shape == (16, 3, 4)
+  got_momentum = optax.tree_utils.tree_get(got_state, "momentum")
+  assert got_momentum["layers"]["w_lora_a"].shape == (16, 3, 4)
   chex.assert_trees_all_close(
-    back(got_state[0].momentum), want_state[0].momentum, rtol=1e-5, atol=1e-7
+    back(got_momentum), optax.tree_utils.tree_get(want_state, "momentum"), rtol=1e-5, atol=1e-7
   )
   # Second moments are per layer, (L, d_in) / (L, d_out), in both layouts.
   rows, cols = ap.second_moments(got_state, scan(a, b), pairing)
@@ -291,10 +291,10 @@ def test_state_shardings_follow_nd_factor_axes(sharded):
   state = sharding.state_shardings(tx, params, _ND_SPECS, pairing=pairing)
 
   def rows(name):
-    return _group_entry(params, pairing, state.row_second_moment, name)
+    return _group_entry(params, pairing, state.pairs.row_second_moment, name)
 
   def cols(name):
-    return _group_entry(params, pairing, state.col_second_moment, name)
+    return _group_entry(params, pairing, state.pairs.col_second_moment, name)
 
   # A flattened d_in / d_out is laid out like its sharded axis.
   assert rows("attn_vec") == P(None, "tp") and cols("attn_vec") == P(None, "fsdp")
@@ -303,8 +303,8 @@ def test_state_shardings_follow_nd_factor_axes(sharded):
   # Scanned layers: (pairs, L, d) with the layer axis as lora_a's axis 1.
   assert rows("scan") == P(None, None, "fsdp") and cols("scan") == P(None, None, "tp")
   # Factor-shaped state keeps the leaf layout and its sharding.
-  assert state.momentum["kv"]["w_lora_b"] == P(None, None, "tp", None)
-  assert state.momentum["scan"]["kernel_lora_a"] == P("fsdp", None, None)
+  assert state.pairs.momentum["kv"]["w_lora_b"] == P(None, None, "tp", None)
+  assert state.pairs.momentum["scan"]["kernel_lora_a"] == P("fsdp", None, None)
   # sharded_pairing flattens the sharded axis first (N before C), so the
   # flattened factor is a block of devices' shards.
   (kv,) = [pair for pair in ap.plan_pairs(params, pairing).pairs if pair.name == "kv/w"]

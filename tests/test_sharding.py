@@ -192,31 +192,33 @@ def test_state_follows_the_factor_axes(problem, layout):
   params, _ = problem
   mesh = _mesh(layout)
   _, _, spec_a, spec_b = LAYOUTS[layout]
+  # The params hold a bias: the alias routes it by optax.partition.
   state = sharding.state_shardings(
-    ap.scale_by_adaprelora(b1=0.9), params, _param_shardings(params, layout, mesh)
+    ap.adaprelora(1e-2, b1=0.9), params, _param_shardings(params, layout, mesh)
   )
+  pairs = optax.tree_utils.tree_get(state, "pairs")
 
   # Second moments, stacked per group: the pair axis is replicated.
   def rows(name):
-    return _group_entry(params, state.row_second_moment, name).spec
+    return _group_entry(params, pairs.row_second_moment, name).spec
 
   def cols(name):
-    return _group_entry(params, state.col_second_moment, name).spec
+    return _group_entry(params, pairs.col_second_moment, name).spec
 
   assert rows("q") == P(None, spec_a[0]) and cols("q") == P(None, spec_b[1])
   assert rows("stacked") == P(None, None, spec_a[0])
   assert cols("stacked") == P(None, None, spec_b[1])
   # Momentum is shaped like the factors and sharded like them.
-  assert state.momentum["q"]["lora_a"].spec == P(*spec_a)
-  assert state.momentum["stacked"]["lora_b"].spec == P(None, *spec_b)
+  assert pairs.momentum["q"]["lora_a"].spec == P(*spec_a)
+  assert pairs.momentum["stacked"]["lora_b"].spec == P(None, *spec_b)
   # Skip counters, one vector for all pairs, are replicated.
-  assert all(axis is None for axis in state.nonfinite_count.spec)
+  assert all(axis is None for axis in pairs.nonfinite_count.spec)
   # r×r state (LoRA-RITE) is replicated; LoRA-Pro's (d_in, d_out) moment is
   # sharded like both factors.
   rite = sharding.state_shardings(
-    ap.scale_by_lora_rite(), params, _param_shardings(params, layout, mesh)
+    ap.lora_rite(1e-3), params, _param_shardings(params, layout, mesh)
   )
-  abstract = jax.eval_shape(ap.scale_by_lora_rite().init, params)
+  abstract = jax.eval_shape(ap.lora_rite(1e-3).init, params)
   for shape, spec in _leaf_pairs(abstract, rite):
     if shape.shape[-2:] == (RANK, RANK):
       assert all(entry is None for entry in spec.spec), (shape.shape, spec)
@@ -238,9 +240,9 @@ def test_partition_specs_in_partition_specs_out_through_wrappers(problem):
   assert all(
     isinstance(leaf, P) for leaf in jax.tree.leaves(out, is_leaf=lambda x: isinstance(x, P))
   )
-  inner = out[1].inner_state[0]
-  assert _group_entry(params, inner.row_second_moment, "v") == P(None, "data")
-  assert _group_entry(params, inner.col_second_moment, "v") == P(None, "model")
+  pairs = optax.tree_utils.tree_get(out, "pairs")
+  assert _group_entry(params, pairs.row_second_moment, "v") == P(None, "data")
+  assert _group_entry(params, pairs.col_second_moment, "v") == P(None, "model")
   assert out[1].hyperparams["learning_rate"] == P()
 
 
@@ -254,8 +256,8 @@ def test_peft_layout_is_supported():
   state = sharding.state_shardings(
     ap.scale_by_adaprelora(pairing="peft"), params, specs, pairing="peft"
   )
-  assert state.row_second_moment == (P(None, "data"),)
-  assert state.col_second_moment == (P(None, "model"),)
+  assert state.pairs.row_second_moment == (P(None, "data"),)
+  assert state.pairs.col_second_moment == (P(None, "model"),)
 
 
 def test_mismatched_sharding_rank_names_the_parameter(problem):
@@ -334,7 +336,9 @@ def test_nnx_partitioning_metadata_shards_the_optimizer_state():
 
     losses = [float(train_step(model, optimizer, inputs)) for _ in range(3)]
   assert losses[-1] < losses[0]
-  state = nnx.state(optimizer, nnx.OptState)["opt_state"][0]
+  # The LoRA factors' part of the alias's optax.partition: the core's per-pair state.
+  state = nnx.state(optimizer, nnx.OptState)["opt_state"][0]["inner_states"]["lora"]
+  state = state["inner_state"]["pairs"]
   specs = nnx.get_partition_spec(state)
 
   def lora(tree):

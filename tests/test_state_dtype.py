@@ -12,6 +12,13 @@ import pytest
 import adaprelora_jax as ap
 from tests.test_validation import public_transforms
 
+
+def _with_head(core: optax.GradientTransformation) -> optax.GradientTransformation:
+  """A ``scale_by_*`` core, which owns the LoRA factors only, beside an Adam
+  for the problem's head (as the aliases route it)."""
+  return optax.partition({"lora": core, "non_lora": optax.scale_by_adam()}, ap.lora_labels())
+
+
 # name -> transform, for every public transform and each kind of state
 # (momentum, escape mass, LoRA-Pro's two modes, injected hyperparameters).
 _OPTAX_VERSION = tuple(int(part) for part in optax.__version__.split(".")[:3])
@@ -22,7 +29,7 @@ TRANSFORMS = {
   "adaprelora_injected": lambda: optax.inject_hyperparams(ap.adaprelora)(
     learning_rate=1e-2, b1=0.9
   ),
-  "scale_by_adaprelora": ap.scale_by_adaprelora,
+  "scale_by_adaprelora": lambda: _with_head(ap.scale_by_adaprelora()),
   "adaprelora_adamw": lambda: ap.adaprelora_adamw(1e-2, weight_decay=1e-3),
   "adaprelora_adamw_surrogate_mu_bf16": lambda: ap.adaprelora_adamw(
     1e-2, statistics="surrogate", mu_dtype=jnp.bfloat16
@@ -34,14 +41,14 @@ TRANSFORMS = {
   "scale_by_lora_plus": lambda: ap.scale_by_lora_plus(16.0),
   "scaled_gd": lambda: ap.scaled_gd(1e-2),
   "scaled_adamw": lambda: ap.scaled_adamw(1e-2),
-  "scale_by_riemannian_preconditioner": ap.scale_by_riemannian_preconditioner,
+  "scale_by_riemannian_preconditioner": lambda: _with_head(ap.scale_by_riemannian_preconditioner()),
   "lora_pro": lambda: ap.lora_pro(1e-2),
   "lora_pro_full": lambda: ap.lora_pro(1e-2, mode="full"),
-  "scale_by_lora_pro": ap.scale_by_lora_pro,
-  "scale_by_lora_pro_full": lambda: ap.scale_by_lora_pro("full"),
+  "scale_by_lora_pro": lambda: _with_head(ap.scale_by_lora_pro()),
+  "scale_by_lora_pro_full": lambda: _with_head(ap.scale_by_lora_pro("full")),
   "lora_rite": lambda: ap.lora_rite(1e-2),
   "lora_rite_escape_mass": lambda: ap.lora_rite(1e-2, escape_mass=True),
-  "scale_by_lora_rite": ap.scale_by_lora_rite,
+  "scale_by_lora_rite": lambda: _with_head(ap.scale_by_lora_rite()),
   "adaprelora_metrics": lambda: ap.adaprelora(1e-2, metrics=True),
   "lora_rite_metrics": lambda: ap.lora_rite(1e-2, metrics=True),
   "track_step_metrics": ap.track_step_metrics,

@@ -23,8 +23,12 @@ from tests.optimizers import EVERY_OPTIMIZER
 
 LAYOUT2_CHECKPOINT = Path(__file__).parent / "fixtures" / "layout2_adaprelora_state"
 # adaprelora(1e-2, b1=0.9) after one update, saved by commit 0ce8979 (layout
-# 3, before per-step metrics existed).
+# 3: the cores' own non_lora field, before per-step metrics existed).
 LAYOUT3_CHECKPOINT = Path(__file__).parent / "fixtures" / "layout3_adaprelora_state"
+# The same state after the same update (_params, _GRADS), saved in layout 4
+# (the other leaves in an optax.partition, the engine's bookkeeping nested).
+LAYOUT4_CHECKPOINT = Path(__file__).parent / "fixtures" / "layout4_adaprelora_state"
+_GRADS = {"layer": {"lora_a": jnp.full((4, 2), 0.1), "lora_b": jnp.full((2, 3), -0.2)}}
 
 
 def _params():
@@ -75,22 +79,34 @@ def _leaves_by_path(tree):
   }
 
 
-def test_layout3_checkpoint_saved_before_step_metrics_restores_bit_for_bit():
+def test_layout4_checkpoint_restores_bit_for_bit():
   params = _params()
-  grads = {"layer": {"lora_a": jnp.full((4, 2), 0.1), "lora_b": jnp.full((2, 3), -0.2)}}
   tx = ap.adaprelora(1e-2, b1=0.9)
-  _, state = tx.update(grads, tx.init(params), params)
-  ap.check_checkpoint_layout(LAYOUT3_CHECKPOINT, state)
-  restored = ocp.StandardCheckpointer().restore(LAYOUT3_CHECKPOINT, tx.init(params))
+  _, state = tx.update(_GRADS, tx.init(params), params)
+  ap.check_checkpoint_layout(LAYOUT4_CHECKPOINT, state)
+  restored = ocp.StandardCheckpointer().restore(LAYOUT4_CHECKPOINT, tx.init(params))
   # Bit for bit against the bytes on disk, read without a target.
   chex.assert_trees_all_equal(
     _leaves_by_path(restored),
-    _leaves_by_path(ocp.StandardCheckpointer().restore(LAYOUT3_CHECKPOINT)),
+    _leaves_by_path(ocp.StandardCheckpointer().restore(LAYOUT4_CHECKPOINT)),
   )
   # Into today's layout: same tree, shapes and dtypes as today's state after the same step.
   # (Not its values: a = 0.5 everywhere is a degenerate pair, whose step XLA versions resolve
   # differently; CI also runs the oldest jax supported.)
   chex.assert_trees_all_equal_shapes_and_dtypes(restored, state)
+
+
+def test_real_layout3_checkpoint_is_named_instead_of_a_tree_mismatch():
+  target = ap.adaprelora(1e-2, b1=0.9).init(_params())
+  with pytest.raises(ValueError) as orbax_error:
+    ocp.StandardCheckpointer().restore(LAYOUT3_CHECKPOINT, target)
+  assert "state layout" not in str(orbax_error.value)
+  with pytest.raises(ap.StateLayoutError) as error:
+    ap.check_checkpoint_layout(LAYOUT3_CHECKPOINT, target)
+  assert str(error.value).startswith(
+    f"the checkpoint at {LAYOUT3_CHECKPOINT} holds optimizer state layout 3 "
+    "(at [0]['layout_version']); this adaprelora_jax reads state layout 4."
+  )
 
 
 def test_real_layout2_checkpoint_is_named_instead_of_a_tree_mismatch():
@@ -108,29 +124,37 @@ def test_real_layout2_checkpoint_is_named_instead_of_a_tree_mismatch():
 
 
 def test_a_saved_version_other_than_this_one_is_named_with_its_path(tmp_path):
-  tx = ap.lora_pro(1e-2)  # versions at two places: [0][0] and [0][1]
+  tx = ap.lora_pro(1e-2)  # versions at two places: the projection's and Adam's stage
   state = tx.init(_params())
+  versions = [
+    jax.tree_util.keystr(path)
+    for path, _ in jax.tree_util.tree_leaves_with_path(state)
+    if jax.tree_util.keystr(path).endswith(".layout_version")
+  ]
+  assert len(versions) == 2
   older = jax.tree_util.tree_map_with_path(
     lambda path, leaf: (
-      jnp.asarray(2, jnp.int32) if jax.tree_util.keystr(path) == "[0][1].layout_version" else leaf
+      jnp.asarray(2, jnp.int32) if jax.tree_util.keystr(path) == versions[1] else leaf
     ),
     state,
   )
   _save(tmp_path / "state", older)
   with pytest.raises(ap.StateLayoutError) as error:
     ap.check_checkpoint_layout(tmp_path / "state", state)
+  saved_path = "[0]['inner_states']['lora']['inner_state'][1]['layout_version']"
   assert str(error.value).startswith(
     f"the checkpoint at {tmp_path / 'state'} holds optimizer state layout 2 "
-    "(at [0][1]['layout_version']); this adaprelora_jax reads state layout 3."
+    f"(at {saved_path}); this adaprelora_jax reads state layout 4."
   )
 
 
 def test_check_on_trees_read_without_a_target():
   state = ap.scale_by_adaprelora().init(_params())
   ap.check_state_layout(state, state)
-  saved = state._asdict()  # as orbax gives back a NamedTuple: a dict
+  # As orbax gives back NamedTuples: dicts.
+  saved = {**state._asdict(), "bookkeeping": state.bookkeeping._asdict()}
   ap.check_state_layout(saved, state)
-  del saved["layout_version"]
+  del saved["bookkeeping"]["layout_version"]
   with pytest.raises(ap.StateLayoutError, match="without a layout version"):
     ap.check_state_layout(saved, state, source="my state")
   # States of other libraries carry no version: nothing to check.

@@ -164,8 +164,8 @@ def test_momentum_is_a_bias_corrected_ema_of_clipped_updates():
     ema = jax.tree.map(lambda m, u: 0.8 * m + 0.2 * u, ema, raw)
     expected = optax.tree.bias_correction(ema, 0.8, step + 1)
     chex_close(got, expected, rtol=1e-5)
-  assert state_m.momentum["w"]["lora_a"].shape == (6, 2)
-  assert state_plain.momentum is None
+  assert state_m.pairs.momentum["w"]["lora_a"].shape == (6, 2)
+  assert state_plain.pairs.momentum is None
 
 
 def chex_close(x, y, rtol):
@@ -206,7 +206,7 @@ def test_stacked_layers_equal_per_layer_pairs():
       _moments(s_split, split, f"layer{i}"), _moments(s_stacked, stacked), strict=True
     ):
       np.testing.assert_allclose(got, want[i], rtol=1e-6)
-  assert s_stacked.nonfinite_count.shape == s_split.nonfinite_count.shape == (layers,)
+  assert s_stacked.pairs.nonfinite_count.shape == s_split.pairs.nonfinite_count.shape == (layers,)
 
 
 def test_peft_layout_equals_flax_layout():
@@ -244,27 +244,46 @@ def test_peft_layout_equals_flax_layout():
     rtol=1e-6,
   )
   # Momentum is stored in each leaf's own layout.
-  assert s_peft[0].momentum["base.layer.lora_A.default.weight"].shape == (3, 7)
+  momentum = optax.tree_utils.tree_get(s_peft, "momentum")
+  assert momentum["base.layer.lora_A.default.weight"].shape == (3, 7)
 
 
-def test_non_lora_leaves_use_the_fallback_and_strict_raises():
+def test_the_alias_routes_non_lora_leaves_by_partition_and_the_core_refuses_them():
   params = {
     "adapter": {"lora_a": jnp.ones((4, 2)), "lora_b": jnp.zeros((2, 3))},
     "head": {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)},
   }
   grads = jax.tree.map(lambda x: jnp.full_like(x, 0.3), params)
-  tx = ap.scale_by_adaprelora()
+  tx = ap.adaprelora(1.0)
   updates, state = tx.update(grads, tx.init(params), params)
   adam = optax.scale_by_adam()
   expected, _ = adam.update(grads["head"], adam.init(params["head"]))
-  chex_close(updates["head"], expected, rtol=1e-6)
-  custom = ap.scale_by_adaprelora(non_lora=optax.scale(-2.0))
+  chex_close(updates["head"], jax.tree.map(lambda u: -u, expected), rtol=1e-6)
+  # The same as an optax.partition of one's own over ap.lora_labels().
+  own = optax.chain(
+    optax.partition(
+      {"lora": ap.scale_by_adaprelora(), "non_lora": optax.scale_by_adam()}, ap.lora_labels()
+    ),
+    optax.scale_by_learning_rate(1.0),
+  )
+  own_updates, _ = own.update(grads, own.init(params), params)
+  chex_close(updates, own_updates, rtol=1e-6)
+  custom = ap.adaprelora(1.0, non_lora=optax.scale(-2.0))
   updates, _ = custom.update(grads, custom.init(params), params)
-  np.testing.assert_allclose(np.asarray(updates["head"]["bias"]), -0.6, rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(updates["head"]["bias"]), 0.6, rtol=1e-6)
   with pytest.raises(
-    ValueError, match="'head/bias'.*not LoRA factors|not LoRA factors.*'head/bias'"
+    ValueError, match="strict=True.*not LoRA factors.*'head/bias'|'head/bias'.*not LoRA factors"
   ):
-    ap.scale_by_adaprelora(strict=True).init(params)
+    ap.adaprelora(1.0, strict=True).init(params)
+  # The core owns the LoRA factors only: it names the leaves it was given
+  # beyond them, and the ways to route them.
+  for stage in ("init", "update"):
+    core = ap.scale_by_adaprelora()
+    with pytest.raises(ValueError, match=r"LoRA factors only.*'head/bias'.*lora_labels"):
+      if stage == "init":
+        core.init(params)
+      else:
+        core.update(grads, core.init(params["adapter"]), params)
 
 
 def test_nonfinite_gradients_skip_only_that_pair():
@@ -363,10 +382,12 @@ def test_second_moments_are_stacked_per_group_and_read_back_per_pair():
   tx = ap.adaprelora(1e-2)
   _, state = tx.update(grads, tx.init(params), params)
   # Two groups: (q, k) stacked in plan order, and o.
-  assert [array.shape for array in state[0].row_second_moment] == [(2, 4), (1, 5)]
+  row_second_moment = optax.tree_utils.tree_get(state, "row_second_moment")
+  assert [array.shape for array in row_second_moment] == [(2, 4), (1, 5)]
   rows, cols = ap.second_moments(state, params)
   groups = ap.plan_pairs(params).groups
-  for stacked, group in zip(state[0].col_second_moment, groups, strict=True):
+  col_second_moment = optax.tree_utils.tree_get(state, "col_second_moment")
+  for stacked, group in zip(col_second_moment, groups, strict=True):
     for position, member in enumerate(group.members):
       np.testing.assert_array_equal(
         np.asarray(cols[member.name]["lora_b"]), np.asarray(stacked[position])
@@ -389,7 +410,7 @@ def test_a_state_for_other_groups_is_rejected_by_update():
   tx = ap.scale_by_adaprelora()
   state = tx.init(params)
   with pytest.raises(ValueError, match="'row_second_moment' should hold one array per group"):
-    tx.update(other, state._replace(pair_position=tx.init(other).pair_position), other)
+    tx.update(other, state._replace(bookkeeping=tx.init(other).bookkeeping), other)
 
 
 def test_nonfinite_propagate_policy_lets_nans_through():
@@ -414,10 +435,9 @@ def test_bfloat16_params_keep_float32_state():
     params = optax.apply_updates(params, updates)
   assert params["p"]["lora_a"].dtype == jnp.bfloat16
   assert updates["p"]["lora_b"].dtype == jnp.bfloat16
-  assert all(
-    array.dtype == jnp.float32 for array in state[0].row_second_moment + state[0].col_second_moment
-  )
-  assert state[0].momentum["p"]["lora_b"].dtype == jnp.float32
+  moments = [optax.tree_utils.tree_get(state, f"{axis}_second_moment") for axis in ("row", "col")]
+  assert all(array.dtype == jnp.float32 for array in jax.tree.leaves(moments))
+  assert optax.tree_utils.tree_get(state, "momentum")["p"]["lora_b"].dtype == jnp.float32
   assert np.all(np.isfinite(np.asarray(params["p"]["lora_b"], np.float32)))
   assert np.any(np.asarray(params["p"]["lora_a"], np.float32) != 0.3)
 
@@ -647,13 +667,14 @@ def test_compiled_step_has_as_many_distinct_kernels_for_any_number_of_layers():
 
 def test_pair_position_records_each_pairs_place_in_its_group():
   params, grads = _per_layer_tree(3)
-  state = ap.scale_by_adaprelora().init(params)
-  assert state.pair_position["layer2/up"]["lora_a"] == 2
-  assert state.pair_position["layer0/down"]["lora_a"] == 0
-  assert state.pair_position["layer1/attn"]["lora_b"] == optax.MaskedNode()
+  positions = ap.scale_by_adaprelora().init(params).bookkeeping.pair_position
+  assert positions["layer2/up"]["lora_a"] == 2
+  assert positions["layer0/down"]["lora_a"] == 0
+  assert positions["layer1/attn"]["lora_b"] == optax.MaskedNode()
   # Stacked layers: one position per pair of the stack.
   stacked = {"lora_a": jnp.ones((3, 8, 2)), "lora_b": jnp.ones((3, 2, 5))}
-  assert ap.scale_by_adaprelora().init(stacked).pair_position["lora_a"].shape == (3,)
+  stacked_state = ap.scale_by_adaprelora().init(stacked)
+  assert stacked_state.bookkeeping.pair_position["lora_a"].shape == (3,)
 
 
 def test_edited_pair_positions_give_nan_updates_not_swapped_ones():
@@ -661,7 +682,11 @@ def test_edited_pair_positions_give_nan_updates_not_swapped_ones():
   tx = ap.scale_by_adaprelora()
   state = tx.init(params)
   good, _ = jax.jit(tx.update)(grads, state, params)
-  edited = state._replace(pair_position=jax.tree.map(jnp.zeros_like, state.pair_position))
+  edited = state._replace(
+    bookkeeping=state.bookkeeping._replace(
+      pair_position=jax.tree.map(jnp.zeros_like, state.bookkeeping.pair_position)
+    )
+  )
   bad, _ = jax.jit(tx.update)(grads, edited, params)
   assert np.isfinite(np.asarray(good["layer1/up"]["lora_a"])).all()
   # Every update of a group with an edited position is NaN, so the edit

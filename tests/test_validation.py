@@ -172,7 +172,10 @@ def test_out_of_range_hyperparameters_raise_naming_the_parameter(name, parameter
 )
 def test_hyperparameters_at_the_edges_of_their_ranges_are_accepted(name, kwargs):
   tx = TRANSFORMS[name](**kwargs)
-  jax.eval_shape(tx.init, _params())
+  params = _params()
+  if name.startswith("scale_by_"):
+    del params["head"]  # A core owns the LoRA factors only; the aliases route the head.
+  jax.eval_shape(tx.init, params)
 
 
 def test_injected_and_scheduled_hyperparameters_keep_working():

@@ -134,9 +134,11 @@ def lora_plus(
       (``lora_A``/``lora_B`` in PyTorch layout) or a callable
       ``(path, leaf) -> LoRARole | None`` (list it in ``static_args`` of
       ``optax.inject_hyperparams``).
-    non_lora: transform for leaves that are not LoRA factors; default
+    non_lora: transform for leaves that are not LoRA factors, routed by
+      ``optax.partition`` (:func:`adaprelora_jax.lora_labels`); default
       ``optax.scale_by_adam()``.
-    strict: raise if the params contain leaves that are not LoRA factors.
+    strict: raise, naming them, if the params contain leaves that are not
+      LoRA factors.
     metrics: record the factor metrics of the step before the learning rate
       (:func:`adaprelora_jax.track_step_metrics`), for
       :func:`adaprelora_jax.step_metrics`.
@@ -159,9 +161,14 @@ def lora_plus(
   validation.check_positive("eps_root", eps_root, allow_zero=True)
   validation.check_positive("weight_decay", weight_decay, allow_zero=True)
   return optax.chain(
-    factorwise.factorwise_transform(
-      optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root),
-      router=routing.Router.create("lora_plus", pairing, non_lora, strict),
+    routing.partition_non_lora(
+      factorwise.factorwise_transform(
+        optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root),
+        finder=routing.PairFinder.create("lora_plus", pairing),
+      ),
+      pairing=pairing,
+      non_lora=non_lora,
+      strict=strict,
     ),
     optax.add_decayed_weights(weight_decay, mask),
     scale_by_lora_plus(lr_ratio, pairing=pairing),

@@ -57,31 +57,42 @@ LoRAProMode = Literal["efficient", "full"]
 MODES: tuple[str, ...] = ("efficient", "full")
 
 
+class LoRAProPairState(NamedTuple):
+  """One pair's ``mode="full"`` state (both None in ``"efficient"`` mode,
+  whose factor-space Adam moments live in the
+  :class:`adaprelora_jax.factorwise.FactorwiseState` that follows in the
+  chain).
+
+  Attributes:
+    mu: the EMA of the equivalent gradient, (d_in, d_out) (the pair's full
+      weight shape, flax layout).
+    nu: likewise, the EMA of the squared equivalent gradient.
+  """
+
+  mu: Any
+  nu: Any
+
+
+# Both moments at the pair's lora_a, float32 (float64 for float64 parameters).
+STORAGE = LoRAProPairState(
+  mu=slots.Slot("a", ("d_in", "d_out")), nu=slots.Slot("a", ("d_in", "d_out"))
+)
+
+
 class ScaleByLoRAProState(NamedTuple):
   """State of the pairwise stage of :func:`scale_by_lora_pro`.
 
   Attributes:
     count: number of updates so far (int32).
-    mu: ``mode="full"``: at each ``lora_a``, the EMA of the equivalent
-      gradient, shape (..., d_in, d_out) (the pair's full weight shape, flax
-      layout), float32 (float64 for float64 parameters); None in
-      ``"efficient"`` mode, whose factor-space Adam moments live in the
-      :class:`adaprelora_jax.factorwise.FactorwiseState` that follows in the
-      chain.
-    nu: likewise, the EMA of the squared equivalent gradient.
-    pair_position: at each ``lora_a``: the pair's place in its group of
-      same-shaped pairs (see :class:`adaprelora_jax.ScaleByAdaPreLoRAState`).
-    layout_version: the state layout (int32,
-      :data:`adaprelora_jax.STATE_LAYOUT_VERSION`).
-    non_lora: state of the transform applied to the other leaves.
+    pairs: every pair's :class:`LoRAProPairState`, stored as :data:`STORAGE`
+      says (trees like the params).
+    bookkeeping: the pairwise engine's
+      (:class:`adaprelora_jax.pairwise.Bookkeeping`).
   """
 
   count: chex.Array
-  mu: optax.Updates | None
-  nu: optax.Updates | None
-  pair_position: optax.Updates
-  layout_version: chex.Array
-  non_lora: optax.OptState
+  pairs: LoRAProPairState
+  bookkeeping: pairwise.Bookkeeping
 
 
 class _Projection(NamedTuple):
@@ -141,21 +152,21 @@ def _projected_gradients(
   damping: jax.typing.ArrayLike,
   lora_scale: jax.typing.ArrayLike,
   pair: pairwise.PairInputs,
-  state: dict[str, Any],
+  state: LoRAProPairState,
   count: jax.Array,
   total: None,
 ) -> pairwise.KernelResult:
   """``mode="efficient"``'s kernel: the projected factor gradients."""
-  del state, count, total
+  del count, total
   a, b, g_a, g_b = pair.promoted()
   projection = _Projection.at(a, b, damping=damping, lora_scale=lora_scale)
-  return (*projection.directions(g_a, g_b), {}, {})
+  return pairwise.KernelResult(*projection.directions(g_a, g_b), state, {})
 
 
 def _full_space_adam(
   hyper: _ProHyperparams,
   pair: pairwise.PairInputs,
-  state: dict[str, Any],
+  state: LoRAProPairState,
   count: jax.Array,
   total: None,
 ) -> pairwise.KernelResult:
@@ -165,15 +176,15 @@ def _full_space_adam(
   projection = _Projection.at(a, b, damping=hyper.damping, lora_scale=hyper.lora_scale)
   delta_a, delta_b = projection.without_gauge(g_a, g_b)
   equivalent = hyper.lora_scale * (linalg.matmul(delta_a, b) + linalg.matmul(a, delta_b))
-  mu = optax.tree.update_moment(equivalent, state["mu"], hyper.b1, 1)
-  nu = optax.tree.update_moment_per_elem_norm(equivalent, state["nu"], hyper.b2, 2)
+  mu = optax.tree.update_moment(equivalent, state.mu, hyper.b1, 1)
+  nu = optax.tree.update_moment_per_elem_norm(equivalent, state.nu, hyper.b2, 2)
   count_inc = optax.safe_increment(count)
   mu_hat = optax.tree.bias_correction(mu, hyper.b1, count_inc)
   nu_hat = optax.tree.bias_correction(nu, hyper.b2, count_inc)
   direction = mu_hat / (jnp.sqrt(nu_hat + hyper.eps_root) + hyper.eps)
   u_a = linalg.matmul(direction, b.T) * hyper.lora_scale
   u_b = linalg.matmul(a.T, direction) * hyper.lora_scale
-  return (*projection.directions(u_a, u_b), {"mu": mu, "nu": nu}, {})
+  return pairwise.KernelResult(*projection.directions(u_a, u_b), LoRAProPairState(mu, nu), {})
 
 
 def scale_by_lora_pro(
@@ -186,8 +197,6 @@ def scale_by_lora_pro(
   lora_scale: jax.typing.ArrayLike = 1.0,
   damping: jax.typing.ArrayLike = 1e-8,
   pairing: pairing_lib.Pairing = "nnx",
-  non_lora: optax.GradientTransformation | None = None,
-  strict: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Rescale LoRA factor gradients with LoRA-Pro's equivalent-gradient projection.
 
@@ -251,10 +260,10 @@ def scale_by_lora_pro(
     damping: ``δ`` of ``(S + δI)⁻¹`` (absolute, reference 1e-8); must be
       >= 0.
     pairing: ``"nnx"``, ``"peft"`` or a pairing callable (see
-      :func:`adaprelora_jax.plan.plan_pairs`).
-    non_lora: transform for leaves that are not LoRA factors; default
-      ``optax.scale_by_adam()``.
-    strict: raise if the params contain leaves that are not LoRA factors.
+      :func:`adaprelora_jax.plan.plan_pairs`). The transform owns the LoRA
+      factors and their statistics probes (zero updates) and raises, naming
+      them, for other leaves (the alias routes those to its ``non_lora``
+      transform).
 
   Returns:
     The corresponding :class:`optax.GradientTransformationExtraArgs`.
@@ -275,28 +284,37 @@ def scale_by_lora_pro(
   validation.check_positive("lora_scale", lora_scale)
   validation.check_positive("damping", damping, allow_zero=True)
   if mode == "full":
-    weight_shaped = slots.Slot("a", ("d_in", "d_out"))
-    return pairwise.pairwise_transform(
-      functools.partial(
-        _full_space_adam,
-        _ProHyperparams(
-          b1=b1, b2=b2, eps=eps, eps_root=eps_root, lora_scale=lora_scale, damping=damping
-        ),
-      ),
-      fields={"mu": weight_shaped, "nu": weight_shaped},
-      state_type=ScaleByLoRAProState,
-      router=routing.Router.create("scale_by_lora_pro", pairing, non_lora, strict),
+    hyper = _ProHyperparams(
+      b1=b1, b2=b2, eps=eps, eps_root=eps_root, lora_scale=lora_scale, damping=damping
     )
+    update_pair = functools.partial(_full_space_adam, hyper)
+    storage = STORAGE
+  else:
+    update_pair = functools.partial(_projected_gradients, damping, lora_scale)
+    storage = LoRAProPairState(mu=None, nu=None)
+  finder = routing.PairFinder.create("scale_by_lora_pro", pairing)
+
+  def init_fn(params):
+    plan, labels = pairwise.find_pairs(finder, params)
+    return ScaleByLoRAProState(
+      count=jnp.zeros([], jnp.int32),
+      pairs=pairwise.init_pairs(plan, labels, storage),
+      bookkeeping=pairwise.init_bookkeeping(plan, labels),
+    )
+
+  def update_fn(updates, state, params):
+    plan, labels = pairwise.find_pairs(finder, params)
+    step = pairwise.update_pairs(update_pair, plan, labels, updates, params, state, storage=storage)
+    new_state = state._replace(count=optax.safe_increment(state.count), pairs=step.pairs)
+    return step.updates, new_state, step.metrics
+
+  projection = pairwise.transformation(init_fn, update_fn, metrics=False)
+  if mode == "full":
+    return projection
   return optax.chain(
-    pairwise.pairwise_transform(
-      functools.partial(_projected_gradients, damping, lora_scale),
-      fields={"mu": None, "nu": None},
-      state_type=ScaleByLoRAProState,
-      router=routing.Router.create("scale_by_lora_pro", pairing, optax.identity(), strict),
-    ),
+    projection,
     factorwise.factorwise_transform(
-      optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root),
-      router=routing.Router.create("scale_by_lora_pro", pairing, non_lora, strict),
+      optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root), finder=finder
     ),
   )
 
@@ -343,8 +361,11 @@ def lora_pro(
     lora_scale: see :func:`scale_by_lora_pro`.
     damping: see :func:`scale_by_lora_pro`.
     pairing: see :func:`scale_by_lora_pro`.
-    non_lora: see :func:`scale_by_lora_pro`.
-    strict: see :func:`scale_by_lora_pro`.
+    non_lora: transform for leaves that are not LoRA factors, routed by
+      ``optax.partition`` (:func:`adaprelora_jax.lora_labels`); default
+      ``optax.scale_by_adam()``.
+    strict: raise, naming them, if the params contain leaves that are not
+      LoRA factors.
     metrics: record the factor metrics of the step before the learning rate
       (:func:`adaprelora_jax.track_step_metrics`), for
       :func:`adaprelora_jax.step_metrics`.
@@ -362,19 +383,11 @@ def lora_pro(
   """
   # The other hyperparameters are checked by scale_by_lora_pro.
   validation.check_positive("weight_decay", weight_decay, allow_zero=True)
+  core = scale_by_lora_pro(
+    mode, b1, b2, eps, eps_root, lora_scale=lora_scale, damping=damping, pairing=pairing
+  )
   return optax.chain(
-    scale_by_lora_pro(
-      mode,
-      b1,
-      b2,
-      eps,
-      eps_root,
-      lora_scale=lora_scale,
-      damping=damping,
-      pairing=pairing,
-      non_lora=non_lora,
-      strict=strict,
-    ),
+    routing.partition_non_lora(core, pairing=pairing, non_lora=non_lora, strict=strict),
     optax.add_decayed_weights(weight_decay, mask),
     *([tracking.track_step_metrics(pairing=pairing)] if metrics else []),
     optax.scale_by_learning_rate(learning_rate),

@@ -53,36 +53,55 @@ from adaprelora_jax import tracking
 from adaprelora_jax import validation
 
 
+class LoRARitePairState(NamedTuple):
+  """One pair's LoRA-RITE state: each field a pair ``(for A, for B)``.
+
+  Attributes:
+    first_moment: ``M̄``, in the coordinates of the other factor's basis:
+      (d_in, r) for ``A``, (r, d_out) (``M̄_Bᵀ``) for ``B``.
+    second_moment: ``V̄``, (r, r) for each factor.
+    basis: the orthonormal basis of the factor's own QR at the previous step,
+      for the transport ``P``: (d_in, r) for ``A``, (r, d_out) (``U_Bᵀ``)
+      for ``B``.
+    escape_mass: ``ρ``, a scalar for each factor, or None without escape
+      mass.
+  """
+
+  first_moment: Any
+  second_moment: Any
+  basis: Any
+  escape_mass: Any
+
+
+def _at_both_factors(dims_a: tuple[Any, ...], dims_b: tuple[Any, ...]) -> slots.Slots:
+  return slots.Slots((slots.Slot("a", dims_a), slots.Slot("b", dims_b)))
+
+
+# Every entry for ``A`` sits at its ``lora_a``, every entry for ``B`` at its
+# ``lora_b`` (sharded like the factor where shaped like it).
+STORAGE = LoRARitePairState(
+  first_moment=_at_both_factors(("d_in", "rank"), ("rank", "d_out")),
+  second_moment=_at_both_factors(("rank", "rank"), ("rank", "rank")),
+  basis=_at_both_factors(("d_in", "rank"), ("rank", "d_out")),
+  escape_mass=_at_both_factors((), ()),
+)
+
+
 class ScaleByLoRARiteState(NamedTuple):
   """State of :func:`scale_by_lora_rite`.
 
-  Entries for ``A`` sit at each ``lora_a``, entries for ``B`` at each
-  ``lora_b``; all float32 (float64 for float64 parameters).
-
   Attributes:
     count: number of updates so far (int32).
-    first_moment: ``M̄``, in the coordinates of the other factor's basis:
-      (..., d_in, r) at ``lora_a``, (..., r, d_out) (``M̄_Bᵀ``) at ``lora_b``.
-    second_moment: ``V̄``, (..., r, r) at each factor.
-    basis: the orthonormal basis of the factor's own QR at the previous step,
-      for the transport ``P``: (..., d_in, r) at ``lora_a``, (..., r, d_out)
-      (``U_Bᵀ``) at ``lora_b``.
-    escape_mass: ``ρ``, (...) at each factor, or None without escape mass.
-    pair_position: at each ``lora_a``: the pair's place in its group of
-      same-shaped pairs (see :class:`adaprelora_jax.ScaleByAdaPreLoRAState`).
-    layout_version: the state layout (int32,
-      :data:`adaprelora_jax.STATE_LAYOUT_VERSION`).
-    non_lora: state of the transform applied to the other leaves.
+    pairs: every pair's :class:`LoRARitePairState`, stored as
+      :data:`STORAGE` says (trees like the params; float32, or float64 for
+      float64 parameters).
+    bookkeeping: the pairwise engine's
+      (:class:`adaprelora_jax.pairwise.Bookkeeping`).
   """
 
   count: chex.Array
-  first_moment: optax.Updates
-  second_moment: optax.Updates
-  basis: optax.Updates
-  escape_mass: optax.Updates | None
-  pair_position: optax.Updates
-  layout_version: chex.Array
-  non_lora: optax.OptState
+  pairs: LoRARitePairState
+  bookkeeping: pairwise.Bookkeeping
 
 
 class _Factor(NamedTuple):
@@ -200,7 +219,7 @@ def _preconditioned_moments(
 def _update_pair(
   hyper: _RiteHyperparams,
   factors: tuple[_Factor, _Factor],
-  state: dict[str, Any],
+  state: LoRARitePairState,
   count: jax.Array,
   total: jax.Array,
 ) -> pairwise.KernelResult:
@@ -213,10 +232,10 @@ def _update_pair(
     )
   beta1 = _bias_corrected_decay(hyper.b1, count)
   beta2 = _bias_corrected_decay(hyper.b2, count)
-  first_a, first_b = state["first_moment"]
-  second_a, second_b = state["second_moment"]
-  basis_a, basis_b = state["basis"]
-  escape_a, escape_b = (None, None) if state["escape_mass"] is None else state["escape_mass"]
+  first_a, first_b = state.first_moment
+  second_a, second_b = state.second_moment
+  basis_a, basis_b = state.basis
+  escape_a, escape_b = (None, None) if state.escape_mass is None else state.escape_mass
   # ḡ_A = G U_B lives in the coordinates of B's basis (and vice versa), so
   # A's moments are transported by P_A = U_Bᵀ U_B,prev.
   delta_a, moments_a = _preconditioned_moments(
@@ -237,13 +256,13 @@ def _update_pair(
     beta1,
     beta2,
   )
-  new_state = {
-    "first_moment": (moments_a.first, moments_b.first.T),
-    "second_moment": (moments_a.second, moments_b.second),
-    "basis": (factor_a.basis, factor_b.basis.T),
-    "escape_mass": (moments_a.escape, moments_b.escape) if hyper.escape_mass else None,
-  }
-  return delta_a, delta_b.T, new_state, {}
+  new_state = LoRARitePairState(
+    first_moment=(moments_a.first, moments_b.first.T),
+    second_moment=(moments_a.second, moments_b.second),
+    basis=(factor_a.basis, factor_b.basis.T),
+    escape_mass=(moments_a.escape, moments_b.escape) if hyper.escape_mass else None,
+  )
+  return pairwise.KernelResult(delta_a, delta_b.T, new_state, {})
 
 
 def scale_by_lora_rite(
@@ -256,8 +275,6 @@ def scale_by_lora_rite(
   update_capping: float | None = None,
   escape_mass: bool = False,
   pairing: pairing_lib.Pairing = "nnx",
-  non_lora: optax.GradientTransformation | None = None,
-  strict: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Rescale LoRA factor gradients with LoRA-RITE (module docstring).
 
@@ -314,10 +331,10 @@ def scale_by_lora_rite(
     escape_mass: track the escaped mass ``ρ`` (off by default, as in the
       reference).
     pairing: ``"nnx"``, ``"peft"`` or a pairing callable (see
-      :func:`adaprelora_jax.plan.plan_pairs`).
-    non_lora: transform for leaves that are not LoRA factors; default
-      ``optax.scale_by_adam()``.
-    strict: raise if the params contain leaves that are not LoRA factors.
+      :func:`adaprelora_jax.plan.plan_pairs`). The transform owns the LoRA
+      factors and their statistics probes (zero updates) and raises, naming
+      them, for other leaves (the alias routes those to its ``non_lora``
+      transform).
 
   Returns:
     The corresponding :class:`optax.GradientTransformationExtraArgs`.
@@ -350,25 +367,37 @@ def scale_by_lora_rite(
     escape_mass=escape_mass,
   )
 
-  def both(*dims_a_b):
-    return tuple(slots.Slot(role, dims) for role, dims in zip("ab", dims_a_b, strict=True))
+  storage = STORAGE if escape_mass else STORAGE._replace(escape_mass=None)
+  finder = routing.PairFinder.create("scale_by_lora_rite", pairing, check_pair=_check_rank)
+  update_pair = functools.partial(_update_pair, hyper)
 
-  return pairwise.pairwise_transform(
-    functools.partial(_update_pair, hyper),
-    fields={
-      "first_moment": both(("d_in", "rank"), ("rank", "d_out")),
-      "second_moment": both(("rank", "rank"), ("rank", "rank")),
-      "basis": both(("d_in", "rank"), ("rank", "d_out")),
-      "escape_mass": both((), ()) if escape_mass else None,
-    },
-    state_type=ScaleByLoRARiteState,
-    router=routing.Router.create(
-      "scale_by_lora_rite", pairing, non_lora, strict, check_pair=_check_rank
-    ),
-    prepare_pair=functools.partial(_unmagnify, update_skipping),
-    # Batched QR/SVD/eigh on XLA:CPU can deadlock (jaxlib 0.10); one pair at a time cannot.
-    map_pairs="on_cpu",
-  )
+  def init_fn(params):
+    plan, labels = pairwise.find_pairs(finder, params)
+    return ScaleByLoRARiteState(
+      count=jnp.zeros([], jnp.int32),
+      pairs=pairwise.init_pairs(plan, labels, storage),
+      bookkeeping=pairwise.init_bookkeeping(plan, labels),
+    )
+
+  def update_fn(updates, state, params):
+    plan, labels = pairwise.find_pairs(finder, params)
+    step = pairwise.update_pairs(
+      update_pair,
+      plan,
+      labels,
+      updates,
+      params,
+      state,
+      storage=storage,
+      # The global clipping needs every pair's unmagnified gradient first.
+      prepare_pair=functools.partial(_unmagnify, update_skipping),
+      # Batched QR/SVD/eigh on XLA:CPU can deadlock (jaxlib 0.10); one pair at a time cannot.
+      map_pairs="on_cpu",
+    )
+    new_state = state._replace(count=optax.safe_increment(state.count), pairs=step.pairs)
+    return step.updates, new_state, step.metrics
+
+  return pairwise.transformation(init_fn, update_fn, metrics=False)
 
 
 def lora_rite(
@@ -409,8 +438,11 @@ def lora_rite(
     update_capping: see :func:`scale_by_lora_rite`.
     escape_mass: see :func:`scale_by_lora_rite`.
     pairing: see :func:`scale_by_lora_rite`.
-    non_lora: see :func:`scale_by_lora_rite`.
-    strict: see :func:`scale_by_lora_rite`.
+    non_lora: transform for leaves that are not LoRA factors, routed by
+      ``optax.partition`` (:func:`adaprelora_jax.lora_labels`); default
+      ``optax.scale_by_adam()``.
+    strict: raise, naming them, if the params contain leaves that are not
+      LoRA factors.
     metrics: record the factor metrics of the step before the learning rate
       (:func:`adaprelora_jax.track_step_metrics`), for
       :func:`adaprelora_jax.step_metrics`.
@@ -429,19 +461,18 @@ def lora_rite(
   """
   # The other hyperparameters are checked by scale_by_lora_rite.
   validation.check_positive("weight_decay", weight_decay, allow_zero=True)
+  core = scale_by_lora_rite(
+    b1,
+    b2,
+    eps,
+    clip_unmagnified_grad=clip_unmagnified_grad,
+    update_skipping=update_skipping,
+    update_capping=update_capping,
+    escape_mass=escape_mass,
+    pairing=pairing,
+  )
   return optax.chain(
-    scale_by_lora_rite(
-      b1,
-      b2,
-      eps,
-      clip_unmagnified_grad=clip_unmagnified_grad,
-      update_skipping=update_skipping,
-      update_capping=update_capping,
-      escape_mass=escape_mass,
-      pairing=pairing,
-      non_lora=non_lora,
-      strict=strict,
-    ),
+    routing.partition_non_lora(core, pairing=pairing, non_lora=non_lora, strict=strict),
     optax.add_decayed_weights(weight_decay, mask),
     *([tracking.track_step_metrics(pairing=pairing)] if metrics else []),
     optax.scale_by_learning_rate(learning_rate),

@@ -29,6 +29,7 @@ from typing import Any, NamedTuple
 
 import chex
 import jax
+import jax.numpy as jnp
 import optax
 
 from adaprelora_jax import factorwise
@@ -45,17 +46,13 @@ class ScaleByRiemannianPreconditionerState(NamedTuple):
 
   Attributes:
     count: number of updates so far (int32).
-    pair_position: at each ``lora_a``: the pair's place in its group of
-      same-shaped pairs (see :class:`adaprelora_jax.ScaleByAdaPreLoRAState`).
-    layout_version: the state layout (int32,
-      :data:`adaprelora_jax.STATE_LAYOUT_VERSION`).
-    non_lora: state of the transform applied to the other leaves.
+    bookkeeping: the pairwise engine's
+      (:class:`adaprelora_jax.pairwise.Bookkeeping`: each pair's place in
+      its group, the state layout version).
   """
 
   count: chex.Array
-  pair_position: optax.Updates
-  layout_version: chex.Array
-  non_lora: optax.OptState
+  bookkeeping: pairwise.Bookkeeping
 
 
 def _regularized_inverse(gram: jax.Array, reg: jax.typing.ArrayLike) -> jax.Array:
@@ -69,7 +66,7 @@ def _regularized_inverse(gram: jax.Array, reg: jax.typing.ArrayLike) -> jax.Arra
 def _preconditioned_gradients(
   reg: jax.typing.ArrayLike,
   pair: pairwise.PairInputs,
-  state: dict[str, Any],
+  state: None,
   count: jax.Array,
   total: None,
 ) -> pairwise.KernelResult:
@@ -78,15 +75,13 @@ def _preconditioned_gradients(
   a, b, g_a, g_b = pair.promoted()
   preconditioned_a = linalg.matmul(g_a, _regularized_inverse(linalg.matmul(b, b.T), reg))
   preconditioned_b = linalg.matmul(_regularized_inverse(linalg.matmul(a.T, a), reg), g_b)
-  return preconditioned_a, preconditioned_b, {}, {}
+  return pairwise.KernelResult(preconditioned_a, preconditioned_b, None, {})
 
 
 def scale_by_riemannian_preconditioner(
   reg: jax.typing.ArrayLike = 1e-6,
   *,
   pairing: pairing_lib.Pairing = "nnx",
-  non_lora: optax.GradientTransformation | None = None,
-  strict: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Precondition each LoRA factor's gradient by the other factor's Gram.
 
@@ -105,8 +100,10 @@ def scale_by_riemannian_preconditioner(
   init a tiny ``b`` amplifies ``g_a`` by up to ``1/reg``.
 
   Gram matrices and inverses are computed in float32 (or wider) via ``eigh``.
-  Same-shaped pairs share one ``jax.vmap``. Leaves that are not LoRA factors
-  go to ``non_lora``; statistics probes get zero updates.
+  Same-shaped pairs share one ``jax.vmap``. The transform owns the LoRA
+  factors and their statistics probes (zero updates) and raises, naming
+  them, for other leaves (the aliases route those to their ``non_lora``
+  transform).
 
   Args:
     reg: ``δ`` added to both Gram matrices (absolute, as in the paper;
@@ -114,10 +111,6 @@ def scale_by_riemannian_preconditioner(
       1e-7 … 100); must be > 0.
     pairing: ``"nnx"``, ``"peft"`` or a pairing callable (see
       :func:`adaprelora_jax.plan.plan_pairs`).
-    non_lora: transform for leaves that are not LoRA factors; default
-      ``optax.scale_by_adam()`` (pass ``optax.identity()`` to chain another
-      stage that handles them).
-    strict: raise if the params contain leaves that are not LoRA factors.
 
   Returns:
     The corresponding :class:`optax.GradientTransformationExtraArgs`.
@@ -134,12 +127,21 @@ def scale_by_riemannian_preconditioner(
     via Scaled Gradient Descent <https://arxiv.org/abs/2005.08898>`_, JMLR 2021.
   """
   validation.check_positive("reg", reg)
-  return pairwise.pairwise_transform(
-    functools.partial(_preconditioned_gradients, reg),
-    fields={},
-    state_type=ScaleByRiemannianPreconditionerState,
-    router=routing.Router.create("scale_by_riemannian_preconditioner", pairing, non_lora, strict),
-  )
+  finder = routing.PairFinder.create("scale_by_riemannian_preconditioner", pairing)
+  precondition = functools.partial(_preconditioned_gradients, reg)
+
+  def init_fn(params):
+    plan, labels = pairwise.find_pairs(finder, params)
+    return ScaleByRiemannianPreconditionerState(
+      count=jnp.zeros([], jnp.int32), bookkeeping=pairwise.init_bookkeeping(plan, labels)
+    )
+
+  def update_fn(updates, state, params):
+    plan, labels = pairwise.find_pairs(finder, params)
+    step = pairwise.update_pairs(precondition, plan, labels, updates, params, state)
+    return step.updates, state._replace(count=optax.safe_increment(state.count)), step.metrics
+
+  return pairwise.transformation(init_fn, update_fn, metrics=False)
 
 
 def scaled_gd(
@@ -175,8 +177,11 @@ def scaled_gd(
     mask: tree or callable selecting the leaves to decay (optax convention;
       list a callable in ``static_args`` of ``optax.inject_hyperparams``).
     pairing: see :func:`scale_by_riemannian_preconditioner`.
-    non_lora: see :func:`scale_by_riemannian_preconditioner`.
-    strict: see :func:`scale_by_riemannian_preconditioner`.
+    non_lora: transform for leaves that are not LoRA factors, routed by
+      ``optax.partition`` (:func:`adaprelora_jax.lora_labels`); default
+      ``optax.scale_by_adam()``.
+    strict: raise, naming them, if the params contain leaves that are not
+      LoRA factors.
     metrics: record the factor metrics of the step before the learning rate
       (:func:`adaprelora_jax.track_step_metrics`), for
       :func:`adaprelora_jax.step_metrics`.
@@ -195,7 +200,12 @@ def scaled_gd(
   # reg is checked by scale_by_riemannian_preconditioner.
   validation.check_positive("weight_decay", weight_decay, allow_zero=True)
   return optax.chain(
-    scale_by_riemannian_preconditioner(reg, pairing=pairing, non_lora=non_lora, strict=strict),
+    routing.partition_non_lora(
+      scale_by_riemannian_preconditioner(reg, pairing=pairing),
+      pairing=pairing,
+      non_lora=non_lora,
+      strict=strict,
+    ),
     optax.add_decayed_weights(weight_decay, mask),
     *([tracking.track_step_metrics(pairing=pairing)] if metrics else []),
     optax.scale_by_learning_rate(learning_rate),
@@ -268,9 +278,11 @@ def scaled_adamw(
     mask: tree or callable selecting the leaves to decay (optax convention;
       list a callable in ``static_args`` of ``optax.inject_hyperparams``).
     pairing: see :func:`scale_by_riemannian_preconditioner`.
-    non_lora: transform for leaves that are not LoRA factors; default
+    non_lora: transform for leaves that are not LoRA factors, routed by
+      ``optax.partition`` (:func:`adaprelora_jax.lora_labels`); default
       ``optax.scale_by_adam()``.
-    strict: raise if the params contain leaves that are not LoRA factors.
+    strict: raise, naming them, if the params contain leaves that are not
+      LoRA factors.
     metrics: record the factor metrics of the step before the learning rate
       (:func:`adaprelora_jax.track_step_metrics`), for
       :func:`adaprelora_jax.step_metrics`.
@@ -293,12 +305,17 @@ def scaled_adamw(
   validation.check_positive("eps_root", eps_root, allow_zero=True)
   validation.check_positive("weight_decay", weight_decay, allow_zero=True)
   return optax.chain(
-    scale_by_riemannian_preconditioner(
-      reg, pairing=pairing, non_lora=optax.identity(), strict=strict
-    ),
-    factorwise.factorwise_transform(
-      optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root),
-      router=routing.Router.create("scaled_adamw", pairing, non_lora, strict),
+    routing.partition_non_lora(
+      optax.chain(
+        scale_by_riemannian_preconditioner(reg, pairing=pairing),
+        factorwise.factorwise_transform(
+          optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root),
+          finder=routing.PairFinder.create("scaled_adamw", pairing),
+        ),
+      ),
+      pairing=pairing,
+      non_lora=non_lora,
+      strict=strict,
     ),
     optax.add_decayed_weights(weight_decay, mask),
     *([tracking.track_step_metrics(pairing=pairing)] if metrics else []),
