@@ -50,6 +50,13 @@ def is_variable(node: Any) -> bool:
   return nnx is not None and isinstance(node, nnx.Variable)
 
 
+def holds_variables(tree: Any) -> bool:
+  """Whether ``tree`` holds a flax ``nnx.Variable`` (e.g. an ``nnx.State``)."""
+  return "flax.nnx" in sys.modules and any(
+    is_variable(node) for node in jax.tree.leaves(tree, is_leaf=is_variable)
+  )
+
+
 def unwrap(node: Any) -> Any:
   """The array held by a ``Variable`` node, or ``node`` itself."""
   return node.get_value() if is_variable(node) else node

@@ -126,6 +126,10 @@ def partition_non_lora(
         "The optimizer needs the params to find the LoRA pairs: call update(grads, state, params)."
       )
     transform = partition(params)
+    if not nnx_metadata.holds_variables(params):
+      # Nothing was unwrapped: the state is in partition's structure already
+      # (and tracing init again for it would cost compile time).
+      return transform.update(updates, state, params, **extra_args)
     # Back from the bare MaskedNodes: the same leaves in partition's structure.
     structure = jax.tree.structure(jax.eval_shape(transform.init, params))
     state = jax.tree.unflatten(structure, jax.tree.leaves(state))
