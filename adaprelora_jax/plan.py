@@ -309,6 +309,13 @@ def _role_index(pair: PairInfo, role: Role) -> int:
   return index
 
 
+def quoted_paths(paths: Sequence[str], indices: Sequence[int], most: int = 10) -> str:
+  """The paths at ``indices``, quoted and comma-separated, the first ``most`` of
+  them (then `` ...``): how errors list leaves."""
+  listed = ", ".join(f"'{paths[i]}'" for i in indices[:most])
+  return listed + (" ..." if len(indices) > most else "")
+
+
 def plan_pairs(
   params: Any,
   pairing: Pairing = "nnx",
@@ -363,11 +370,9 @@ def plan_pairs(
     slots[found.role] = (index, found)
 
   if strict and others:
-    listed = ", ".join(f"'{paths[i]}'" for i in others[:10])
     raise ValueError(
-      f"strict=True but {len(others)} leaves are not LoRA factors: {listed}"
-      + (" ..." if len(others) > 10 else "")
-      + ". Train them with another optimizer (e.g. optax.partition) or pass "
+      f"strict=True but {len(others)} leaves are not LoRA factors: {quoted_paths(paths, others)}"
+      ". Train them with another optimizer (e.g. optax.partition) or pass "
       "strict=False to train them with the optimizer's non_lora transform."
     )
 

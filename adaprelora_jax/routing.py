@@ -188,12 +188,10 @@ class PairFinder(NamedTuple):
       )
     plan = plan_lib.plan_pairs(params, self.pairing, statistics=self.statistics)
     if plan.other_indices and not self.pass_others:
-      listed = ", ".join(f"'{plan.paths[i]}'" for i in plan.other_indices[:10])
       raise ValueError(
         f"{self.owner} transforms LoRA factors only, but {len(plan.other_indices)} leaves "
-        f"are not LoRA factors: {listed}"
-        + (" ..." if len(plan.other_indices) > 10 else "")
-        + ". Use the optimizer's alias (e.g. adaprelora(...)), which trains them with its "
+        f"are not LoRA factors: {plan_lib.quoted_paths(plan.paths, plan.other_indices)}. "
+        "Use the optimizer's alias (e.g. adaprelora(...)), which trains them with its "
         "non_lora transform, or route them with optax.partition and "
         "adaprelora_jax.lora_labels()."
       )

@@ -224,7 +224,7 @@ def update_pair(
   beta2 = hyper.decay_rate_fn(count - hyper.step_offset, hyper.decay_rate)
   row_moment = decayed_moment(state.row_second_moment, row_stats, beta2, hyper.eps)
   col_moment = decayed_moment(state.col_second_moment, col_stats, beta2, hyper.eps)
-  moments: tuple[Any, Any, Any] = (row_moment, col_moment, None)
+  new_state = PairState(row_moment, col_moment, None, state.nonfinite_count)
   row_scale, col_scale = kernels.factored_scales(row_moment, col_moment)
   step = kernels.factor_step(
     a,
@@ -258,7 +258,7 @@ def update_pair(
     deltas = (deltas[0] / scale, deltas[1] / scale)
   if hyper.b1 is not None:
     momentum, deltas = momentum_step(state.momentum, deltas, hyper.b1, count)
-    moments = (row_moment, col_moment, momentum)
+    new_state = new_state._replace(momentum=momentum)
   skipped = jnp.array(False)
   if hyper.nonfinite == "skip":
     # The step's descent u + v − w is checked, and exact statistics, but
@@ -272,10 +272,8 @@ def update_pair(
     # and must not enter the moments.
     checked = [step.descent] + ([] if pair.row_stats is None else [row_stats, col_stats])
     ok = all_finite(*checked)
-    moments = keep_if_finite(ok, moments, tuple(state[:3]))
+    new_state = keep_if_finite(ok, new_state, state)
     deltas = (jnp.where(ok, deltas[0], 0.0), jnp.where(ok, deltas[1], 0.0))
     skipped = ~ok
-  skips = state.nonfinite_count + skipped.astype(jnp.int32)
-  return pairwise.KernelResult(
-    *deltas, PairState(*moments, skips), {**metrics, metrics_lib.SKIPPED: skipped}
-  )
+  new_state = new_state._replace(nonfinite_count=state.nonfinite_count + skipped.astype(jnp.int32))
+  return pairwise.KernelResult(*deltas, new_state, {**metrics, metrics_lib.SKIPPED: skipped})
