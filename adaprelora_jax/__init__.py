@@ -27,26 +27,40 @@ Main entry points:
 * :mod:`adaprelora_jax.qwix` -- a ``qwix.LoraProvider`` whose LoRA ops (Tunix,
   MaxText) hand the optimizer exact statistics (needs qwix; imported on
   first use of ``adaprelora_jax.qwix``).
+* :mod:`adaprelora_jax.pairing` and :mod:`adaprelora_jax.dimension_numbers`
+  -- which leaves are LoRA pairs (flax nnx, qwix, peft names; N-D factors),
+  and :func:`plan_pairs`, what an optimizer finds in a tree.
 * :mod:`adaprelora_jax.sharding` -- optimizer-state shardings from the
   parameters' shardings (pjit / NamedSharding, flax nnx partitioning).
 * :func:`step_metrics` -- the last update's metrics (H-norm of the step,
   clipping, tangent share, factor norms, skipped pairs) for a trainer's logs
   (``metrics=True``, or :func:`track_step_metrics` in any chain).
 * :func:`check_checkpoint_layout` -- checks a saved optimizer state's layout
-  version before an orbax restore (:mod:`adaprelora_jax.state_layout`).
+  version before an orbax restore (:data:`STATE_LAYOUT_VERSION`).
 * :mod:`adaprelora_jax.baselines` -- the LoRA optimizers it is compared with:
   :func:`lora_plus`, :func:`scaled_gd`, :func:`scaled_adamw`,
   :func:`lora_pro`, :func:`lora_rite` (and their ``scale_by_*`` cores).
 """
 
 from adaprelora_jax import baselines
-from adaprelora_jax import kernels
-from adaprelora_jax import metrics
+from adaprelora_jax import dimension_numbers
 from adaprelora_jax import pairing
-from adaprelora_jax import pairs
-from adaprelora_jax import pairwise
-from adaprelora_jax import plan
+from adaprelora_jax import reports
 from adaprelora_jax import sharding
+from adaprelora_jax._src.discovery.plan import LoRAPlan
+from adaprelora_jax._src.discovery.plan import plan_pairs
+from adaprelora_jax._src.engine.routing import lora_labels
+from adaprelora_jax._src.engine.state_layout import STATE_LAYOUT_VERSION
+from adaprelora_jax._src.engine.state_layout import StateLayoutError
+from adaprelora_jax._src.engine.state_layout import check_checkpoint_layout
+from adaprelora_jax._src.engine.state_layout import check_state_layout
+from adaprelora_jax._src.maths.closed_form import TIE_BREAKERS
+from adaprelora_jax._src.maths.closed_form import FactorStep
+from adaprelora_jax._src.maths.closed_form import factor_step
+from adaprelora_jax._src.maths.closed_form import factor_update
+from adaprelora_jax._src.maths.closed_form import factored_scales
+from adaprelora_jax._src.maths.metrics import StepMetrics
+from adaprelora_jax._src.maths.metrics import WithMetricsState
 from adaprelora_jax.baselines import lora_plus
 from adaprelora_jax.baselines import lora_pro
 from adaprelora_jax.baselines import lora_rite
@@ -57,20 +71,13 @@ from adaprelora_jax.baselines import scale_by_riemannian_preconditioner
 from adaprelora_jax.baselines import scaled_adamw
 from adaprelora_jax.baselines import scaled_gd
 from adaprelora_jax.dimension_numbers import LoRADimensionNumbers
-from adaprelora_jax.kernels import factor_update
 from adaprelora_jax.pairing import LoRARole
 from adaprelora_jax.pairing import annotate_pairing
 from adaprelora_jax.pairing import nnx_pairing
 from adaprelora_jax.pairing import peft_pairing
-from adaprelora_jax.plan import plan_pairs
 from adaprelora_jax.reports import nonfinite_report
 from adaprelora_jax.reports import second_moments
 from adaprelora_jax.reports import step_metrics
-from adaprelora_jax.routing import lora_labels
-from adaprelora_jax.state_layout import STATE_LAYOUT_VERSION
-from adaprelora_jax.state_layout import StateLayoutError
-from adaprelora_jax.state_layout import check_checkpoint_layout
-from adaprelora_jax.state_layout import check_state_layout
 from adaprelora_jax.tracking import track_step_metrics
 from adaprelora_jax.transform import ScaleByAdaPreLoRAState
 from adaprelora_jax.transform import adaprelora
@@ -92,11 +99,16 @@ def __getattr__(name: str):
 
 
 __all__ = (
+  "FactorStep",
   "LoRADimensionNumbers",
+  "LoRAPlan",
   "LoRARole",
   "STATE_LAYOUT_VERSION",
   "ScaleByAdaPreLoRAState",
   "StateLayoutError",
+  "StepMetrics",
+  "TIE_BREAKERS",
+  "WithMetricsState",
   "adaprelora",
   "adaprelora_adamw",
   "annotate_pairing",
@@ -104,22 +116,22 @@ __all__ = (
   "check_checkpoint_layout",
   "check_state_layout",
   "decay_rate_pow",
+  "dimension_numbers",
+  "factor_step",
   "factor_update",
-  "kernels",
+  "factored_scales",
   "lora_labels",
   "lora_plus",
   "lora_pro",
   "lora_rite",
-  "metrics",
   "nn",
   "nnx_pairing",
   "nonfinite_report",
   "pairing",
-  "pairs",
-  "plan",
-  "pairwise",
   "peft_pairing",
   "plan_pairs",
+  "qwix",
+  "reports",
   "scale_by_adaprelora",
   "scale_by_lora_plus",
   "scale_by_lora_pro",

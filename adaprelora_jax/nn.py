@@ -44,8 +44,8 @@ from flax.typing import Dtype
 from flax.typing import Initializer
 from flax.typing import PromoteDtypeFn
 
-from adaprelora_jax import pairing as pairing_lib
-from adaprelora_jax.weight_statistics import gradient_statistics
+from adaprelora_jax._src.discovery import pairing as pairing_lib
+from adaprelora_jax._src.maths.weight_statistics import gradient_statistics
 
 __all__ = ["GradientStatistic", "LoRA", "LoRALinear", "gradient_statistics", "lora_product"]
 

@@ -70,12 +70,12 @@ from qwix._src.core import einsum_info
 from qwix._src.providers import ptq
 from qwix._src.utils import flax_util
 
-from adaprelora_jax import pairing as pairing_lib
-from adaprelora_jax import validation
+from adaprelora_jax._src import validation
+from adaprelora_jax._src.discovery import pairing as pairing_lib
+from adaprelora_jax._src.maths.weight_statistics import EinsumWeightLayout
+from adaprelora_jax._src.maths.weight_statistics import check_einsum_weight_layout
+from adaprelora_jax._src.maths.weight_statistics import einsum_weight_statistics
 from adaprelora_jax.nn import GradientStatistic
-from adaprelora_jax.weight_statistics import EinsumWeightLayout
-from adaprelora_jax.weight_statistics import check_einsum_weight_layout
-from adaprelora_jax.weight_statistics import einsum_weight_statistics
 
 __all__ = ["LoraProvider", "apply_lora_to_model"]
 
@@ -232,7 +232,7 @@ class LoraProvider(qwix.LoraProvider):
       (each shard's gradient rescaled to the batch), which needs only an
       all-reduce of the ``d_in + d_out`` statistics. They are not the
       statistics of ``G`` (an option of this library, not the paper's;
-      :func:`adaprelora_jax.weight_statistics.einsum_weight_statistics`).
+      :func:`adaprelora_jax._src.maths.weight_statistics.einsum_weight_statistics`).
       The batch must be the major token axis of each op's input, split
       evenly over these axes of the current mesh (``jax.set_mesh``). A
       number ``n`` instead computes the same statistics for ``n`` shards

@@ -20,10 +20,10 @@ from typing import Any
 import jax
 import numpy as np
 
-from adaprelora_jax import metrics as metrics_lib
-from adaprelora_jax import nnx_metadata
-from adaprelora_jax import pairing as pairing_lib
-from adaprelora_jax import plan as plan_lib
+from adaprelora_jax._src.discovery import pairing as pairing_lib
+from adaprelora_jax._src.discovery import plan as plan_lib
+from adaprelora_jax._src.engine import nnx_labels
+from adaprelora_jax._src.maths import metrics as metrics_lib
 from adaprelora_jax.transform import STORAGE
 from adaprelora_jax.transform import ScaleByAdaPreLoRAState
 
@@ -81,7 +81,7 @@ def second_moments(
   plan = plan_lib.plan_pairs(params, pairing)
   pairs = found[0].pairs
   return tuple(
-    slot.unstack(plan, [nnx_metadata.unwrap(array) for array in entry])
+    slot.unstack(plan, [nnx_labels.unwrap(array) for array in entry])
     for slot, entry in (
       (STORAGE.row_second_moment, pairs.row_second_moment),
       (STORAGE.col_second_moment, pairs.col_second_moment),
@@ -125,7 +125,7 @@ def nonfinite_report(
 def step_metrics(state: Any) -> dict[str, jax.Array]:
   """The last update's metrics, as a flat dict a trainer can log.
 
-  Reads every :class:`adaprelora_jax.metrics.StepMetrics` in an optimizer
+  Reads every :class:`adaprelora_jax._src.maths.metrics.StepMetrics` in an optimizer
   state: through ``optax.chain``, ``optax.inject_hyperparams``,
   ``optax.MultiSteps`` (the last completed update) and ``nnx.Optimizer``'s
   ``opt_state``. Works inside ``jax.jit``; the values are device arrays.
@@ -147,7 +147,7 @@ def step_metrics(state: Any) -> dict[str, jax.Array]:
       the chain).
 
   Returns:
-    ``{name: scalar}``, names as in :mod:`adaprelora_jax.metrics`; with
+    ``{name: scalar}``, names as in :mod:`adaprelora_jax._src.maths.metrics`; with
     several ``StepMetrics`` in the state, each name is prefixed by its
     position, ``"0/"``, ``"1/"``, ... in the state's tree order.
 
@@ -160,7 +160,7 @@ def step_metrics(state: Any) -> dict[str, jax.Array]:
       "The optimizer state holds no step metrics: build the optimizer with "
       "metrics=True, or put adaprelora_jax.track_step_metrics() in its chain."
     )
-  values = [{k: nnx_metadata.unwrap(v) for k, v in entry.values.items()} for entry in found]
+  values = [{k: nnx_labels.unwrap(v) for k, v in entry.values.items()} for entry in found]
   if len(values) == 1:
     return values[0]
   return {f"{index}/{k}": v for index, entry in enumerate(values) for k, v in entry.items()}

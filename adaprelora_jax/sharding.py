@@ -57,11 +57,11 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
 
-from adaprelora_jax import dimension_numbers
-from adaprelora_jax import pairing as pairing_lib
-from adaprelora_jax import pairs as pairs_lib
-from adaprelora_jax import plan as plan_lib
-from adaprelora_jax.pairing import LoRARole
+from adaprelora_jax._src.discovery import dimension_numbers
+from adaprelora_jax._src.discovery import pairing as pairing_lib
+from adaprelora_jax._src.discovery import pairs as pairs_lib
+from adaprelora_jax._src.discovery import plan as plan_lib
+from adaprelora_jax._src.discovery.pairing import LoRARole
 
 # The spec entry of one array axis: a mesh axis name, a tuple of them, or None.
 AxisSpec = str | tuple[str, ...] | None

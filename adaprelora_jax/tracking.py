@@ -22,10 +22,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adaprelora_jax import metrics as metrics_lib
-from adaprelora_jax import pairing as pairing_lib
-from adaprelora_jax import pairwise
-from adaprelora_jax import routing
+from adaprelora_jax._src.discovery import pairing as pairing_lib
+from adaprelora_jax._src.engine import pairwise
+from adaprelora_jax._src.engine import routing
+from adaprelora_jax._src.maths import metrics as metrics_lib
+from adaprelora_jax._src.maths import pair_io
 
 
 class TrackStepMetricsState(NamedTuple):
@@ -34,7 +35,7 @@ class TrackStepMetricsState(NamedTuple):
   Attributes:
     count: number of updates so far (int32).
     bookkeeping: the pairwise engine's
-      (:class:`adaprelora_jax.pairwise.Bookkeeping`: each pair's place in
+      (:class:`adaprelora_jax._src.engine.pairwise.Bookkeeping`: each pair's place in
       its group, the state layout version).
   """
 
@@ -43,14 +44,14 @@ class TrackStepMetricsState(NamedTuple):
 
 
 def _unchanged(
-  pair: pairwise.PairInputs, state: None, count: jax.Array, total: jax.Array | None
-) -> pairwise.KernelResult:
+  pair: pair_io.PairInputs, state: None, count: jax.Array, total: jax.Array | None
+) -> pair_io.KernelResult:
   """The updates as they come, and the norm of their weight change."""
   del state, count, total
   update_norm = metrics_lib.weight_change_norm(pair.lora_a, pair.lora_b, pair.grad_a, pair.grad_b)
   if pair.lora_scale is not None:
     update_norm = update_norm * jnp.abs(pair.lora_scale)
-  return pairwise.KernelResult(pair.grad_a, pair.grad_b, None, {"update_norm": update_norm})
+  return pair_io.KernelResult(pair.grad_a, pair.grad_b, None, {"update_norm": update_norm})
 
 
 def track_step_metrics(
@@ -62,7 +63,7 @@ def track_step_metrics(
   and before the learning rate, to read with
   :func:`adaprelora_jax.step_metrics` the factor norms (``factor_norm_a``,
   ``factor_norm_b``) and ``update_norm``, ``‖s·(δa b + a δb)‖_F`` of the
-  updates reaching it (:mod:`adaprelora_jax.metrics`; two 2r×2r Grams per
+  updates reaching it (:mod:`adaprelora_jax._src.maths.metrics`; two 2r×2r Grams per
   pair), e.g. for ``optax.adamw`` or beside
   ``adaprelora(..., metrics=True)``. The baselines' ``metrics=True`` appends
   it. Leaves that are not LoRA factors pass through unchanged.
@@ -84,19 +85,19 @@ def track_step_metrics(
 
   Returns:
     The corresponding :class:`optax.GradientTransformationExtraArgs`; its
-    state is a :class:`adaprelora_jax.metrics.WithMetricsState` around a
+    state is a :class:`adaprelora_jax._src.maths.metrics.WithMetricsState` around a
     :class:`TrackStepMetricsState`.
   """
   finder = routing.PairFinder.create("track_step_metrics", pairing, pass_others=True)
 
   def init_fn(params):
-    plan, labels = pairwise.find_pairs(finder, params)
+    plan, labels = finder.find(params)
     return TrackStepMetricsState(
       count=jnp.zeros([], jnp.int32), bookkeeping=pairwise.init_bookkeeping(plan, labels)
     )
 
   def update_fn(updates, state, params):
-    plan, labels = pairwise.find_pairs(finder, params)
+    plan, labels = finder.find(params)
     step = pairwise.update_pairs(_unchanged, plan, labels, updates, params, state)
     return step.updates, state._replace(count=optax.safe_increment(state.count)), step.metrics
 

@@ -24,15 +24,15 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adaprelora_jax import factorwise
-from adaprelora_jax import gauge
-from adaprelora_jax import kernels
-from adaprelora_jax import pairing as pairing_lib
-from adaprelora_jax import pairwise
-from adaprelora_jax import routing
-from adaprelora_jax import slots
-from adaprelora_jax import step
-from adaprelora_jax import validation
+from adaprelora_jax._src import validation
+from adaprelora_jax._src.discovery import pairing as pairing_lib
+from adaprelora_jax._src.engine import factorwise
+from adaprelora_jax._src.engine import pairwise
+from adaprelora_jax._src.engine import routing
+from adaprelora_jax._src.engine import slots
+from adaprelora_jax._src.maths import closed_form
+from adaprelora_jax._src.maths import gauge
+from adaprelora_jax._src.maths import pair_update
 
 Statistics = pairing_lib.Statistics
 NonFinitePolicy = Literal["skip", "propagate"]
@@ -58,7 +58,7 @@ class ScaleByAdaPreLoRAState(NamedTuple):
 
   Attributes:
     count: number of updates so far (int32).
-    pairs: every pair's :class:`adaprelora_jax.step.PairState`, stored as
+    pairs: every pair's :class:`adaprelora_jax._src.maths.pair_update.PairState`, stored as
       :data:`STORAGE` says: the second moments stacked per group of
       same-shaped pairs (the groups of :func:`adaprelora_jax.plan_pairs`, in
       order; one array per group, the first axis running over the group's
@@ -69,18 +69,18 @@ class ScaleByAdaPreLoRAState(NamedTuple):
       skip counts (:func:`nonfinite_report`) in one int32 vector for all
       pairs.
     bookkeeping: the pairwise engine's
-      (:class:`adaprelora_jax.pairwise.Bookkeeping`).
+      (:class:`adaprelora_jax._src.engine.pairwise.Bookkeeping`).
   """
 
   count: chex.Array
-  pairs: step.PairState
+  pairs: pair_update.PairState
   bookkeeping: pairwise.Bookkeeping
 
 
 # Where each field of a pair's state is stored (docs/design.md §10): the
 # statistics stacked per group (only the update touches them), the momentum
 # at the factors (sharded like them), the skip counts in one vector.
-STORAGE = step.PairState(
+STORAGE = pair_update.PairState(
   row_second_moment=slots.GroupSlot("a", ("d_in",)),
   col_second_moment=slots.GroupSlot("b", ("d_out",)),
   momentum=slots.Slots((slots.Slot("a", ("d_in", "rank")), slots.Slot("b", ("rank", "d_out")))),
@@ -96,7 +96,7 @@ def scale_by_adaprelora(
   damping: float = 1e-4,
   damping_floor: float = 1e-8,
   clipping_threshold: float | None = 1.0,
-  tie_breaker: kernels.TieBreaker = "min_imbalance",
+  tie_breaker: closed_form.TieBreaker = "min_imbalance",
   project_gradients: bool = True,
   statistics: Statistics = "auto",
   step_offset: int = 0,
@@ -173,7 +173,7 @@ def scale_by_adaprelora(
     project_gradients: remove the gauge component of factor gradients that
       are not those of one ``G`` (weight decay or noise added earlier in a
       chain) before the statistics and the step
-      (:func:`adaprelora_jax.tangent.consistent_gradients`); a no-op for
+      (:func:`adaprelora_jax._src.maths.tangent.consistent_gradients`); a no-op for
       backprop gradients. Without it such gradients give factor steps that
       grow without bound as a factor vanishes, which clipping ``δW`` does not
       catch.
@@ -203,11 +203,11 @@ def scale_by_adaprelora(
       weight step), ``clip_factor`` (1 when not clipped), ``tangent_share``
       (``‖δW‖_H / ‖H⁻¹G‖_H`` before clipping, for pairs with exact
       statistics, under Adafactor's factored model of ``G²``:
-      :func:`adaprelora_jax.step.tangent_share`) and ``skipped_pairs``; the
+      :func:`adaprelora_jax._src.maths.pair_update.tangent_share`) and ``skipped_pairs``; the
       step computes all of them anyway. Chain
       :func:`adaprelora_jax.track_step_metrics` after it for the Frobenius
       norm of the weight change. The state is then a
-      :class:`adaprelora_jax.metrics.WithMetricsState` around this one; off
+      :class:`adaprelora_jax._src.maths.metrics.WithMetricsState` around this one; off
       (default), it is this one alone, as before metrics existed.
 
   Returns:
@@ -215,7 +215,7 @@ def scale_by_adaprelora(
 
   Raises:
     ValueError: for a hyperparameter out of its range, naming it (which
-      values are checked: :mod:`adaprelora_jax.validation`); at ``init`` or
+      values are checked: :mod:`adaprelora_jax._src.validation`); at ``init`` or
       ``update``, for leaves that are not LoRA factors or malformed pairs,
       naming their paths.
 
@@ -241,7 +241,7 @@ def scale_by_adaprelora(
   validation.check_positive("clipping_threshold", clipping_threshold, allow_none=True)
   validation.check_positive("step_offset", step_offset, allow_zero=True)
   validation.check_positive("lora_scale", lora_scale, allow_none=True)
-  hyper = step.Hyperparams(
+  hyper = pair_update.Hyperparams(
     decay_rate=decay_rate,
     eps=eps,
     b1=b1,
@@ -258,10 +258,10 @@ def scale_by_adaprelora(
   )
   storage = STORAGE if b1 is not None else STORAGE._replace(momentum=None)
   finder = routing.PairFinder.create("scale_by_adaprelora", pairing, statistics)
-  update_pair = functools.partial(step.update_pair, hyper)
+  update_pair = functools.partial(pair_update.update_pair, hyper)
 
   def init_fn(params):
-    plan, labels = pairwise.find_pairs(finder, params)
+    plan, labels = finder.find(params)
     return ScaleByAdaPreLoRAState(
       count=jnp.zeros([], jnp.int32),
       pairs=pairwise.init_pairs(plan, labels, storage),
@@ -269,9 +269,9 @@ def scale_by_adaprelora(
     )
 
   def update_fn(updates, state, params):
-    plan, labels = pairwise.find_pairs(finder, params)
+    plan, labels = finder.find(params)
     # Every group of same-shaped pairs at once: gathered, stepped by
-    # step.update_pair (vmapped), scattered back, the new state stored.
+    # pair_update.update_pair (vmapped), scattered back, the new state stored.
     step_ = pairwise.update_pairs(
       update_pair, plan, labels, updates, params, state, storage=storage
     )
@@ -292,7 +292,7 @@ def adaprelora(
   damping: float = 1e-4,
   damping_floor: float = 1e-8,
   clipping_threshold: float | None = 1.0,
-  tie_breaker: kernels.TieBreaker = "min_imbalance",
+  tie_breaker: closed_form.TieBreaker = "min_imbalance",
   project_gradients: bool = True,
   statistics: Statistics = "auto",
   step_offset: int = 0,
@@ -406,7 +406,7 @@ def adaprelora_adamw(
   damping: float = 1e-4,
   damping_floor: float = 1e-8,
   clipping_threshold: float | None = 1.0,
-  tie_breaker: kernels.TieBreaker = "min_imbalance",
+  tie_breaker: closed_form.TieBreaker = "min_imbalance",
   project_gradients: bool = True,
   statistics: Statistics = "auto",
   step_offset: int = 0,

@@ -188,7 +188,7 @@ class CostModel:
   note: str = ""
 
 
-# Counts from reading each algorithm (adaprelora_jax/kernels.py, baselines/):
+# Counts from reading each algorithm (adaprelora_jax/_src/maths/closed_form.py, baselines/):
 #   adamw: read p, g, m, v; write p, m, v (7 passes), no products.
 #   adaprelora, exact statistics: Grams aᵀa, aᵀg_a (bbᵀ, g_b bᵀ), then the step
 #     S_a = aᵀ diag(p) a, X_a = g_a S_b⁻¹ / p, δa = X_a − a C: 5 products per

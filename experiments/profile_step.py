@@ -16,7 +16,7 @@ statistics:
      per group: the compute no implementation of the closed form avoids;
    * ``stacking``: the engine's gather of each group's factors and gradients
      into stacked arrays and its scatter back to the leaves, with one
-     element-wise op between (:meth:`adaprelora_jax.plan.LoRAPlan.gather`);
+     element-wise op between (:meth:`adaprelora_jax.LoRAPlan.gather`);
    * ``step, one group per pair``: the step with stacking turned off (every
      pair its own group, so no copies and one kernel per pair).
 
@@ -93,7 +93,7 @@ def hlo_work(hlo: str) -> dict:
   }
 
 
-def products_alone(plan: ap.plan.LoRAPlan, leaves: list, model: benchmarking.CostModel):
+def products_alone(plan: ap.LoRAPlan, leaves: list, model: benchmarking.CostModel):
   """The cost model's d×r×r products on pre-stacked group arrays, and those arrays.
 
   Per side (``model.products_a`` on ``lora_a``'s, ``model.products_b`` on
@@ -123,7 +123,7 @@ def products_alone(plan: ap.plan.LoRAPlan, leaves: list, model: benchmarking.Cos
   return jax.jit(products), (stacked,)
 
 
-def stacking_alone(plan: ap.plan.LoRAPlan, params, grads):
+def stacking_alone(plan: ap.LoRAPlan, params, grads):
   """The engine's gather and scatter of factors and gradients, with one add between."""
 
   def stack_and_scatter(params, grads):

@@ -10,7 +10,7 @@ to 1e4 (and magnitude ratios up to 100). The rule in question is the paper's,
 ``tie_breaker="min_imbalance"`` (the default): the member minimizing
 ``‖δa b − a δb‖_H`` over the whole gauge family, which for the factor
 gradients of one ``G`` (as here) is the θ = ½ member. The other rules of
-``kernels.TIE_BREAKERS`` are scored alongside, among them ``"equal_norms"``,
+``ap.TIE_BREAKERS`` are scored alongside, among them ``"equal_norms"``,
 an earlier misreading of the paper (equal H-norms of ``δa b`` and ``a δb``,
 θ clipped to [0, 1]).
 
@@ -88,12 +88,11 @@ import numpy as np
 import optax
 
 import adaprelora_jax as ap
-from adaprelora_jax import kernels
 from experiments.paths import RESULTS
 from experiments.tasks.base import example_order
 from experiments.tasks.digits import digits_split
 
-RULES: tuple[str, ...] = kernels.TIE_BREAKERS
+RULES: tuple[str, ...] = ap.TIE_BREAKERS
 DEFAULT_RULE = "min_imbalance"  # the paper's rule, ap.adaprelora's default
 CLAIM = 0.04  # the authors' bound on the H-norm deviation
 CLAIM_CONDITION = 1e4
@@ -203,7 +202,7 @@ def random_problem(key, condition, ratio, shape):
 def family_ends(a, b, g_a, g_b, p, q):
   """Members θ = 0 and θ = 1 of the family, from docs/design.md §3 with pinv.
 
-  Written out independently of :mod:`adaprelora_jax.kernels`, so that the
+  Written out independently of :func:`adaprelora_jax.factor_step`, so that the
   reference does not share the implementation it checks.
   """
   inverse_a = jnp.linalg.pinv(a.T @ (p[:, None] * a), hermitian=True)
@@ -265,12 +264,12 @@ def pair_metrics(problem, grid: int) -> dict[str, Any]:
 
   metrics = {"best_theta": best, "outside_unit_interval": (unconstrained < 0) | (unconstrained > 1)}
   for rule in RULES:
-    step = kernels.factor_step(*problem, tie_breaker=rule, pseudo_inverse=True)
+    step = ap.factor_step(*problem, tie_breaker=rule, pseudo_inverse=True)
     metrics[f"{rule}/float64"] = scores(step.theta, step.delta_a, step.delta_b)
     # float32 factors would add their own rounding (cond H reaches 1e16 here);
     # the float32 θ is scored as a member of the exact line, to isolate the
     # rule's choice from the rest of the step's arithmetic.
-    step = kernels.factor_step(
+    step = ap.factor_step(
       *(x.astype(jnp.float32) for x in problem), tie_breaker=rule, pseudo_inverse=True
     )
     theta = step.theta.astype(jnp.float64)
@@ -396,7 +395,7 @@ def train_runs(
       grads = jax.grad(loss_fn)(params, index)
       updates, state = tx.update(grads, state, params)
       rows, cols = ap.second_moments(state, params)
-      p, q = kernels.factored_scales(rows["lora_a"], cols["lora_b"])
+      p, q = ap.factored_scales(rows["lora_a"], cols["lora_b"])
       a, b, u_a, u_b = params["lora_a"], params["lora_b"], updates["lora_a"], updates["lora_b"]
       first = u_a @ b + a @ u_b
       second = u_a @ u_b

@@ -42,7 +42,6 @@ import optax
 from flax import nnx
 
 import adaprelora_jax as ap
-from adaprelora_jax import kernels
 
 jax.config.update("jax_enable_x64", True)  # exact algebra for the worked example
 rng = np.random.default_rng(0)
@@ -94,7 +93,7 @@ print(
 # %%
 row_scale, col_scale = (
   np.asarray(x)
-  for x in kernels.factored_scales(
+  for x in ap.factored_scales(
     jnp.asarray(np.mean(grad_w**2, axis=1)), jnp.asarray(np.mean(grad_w**2, axis=0))
   )
 )
@@ -134,14 +133,14 @@ print(
 # contributions, $\|\delta a\, b - a\,\delta b\|_H$; for the factor gradients of one $G$
 # (backprop) that member is $\theta = \tfrac12$ on the line. An earlier misreading,
 # **`equal_norms`**, takes the $\theta$ at which $\delta a\, b$ and $a\,\delta b$ have equal
-# $H$-norm, clipped to $[0, 1]$. Two members of the line (from `kernels.factor_step` with two
+# $H$-norm, clipped to $[0, 1]$. Two members of the line (from `ap.factor_step` with two
 # tie-breakers) give the whole line.
 
 
 # %%
 def factor_members(tie_breaker):
   inputs = (a, b, grad_a, grad_b, row_scale, col_scale)
-  step = kernels.factor_step(
+  step = ap.factor_step(
     *(jnp.asarray(x) for x in inputs), tie_breaker=tie_breaker, pseudo_inverse=True
   )
   return float(step.theta), np.asarray(step.delta_a), np.asarray(step.delta_b)

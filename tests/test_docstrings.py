@@ -16,7 +16,7 @@ MODULES = sorted(
 WITH_EXAMPLES = {
   "adaprelora_jax.transform",
   "adaprelora_jax.nn",
-  "adaprelora_jax.kernels",
+  "adaprelora_jax._src.maths.closed_form",
   "adaprelora_jax.reports",
   "adaprelora_jax.qwix",
 }

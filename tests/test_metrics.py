@@ -1,4 +1,4 @@
-"""Per-step metrics (adaprelora_jax/metrics.py, reports.step_metrics, tracking.py)."""
+"""Per-step metrics (adaprelora_jax/_src/maths/metrics.py, reports.step_metrics, tracking.py)."""
 
 import chex
 import hypothesis
@@ -11,8 +11,8 @@ from flax import nnx
 from hypothesis import strategies as st
 
 import adaprelora_jax as ap
-from adaprelora_jax import kernels
-from adaprelora_jax import metrics as metrics_lib
+from adaprelora_jax._src.maths import closed_form
+from adaprelora_jax._src.maths import metrics as metrics_lib
 from tests import reference
 
 
@@ -47,7 +47,7 @@ def test_weight_change_norm_is_the_dense_frobenius_norm(d_in, d_out, rank, seed)
 def _scales(state, params):
   """The (p, q) of H from the state's second moments, float64."""
   rows, cols = ap.second_moments(state, params)
-  scales = kernels.factored_scales(rows["q"]["lora_a"], cols["q"]["lora_b"])
+  scales = closed_form.factored_scales(rows["q"]["lora_a"], cols["q"]["lora_b"])
   return (np.asarray(x, np.float64) for x in scales)
 
 
@@ -163,11 +163,11 @@ def test_metrics_change_neither_the_updates_nor_the_default_state(variant):
   tracked, _, _ = _step(factory(1e-2, metrics=True), params, grads)
   chex.assert_trees_all_equal(plain, tracked)
   # Without metrics the state is exactly what it was before metrics existed
-  # (tests/test_state_layout.py restores such a checkpoint).
+  # (tests/_src/engine/test_state_layout.py restores such a checkpoint).
   inner = [s for s in jax.tree.leaves(plain_state, is_leaf=_is_core) if _is_core(s)]
   assert len(inner) == 1 and "metrics" not in inner[0]._fields
   wrapped = factory(1e-2, metrics=True).init(params)
-  is_wrapped = lambda node: isinstance(node, ap.metrics.WithMetricsState)  # noqa: E731
+  is_wrapped = lambda node: isinstance(node, ap.WithMetricsState)  # noqa: E731
   (wrapped,) = [s for s in jax.tree.leaves(wrapped, is_leaf=is_wrapped) if is_wrapped(s)]
   chex.assert_trees_all_equal_structs(wrapped.inner_state, inner[0])
   with pytest.raises(ValueError, match="metrics=True"):

@@ -9,7 +9,7 @@ from flax import nnx
 import adaprelora_jax as ap
 from adaprelora_jax import nn
 from adaprelora_jax import pairing as pairing_lib
-from adaprelora_jax import plan as plan_lib
+from adaprelora_jax._src.discovery import plan as plan_lib
 
 
 class _Block(nnx.Module):

@@ -13,7 +13,7 @@ import optax
 import pytest
 
 import adaprelora_jax as ap
-from adaprelora_jax import plan as plan_lib
+from adaprelora_jax._src.discovery import plan as plan_lib
 from tests import reference
 
 NEAR_EXACT = dict(damping=1e-13, damping_floor=1e-15)
@@ -862,7 +862,7 @@ def test_fuzz_any_factor_gradients_give_a_bounded_step(
     rows, cols = ap.second_moments(state, params)
     p, q = (
       np.asarray(x)
-      for x in ap.kernels.factored_scales(
+      for x in ap.factored_scales(
         jnp.asarray(rows["p"]["lora_a"]), jnp.asarray(cols["p"]["lora_b"])
       )
     )

@@ -1,5 +1,5 @@
 """Every public transform rejects out-of-range hyperparameters when built
-(adaprelora_jax.validation), and leaves injected and scheduled ones alone."""
+(adaprelora_jax._src.validation), and leaves injected and scheduled ones alone."""
 
 import inspect
 import math

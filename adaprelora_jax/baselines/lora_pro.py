@@ -44,14 +44,15 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adaprelora_jax import factorwise
-from adaprelora_jax import linalg
-from adaprelora_jax import pairing as pairing_lib
-from adaprelora_jax import pairwise
-from adaprelora_jax import routing
-from adaprelora_jax import slots
 from adaprelora_jax import tracking
-from adaprelora_jax import validation
+from adaprelora_jax._src import validation
+from adaprelora_jax._src.discovery import pairing as pairing_lib
+from adaprelora_jax._src.engine import factorwise
+from adaprelora_jax._src.engine import pairwise
+from adaprelora_jax._src.engine import routing
+from adaprelora_jax._src.engine import slots
+from adaprelora_jax._src.maths import linalg
+from adaprelora_jax._src.maths import pair_io
 
 LoRAProMode = Literal["efficient", "full"]
 MODES: tuple[str, ...] = ("efficient", "full")
@@ -60,7 +61,7 @@ MODES: tuple[str, ...] = ("efficient", "full")
 class LoRAProPairState(NamedTuple):
   """One pair's ``mode="full"`` state (both None in ``"efficient"`` mode,
   whose factor-space Adam moments live in the
-  :class:`adaprelora_jax.factorwise.FactorwiseState` that follows in the
+  :class:`adaprelora_jax._src.engine.factorwise.FactorwiseState` that follows in the
   chain).
 
   Attributes:
@@ -87,7 +88,7 @@ class ScaleByLoRAProState(NamedTuple):
     pairs: every pair's :class:`LoRAProPairState`, stored as :data:`STORAGE`
       says (trees like the params).
     bookkeeping: the pairwise engine's
-      (:class:`adaprelora_jax.pairwise.Bookkeeping`).
+      (:class:`adaprelora_jax._src.engine.pairwise.Bookkeeping`).
   """
 
   count: chex.Array
@@ -151,25 +152,25 @@ class _ProHyperparams(NamedTuple):
 def _projected_gradients(
   damping: jax.typing.ArrayLike,
   lora_scale: jax.typing.ArrayLike,
-  pair: pairwise.PairInputs,
+  pair: pair_io.PairInputs,
   state: LoRAProPairState,
   count: jax.Array,
   total: None,
-) -> pairwise.KernelResult:
+) -> pair_io.KernelResult:
   """``mode="efficient"``'s kernel: the projected factor gradients."""
   del count, total
   a, b, g_a, g_b = pair.promoted()
   projection = _Projection.at(a, b, damping=damping, lora_scale=lora_scale)
-  return pairwise.KernelResult(*projection.directions(g_a, g_b), state, {})
+  return pair_io.KernelResult(*projection.directions(g_a, g_b), state, {})
 
 
 def _full_space_adam(
   hyper: _ProHyperparams,
-  pair: pairwise.PairInputs,
+  pair: pair_io.PairInputs,
   state: LoRAProPairState,
   count: jax.Array,
   total: None,
-) -> pairwise.KernelResult:
+) -> pair_io.KernelResult:
   """``mode="full"``'s kernel: Adam on the equivalent full-weight gradient."""
   del total
   a, b, g_a, g_b = pair.promoted()
@@ -184,7 +185,7 @@ def _full_space_adam(
   direction = mu_hat / (jnp.sqrt(nu_hat + hyper.eps_root) + hyper.eps)
   u_a = linalg.matmul(direction, b.T) * hyper.lora_scale
   u_b = linalg.matmul(a.T, direction) * hyper.lora_scale
-  return pairwise.KernelResult(*projection.directions(u_a, u_b), LoRAProPairState(mu, nu), {})
+  return pair_io.KernelResult(*projection.directions(u_a, u_b), LoRAProPairState(mu, nu), {})
 
 
 def scale_by_lora_pro(
@@ -260,7 +261,7 @@ def scale_by_lora_pro(
     damping: ``δ`` of ``(S + δI)⁻¹`` (absolute, reference 1e-8); must be
       >= 0.
     pairing: ``"nnx"``, ``"peft"`` or a pairing callable (see
-      :func:`adaprelora_jax.plan.plan_pairs`). The transform owns the LoRA
+      :func:`adaprelora_jax._src.discovery.plan.plan_pairs`). The transform owns the LoRA
       factors and their statistics probes (zero updates) and raises, naming
       them, for other leaves (the alias routes those to its ``non_lora``
       transform).
@@ -270,7 +271,7 @@ def scale_by_lora_pro(
 
   Raises:
     ValueError: for a hyperparameter out of its range, naming it (which
-      values are checked: :mod:`adaprelora_jax.validation`).
+      values are checked: :mod:`adaprelora_jax._src.validation`).
 
   References:
     Wang, Liang, He, Wang, Tan, `LoRA-Pro: Are Low-Rank Adapters Properly
@@ -295,7 +296,7 @@ def scale_by_lora_pro(
   finder = routing.PairFinder.create("scale_by_lora_pro", pairing)
 
   def init_fn(params):
-    plan, labels = pairwise.find_pairs(finder, params)
+    plan, labels = finder.find(params)
     return ScaleByLoRAProState(
       count=jnp.zeros([], jnp.int32),
       pairs=pairwise.init_pairs(plan, labels, storage),
@@ -303,7 +304,7 @@ def scale_by_lora_pro(
     )
 
   def update_fn(updates, state, params):
-    plan, labels = pairwise.find_pairs(finder, params)
+    plan, labels = finder.find(params)
     step = pairwise.update_pairs(update_pair, plan, labels, updates, params, state, storage=storage)
     new_state = state._replace(count=optax.safe_increment(state.count), pairs=step.pairs)
     return step.updates, new_state, step.metrics
@@ -375,7 +376,7 @@ def lora_pro(
 
   Raises:
     ValueError: for a hyperparameter out of its range, naming it (which
-      values are checked: :mod:`adaprelora_jax.validation`).
+      values are checked: :mod:`adaprelora_jax._src.validation`).
 
   References:
     Wang, Liang, He, Wang, Tan, `LoRA-Pro: Are Low-Rank Adapters Properly

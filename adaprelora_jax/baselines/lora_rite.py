@@ -43,14 +43,15 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adaprelora_jax import linalg
-from adaprelora_jax import pairing as pairing_lib
-from adaprelora_jax import pairs as pairs_lib
-from adaprelora_jax import pairwise
-from adaprelora_jax import routing
-from adaprelora_jax import slots
 from adaprelora_jax import tracking
-from adaprelora_jax import validation
+from adaprelora_jax._src import validation
+from adaprelora_jax._src.discovery import pairing as pairing_lib
+from adaprelora_jax._src.discovery import pairs as pairs_lib
+from adaprelora_jax._src.engine import pairwise
+from adaprelora_jax._src.engine import routing
+from adaprelora_jax._src.engine import slots
+from adaprelora_jax._src.maths import linalg
+from adaprelora_jax._src.maths import pair_io
 
 
 class LoRARitePairState(NamedTuple):
@@ -96,7 +97,7 @@ class ScaleByLoRARiteState(NamedTuple):
       :data:`STORAGE` says (trees like the params; float32, or float64 for
       float64 parameters).
     bookkeeping: the pairwise engine's
-      (:class:`adaprelora_jax.pairwise.Bookkeeping`).
+      (:class:`adaprelora_jax._src.engine.pairwise.Bookkeeping`).
   """
 
   count: chex.Array
@@ -164,7 +165,7 @@ def _check_rank(pair: pairs_lib.PairInfo) -> None:
 
 
 def _unmagnify(
-  update_skipping: float | None, pair: pairwise.PairInputs
+  update_skipping: float | None, pair: pair_io.PairInputs
 ) -> tuple[tuple[_Factor, _Factor], jax.Array]:
   """First pass: QR bases, unmagnified gradients, their squared norm."""
   a, b, g_a, g_b = pair.promoted()
@@ -222,7 +223,7 @@ def _update_pair(
   state: LoRARitePairState,
   count: jax.Array,
   total: jax.Array,
-) -> pairwise.KernelResult:
+) -> pair_io.KernelResult:
   """Both factors' steps from the first pass's results (the pairwise kernel)."""
   factor_a, factor_b = factors
   clip_scale: float | jax.Array = 1.0
@@ -262,7 +263,7 @@ def _update_pair(
     basis=(factor_a.basis, factor_b.basis.T),
     escape_mass=(moments_a.escape, moments_b.escape) if hyper.escape_mass else None,
   )
-  return pairwise.KernelResult(delta_a, delta_b.T, new_state, {})
+  return pair_io.KernelResult(delta_a, delta_b.T, new_state, {})
 
 
 def scale_by_lora_rite(
@@ -331,7 +332,7 @@ def scale_by_lora_rite(
     escape_mass: track the escaped mass ``ρ`` (off by default, as in the
       reference).
     pairing: ``"nnx"``, ``"peft"`` or a pairing callable (see
-      :func:`adaprelora_jax.plan.plan_pairs`). The transform owns the LoRA
+      :func:`adaprelora_jax._src.discovery.plan.plan_pairs`). The transform owns the LoRA
       factors and their statistics probes (zero updates) and raises, naming
       them, for other leaves (the alias routes those to its ``non_lora``
       transform).
@@ -341,7 +342,7 @@ def scale_by_lora_rite(
 
   Raises:
     ValueError: for a hyperparameter out of its range, naming it (which
-      values are checked: :mod:`adaprelora_jax.validation`); and, when the
+      values are checked: :mod:`adaprelora_jax._src.validation`); and, when the
       pairs are found, for a pair whose rank exceeds ``d_in`` or ``d_out``,
       naming its path.
 
@@ -372,7 +373,7 @@ def scale_by_lora_rite(
   update_pair = functools.partial(_update_pair, hyper)
 
   def init_fn(params):
-    plan, labels = pairwise.find_pairs(finder, params)
+    plan, labels = finder.find(params)
     return ScaleByLoRARiteState(
       count=jnp.zeros([], jnp.int32),
       pairs=pairwise.init_pairs(plan, labels, storage),
@@ -380,7 +381,7 @@ def scale_by_lora_rite(
     )
 
   def update_fn(updates, state, params):
-    plan, labels = pairwise.find_pairs(finder, params)
+    plan, labels = finder.find(params)
     step = pairwise.update_pairs(
       update_pair,
       plan,

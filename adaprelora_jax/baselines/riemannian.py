@@ -32,13 +32,14 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adaprelora_jax import factorwise
-from adaprelora_jax import linalg
-from adaprelora_jax import pairing as pairing_lib
-from adaprelora_jax import pairwise
-from adaprelora_jax import routing
 from adaprelora_jax import tracking
-from adaprelora_jax import validation
+from adaprelora_jax._src import validation
+from adaprelora_jax._src.discovery import pairing as pairing_lib
+from adaprelora_jax._src.engine import factorwise
+from adaprelora_jax._src.engine import pairwise
+from adaprelora_jax._src.engine import routing
+from adaprelora_jax._src.maths import linalg
+from adaprelora_jax._src.maths import pair_io
 
 
 class ScaleByRiemannianPreconditionerState(NamedTuple):
@@ -47,7 +48,7 @@ class ScaleByRiemannianPreconditionerState(NamedTuple):
   Attributes:
     count: number of updates so far (int32).
     bookkeeping: the pairwise engine's
-      (:class:`adaprelora_jax.pairwise.Bookkeeping`: each pair's place in
+      (:class:`adaprelora_jax._src.engine.pairwise.Bookkeeping`: each pair's place in
       its group, the state layout version).
   """
 
@@ -65,17 +66,17 @@ def _regularized_inverse(gram: jax.Array, reg: jax.typing.ArrayLike) -> jax.Arra
 
 def _preconditioned_gradients(
   reg: jax.typing.ArrayLike,
-  pair: pairwise.PairInputs,
+  pair: pair_io.PairInputs,
   state: None,
   count: jax.Array,
   total: None,
-) -> pairwise.KernelResult:
+) -> pair_io.KernelResult:
   """The pairwise kernel: each factor's gradient times the other's inverse Gram."""
   del state, count, total
   a, b, g_a, g_b = pair.promoted()
   preconditioned_a = linalg.matmul(g_a, _regularized_inverse(linalg.matmul(b, b.T), reg))
   preconditioned_b = linalg.matmul(_regularized_inverse(linalg.matmul(a.T, a), reg), g_b)
-  return pairwise.KernelResult(preconditioned_a, preconditioned_b, None, {})
+  return pair_io.KernelResult(preconditioned_a, preconditioned_b, None, {})
 
 
 def scale_by_riemannian_preconditioner(
@@ -110,14 +111,14 @@ def scale_by_riemannian_preconditioner(
       its good value is strongly task-dependent, the reference tables use
       1e-7 … 100); must be > 0.
     pairing: ``"nnx"``, ``"peft"`` or a pairing callable (see
-      :func:`adaprelora_jax.plan.plan_pairs`).
+      :func:`adaprelora_jax._src.discovery.plan.plan_pairs`).
 
   Returns:
     The corresponding :class:`optax.GradientTransformationExtraArgs`.
 
   Raises:
     ValueError: for a hyperparameter out of its range, naming it (which
-      values are checked: :mod:`adaprelora_jax.validation`).
+      values are checked: :mod:`adaprelora_jax._src.validation`).
 
   References:
     Zhang and Pilanci, `Riemannian Preconditioned LoRA for Fine-Tuning
@@ -131,13 +132,13 @@ def scale_by_riemannian_preconditioner(
   precondition = functools.partial(_preconditioned_gradients, reg)
 
   def init_fn(params):
-    plan, labels = pairwise.find_pairs(finder, params)
+    plan, labels = finder.find(params)
     return ScaleByRiemannianPreconditionerState(
       count=jnp.zeros([], jnp.int32), bookkeeping=pairwise.init_bookkeeping(plan, labels)
     )
 
   def update_fn(updates, state, params):
-    plan, labels = pairwise.find_pairs(finder, params)
+    plan, labels = finder.find(params)
     step = pairwise.update_pairs(precondition, plan, labels, updates, params, state)
     return step.updates, state._replace(count=optax.safe_increment(state.count)), step.metrics
 
@@ -191,7 +192,7 @@ def scaled_gd(
 
   Raises:
     ValueError: for a hyperparameter out of its range, naming it (which
-      values are checked: :mod:`adaprelora_jax.validation`).
+      values are checked: :mod:`adaprelora_jax._src.validation`).
 
   References:
     Zhang and Pilanci, `Riemannian Preconditioned LoRA for Fine-Tuning
@@ -292,7 +293,7 @@ def scaled_adamw(
 
   Raises:
     ValueError: for a hyperparameter out of its range, naming it (which
-      values are checked: :mod:`adaprelora_jax.validation`).
+      values are checked: :mod:`adaprelora_jax._src.validation`).
 
   References:
     Zhang and Pilanci, `Riemannian Preconditioned LoRA for Fine-Tuning

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import adaprelora_jax as ap
-from adaprelora_jax import state_layout
+from adaprelora_jax._src.engine import state_layout
 from experiments import optimizers
 from experiments.tasks import TASKS
 from experiments.tasks.base import RunConfig
@@ -28,7 +28,7 @@ import json, sys
 import numpy as np, jax
 from flax import nnx
 import adaprelora_jax as ap
-from adaprelora_jax import state_layout
+from adaprelora_jax._src.engine import state_layout
 from experiments import optimizers
 from experiments.tasks import TASKS
 from experiments.tasks.base import RunConfig

@@ -59,7 +59,7 @@ def test_brute_force_split_is_the_optimum_of_the_admissible_family(quick):
 
 
 def test_second_order_rule_finds_the_brute_force_split(quick):
-  # The closed form in kernels.py against the study's independent grid search.
+  # The closed form in closed_form.py against the study's independent grid search.
   assert np.all(_cells("second_order/float64", "deviation", "max", quick) < 1e-4)
   assert np.all(np.abs(_cells("second_order/float64", "excess", "max", quick)) < 1e-6)
   assert np.all(_cells("second_order/float32", "deviation", "max", quick) < 1e-3)

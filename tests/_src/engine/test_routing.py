@@ -1,4 +1,4 @@
-"""Routing (adaprelora_jax/routing.py): the non-LoRA leaves of an ``nnx.State``."""
+"""Routing (adaprelora_jax/_src/engine/routing.py): the non-LoRA leaves of an ``nnx.State``."""
 
 import chex
 import jax

@@ -36,12 +36,12 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 
-from adaprelora_jax import dimension_numbers
-from adaprelora_jax import validation
-from adaprelora_jax.dimension_numbers import LoRADimensionNumbers
-from adaprelora_jax.pairing import ROLES
-from adaprelora_jax.pairing import LoRARole
-from adaprelora_jax.pairing import Role
+from adaprelora_jax._src import validation
+from adaprelora_jax._src.discovery import dimension_numbers
+from adaprelora_jax._src.discovery.dimension_numbers import LoRADimensionNumbers
+from adaprelora_jax._src.discovery.pairing import ROLES
+from adaprelora_jax._src.discovery.pairing import LoRARole
+from adaprelora_jax._src.discovery.pairing import Role
 
 
 @dataclasses.dataclass(frozen=True)

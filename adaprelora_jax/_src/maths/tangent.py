@@ -15,7 +15,7 @@
 
 For a pair ``ΔW = a @ b`` (flax layout ``a: (d_in, r)``, ``b: (r, d_out)``)
 and its factor gradients ``g_a``, ``g_b``, this module computes the pieces the
-closed-form step (:mod:`adaprelora_jax.kernels`) shares: the pair's Gram
+closed-form step (:mod:`adaprelora_jax._src.maths.closed_form`) shares: the pair's Gram
 matrices, computed once (:func:`pair_grams`, :func:`gram_inverses`); the
 Euclidean projection of the factor gradients onto the range of ``J*``
 (:func:`consistent_gradients`, ``docs/design.md`` §4), skipped per group of
@@ -34,10 +34,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adaprelora_jax import linalg
-from adaprelora_jax.linalg import compute_dtype
-from adaprelora_jax.linalg import matmul
-from adaprelora_jax.linalg import psd_inverse
+from adaprelora_jax._src.maths import linalg
+from adaprelora_jax._src.maths.linalg import compute_dtype
+from adaprelora_jax._src.maths.linalg import matmul
+from adaprelora_jax._src.maths.linalg import psd_inverse
 
 
 class PairGrams(NamedTuple):
@@ -171,7 +171,7 @@ def projection_is_identity(
   r"""Whether :func:`consistent_gradients` would leave the gradients as they are.
 
   True only if both Grams are numerically full rank (every eigenvalue above
-  the cutoff of :func:`adaprelora_jax.linalg.numerical_rank_mask`, so the
+  the cutoff of :func:`adaprelora_jax._src.maths.linalg.numerical_rank_mask`, so the
   range projectors are the identity) and a bound on the gauge correction is
   at most ``tolerance`` relative: with the mismatch ``C = K_a − K_b`` the
   projection moves ``(g_a, g_b)`` by ``(−a Y, Y b)`` with
@@ -350,7 +350,7 @@ def consistent_gradients(
   remaining directions (``Y = U [T_ij / (α_i + β_j)] Vᵀ``), giving
   ``(g_a Π_b − a Y, Π_a g_b + Y b)`` with ``Π`` the range projectors of the
   Grams. Directions count as null as in
-  :func:`adaprelora_jax.linalg.numerical_rank_mask`.
+  :func:`adaprelora_jax._src.maths.linalg.numerical_rank_mask`.
 
   Args:
     lora_a: ``a`` (d_in, r).

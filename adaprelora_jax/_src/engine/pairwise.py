@@ -17,13 +17,15 @@ Every per-pair optimizer of this package is a kernel for a single pair
 ``(a, b)`` (canonical flax layout ``a: (d_in, r)``, ``b: (r, d_out)``), a
 typed per-pair state (a NamedTuple) and where each of its fields is stored
 (``storage``: the same NamedTuple holding kinds of
-:mod:`adaprelora_jax.slots`). Its state is ``(count, pairs, bookkeeping)``
-and its ``init_fn`` / ``update_fn`` read::
+:mod:`adaprelora_jax._src.engine.slots`); the kernel's inputs and result are
+:mod:`adaprelora_jax._src.maths.pair_io`'s. Its state is
+``(count, pairs, bookkeeping)`` and its ``init_fn`` / ``update_fn`` read
+(``finder`` a :class:`~adaprelora_jax._src.engine.routing.PairFinder`)::
 
-  plan, labels = find_pairs(finder, params)
+  plan, labels = finder.find(params)
   State(count, init_pairs(plan, labels, storage), init_bookkeeping(plan, labels))
 
-  plan, labels = find_pairs(finder, params)
+  plan, labels = finder.find(params)
   step = update_pairs(kernel, plan, labels, updates, params, state, storage=storage)
 
 :func:`update_pairs` is one update of every pair: gather each group of
@@ -32,8 +34,8 @@ same-shaped pairs (:func:`gather_inputs`), map the kernel over it
 the number of layers, ``docs/design.md`` §10), scatter the steps back
 (:func:`scatter_updates`) and store the new per-pair state
 (:func:`write_pairs`). :func:`transformation` makes the optax transform,
-with the optional per-step metrics (:mod:`adaprelora_jax.metrics`) beside
-the state.
+with the optional per-step metrics (:mod:`adaprelora_jax._src.maths.metrics`)
+beside the state.
 """
 
 from __future__ import annotations
@@ -42,83 +44,23 @@ import functools
 import math
 import operator
 from collections.abc import Callable
-from typing import Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from adaprelora_jax import linalg
-from adaprelora_jax import metrics as metrics_lib
-from adaprelora_jax import nnx_metadata
-from adaprelora_jax import plan as plan_lib
-from adaprelora_jax import routing
-from adaprelora_jax import slots as slots_lib
-from adaprelora_jax import state_layout
+from adaprelora_jax._src.discovery import plan as plan_lib
+from adaprelora_jax._src.engine import slots as slots_lib
+from adaprelora_jax._src.engine import state_layout
+from adaprelora_jax._src.maths import metrics as metrics_lib
+from adaprelora_jax._src.maths.pair_io import KernelResult
+from adaprelora_jax._src.maths.pair_io import PairInputs
+from adaprelora_jax._src.maths.pair_io import PairKernel
+from adaprelora_jax._src.maths.pair_io import PreparePair
 
-
-class PairInputs(NamedTuple):
-  """One LoRA pair as a kernel sees it (canonical layout, parameter dtype).
-
-  Attributes:
-    lora_a: ``a`` (d_in, r).
-    lora_b: ``b`` (r, d_out).
-    grad_a: ``∂L/∂a`` (d_in, r).
-    grad_b: ``∂L/∂b`` (r, d_out).
-    row_stats: exact row means of ``G²`` (d_in,) when the pair carries
-      statistics probes and the transform asked for them, else None.
-    col_stats: likewise, column means (d_out,).
-    lora_scale: the pair's LoRA scale ``s`` from the pairing
-      (:attr:`adaprelora_jax.pairing.LoRARole.scale`, the model computes
-      ``x·(s·a·b)``), a float32 scalar; None when every pair of the group
-      has ``s = 1``.
-  """
-
-  lora_a: jax.Array
-  lora_b: jax.Array
-  grad_a: jax.Array
-  grad_b: jax.Array
-  row_stats: jax.Array | None = None
-  col_stats: jax.Array | None = None
-  lora_scale: jax.Array | None = None
-
-  def promoted(self) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """``(a, b, g_a, g_b)`` in :func:`adaprelora_jax.linalg.compute_dtype`."""
-    dtype = linalg.compute_dtype(self.lora_a, self.lora_b, self.grad_a, self.grad_b)
-    return (
-      self.lora_a.astype(dtype),
-      self.lora_b.astype(dtype),
-      self.grad_a.astype(dtype),
-      self.grad_b.astype(dtype),
-    )
-
-
-class KernelResult(NamedTuple):
-  """What a kernel returns for one pair (stacked over a group by :func:`map_groups`).
-
-  Attributes:
-    delta_a: the update of ``a`` (d_in, r), any floating dtype (cast to the
-      parameter dtype when scattered).
-    delta_b: the update of ``b`` (r, d_out).
-    state: the pair's new state, of the transform's per-pair NamedTuple type
-      (None for a transform without per-pair state).
-    metrics: the kernel's own per-pair scalars (may be empty; read only with
-      ``metrics=True``; a ``"skipped"`` flag counts skipped pairs).
-  """
-
-  delta_a: jax.Array
-  delta_b: jax.Array
-  state: Any
-  metrics: dict[str, jax.Array]
-
-
-# kernel(inputs, state, count, total) -> KernelResult: ``inputs`` is a
-# PairInputs (or what ``prepare_pair`` returned), ``state`` the pair's
-# per-pair NamedTuple (None without per-pair state), ``count`` the number of
-# previous updates and ``total`` the sum over all pairs of prepare_pair's
-# scalar (None without it).
-PairKernel = Callable[[Any, Any, jax.Array, jax.Array | None], KernelResult]
-PreparePair = Callable[[PairInputs], tuple[Any, jax.Array]]
+if TYPE_CHECKING:
+  from adaprelora_jax._src.engine import nnx_labels
 
 
 class Bookkeeping(NamedTuple):
@@ -136,7 +78,7 @@ class Bookkeeping(NamedTuple):
       slices of all members of a shape one kernel (docs/design.md §10).
     layout_version: the state layout (int32,
       :data:`adaprelora_jax.STATE_LAYOUT_VERSION`,
-      :mod:`adaprelora_jax.state_layout`).
+      :mod:`adaprelora_jax._src.engine.state_layout`).
   """
 
   pair_position: Any
@@ -146,22 +88,7 @@ class Bookkeeping(NamedTuple):
 _POSITION_SLOT = slots_lib.Slot("a", (), jnp.int32)
 
 
-def find_pairs(
-  finder: routing.PairFinder, params: Any
-) -> tuple[plan_lib.LoRAPlan, nnx_metadata.StateLabels]:
-  """The params' plan and how their state is labelled (nnx sharding names).
-
-  Raises:
-    ValueError: as :meth:`adaprelora_jax.routing.PairFinder.plan`, or for
-      same-shaped pairs whose state would be sharded differently.
-  """
-  plan = finder.plan(params)
-  labels = nnx_metadata.StateLabels.of(plan, params)
-  labels.check_uniform()
-  return plan, labels
-
-
-def init_bookkeeping(plan: plan_lib.LoRAPlan, labels: nnx_metadata.StateLabels) -> Bookkeeping:
+def init_bookkeeping(plan: plan_lib.LoRAPlan, labels: nnx_labels.StateLabels) -> Bookkeeping:
   """The :class:`Bookkeeping` of a new state."""
   member_position = {
     pair.a_index: position for group in plan.groups for position, pair in enumerate(group.members)
@@ -173,15 +100,15 @@ def init_bookkeeping(plan: plan_lib.LoRAPlan, labels: nnx_metadata.StateLabels) 
   return Bookkeeping(labels.mirrored(positions, (_POSITION_SLOT,)), state_layout.version_leaf())
 
 
-def init_pairs(plan: plan_lib.LoRAPlan, labels: nnx_metadata.StateLabels, storage: Any) -> Any:
+def init_pairs(plan: plan_lib.LoRAPlan, labels: nnx_labels.StateLabels, storage: Any) -> Any:
   """Every pair's state at zero, as ``storage`` lays it out.
 
   Args:
     plan: the params' plan.
-    labels: from :func:`find_pairs`.
+    labels: from :meth:`~adaprelora_jax._src.engine.routing.PairFinder.find`.
     storage: the transform's per-pair NamedTuple holding, for each field, a
-      kind of :mod:`adaprelora_jax.slots` (a plain tuple of slots is
-      :class:`adaprelora_jax.slots.Slots`), or None (the field is absent).
+      kind of :mod:`adaprelora_jax._src.engine.slots` (a plain tuple of slots is
+      :class:`adaprelora_jax._src.engine.slots.Slots`), or None (the field is absent).
 
   Returns:
     A NamedTuple of ``storage``'s type holding each field's state entry.
@@ -207,7 +134,7 @@ def read_pairs(plan: plan_lib.LoRAPlan, storage: Any, entries: Any) -> list[Any]
 
 def write_pairs(
   plan: plan_lib.LoRAPlan,
-  labels: nnx_metadata.StateLabels,
+  labels: nnx_labels.StateLabels,
   storage: Any,
   entries: Any,
   results: list[KernelResult],
@@ -367,7 +294,7 @@ def scatter_updates(
       # Wrong positions would silently swap the pairs' updates: make them NaN.
       delta = jnp.where(valid, delta, jnp.nan).astype(dtype)
       plan.scatter(out, group, role, delta, positions=members)
-  return routing.PairFinder.finish(plan, out)
+  return plan.update_tree(out)
 
 
 class PairwiseStep(NamedTuple):
@@ -389,7 +316,7 @@ class PairwiseStep(NamedTuple):
 def update_pairs(
   kernel: PairKernel,
   plan: plan_lib.LoRAPlan,
-  labels: nnx_metadata.StateLabels,
+  labels: nnx_labels.StateLabels,
   updates: Any,
   params: Any,
   state: Any,
@@ -402,8 +329,8 @@ def update_pairs(
 
   Args:
     kernel: the per-pair rule (``PairKernel``).
-    plan: from :func:`find_pairs`.
-    labels: from :func:`find_pairs`.
+    plan: from :meth:`~adaprelora_jax._src.engine.routing.PairFinder.find`.
+    labels: from :meth:`~adaprelora_jax._src.engine.routing.PairFinder.find`.
     updates: the incoming updates (gradients).
     params: the params.
     state: the transform's state: its ``count``, ``bookkeeping`` and, with
@@ -453,10 +380,10 @@ def transformation(
     init_fn: ``params -> state``.
     update_fn: ``(updates, state, params) -> (updates, state,
       step_metrics)``, ``step_metrics()`` giving the update's
-      :class:`adaprelora_jax.metrics.StepMetrics` (e.g. a partial of
+      :class:`adaprelora_jax._src.maths.metrics.StepMetrics` (e.g. a partial of
       :func:`step_metrics`), called only with ``metrics``.
     metrics: keep the last update's metrics: the state is then a
-      :class:`adaprelora_jax.metrics.WithMetricsState` around ``init_fn``'s
+      :class:`adaprelora_jax._src.maths.metrics.WithMetricsState` around ``init_fn``'s
       (read them with :func:`adaprelora_jax.step_metrics`). Off, the state
       is ``init_fn``'s alone.
 

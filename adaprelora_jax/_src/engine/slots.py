@@ -25,7 +25,7 @@ A per-pair optimizer declares its state as named fields, each of one kind:
 
 Every kind knows how to build its state entry (``init``), hand the kernel
 one stacked value per group (``read``) and store the kernel's results
-(``write``), so the engine (:mod:`adaprelora_jax.pairwise`) is one loop over
+(``write``), so the engine (:mod:`adaprelora_jax._src.engine.pairwise`) is one loop over
 fields. Entries keep the dtype they were initialized with (see
 :func:`state_dtype`), so the state can be the carry of ``jax.lax.scan`` and
 ``jit`` does not retrace. Compile-time reasons for the three layouts are in
@@ -33,20 +33,22 @@ fields. Entries keep the dtype they were initialized with (see
 
 Flax-specific work (wrapping entries in ``nnx.Variable`` nodes with their own
 sharding names) is done by the ``labels`` object the engine passes in (see
-:mod:`adaprelora_jax.nnx_metadata`); this module does not import flax.
+:mod:`adaprelora_jax._src.engine.nnx_labels`); this module does not import flax.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
 
-from adaprelora_jax import pairing as pairing_lib
-from adaprelora_jax import pairs as pairs_lib
-from adaprelora_jax import plan as plan_lib
+from adaprelora_jax._src.discovery import pairing as pairing_lib
+from adaprelora_jax._src.discovery import pairs as pairs_lib
+
+if TYPE_CHECKING:
+  from adaprelora_jax._src.discovery import plan as plan_lib
 
 Dim = Literal["d_in", "rank", "d_out"]
 Role = Literal["a", "b"]
@@ -206,7 +208,7 @@ class GroupSlot(NamedTuple):
 
   For state that only the update reads and writes (statistics). The state
   entry is a tuple with one array per group of
-  :attr:`adaprelora_jax.plan.LoRAPlan.groups`, shaped
+  :attr:`adaprelora_jax._src.discovery.plan.LoRAPlan.groups`, shaped
   ``(len(group.members), *group.lead_shape, *dims)``, laid out like the
   ``role`` factor's axes (the member axis replicated); :meth:`unstack` gives
   it as a tree that mirrors the params.
@@ -300,7 +302,7 @@ class PairScalar(NamedTuple):
   For per-pair scalars that run along no parameter axis (counters): one
   vector costs one concatenation where a :class:`Slot` of shape ``()`` would
   cost a slice per pair. Entries are ordered as
-  :meth:`adaprelora_jax.plan.LoRAPlan.pair_rows` gives them (groups,
+  :meth:`adaprelora_jax._src.discovery.plan.LoRAPlan.pair_rows` gives them (groups,
   members, leading layer axes); the state entry is a vector of
   ``plan.num_rows`` entries, the kernel sees a scalar.
 

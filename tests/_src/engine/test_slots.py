@@ -1,4 +1,4 @@
-"""The kinds of per-pair state field (adaprelora_jax/slots.py), alone."""
+"""The kinds of per-pair state field (adaprelora_jax/_src/engine/slots.py), alone."""
 
 import chex
 import jax.numpy as jnp
@@ -6,9 +6,9 @@ import numpy as np
 import optax
 import pytest
 
-from adaprelora_jax import nnx_metadata
-from adaprelora_jax import plan as plan_lib
-from adaprelora_jax import slots
+from adaprelora_jax._src.discovery import plan as plan_lib
+from adaprelora_jax._src.engine import nnx_labels
+from adaprelora_jax._src.engine import slots
 
 
 def _params():
@@ -31,7 +31,7 @@ def _plan():
 
 
 def _write_then_read(kind, plan, values_per_group):
-  labels = nnx_metadata.StateLabels(plan)
+  labels = nnx_labels.StateLabels(plan)
   entry = kind.init(plan, labels)
   positions = [
     [jnp.asarray(i, jnp.int32) for i in range(len(group.members))] for group in plan.groups

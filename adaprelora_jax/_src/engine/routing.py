@@ -33,13 +33,12 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import optax
 
-from adaprelora_jax import nnx_metadata
-from adaprelora_jax import pairing as pairing_lib
-from adaprelora_jax import pairs as pairs_lib
-from adaprelora_jax import plan as plan_lib
+from adaprelora_jax._src.discovery import pairing as pairing_lib
+from adaprelora_jax._src.discovery import pairs as pairs_lib
+from adaprelora_jax._src.discovery import plan as plan_lib
+from adaprelora_jax._src.engine import nnx_labels
 
 LORA = "lora"
 NON_LORA = "non_lora"
@@ -95,7 +94,7 @@ def partition_non_lora(
   state holds a bare ``optax.MaskedNode`` wherever ``optax.masked`` would
   leave a flax ``Variable`` holding one, so that Orbax restores against the
   state's shardings (Tunix's ``CheckpointManager``) see one structure
-  (:func:`adaprelora_jax.nnx_metadata.unwrap_masked_nodes`); the update reads
+  (:func:`adaprelora_jax._src.engine.nnx_labels.unwrap_masked_nodes`); the update reads
   it back in ``optax.partition``'s own structure.
 
   Args:
@@ -118,7 +117,7 @@ def partition_non_lora(
     return optax.partition(transforms, labels(params))
 
   def init_fn(params):
-    return nnx_metadata.unwrap_masked_nodes(partition(params).init(params))
+    return nnx_labels.unwrap_masked_nodes(partition(params).init(params))
 
   def update_fn(updates, state, params=None, **extra_args):
     if params is None:
@@ -126,7 +125,7 @@ def partition_non_lora(
         "The optimizer needs the params to find the LoRA pairs: call update(grads, state, params)."
       )
     transform = partition(params)
-    if not nnx_metadata.holds_variables(params):
+    if not nnx_labels.holds_variables(params):
       # Nothing was unwrapped: the state is in partition's structure already
       # (and tracing init again for it would cost compile time).
       return transform.update(updates, state, params, **extra_args)
@@ -134,7 +133,7 @@ def partition_non_lora(
     structure = jax.tree.structure(jax.eval_shape(transform.init, params))
     state = jax.tree.unflatten(structure, jax.tree.leaves(state))
     updates, state = transform.update(updates, state, params, **extra_args)
-    return updates, nnx_metadata.unwrap_masked_nodes(state)
+    return updates, nnx_labels.unwrap_masked_nodes(state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -146,7 +145,7 @@ class PairFinder(NamedTuple):
     owner: the transform's public name, for error messages.
     pairing: the resolved pairing function.
     statistics: which pairs receive exact statistics (see
-      :func:`adaprelora_jax.plan.plan_pairs`).
+      :func:`adaprelora_jax._src.discovery.plan.plan_pairs`).
     check_pair: called with every pair found; raises for pairs the rule
       cannot handle.
     pass_others: let other leaves through unchanged (a pass-through such as
@@ -200,9 +199,15 @@ class PairFinder(NamedTuple):
         self.check_pair(pair)
     return plan
 
-  @staticmethod
-  def finish(plan: plan_lib.LoRAPlan, out: list[Any]) -> Any:
-    """The update tree, statistics probes set to zero (they are not parameters)."""
-    for index in plan.statistics_indices:
-      out[index] = jnp.zeros_like(out[index])
-    return plan.unflatten(out)
+  def find(self, params: Any) -> tuple[plan_lib.LoRAPlan, nnx_labels.StateLabels]:
+    """The params' plan (:meth:`plan`) and how their state is labelled (nnx
+    sharding names; the identity for params without ``nnx.Variable`` nodes).
+
+    Raises:
+      ValueError: as :meth:`plan`, or for same-shaped pairs whose state would
+        be sharded differently.
+    """
+    plan = self.plan(params)
+    labels = nnx_labels.StateLabels.of(plan, params)
+    labels.check_uniform()
+    return plan, labels

@@ -15,10 +15,10 @@
 
 :func:`update_pair` is the kernel that
 :func:`adaprelora_jax.scale_by_adaprelora` maps over
-each group of same-shaped pairs (:func:`adaprelora_jax.pairwise.map_groups`):
+each group of same-shaped pairs (:func:`adaprelora_jax._src.engine.pairwise.map_groups`):
 it projects the factor
 gradients, decays the factored second moments, takes the closed-form step
-(:mod:`adaprelora_jax.kernels`), clips it, applies momentum and skips the
+(:mod:`adaprelora_jax._src.maths.closed_form`), clips it, applies momentum and skips the
 pair if anything is not finite (``docs/design.md`` §3–§6).
 """
 
@@ -30,11 +30,11 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from adaprelora_jax import kernels
-from adaprelora_jax import linalg
-from adaprelora_jax import metrics as metrics_lib
-from adaprelora_jax import pairwise
-from adaprelora_jax import tangent
+from adaprelora_jax._src.maths import closed_form
+from adaprelora_jax._src.maths import linalg
+from adaprelora_jax._src.maths import metrics as metrics_lib
+from adaprelora_jax._src.maths import pair_io
+from adaprelora_jax._src.maths import tangent
 
 
 def all_finite(*arrays: jax.Array) -> jax.Array:
@@ -145,7 +145,7 @@ class Hyperparams(NamedTuple):
   damping: Any
   damping_floor: Any
   clipping_threshold: Any
-  tie_breaker: kernels.TieBreaker
+  tie_breaker: closed_form.TieBreaker
   project_gradients: bool
   step_offset: Any
   decay_rate_fn: Callable[[jax.Array, Any], jax.Array]
@@ -168,7 +168,7 @@ def pair_lora_scale(
 
 def _pair_statistics(
   estimate: str,
-  pair: pairwise.PairInputs,
+  pair: pair_io.PairInputs,
   a: jax.Array,
   b: jax.Array,
   g_a: jax.Array,
@@ -196,11 +196,11 @@ def _pair_statistics(
 
 def update_pair(
   hyper: Hyperparams,
-  pair: pairwise.PairInputs,
+  pair: pair_io.PairInputs,
   state: PairState,
   count: jax.Array,
   total: None,
-) -> pairwise.KernelResult:
+) -> pair_io.KernelResult:
   """One pair's AdaPreLoRA step (the kernel of
   :func:`adaprelora_jax.scale_by_adaprelora`), with its metrics."""
   del total
@@ -225,8 +225,8 @@ def update_pair(
   row_moment = decayed_moment(state.row_second_moment, row_stats, beta2, hyper.eps)
   col_moment = decayed_moment(state.col_second_moment, col_stats, beta2, hyper.eps)
   new_state = PairState(row_moment, col_moment, None, state.nonfinite_count)
-  row_scale, col_scale = kernels.factored_scales(row_moment, col_moment)
-  step = kernels.factor_step(
+  row_scale, col_scale = closed_form.factored_scales(row_moment, col_moment)
+  step = closed_form.factor_step(
     a,
     b,
     g_a,
@@ -276,4 +276,4 @@ def update_pair(
     deltas = (jnp.where(ok, deltas[0], 0.0), jnp.where(ok, deltas[1], 0.0))
     skipped = ~ok
   new_state = new_state._replace(nonfinite_count=state.nonfinite_count + skipped.astype(jnp.int32))
-  return pairwise.KernelResult(*deltas, new_state, {**metrics, metrics_lib.SKIPPED: skipped})
+  return pair_io.KernelResult(*deltas, new_state, {**metrics, metrics_lib.SKIPPED: skipped})

@@ -1,4 +1,4 @@
-"""The optimizer-state layout version (adaprelora_jax/state_layout.py).
+"""The optimizer-state layout version (adaprelora_jax/_src/engine/state_layout.py).
 
 ``tests/fixtures/layout2_adaprelora_state`` is a real layout-2 checkpoint: an
 ``ap.adaprelora(1e-2, b1=0.9)`` state after one update of
@@ -21,13 +21,13 @@ from flax import nnx
 import adaprelora_jax as ap
 from tests.optimizers import EVERY_OPTIMIZER
 
-LAYOUT2_CHECKPOINT = Path(__file__).parent / "fixtures" / "layout2_adaprelora_state"
+LAYOUT2_CHECKPOINT = Path(__file__).parents[2] / "fixtures" / "layout2_adaprelora_state"
 # adaprelora(1e-2, b1=0.9) after one update, saved by commit 0ce8979 (layout
 # 3: the cores' own non_lora field, before per-step metrics existed).
-LAYOUT3_CHECKPOINT = Path(__file__).parent / "fixtures" / "layout3_adaprelora_state"
+LAYOUT3_CHECKPOINT = Path(__file__).parents[2] / "fixtures" / "layout3_adaprelora_state"
 # The same state after the same update (_params, _GRADS), saved in layout 4
 # (the other leaves in an optax.partition, the engine's bookkeeping nested).
-LAYOUT4_CHECKPOINT = Path(__file__).parent / "fixtures" / "layout4_adaprelora_state"
+LAYOUT4_CHECKPOINT = Path(__file__).parents[2] / "fixtures" / "layout4_adaprelora_state"
 _GRADS = {"layer": {"lora_a": jnp.full((4, 2), 0.1), "lora_b": jnp.full((2, 3), -0.2)}}
 
 

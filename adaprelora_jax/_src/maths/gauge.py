@@ -40,8 +40,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from adaprelora_jax import validation
-from adaprelora_jax.linalg import matmul
+from adaprelora_jax._src import validation
+from adaprelora_jax._src.maths.linalg import matmul
 
 
 class SolutionFamily(NamedTuple):

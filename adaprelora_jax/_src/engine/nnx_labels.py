@@ -23,7 +23,7 @@ axis, rank axes replicated), so ``nnx.get_partition_spec`` of the optimizer
 state lays them out like the parameters (``docs/design.md`` §10).
 
 This is the only flax-facing part of the optimizer engine: the engine
-(:mod:`adaprelora_jax.pairwise`) hands it the params and calls it on every
+(:mod:`adaprelora_jax._src.engine.pairwise`) hands it the params and calls it on every
 entry it builds; for params without ``Variable`` nodes it changes nothing.
 It does not import flax: a leaf can only be an ``nnx.Variable`` once flax is
 imported, so :func:`is_variable` looks flax up in ``sys.modules`` and the
@@ -34,14 +34,16 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import optax
 
-from adaprelora_jax import pairs as pairs_lib
-from adaprelora_jax import plan as plan_lib
-from adaprelora_jax import slots as slots_lib
+from adaprelora_jax._src.discovery import pairs as pairs_lib
+
+if TYPE_CHECKING:
+  from adaprelora_jax._src.discovery import plan as plan_lib
+  from adaprelora_jax._src.engine import slots as slots_lib
 
 
 def is_variable(node: Any) -> bool:

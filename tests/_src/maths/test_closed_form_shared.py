@@ -1,4 +1,4 @@
-"""The shared-Gram kernels (adaprelora_jax.kernels) against the per-call ones."""
+"""The shared-Gram kernels (adaprelora_jax._src.maths.closed_form) against the per-call ones."""
 
 import hypothesis
 import hypothesis.strategies as st
@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from adaprelora_jax import kernels
-from adaprelora_jax import tangent
+from adaprelora_jax._src.maths import closed_form
+from adaprelora_jax._src.maths import tangent
 from tests import reference
 
 DAMPING = dict(damping=1e-4, damping_floor=1e-8)
@@ -154,8 +154,8 @@ def test_factor_step_with_shared_cross_products_is_unchanged(seed):
   with jax.enable_x64(True):
     args = [jnp.asarray(x) for x in (a, b, grad_a, grad_b, p, q)]
     grams = tangent.pair_grams(*args[:4])
-    plain = kernels.factor_step(*args, **DAMPING)
-    shared = kernels.factor_step(*args, **DAMPING, cross=(grams.cross_a, grams.cross_b))
+    plain = closed_form.factor_step(*args, **DAMPING)
+    shared = closed_form.factor_step(*args, **DAMPING, cross=(grams.cross_a, grams.cross_b))
   for x, y in zip(plain, shared, strict=True):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-12, atol=1e-14)
 

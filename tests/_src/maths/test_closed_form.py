@@ -1,4 +1,4 @@
-"""adaprelora_jax.kernels against dense float64 oracles (tests/reference.py)."""
+"""adaprelora_jax._src.maths.closed_form against dense float64 oracles (tests/reference.py)."""
 
 import functools
 
@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from adaprelora_jax import factor_update
-from adaprelora_jax import kernels
-from adaprelora_jax import linalg
-from adaprelora_jax import tangent
+from adaprelora_jax._src.maths import closed_form
+from adaprelora_jax._src.maths import linalg
+from adaprelora_jax._src.maths import tangent
 from tests import reference
 
 
@@ -55,7 +55,7 @@ def test_weight_update_is_the_h_projection(seed, condition):
   assert _relative_error(delta_a @ b + a @ delta_b, expected) < 1e-8
 
 
-@pytest.mark.parametrize("tie_breaker", kernels.TIE_BREAKERS)
+@pytest.mark.parametrize("tie_breaker", closed_form.TIE_BREAKERS)
 def test_every_tie_breaker_gives_the_same_weight_update(tie_breaker):
   a, b, grad_w, p, q = _pair_problem(7, 6, 5, 3, condition=1e2)
   delta_a, delta_b = _update(a, b, grad_w, p, q, tie_breaker=tie_breaker)
@@ -133,7 +133,7 @@ def test_second_order_tie_breaker_matches_brute_force_search(seed, condition):
   theta = reference.brute_force_theta(a, b, grad_a, grad_b, p, q, criterion)
   expected = criterion(*reference.solution_family(a, b, grad_a, grad_b, p, q, theta))
   with jax.enable_x64(True):
-    step = kernels.factor_step(
+    step = closed_form.factor_step(
       *(jnp.asarray(x) for x in (a, b, grad_a, grad_b, p, q)),
       tie_breaker="second_order",
       pseudo_inverse=True,
@@ -150,7 +150,7 @@ def test_second_order_tie_breaker_gives_the_closest_finite_step(condition):
   for seed in range(5):
     a, b, grad_w, p, q = _pair_problem(400 + seed, 9, 7, 3, condition=condition)
     deviations = {}
-    for tie_breaker in kernels.TIE_BREAKERS:
+    for tie_breaker in closed_form.TIE_BREAKERS:
       delta_a, delta_b = _update(a, b, grad_w, p, q, tie_breaker=tie_breaker)
       delta_w = delta_a @ b + a @ delta_b
       deviations[tie_breaker] = [
@@ -179,13 +179,13 @@ def test_equal_norms_theta_is_clipped_to_unit_interval():
   grad_w = rng.normal(size=(6, 5))
   p, q = np.ones(6), np.ones(5)
   with jax.enable_x64(True):
-    step = kernels.factor_step(
+    step = closed_form.factor_step(
       *(jnp.asarray(x) for x in (a, b, grad_w @ b.T, a.T @ grad_w, p, q)), tie_breaker="equal_norms"
     )
   assert float(step.theta) in (0.0, 1.0)
 
 
-@pytest.mark.parametrize("tie_breaker", kernels.TIE_BREAKERS)
+@pytest.mark.parametrize("tie_breaker", closed_form.TIE_BREAKERS)
 def test_gauge_invariance_of_the_whole_step(tie_breaker):
   """(a S, S⁻¹ b) gives the same first-order δW and the same full update."""
   rng = np.random.default_rng(42)
@@ -207,7 +207,7 @@ def test_descent_direction(damping, floor):
   for seed in range(5):
     a, b, grad_w, p, q = _pair_problem(seed, 9, 7, 3, condition=1e4, factor_condition=1e3)
     with jax.enable_x64(True):
-      step = kernels.factor_step(
+      step = closed_form.factor_step(
         *(jnp.asarray(x) for x in (a, b, grad_w @ b.T, a.T @ grad_w, p, q)),
         damping=damping,
         damping_floor=floor,
@@ -515,7 +515,7 @@ def test_factored_scales_reproduce_adafactor():
   rng = np.random.default_rng(4)
   grad_w = rng.normal(size=(6, 5))
   rows, cols = np.mean(grad_w**2, axis=1), np.mean(grad_w**2, axis=0)
-  p, q = kernels.factored_scales(jnp.asarray(rows), jnp.asarray(cols))
+  p, q = closed_form.factored_scales(jnp.asarray(rows), jnp.asarray(cols))
   # optax scale_by_factored_rms on the full gradient is G / (p qᵀ).
   import optax
 
@@ -557,7 +557,7 @@ def test_psd_inverse_modes():
   grad_scale=st.sampled_from([0.0, 1e-20, 1e-6, 1.0, 1e6]),
   condition=st.sampled_from([1.0, 1e2, 1e6]),
   dtype=st.sampled_from(["float32", "bfloat16"]),
-  tie_breaker=st.sampled_from(kernels.TIE_BREAKERS),
+  tie_breaker=st.sampled_from(closed_form.TIE_BREAKERS),
   seed=st.integers(0, 2**16),
 )
 def test_fuzz_damped_update_is_finite(
@@ -579,10 +579,10 @@ def test_no_tpu_unsafe_primitives_in_the_kernels():
   a, b = jnp.ones((6, 2)), jnp.ones((2, 5))
   args = (a, b, a, b, jnp.ones(6), jnp.ones(5))
   forbidden = {"eig", "pure_callback", "io_callback", "callback", "debug_callback"}
-  for tie_breaker in kernels.TIE_BREAKERS:
+  for tie_breaker in closed_form.TIE_BREAKERS:
     jaxpr = jax.make_jaxpr(
       functools.partial(
-        kernels.factor_step, damping=1e-4, damping_floor=1e-8, tie_breaker=tie_breaker
+        closed_form.factor_step, damping=1e-4, damping_floor=1e-8, tie_breaker=tie_breaker
       )
     )(*args)
     assert not forbidden & _primitives(jaxpr.jaxpr)
@@ -665,7 +665,7 @@ def test_paper_rule_is_theta_one_half_for_backprop_gradients(seed):
   half = reference.solution_family(*problem, 0.5)
   _close(_factor_update64(*problem), half, 1e-9)
   with jax.enable_x64(True):
-    step = kernels.factor_step(*(jnp.asarray(x) for x in problem), pseudo_inverse=True)
+    step = closed_form.factor_step(*(jnp.asarray(x) for x in problem), pseudo_inverse=True)
   assert float(step.theta) == 0.5
 
 

@@ -15,7 +15,7 @@
 
 :func:`factorwise_transform` hands ``optax.scale_by_adam`` and the like the
 ``lora_a``/``lora_b`` leaves, leaf by leaf, with float32 state whatever the
-parameter dtype; like the pairwise transforms (:mod:`adaprelora_jax.pairwise`)
+parameter dtype; like the pairwise transforms (:mod:`adaprelora_jax._src.engine.pairwise`)
 it owns the LoRA factors and their statistics probes only. For element-wise
 rules this avoids the copies that stacking same-shaped pairs would cost.
 """
@@ -23,17 +23,19 @@ rules this avoids the copies that stacking same-shaped pairs would cost.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import chex
 import jax.numpy as jnp
 import optax
 
-from adaprelora_jax import nnx_metadata
-from adaprelora_jax import plan as plan_lib
-from adaprelora_jax import routing
-from adaprelora_jax import slots as slots_lib
-from adaprelora_jax import state_layout
+from adaprelora_jax._src.discovery import plan as plan_lib
+from adaprelora_jax._src.engine import nnx_labels
+from adaprelora_jax._src.engine import slots as slots_lib
+from adaprelora_jax._src.engine import state_layout
+
+if TYPE_CHECKING:
+  from adaprelora_jax._src.engine import routing
 
 
 class FactorwiseState(NamedTuple):
@@ -59,7 +61,7 @@ def _factor_tree(plan: plan_lib.LoRAPlan, leaves: Sequence[Any]) -> Any:
       # The pair's dtype, not the leaf's: gradients wider than their
       # parameters must not widen the inner state.
       tree[index] = leaves[index].astype(slots_lib.state_dtype(jnp.float32, pair.dtype))
-  return nnx_metadata.unwrap_masked_nodes(plan.unflatten(tree))
+  return nnx_labels.unwrap_masked_nodes(plan.unflatten(tree))
 
 
 def factorwise_transform(
@@ -74,13 +76,13 @@ def factorwise_transform(
   layout, and ``optax.MaskedNode()`` elsewhere, so its state is float32
   whatever the narrower parameter dtype, and keeps the dtypes of its
   ``init``; its updates are cast back to the parameter dtype.
-  Pairs are validated as in :func:`adaprelora_jax.pairwise.find_pairs`;
+  Pairs are validated as in :meth:`adaprelora_jax._src.engine.routing.PairFinder.find`;
   statistics probes get zero updates.
 
   Args:
     inner: transform for the factor leaves (element-wise or per leaf).
     finder: finds the pairs; other leaves raise
-      (:meth:`adaprelora_jax.routing.PairFinder.create`).
+      (:meth:`adaprelora_jax._src.engine.routing.PairFinder.create`).
 
   Returns:
     The :class:`optax.GradientTransformationExtraArgs`.
@@ -112,6 +114,6 @@ def factorwise_transform(
     for pair in plan.pairs:
       for index in (pair.a_index, pair.b_index):
         out[index] = factor_leaves[index].astype(param_leaves[index].dtype)
-    return finder.finish(plan, out), FactorwiseState(factors_state, state.layout_version)
+    return plan.update_tree(out), FactorwiseState(factors_state, state.layout_version)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

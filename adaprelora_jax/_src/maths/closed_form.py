@@ -22,7 +22,7 @@ Notation (``docs/design.md`` §1-§4): ``G = ∂L/∂W`` (d_in, d_out) is never
 formed; the factor gradients are ``g_a = G bᵀ`` and ``g_b = aᵀ G``. The
 Adafactor preconditioner is the two-sided diagonal map
 ``H[X] = diag(p) X diag(q)``. The gauge rules live in
-:mod:`adaprelora_jax.gauge`.
+:mod:`adaprelora_jax._src.maths.gauge`.
 
 All algebra runs in float32 or wider, whatever the parameter dtype, and uses
 only ops that lower on TPU (``cholesky``, ``triangular_solve``, ``eigh``).
@@ -37,11 +37,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adaprelora_jax import gauge
-from adaprelora_jax import linalg
-from adaprelora_jax import tangent
-from adaprelora_jax.linalg import compute_dtype
-from adaprelora_jax.linalg import matmul
+from adaprelora_jax._src.maths import gauge
+from adaprelora_jax._src.maths import linalg
+from adaprelora_jax._src.maths import tangent
+from adaprelora_jax._src.maths.linalg import compute_dtype
+from adaprelora_jax._src.maths.linalg import matmul
 
 TieBreaker = Literal["min_imbalance", "equal_norms", "half", "factor_norm", "second_order"]
 TIE_BREAKERS: tuple[str, ...] = tuple(gauge.RULES)
@@ -89,7 +89,7 @@ def factor_step(
   ``damping_floor · mean(p)`` and to ``S_b`` is ``damping_floor · mean(q)``, so
   it does not depend on how the Kronecker scale is split between ``p`` and
   ``q`` (``H`` is unchanged by ``(αp, q/α)``). The factor gradients are used
-  as given (see :func:`adaprelora_jax.tangent.consistent_gradients`).
+  as given (see :func:`adaprelora_jax._src.maths.tangent.consistent_gradients`).
 
   All inputs must be 2-D (a single pair) and of a floating dtype; the result is
   in :func:`compute_dtype` of the inputs. ``cross``, if given, is
@@ -246,7 +246,7 @@ def factor_update(
     damping: relative damping of the two r×r solves (0 = exact).
     damping_floor: absolute damping floor, in units of a squared factor norm
       per rank component (see :func:`factor_step`).
-    tie_breaker: the gauge rule (:mod:`adaprelora_jax.gauge`):
+    tie_breaker: the gauge rule (:mod:`adaprelora_jax._src.maths.gauge`):
       ``"min_imbalance"`` (default; the paper's rule), ``"equal_norms"`` (an
       earlier reading, not the paper's: equalize the H-norms of ``δa @ b`` and
       ``a @ δb`` along θ, clipped to [0, 1]), ``"half"`` (θ = ½),
@@ -254,8 +254,9 @@ def factor_update(
       ``"second_order"`` (θ ∈ [0, 1] minimizing ``‖δa δb‖_H``, the only part
       of a finite step's weight change that the gauge affects).
     project_gradients: first remove the gauge component of factor gradients
-      that are not those of one ``G`` (:func:`adaprelora_jax.tangent.consistent_gradients`); a no-op
-      for backprop gradients. Without it such gradients give steps that grow
+      that are not those of one ``G``
+      (:func:`adaprelora_jax._src.maths.tangent.consistent_gradients`); a
+      no-op for backprop gradients. Without it such gradients give steps that grow
       without bound as a factor vanishes.
 
   Returns:

@@ -1,4 +1,4 @@
-"""adaprelora_jax.weight_statistics against dense float64 weight gradients."""
+"""adaprelora_jax._src.maths.weight_statistics against dense float64 weight gradients."""
 
 import itertools
 
@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
 
-from adaprelora_jax import weight_statistics as ws
+from adaprelora_jax._src.maths import weight_statistics as ws
 
 
 def _dense_statistics(x, delta, layout, sizes):

@@ -39,7 +39,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from adaprelora_jax import linalg
+from adaprelora_jax._src.maths import linalg
 
 # Per-pair factors in (0, 1] whose smallest value is the one to watch.
 _MINIMUM_NOTABLE = frozenset({"clip_factor", "tangent_share"})

@@ -1,4 +1,4 @@
-"""The per-pair engine (adaprelora_jax/pairwise.py): vmapped and mapped groups."""
+"""The per-pair engine (adaprelora_jax/_src/engine/pairwise.py): vmapped and mapped groups."""
 
 import chex
 import jax
@@ -7,7 +7,7 @@ import numpy as np
 import optax
 
 import adaprelora_jax as ap
-from adaprelora_jax import pairwise
+from adaprelora_jax._src.engine import pairwise
 
 
 def _params_and_grads(seed: int):

@@ -14,7 +14,7 @@
 """The LoRA structure of a whole parameter tree: pairs, groups, gather/scatter.
 
 :func:`plan_pairs` applies a pairing (:mod:`adaprelora_jax.pairing`) to a
-tree, validates the pairs (:func:`adaprelora_jax.pairs.validate_pair`; every
+tree, validates the pairs (:func:`adaprelora_jax._src.discovery.pairs.validate_pair`; every
 error names the parameter path) and groups pairs of equal shape so that
 optimizers can stack them and process each group with one ``jax.vmap`` (the
 traced program then does not grow with the number of layers). Pairs that are
@@ -38,21 +38,21 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adaprelora_jax import validation
-from adaprelora_jax.pairing import COL_STATS_NAME
-from adaprelora_jax.pairing import ROLES
-from adaprelora_jax.pairing import ROW_STATS_NAME
-from adaprelora_jax.pairing import LoRARole
-from adaprelora_jax.pairing import Pairing
-from adaprelora_jax.pairing import Role
-from adaprelora_jax.pairing import Statistics
-from adaprelora_jax.pairing import format_path
-from adaprelora_jax.pairing import path_names
-from adaprelora_jax.pairing import resolve_pairing
-from adaprelora_jax.pairs import PairInfo
-from adaprelora_jax.pairs import check_floating_array
-from adaprelora_jax.pairs import leaf_shape
-from adaprelora_jax.pairs import validate_pair
+from adaprelora_jax._src import validation
+from adaprelora_jax._src.discovery.pairing import COL_STATS_NAME
+from adaprelora_jax._src.discovery.pairing import ROLES
+from adaprelora_jax._src.discovery.pairing import ROW_STATS_NAME
+from adaprelora_jax._src.discovery.pairing import LoRARole
+from adaprelora_jax._src.discovery.pairing import Pairing
+from adaprelora_jax._src.discovery.pairing import Role
+from adaprelora_jax._src.discovery.pairing import Statistics
+from adaprelora_jax._src.discovery.pairing import format_path
+from adaprelora_jax._src.discovery.pairing import path_names
+from adaprelora_jax._src.discovery.pairing import resolve_pairing
+from adaprelora_jax._src.discovery.pairs import PairInfo
+from adaprelora_jax._src.discovery.pairs import check_floating_array
+from adaprelora_jax._src.discovery.pairs import leaf_shape
+from adaprelora_jax._src.discovery.pairs import validate_pair
 
 
 def _one_level(tree: Any) -> tuple[list[Any], Any]:
@@ -141,13 +141,20 @@ class LoRAPlan:
     ``tree`` may hold any subtree where params hold a leaf, and a bare
     ``optax.MaskedNode`` where params hold a whole subtree (a masked
     ``nnx.Variable`` of a state built from an ``nnx.State``, see
-    :func:`adaprelora_jax.nnx_metadata.unwrap_masked_nodes`); each leaf
+    :func:`adaprelora_jax._src.engine.nnx_labels.unwrap_masked_nodes`); each leaf
     position under it reads as that ``MaskedNode``.
     """
     return _leaves_up_to(self.treedef, tree)
 
   def unflatten(self, leaves: Sequence[Any]) -> Any:
     return jax.tree.unflatten(self.treedef, leaves)
+
+  def update_tree(self, leaves: list[Any]) -> Any:
+    """The update tree of per-leaf ``leaves``, with zeros at the statistics
+    probes (they are inputs, not parameters)."""
+    for index in self.statistics_indices:
+      leaves[index] = jnp.zeros_like(leaves[index])
+    return self.unflatten(leaves)
 
   @property
   def num_rows(self) -> int:
@@ -157,7 +164,7 @@ class LoRAPlan:
   def pair_rows(self) -> dict[int, slice]:
     """Where each pair's rows sit in a vector over all single pairs.
 
-    Such vectors (see :class:`adaprelora_jax.slots.PairScalar`) list the
+    Such vectors (see :class:`adaprelora_jax._src.engine.slots.PairScalar`) list the
     groups in order, each as stacked by :meth:`gather`: members, then their
     leading layer axes.
 
@@ -254,7 +261,7 @@ class LoRAPlan:
       positions: the member positions ``0, 1, ...`` (at least one per member)
         as int32 scalars; members are cut out with dynamic slices at these
         positions. When the compiler cannot see their values (see
-        :class:`adaprelora_jax.pairwise.Bookkeeping`), every member's
+        :class:`adaprelora_jax._src.engine.pairwise.Bookkeeping`), every member's
         slice compiles to the same kernel.
     """
     tail = stacked.shape[1:]
