@@ -13,9 +13,13 @@
 # limitations under the License.
 """Internals of adaprelora_jax; the public API is the top-level package.
 
-Layers, each importing only those below it: ``discovery`` (which leaves are
-LoRA pairs: pairing rules, dimension numbers, per-pair checks, the plan of a
-tree), ``maths`` (the closed form and the per-pair kernels, on arrays only)
-and ``engine`` (the pairwise helpers that gather the pairs of a plan, map a
-kernel over them and store the per-pair state).
+Three layers, whose imports run one way (``tests/test_import_layers.py``):
+
+* ``discovery`` -- which leaves are LoRA pairs: pairing rules, dimension
+  numbers, per-pair checks, the plan of a tree;
+* ``maths`` -- the closed form and the per-pair kernels, on arrays only;
+* ``engine`` -- between a tree and the kernels: finds the pairs of a plan,
+  gathers them, maps a kernel over them and stores the per-pair state. It
+  imports the other two, which import neither each other nor it (both use
+  :mod:`adaprelora_jax._src.validation`).
 """
