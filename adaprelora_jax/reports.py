@@ -125,7 +125,7 @@ def nonfinite_report(
 def step_metrics(state: Any) -> dict[str, jax.Array]:
   """The last update's metrics, as a flat dict a trainer can log.
 
-  Reads every :class:`adaprelora_jax._src.maths.metrics.StepMetrics` in an optimizer
+  Reads every :class:`adaprelora_jax.StepMetrics` in an optimizer
   state: through ``optax.chain``, ``optax.inject_hyperparams``,
   ``optax.MultiSteps`` (the last completed update) and ``nnx.Optimizer``'s
   ``opt_state``. Works inside ``jax.jit``; the values are device arrays.

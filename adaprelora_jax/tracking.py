@@ -85,7 +85,7 @@ def track_step_metrics(
 
   Returns:
     The corresponding :class:`optax.GradientTransformationExtraArgs`; its
-    state is a :class:`adaprelora_jax._src.maths.metrics.WithMetricsState` around a
+    state is a :class:`adaprelora_jax.WithMetricsState` around a
     :class:`TrackStepMetricsState`.
   """
   finder = routing.PairFinder.create("track_step_metrics", pairing, pass_others=True)

@@ -207,7 +207,7 @@ def scale_by_adaprelora(
       step computes all of them anyway. Chain
       :func:`adaprelora_jax.track_step_metrics` after it for the Frobenius
       norm of the weight change. The state is then a
-      :class:`adaprelora_jax._src.maths.metrics.WithMetricsState` around this one; off
+      :class:`adaprelora_jax.WithMetricsState` around this one; off
       (default), it is this one alone, as before metrics existed.
 
   Returns:
@@ -215,7 +215,7 @@ def scale_by_adaprelora(
 
   Raises:
     ValueError: for a hyperparameter out of its range, naming it (which
-      values are checked: :mod:`adaprelora_jax._src.validation`); at ``init`` or
+      values are checked: :doc:`/usage`, Policies); at ``init`` or
       ``update``, for leaves that are not LoRA factors or malformed pairs,
       naming their paths.
 

@@ -47,7 +47,7 @@ def scale_by_lora_plus(
     lr_ratio: ``λ = η_B / η_A`` (the paper recommends ``λ > 1``); must be
       > 0.
     pairing: ``"nnx"``, ``"peft"`` or a pairing callable (see
-      :func:`adaprelora_jax._src.discovery.plan.plan_pairs`); malformed pairs raise an
+      :func:`adaprelora_jax.plan_pairs`); malformed pairs raise an
       error naming the parameter path.
 
   Returns:
@@ -55,7 +55,7 @@ def scale_by_lora_plus(
 
   Raises:
     ValueError: for a hyperparameter out of its range, naming it (which
-      values are checked: :mod:`adaprelora_jax._src.validation`).
+      values are checked: :doc:`/usage`, Policies).
 
   References:
     Hayou, Ghosh, Yu, `LoRA+: Efficient Low Rank Adaptation of Large Models
@@ -148,7 +148,7 @@ def lora_plus(
 
   Raises:
     ValueError: for a hyperparameter out of its range, naming it (which
-      values are checked: :mod:`adaprelora_jax._src.validation`).
+      values are checked: :doc:`/usage`, Policies).
 
   References:
     Hayou, Ghosh, Yu, `LoRA+: Efficient Low Rank Adaptation of Large Models

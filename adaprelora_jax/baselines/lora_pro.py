@@ -261,7 +261,7 @@ def scale_by_lora_pro(
     damping: ``δ`` of ``(S + δI)⁻¹`` (absolute, reference 1e-8); must be
       >= 0.
     pairing: ``"nnx"``, ``"peft"`` or a pairing callable (see
-      :func:`adaprelora_jax._src.discovery.plan.plan_pairs`). The transform owns the LoRA
+      :func:`adaprelora_jax.plan_pairs`). The transform owns the LoRA
       factors and their statistics probes (zero updates) and raises, naming
       them, for other leaves (the alias routes those to its ``non_lora``
       transform).
@@ -271,7 +271,7 @@ def scale_by_lora_pro(
 
   Raises:
     ValueError: for a hyperparameter out of its range, naming it (which
-      values are checked: :mod:`adaprelora_jax._src.validation`).
+      values are checked: :doc:`/usage`, Policies).
 
   References:
     Wang, Liang, He, Wang, Tan, `LoRA-Pro: Are Low-Rank Adapters Properly
@@ -376,7 +376,7 @@ def lora_pro(
 
   Raises:
     ValueError: for a hyperparameter out of its range, naming it (which
-      values are checked: :mod:`adaprelora_jax._src.validation`).
+      values are checked: :doc:`/usage`, Policies).
 
   References:
     Wang, Liang, He, Wang, Tan, `LoRA-Pro: Are Low-Rank Adapters Properly

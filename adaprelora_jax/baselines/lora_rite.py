@@ -332,7 +332,7 @@ def scale_by_lora_rite(
     escape_mass: track the escaped mass ``ρ`` (off by default, as in the
       reference).
     pairing: ``"nnx"``, ``"peft"`` or a pairing callable (see
-      :func:`adaprelora_jax._src.discovery.plan.plan_pairs`). The transform owns the LoRA
+      :func:`adaprelora_jax.plan_pairs`). The transform owns the LoRA
       factors and their statistics probes (zero updates) and raises, naming
       them, for other leaves (the alias routes those to its ``non_lora``
       transform).
@@ -342,7 +342,7 @@ def scale_by_lora_rite(
 
   Raises:
     ValueError: for a hyperparameter out of its range, naming it (which
-      values are checked: :mod:`adaprelora_jax._src.validation`); and, when the
+      values are checked: :doc:`/usage`, Policies); and, when the
       pairs are found, for a pair whose rank exceeds ``d_in`` or ``d_out``,
       naming its path.
 

@@ -111,14 +111,14 @@ def scale_by_riemannian_preconditioner(
       its good value is strongly task-dependent, the reference tables use
       1e-7 … 100); must be > 0.
     pairing: ``"nnx"``, ``"peft"`` or a pairing callable (see
-      :func:`adaprelora_jax._src.discovery.plan.plan_pairs`).
+      :func:`adaprelora_jax.plan_pairs`).
 
   Returns:
     The corresponding :class:`optax.GradientTransformationExtraArgs`.
 
   Raises:
     ValueError: for a hyperparameter out of its range, naming it (which
-      values are checked: :mod:`adaprelora_jax._src.validation`).
+      values are checked: :doc:`/usage`, Policies).
 
   References:
     Zhang and Pilanci, `Riemannian Preconditioned LoRA for Fine-Tuning
@@ -192,7 +192,7 @@ def scaled_gd(
 
   Raises:
     ValueError: for a hyperparameter out of its range, naming it (which
-      values are checked: :mod:`adaprelora_jax._src.validation`).
+      values are checked: :doc:`/usage`, Policies).
 
   References:
     Zhang and Pilanci, `Riemannian Preconditioned LoRA for Fine-Tuning
@@ -293,7 +293,7 @@ def scaled_adamw(
 
   Raises:
     ValueError: for a hyperparameter out of its range, naming it (which
-      values are checked: :mod:`adaprelora_jax._src.validation`).
+      values are checked: :doc:`/usage`, Policies).
 
   References:
     Zhang and Pilanci, `Riemannian Preconditioned LoRA for Fine-Tuning
