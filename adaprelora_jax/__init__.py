@@ -130,7 +130,6 @@ __all__ = (
   "pairing",
   "peft_pairing",
   "plan_pairs",
-  "qwix",
   "reports",
   "scale_by_adaprelora",
   "scale_by_lora_plus",
