@@ -25,17 +25,23 @@ MODULES = {_module_name(path): path for path in PACKAGE.rglob("*.py")}
 
 
 @functools.cache
-def imports(name: str) -> frozenset[str]:
-  """The package modules ``name`` imports when it is imported."""
+def imported(name: str) -> frozenset[str]:
+  """Everything ``name`` imports when it is imported: ``a.b`` for ``import
+  a.b`` and for ``from a import b``."""
   found = set()
   for node in ast.parse(MODULES[name].read_text()).body:
     if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-      for alias in node.names:
-        full = f"{node.module}.{alias.name}"
-        found.add(full if full in MODULES else node.module)
+      found.update(f"{node.module}.{alias.name}" for alias in node.names)
     elif isinstance(node, ast.Import):
       found.update(alias.name for alias in node.names)
-  return frozenset(m for m in found if m in MODULES and m not in (name, "adaprelora_jax"))
+  return frozenset(found)
+
+
+def imports(name: str) -> frozenset[str]:
+  """The package modules ``name`` imports (``from a import b`` names module
+  ``a`` unless ``a.b`` is a module itself)."""
+  modules = {full if full in MODULES else full.rpartition(".")[0] for full in imported(name)}
+  return frozenset(m for m in modules if m in MODULES and m not in (name, "adaprelora_jax"))
 
 
 @functools.cache
@@ -96,11 +102,4 @@ def test_internals_import_only_lower_layers(name):
 
 @pytest.mark.parametrize("name", sorted(m for m in MODULES if _in(m, "adaprelora_jax._src")))
 def test_internals_do_not_import_flax(name):
-  tree = ast.parse(MODULES[name].read_text())
-  top_level = {
-    alias.name.split(".")[0]
-    for node in tree.body
-    if isinstance(node, ast.Import | ast.ImportFrom)
-    for alias in (node.names if isinstance(node, ast.Import) else [ast.alias(node.module or "")])
-  }
-  assert "flax" not in top_level
+  assert "flax" not in {full.split(".")[0] for full in imported(name)}

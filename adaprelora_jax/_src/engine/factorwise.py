@@ -76,7 +76,7 @@ def factorwise_transform(
   layout, and ``optax.MaskedNode()`` elsewhere, so its state is float32
   whatever the narrower parameter dtype, and keeps the dtypes of its
   ``init``; its updates are cast back to the parameter dtype.
-  Pairs are validated as in :meth:`adaprelora_jax._src.engine.routing.PairFinder.find`;
+  Pairs are validated as in :meth:`adaprelora_jax._src.engine.routing.PairFinder.plan`;
   statistics probes get zero updates.
 
   Args:
